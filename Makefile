@@ -1,0 +1,48 @@
+# trt_dm — set-up and main jobs. Every target creates .venv when it is missing.
+#   make test      run the test suite (CPU; tests/gpu are skipped without CUDA)
+#   make sample    draw a grid of images from the embedded default model -> out/sample_grid.png
+#   make eval      FD-EffNet / KID of the default model (N=$(N)) -> reports/
+# Choose your torch build with TORCH_SPEC / TORCH_PIP_ARGS, e.g. on a CUDA machine:
+#   make test TORCH_SPEC='torch==2.11.0' TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cu130'
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.trt_dm-installed
+FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+PYTEST_ARGS ?=
+N ?= 2000
+STEPS ?= 100
+SAMPLER ?= ddim
+
+.PHONY: venv test sample eval data clean-venv
+
+venv: $(STAMP)
+
+# torch goes in first and pinned: an unpinned torch would pull a multi-GB CUDA build on CPU machines.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+# Real Fashion-MNIST from Debian's dataset-fashion-mnist (or point TRT_DM_FASHION_MNIST at the IDX files).
+data:
+	@if [ -n "$$TRT_DM_FASHION_MNIST" ] || [ -f $(FMNIST) ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist'" >&2; exit 1; fi
+
+test: venv data
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+sample: venv
+	$(BIN)/trt-dm sample --model default --sampler ddim --steps 50 --n 64 --seed 0 --out out/sample_grid.png
+
+eval: venv data
+	$(BIN)/trt-dm eval --model default --sampler $(SAMPLER) --steps $(STEPS) --n $(N) \
+		--out-dir reports/fp-$(SAMPLER)$(STEPS)-n$(N)
+
+clean-venv:
+	rm -rf $(VENV)

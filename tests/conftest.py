@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny diffusers models saved to disk once per session, the default model, GPU skips.
+
+The session-scoped directories are shared by every test: treat them as read-only (copy them with
+`shutil.copytree` before changing anything). Tiny models are built by `trt_dm.models.tiny_unet2d` /
+`tiny_unet2d_condition` with seed `TINY_SEED`, so a test can rebuild the exact saved model in memory.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from trt_dm import models
+
+TINY_SEED = 0
+# Scheduler saved in the tiny pipeline: DDPM linear betas scaled for T=100 (1e-3..0.2, alpha_bar_T ~ 5e-5),
+# so samplers in tests need few steps, and it differs from the T=1000 default so tests can tell them apart.
+TINY_SCHEDULER_CONFIG = dict(num_train_timesteps=100, beta_start=1e-3, beta_end=0.2, beta_schedule="linear",
+                             prediction_type="epsilon", clip_sample=True)
+
+
+# Tiny models gain nothing from threads, and on shared 2-core machines oversubscribed OpenMP threads
+# spin against other jobs: one thread keeps the suite fast and its timings stable.
+torch.set_num_threads(int(os.environ.get("TRT_DM_TEST_THREADS", "1")))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip tests marked `gpu` when CUDA is not available."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marked gpu); no CUDA device here")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_unet_dir(tmp_path_factory) -> Path:
+    """A tiny UNet2DModel (16 px, 1 channel) in save_pretrained layout (config.json + safetensors)."""
+    path = tmp_path_factory.mktemp("tiny_unet") / "tiny_unet"
+    models.tiny_unet2d(TINY_SEED).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_cond_unet_dir(tmp_path_factory) -> Path:
+    """A tiny UNet2DConditionModel (8 px, 1 channel, cross_attention_dim 16) in save_pretrained layout."""
+    path = tmp_path_factory.mktemp("tiny_cond_unet") / "tiny_cond_unet"
+    models.tiny_unet2d_condition(TINY_SEED).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory) -> Path:
+    """A DDPM pipeline directory: the tiny UNet2DModel in unet/, TINY_SCHEDULER_CONFIG in scheduler/."""
+    path = tmp_path_factory.mktemp("tiny_pipeline") / "tiny_pipeline"
+    models.tiny_unet2d(TINY_SEED).save_pretrained(path / "unet", safe_serialization=True)
+    DDPMScheduler(**TINY_SCHEDULER_CONFIG).save_pretrained(path / "scheduler")
+    (path / "model_index.json").write_text(json.dumps(
+        {"_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"],
+         "unet": ["diffusers", "UNet2DModel"]}, indent=2))
+    return path
+
+
+@pytest.fixture
+def tiny_model(tiny_pipeline_dir) -> models.LoadedModel:
+    """A fresh LoadedModel of the tiny pipeline (function scope: tests may modify it in place)."""
+    return models.load_model(tiny_pipeline_dir)
+
+
+@pytest.fixture
+def tiny_cond_model(tiny_cond_unet_dir) -> models.LoadedModel:
+    """A fresh LoadedModel of the tiny conditional UNet (DDPM default schedule)."""
+    return models.load_model(tiny_cond_unet_dir)
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The embedded default model's directory; skips the test when it has not been trained yet."""
+    env = os.environ.get(models.DEFAULT_MODEL_ENV)
+    path = Path(env) if env else models.DEFAULT_MODEL_DIR
+    # The training script writes unet/ then scheduler/: wait for both (a run may be exporting right now).
+    if not ((path / "unet" / models.SAFE_WEIGHTS).is_file() and (path / "scheduler").is_dir()):
+        pytest.skip(f"default model not found at {path}; produce it with `python tools/train_default.py`")
+    return path

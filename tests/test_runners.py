@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from trt_dm.models import tiny_unet2d, tiny_unet2d_condition
+from trt_dm.runners import OUTPUT_NAME, TorchRunner, as_denoiser
+
+
+def test_torch_runner_equals_direct_call():
+    unet = tiny_unet2d(seed=1).eval()
+    x = torch.randn(2, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    t = torch.tensor([999, 3])
+    with torch.no_grad():
+        ref = unet(x, t).sample
+    with TorchRunner(unet, device="cpu") as r:
+        assert r.name == "torch-cpu-float32"
+        out = r.infer({"sample": x, "timestep": t})[OUTPUT_NAME]
+        assert torch.equal(out, ref)
+        assert torch.equal(as_denoiser(r)(x, t), ref)
+
+
+def test_conditional_runner_metadata_and_infer():
+    unet = tiny_unet2d_condition(seed=0).eval()
+    r = TorchRunner(unet, device="cpu")
+    meta = r.input_metadata
+    assert set(meta) == {"sample", "timestep", "encoder_hidden_states"}
+    dim = unet.config.cross_attention_dim
+    assert meta["encoder_hidden_states"].shape == (-1, -1, dim)
+    x = torch.randn(2, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    ehs = torch.randn(2, 5, dim)
+    with r:
+        out = as_denoiser(r)(x, torch.tensor([10, 20]), encoder_hidden_states=ehs)
+    with torch.no_grad():
+        torch.testing.assert_close(out, unet(x, torch.tensor([10, 20]), encoder_hidden_states=ehs).sample)
+
+
+def test_runner_errors():
+    unet = tiny_unet2d(seed=1).eval()
+    s = unet.config.sample_size
+    r = TorchRunner(unet, device="cpu")
+    x = torch.randn(1, unet.config.in_channels, s, s)
+    with pytest.raises(RuntimeError, match="not active"):
+        r.infer({"sample": x, "timestep": torch.tensor([1])})
+    with r:
+        with pytest.raises(ValueError, match=r"missing \['timestep'\]"):
+            r.infer({"sample": x})
+        with pytest.raises(ValueError, match=r"input 'sample' has shape \(1, 3, 8, 8\)"):
+            r.infer({"sample": torch.randn(1, 3, 8, 8), "timestep": torch.tensor([1])})
+    with pytest.raises(ValueError, match="fp16 on CPU"):
+        TorchRunner(unet, device="cpu", dtype=torch.float16)

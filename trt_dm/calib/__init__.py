@@ -1,0 +1,1 @@
+"""Timestep-stratified calibration (PTQ4DM): calibration sets, statistics, range recipes."""

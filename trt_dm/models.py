@@ -1,0 +1,307 @@
+"""Load diffusers UNets (UNet2DModel, UNet2DConditionModel) and the embedded default model.
+
+`load_model(spec)` accepts "default", a UNet directory in diffusers `save_pretrained` layout, or a
+pipeline directory (unet/ [+ scheduler/]). It reads and validates config.json itself, builds the model
+from the config and loads the weights with safetensors; pickled `.bin` weights only on opt-in, and then
+with `torch.load(weights_only=True)`. Every failure is a `ModelLoadError` naming the path and what is
+accepted. `tiny_unet2d` / `tiny_unet2d_condition` build tiny random models for tests and tools.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+from safetensors.torch import load_file
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+DEFAULT_MODEL_ENV = "TRT_DM_DEFAULT_MODEL"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
+# DDPM (Ho et al. 2020, Sec. 4): linear betas 1e-4..0.02 over T=1000, epsilon prediction. Used when the
+# model directory carries no scheduler/scheduler_config.json.
+DEFAULT_SCHEDULER_CONFIG = MappingProxyType(dict(
+    num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+    prediction_type="epsilon", clip_sample=True))
+
+SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
+PICKLE_WEIGHTS = "diffusion_pytorch_model.bin"
+_ACCEPTED = (f'"default", a diffusers UNet directory (config.json + {SAFE_WEIGHTS}, or shards listed in '
+             f"{SAFE_WEIGHTS}.index.json), or a pipeline directory with unet/ (and optionally scheduler/)")
+# Config keys that need forward inputs this project does not describe (added_cond_kwargs etc.).
+_UNSUPPORTED_KEYS = ("addition_embed_type", "encoder_hid_dim_type")
+_CLASS_EMBED_TYPES = (None, "timestep", "projection")
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be loaded; the message names the path and what is accepted."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One UNet input: name as in the diffusers forward, shape with -1 for the batch dimension."""
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass
+class LoadedModel:
+    unet: nn.Module
+    kind: str                    # "UNet2DModel" | "UNet2DConditionModel"
+    source: Path                 # resolved directory given (pipeline root or UNet dir)
+    name: str                    # "default" or the directory's name
+    config: dict[str, Any]       # config.json as read
+    scheduler_config: dict[str, Any]
+    scheduler_source: str        # "dir" (pipeline's scheduler/scheduler_config.json) or "default" (DDPM)
+    weight_files: tuple[Path, ...] = ()
+    weight_names: tuple[str, ...] = ()  # state_dict keys at load; fingerprint() hashes exactly these
+    seq_len: int = 77            # encoder_hidden_states length (CLIP's 77); override for other encoders
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def inputs(self) -> list[InputSpec]:
+        """The forward inputs, in diffusers' argument order; -1 marks the (dynamic) batch dimension."""
+        c, dt = self.unet.config, self.dtype
+        size = c.sample_size
+        hw = (-1, -1) if size is None else (size, size) if isinstance(size, int) else tuple(size)
+        # The timestep stays fp32 whatever the model dtype: fp16 is too coarse for t ~ 1000.
+        specs = [InputSpec("sample", (-1, c.in_channels, *hw), dt), InputSpec("timestep", (-1,), torch.float32)]
+        if self.kind == "UNet2DConditionModel":
+            dim = c.cross_attention_dim
+            dim = dim[0] if isinstance(dim, (list, tuple)) else dim
+            specs.append(InputSpec("encoder_hidden_states", (-1, self.seq_len, dim), dt))
+        cet = c.get("class_embed_type")
+        if cet == "timestep":
+            specs.append(InputSpec("class_labels", (-1,), torch.float32))
+        elif cet == "projection":
+            specs.append(InputSpec("class_labels", (-1, c.projection_class_embeddings_input_dim), dt))
+        elif c.get("num_class_embeds") is not None:
+            specs.append(InputSpec("class_labels", (-1,), torch.int64))
+        return specs
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical config JSON and every weight's name, dtype, shape and bytes (sorted).
+
+        Computed from the current weights (an in-place change shows), over the keys present at load, so
+        quantizer buffers added later (e.g. modelopt's `_amax`) do not change it.
+        """
+        h = hashlib.sha256(_canonical_config(self.config).encode())
+        state = self.unet.state_dict()
+        names = self.weight_names or tuple(state)
+        missing = [n for n in names if n not in state]
+        if missing:
+            raise ValueError(f"fingerprint: weights {missing[:5]} were removed from the model after loading")
+        for name in sorted(names):
+            t = state[name].detach().to("cpu").contiguous()
+            h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        return h.hexdigest()
+
+
+def _canonical_config(config: dict[str, Any]) -> str:
+    # Drop bookkeeping keys (_diffusers_version, _name_or_path, ...) but keep the class name.
+    kept = {k: v for k, v in config.items() if not k.startswith("_") or k == "_class_name"}
+    return json.dumps(kept, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: the {what} is not valid JSON ({e}); expected the JSON object "
+                             "that diffusers' save_pretrained writes") from e
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: the {what} must be a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _resolve(spec: str | os.PathLike) -> tuple[Path, str]:
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"model spec must be a str or os.PathLike, got {type(spec).__name__}: {spec!r}")
+    if os.fspath(spec) == "default":
+        env = os.environ.get(DEFAULT_MODEL_ENV)
+        root = Path(env).expanduser() if env else DEFAULT_MODEL_DIR
+        if not root.exists():
+            if env:
+                raise ModelLoadError(f"{DEFAULT_MODEL_ENV}={env!r} names a path that does not exist; point it "
+                                     f"at {_ACCEPTED}, or unset it to use {DEFAULT_MODEL_DIR}")
+            raise ModelLoadError(
+                f"the embedded default model is missing: {root} does not exist. Produce it with "
+                f"`python tools/train_default.py` (writes models/default), or set {DEFAULT_MODEL_ENV} "
+                "to a model directory")
+        return root.resolve(), "default"
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path {str(path)!r} does not exist; accepted: {_ACCEPTED}")
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {str(path)!r} is a file, not a directory; accepted: {_ACCEPTED}")
+    return path.resolve(), path.resolve().name
+
+
+def _shards(index: Path) -> list[Path]:
+    weight_map = _read_json(index, "weights index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelLoadError(f"{index}: no 'weight_map' object mapping tensor names to shard files")
+    files = [index.parent / f for f in sorted(set(weight_map.values()))]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise ModelLoadError(f"{index}: shard files listed in the index are missing: {missing[:5]}")
+    return files
+
+
+def _find_weights(unet_dir: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
+    """Weight files, safetensors first; returns (files, are_pickles)."""
+    if (unet_dir / SAFE_WEIGHTS).is_file():
+        return [unet_dir / SAFE_WEIGHTS], False
+    if (unet_dir / f"{SAFE_WEIGHTS}.index.json").is_file():
+        return _shards(unet_dir / f"{SAFE_WEIGHTS}.index.json"), False
+    for pkl in (unet_dir / PICKLE_WEIGHTS, unet_dir / f"{PICKLE_WEIGHTS}.index.json"):
+        if pkl.is_file():
+            if not allow_pickle:
+                raise ModelLoadError(
+                    f"{pkl}: weights exist only as a pickle, which is refused by default (pickles can run "
+                    "code). Opt in with load_model(..., allow_pickle=True) / CLI flag --allow-pickle (loads "
+                    "with torch.load(weights_only=True)), or better, convert once to safetensors: "
+                    "model.save_pretrained(dir, safe_serialization=True)")
+            return ([pkl] if pkl.name == PICKLE_WEIGHTS else _shards(pkl)), True
+    found = sorted(p.name for p in unet_dir.iterdir())[:8]
+    raise ModelLoadError(f"{unet_dir}: no weights found (files: {found}); expected {SAFE_WEIGHTS}, or shards "
+                         f"with {SAFE_WEIGHTS}.index.json, or (with allow_pickle=True) {PICKLE_WEIGHTS}")
+
+
+def _read_weights(files: list[Path], pickles: bool) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            part = torch.load(f, map_location="cpu", weights_only=True) if pickles else load_file(str(f))
+        except Exception as e:  # safetensors/pickle raise many types for truncated or corrupt files
+            raise ModelLoadError(f"{f}: cannot read the weights ({type(e).__name__}: {e}); the file is "
+                                 "truncated, corrupt or not a plain tensor dict. Re-save the model with "
+                                 "save_pretrained(dir, safe_serialization=True)") from e
+        if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
+            raise ModelLoadError(f"{f}: expected a dict of tensor name -> tensor, found {type(part).__name__}")
+        state.update(part)
+    return state
+
+
+def _check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str) -> None:
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+             for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    problems = [f"{len(v)} {what} (e.g. {', '.join(v[:4])})" for what, v in
+                (("missing", missing), ("unexpected", unexpected), ("with wrong shape (file vs config)", wrong))
+                if v]
+    if problems:
+        raise ModelLoadError(f"{where}: the weights do not match the model built from config.json: "
+                             + "; ".join(problems) + ". Accepted: the weights save_pretrained wrote for this config")
+
+
+def _check_config(config: dict[str, Any], path: Path) -> str:
+    kind = config.get("_class_name")
+    if kind not in SUPPORTED_CLASSES:
+        raise ModelLoadError(f"{path}: _class_name is {kind!r}, not a supported UNet; supported: "
+                             f"{', '.join(SUPPORTED_CLASSES)}")
+    for key in _UNSUPPORTED_KEYS:
+        if config.get(key) is not None:
+            raise ModelLoadError(f"{path}: {key}={config[key]!r} needs extra forward inputs that trt_dm does "
+                                 f"not describe; supported: {key}=None")
+    if config.get("class_embed_type") not in _CLASS_EMBED_TYPES:
+        raise ModelLoadError(f"{path}: class_embed_type={config['class_embed_type']!r} is not supported; "
+                             f"supported: {_CLASS_EMBED_TYPES}")
+    return kind
+
+
+def load_model(spec: str | os.PathLike, *, allow_pickle: bool = False,
+               dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a diffusers UNet (see the module docstring for `spec`); the model is in eval mode."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype!r} is not a floating torch dtype; accepted: torch.float32, "
+                         "torch.float16, torch.bfloat16, torch.float64")
+    root, name = _resolve(spec)
+    scheduler_json = None
+    if (root / "config.json").is_file():
+        unet_dir = root
+        if (root.parent / "scheduler" / "scheduler_config.json").is_file():
+            logger.warning("%s is the unet/ of a pipeline; its scheduler is NOT used (the DDPM default is). "
+                           "Pass the pipeline directory %s to use it", root, root.parent)
+    elif (root / "unet").is_dir():
+        unet_dir = root / "unet"
+        if (root / "scheduler" / "scheduler_config.json").is_file():
+            scheduler_json = root / "scheduler" / "scheduler_config.json"
+    else:
+        raise ModelLoadError(f"{root}: no config.json and no unet/ subfolder; accepted: {_ACCEPTED}")
+    config_path = unet_dir / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{unet_dir}: pipeline unet/ folder has no config.json; accepted: {_ACCEPTED}")
+    config = _read_json(config_path, "model config")
+    kind = _check_config(config, config_path)
+
+    files, pickles = _find_weights(unet_dir, allow_pickle)
+    state = _read_weights(files, pickles)
+    with torch.random.fork_rng(devices=[]):  # random init must not move the caller's RNG
+        try:
+            unet = SUPPORTED_CLASSES[kind].from_config(config)
+        except Exception as e:
+            raise ModelLoadError(f"{config_path}: cannot build {kind} from this config "
+                                 f"({type(e).__name__}: {e})") from e
+    fix_keys = getattr(unet, "_fix_state_dict_keys_on_load", None)  # diffusers' private rename of
+    if fix_keys is not None:                                          # old attention keys (query, proj_attn)
+        fix_keys(state)
+    _check_state(state, unet.state_dict(), ", ".join(str(f) for f in files))
+    unet.load_state_dict(state, strict=True)
+    # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast ("should be kept in float32: []")
+    # even when no module must stay fp32, as for both UNet classes.
+    nn.Module.to(unet, dtype).eval()
+
+    if scheduler_json is not None:
+        scheduler_config, scheduler_source = _read_json(scheduler_json, "scheduler config"), "dir"
+    else:
+        scheduler_config, scheduler_source = dict(DEFAULT_SCHEDULER_CONFIG), "default"
+    loaded = LoadedModel(unet=unet, kind=kind, source=root, name=name, config=config,
+                         scheduler_config=scheduler_config, scheduler_source=scheduler_source,
+                         weight_files=tuple(files), weight_names=tuple(unet.state_dict()))
+    logger.info("loaded %s %r from %s (%.3fM params, %s, schedule: %s)", kind, name, root,
+                sum(p.numel() for p in unet.parameters()) / 1e6, dtype, scheduler_source)
+    return loaded
+
+
+# Tiny models for tests and tools: ~45k / ~52k parameters, one attention level (+ mid block), 1 channel.
+TINY_UNET2D_CONFIG = MappingProxyType(dict(
+    sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=4, attention_head_dim=8))
+TINY_UNET2D_CONDITION_CONFIG = MappingProxyType(dict(
+    sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),  # + the cross-attention mid block
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    norm_num_groups=4, cross_attention_dim=16, attention_head_dim=2))  # diffusers: this is the HEAD COUNT
+
+
+def _tiny(cls: type, base: MappingProxyType, seed: int, overrides: dict[str, Any]) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(**{**base, **overrides}).eval()
+
+
+def tiny_unet2d(seed: int = 0, **overrides: Any) -> UNet2DModel:
+    """A tiny random UNet2DModel (16 px, 1 channel), deterministic for `seed`; `overrides` go to the config."""
+    return _tiny(UNet2DModel, TINY_UNET2D_CONFIG, seed, overrides)
+
+
+def tiny_unet2d_condition(seed: int = 0, **overrides: Any) -> UNet2DConditionModel:
+    """A tiny random UNet2DConditionModel (8 px, 1 channel, cross_attention_dim 16), deterministic for `seed`."""
+    return _tiny(UNet2DConditionModel, TINY_UNET2D_CONDITION_CONFIG, seed, overrides)

@@ -1,0 +1,129 @@
+"""Runners: one small interface over every way to evaluate the UNet (Polygraphy's shape).
+
+    with TorchRunner(unet) as r:
+        out = r.infer({"sample": x, "timestep": t})["out_sample"]
+
+``as_denoiser(runner)`` turns a runner into the callable the samplers take, so a sampler cannot tell
+torch FP, torch fake-quant, ONNX Runtime or TensorRT apart. Inputs and outputs are torch tensors;
+a runner casts to the precision it computes in and returns float32.
+"""
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+INPUT_NAMES = ("sample", "timestep", "encoder_hidden_states", "class_labels")
+OUTPUT_NAME = "out_sample"
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    dtype: torch.dtype
+    shape: tuple[int, ...]  # -1 marks a dynamic dimension (batch, sequence length)
+
+
+class Runner(ABC):
+    """Base class: ``activate``/``deactivate`` allocate and free; ``infer`` maps input dict -> output dict."""
+
+    name: str = "runner"
+
+    def __init__(self) -> None:
+        self.is_active = False
+
+    def __enter__(self) -> "Runner":
+        if not self.is_active:
+            self.activate()
+            self.is_active = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.is_active:
+            self.deactivate()
+            self.is_active = False
+
+    def activate(self) -> None:  # allocate sessions, engines, buffers
+        pass
+
+    def deactivate(self) -> None:  # free them
+        pass
+
+    @property
+    @abstractmethod
+    def input_metadata(self) -> dict[str, TensorMeta]: ...
+
+    @abstractmethod
+    def infer(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+    def _check_feed(self, feed: dict[str, torch.Tensor]) -> None:
+        if not self.is_active:
+            raise RuntimeError(f"{self.name} is not active: use it as `with runner:` before infer()")
+        meta = self.input_metadata
+        missing = [k for k in meta if k not in feed]
+        extra = [k for k in feed if k not in meta]
+        if missing or extra:
+            raise ValueError(f"{self.name}: inputs {sorted(feed)} do not match the model's "
+                             f"{sorted(meta)} (missing {missing}, unexpected {extra})")
+        for k, m in meta.items():
+            shape = tuple(feed[k].shape)
+            if len(shape) != len(m.shape) or any(e not in (-1, s) for e, s in zip(m.shape, shape)):
+                raise ValueError(f"{self.name}: input {k!r} has shape {shape}, expected {m.shape} "
+                                 f"(-1 = any)")
+
+
+class TorchRunner(Runner):
+    """A torch ``nn.Module`` UNet (FP or fake-quant). Default precision: fp32 on CPU, fp16 on CUDA."""
+
+    def __init__(self, unet: torch.nn.Module, *, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, name: str = "torch") -> None:
+        super().__init__()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        if self.device.type == "cpu" and self.dtype == torch.float16:
+            raise ValueError("fp16 on CPU is not supported by TorchRunner; use float32 (or bfloat16)")
+        self.unet = unet
+        self.name = f"{name}-{self.device.type}-{str(self.dtype).removeprefix('torch.')}"
+        cfg = getattr(unet, "config", {})
+        c, h = cfg.get("in_channels", -1), cfg.get("sample_size", -1)
+        h, w = (h, h) if isinstance(h, int) else tuple(h)
+        meta = {"sample": TensorMeta(torch.float32, (-1, c, h, w)),
+                "timestep": TensorMeta(torch.int64, (-1,))}
+        if cfg.get("cross_attention_dim") is not None and type(unet).__name__ == "UNet2DConditionModel":
+            meta["encoder_hidden_states"] = TensorMeta(torch.float32, (-1, -1, cfg["cross_attention_dim"]))
+        if cfg.get("num_class_embeds") is not None:
+            meta["class_labels"] = TensorMeta(torch.int64, (-1,))
+        self._meta = meta
+
+    @property
+    def input_metadata(self) -> dict[str, TensorMeta]:
+        return self._meta
+
+    def activate(self) -> None:
+        self.unet.to(self.device, self.dtype).eval()
+
+    @torch.no_grad()
+    def infer(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self._check_feed(feed)
+        kwargs = {}
+        for k, v in feed.items():
+            v = v.to(self.device)
+            kwargs[k] = v.to(self.dtype) if v.is_floating_point() else v
+        x = kwargs.pop("sample")
+        t = kwargs.pop("timestep")
+        out = self.unet(x, t, **kwargs).sample
+        return {OUTPUT_NAME: out.float()}
+
+
+def as_denoiser(runner: Runner):
+    """The sampler-facing callable ``denoiser(x, t, **extra) -> model_output`` over an active runner."""
+
+    def denoiser(x: torch.Tensor, t: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
+        out = runner.infer({"sample": x, "timestep": t, **extra})[OUTPUT_NAME]
+        return out.to(x.device, x.dtype)
+
+    denoiser.runner = runner  # type: ignore[attr-defined]
+    return denoiser
