@@ -298,3 +298,30 @@ def test_inception_features_need_a_real_weights_file(tmp_path):
     torch.save({"obj": os.stat_result((0,) * 10)}, pickled)  # not a tensor: refused by weights_only
     with pytest.raises(ValueError, match="weights_only"):
         evaluate.InceptionFeatures(pickled)
+
+
+def test_compare_denoisers_same_inputs_and_final_psnr():
+    from trt_dm.evaluate import compare_denoisers
+    from trt_dm.models import tiny_unet2d
+    from trt_dm.sampling import Schedule, initial_noise
+
+    ref_net, test_net = tiny_unet2d(seed=0).eval(), tiny_unet2d(seed=0).eval()
+    with torch.no_grad():
+        for p in test_net.parameters():
+            p.mul_(1.01)
+    ref = lambda x, t: ref_net(x, t).sample  # noqa: E731
+    test = lambda x, t: test_net(x, t).sample  # noqa: E731
+    sched = Schedule.from_config({})
+    shape = (1, 16, 16)
+    same = compare_denoisers(ref, ref, sched, [0, 1], shape, steps=3, progress=False)
+    assert same["psnr"] == float("inf") and same["eps"]["mse"] == 0 and abs(same["eps"]["cosine"] - 1) < 1e-12
+    res = compare_denoisers(ref, test, sched, [0, 1, 2], shape, steps=3, batch_size=2, progress=False)
+    assert [r["t"] for r in res["eps"]["per_timestep"]] == [666, 333, 0]
+    # first step: both models see x_T; compute its error independently
+    x, _ = initial_noise([0, 1, 2], shape)
+    t = torch.full((3,), 666)
+    with torch.no_grad():
+        mse = (ref(x, t).double() - test(x, t).double()).square().flatten(1).mean(1).mean().item()
+    assert res["eps"]["per_timestep"][0]["mse"] == pytest.approx(mse, rel=1e-3)  # batch 2 vs 3: float32 rounding
+    assert 0 < res["psnr"] < 200
+    assert res["test_images"].shape == (3, *shape)

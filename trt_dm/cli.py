@@ -100,15 +100,16 @@ def cmd_sample(args) -> int:
 def cmd_eval(args) -> int:
     from . import evaluate
     from .images import save_grid
+    # Everything that can fail on bad input is checked before the (long) sampling run.
+    if args.inception_weights:
+        extractor, label = evaluate.InceptionFeatures(args.inception_weights), "FID (Inception)"
+    else:
+        extractor, label = evaluate.get_extractor("effnet"), "FD-EffNet"
     loaded = _load(args)
     images, secs = _draw(args, loaded, _runner(args, loaded))
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_grid(images[:64], out_dir / "grid.png")
-    if args.inception_weights:
-        extractor, label = evaluate.InceptionFeatures(args.inception_weights), "FID (Inception)"
-    else:
-        extractor, label = evaluate.get_extractor("effnet"), "FD-EffNet"
     disable = True if args.no_progress else None
     feats = evaluate.extract_features(images, extractor, disable=disable)
     ref = evaluate.reference_features(args.ref, extractor, limit=args.ref_limit, disable=disable)

@@ -21,7 +21,7 @@ import tempfile
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -409,3 +409,29 @@ class EpsErrorTracker:
                 "mse": sum(self._sums[t][0] for t in self._sums) / total if total else math.nan,
                 "cosine": sum(self._sums[t][1] for t in self._sums) / total if total else math.nan,
                 "n": total}
+
+
+def compare_denoisers(ref: Callable, test: Callable, schedule, seeds: Sequence[int], shape: Sequence[int], *,
+                      sampler: str = "ddim", steps: int = 100, eta: float = 0.0, batch_size: int = 64,
+                      progress: bool = True) -> dict[str, Any]:
+    """Same-seed fidelity of a test denoiser (fake-quant, ONNX, TensorRT...) to a reference (FP).
+
+    Two measurements: (1) per-timestep noise-prediction error on the SAME inputs, the reference
+    trajectory's x_t, so errors do not compound; (2) PSNR of the final images of two full sampling runs
+    from the same seeds (errors compound, as a user sees them). Returns {"psnr", "eps" (the
+    EpsErrorTracker summary), "ref_images", "test_images"}.
+    """
+    from .sampling import sample_many
+
+    tracker = EpsErrorTracker()
+
+    def on_step(d: dict) -> None:
+        t = torch.full((d["x"].shape[0],), d["t"], dtype=torch.int64, device=d["x"].device)
+        out = test(d["x"], t).to(d["x"].dtype)
+        tracker.update(d["t"], d["eps"], schedule.split_output(out, d["x"], d["t"])[1])
+
+    kw = dict(sampler=sampler, steps=steps, eta=eta, batch_size=batch_size, progress=progress)
+    ref_images = sample_many(ref, schedule, seeds, shape, callback=on_step, **kw)
+    test_images = sample_many(test, schedule, seeds, shape, **kw)
+    return {"psnr": psnr(ref_images, test_images), "eps": tracker.summary(),
+            "ref_images": ref_images, "test_images": test_images}

@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from trt_dm.models import tiny_unet2d
+from trt_dm.quant import (QuantConfig, UncalibratedQuantizerError, apply_ranges, check_calibrated, observing,
+                          quantize_model, quantized_layers)
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 1, 16, 16, generator=g), torch.tensor([10, 700])
+
+
+def test_insertion_exclusion_and_fp_observation():
+    ref_net = tiny_unet2d(seed=0).eval()
+    x, t = _inputs()
+    with torch.no_grad():
+        ref = ref_net(x, t).sample
+    q = quantize_model(tiny_unet2d(seed=0), QuantConfig())
+    layers = quantized_layers(q)
+    convs_linears = [n for n, m in tiny_unet2d(seed=0).named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    expected = [n for n in convs_linears if not (n.startswith("time_embedding.") or n in ("conv_in", "conv_out"))]
+    assert sorted(layers) == sorted(expected)
+    # weights: exact per-output-channel abs-max
+    w = dict(q.named_modules())[expected[0]]
+    torch.testing.assert_close(w.weight_quantizer.amax.flatten(), w.weight.detach().abs().flatten(1).amax(1))
+    seen = {}
+    with observing(q, lambda name, x: seen.setdefault(name, x.abs().max().item())), torch.no_grad():
+        out = q(x, t).sample
+    assert torch.equal(out, ref)  # observation runs the model in full precision
+    assert set(seen) == set(layers)
+    # after the block quantizers are enabled again, and uncalibrated -> caught
+    with pytest.raises(UncalibratedQuantizerError, match=r"no usable range.*\(no amax\)"):
+        check_calibrated(q)
+    apply_ranges(q, {n: v for n, v in seen.items()})
+    assert check_calibrated(q) == 2 * len(layers)
+    with torch.no_grad():
+        outq = q(x, t).sample
+    assert 0 < (outq - ref).abs().max() < 0.5  # quantized: close, not equal
+
+
+def test_planted_uncalibrated_quantizer_is_caught():
+    q = quantize_model(tiny_unet2d(seed=0), QuantConfig())
+    names = list(quantized_layers(q))
+    apply_ranges(q, {n: 1.0 for n in names})
+    victim = dict(q.named_modules())[names[3]]
+    victim.input_quantizer.reset_amax()
+    with pytest.raises(UncalibratedQuantizerError, match=names[3]):
+        check_calibrated(q)
+    victim.input_quantizer.amax = torch.tensor(float("nan"))
+    with pytest.raises(UncalibratedQuantizerError, match="non-finite"):
+        check_calibrated(q)
+
+
+def test_apply_ranges_rejects_mismatch_and_bad_values():
+    q = quantize_model(tiny_unet2d(seed=0), QuantConfig(exclude=()))
+    names = list(quantized_layers(q))
+    assert "conv_in" in names and "time_embedding.linear_1" in names
+    with pytest.raises(ValueError, match=r"missing \['conv_in'\]"):
+        apply_ranges(q, {n: 1.0 for n in names if n != "conv_in"})
+    with pytest.raises(ValueError, match=r"unknown \['nope'\]"):
+        apply_ranges(q, {**{n: 1.0 for n in names}, "nope": 1.0})
+    with pytest.raises(ValueError, match="finite and > 0, got 0.0"):
+        apply_ranges(q, {n: 0.0 for n in names})
+    with pytest.raises(ValueError, match="weight_bits must be 4 or 8"):
+        QuantConfig(weight_bits=6)

@@ -1,0 +1,158 @@
+"""NVIDIA fake-quant modules (modelopt TensorQuantizer) in the UNet: insertion, statistics hooks, ranges.
+
+Layout (TensorRT explicit quantization): int8 weights per output channel (axis 0), int8 activations per
+tensor on the inputs of every Conv2d and Linear not excluded by name. Weight ranges are the exact
+per-channel abs-max of the weights (set by modelopt's "max" algorithm without data); activation ranges
+come from the timestep-stratified statistics (``trt_dm.calib``) and are applied with ``apply_ranges``.
+
+Pitfall handled here: an enabled modelopt quantizer without amax silently quantizes with a dynamic
+per-batch range in torch. ``check_calibrated`` refuses any enabled quantizer whose range is missing,
+non-finite or not positive.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# Layers left in high precision by default. The time-embedding MLP reads the timestep sinusoid (values
+# in [-1, 1] that encode t: int8 steps of 1/127 blur neighbouring timesteps), and conv_in / conv_out touch
+# the image and the predicted noise directly. To be confirmed by `trt-dm calibrate --sensitivity`.
+DEFAULT_EXCLUDE: tuple[str, ...] = ("time_embedding.*", "conv_in", "conv_out")
+
+
+class UncalibratedQuantizerError(RuntimeError):
+    """An enabled quantizer has no usable range: it would quantize with a dynamic per-batch range."""
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    weight_bits: int = 8  # 8 for deployment; 4 for fake-quant studies (W4A8)
+    act_bits: int = 8
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE  # fnmatch patterns on module names (e.g. "up_blocks.2.*")
+
+    def __post_init__(self) -> None:
+        if self.weight_bits not in (4, 8):
+            raise ValueError(f"weight_bits must be 4 or 8, got {self.weight_bits}")
+        if self.act_bits != 8:
+            raise ValueError(f"act_bits must be 8 (int8 activations), got {self.act_bits}")
+
+    def to_dict(self) -> dict:
+        return {"weight_bits": self.weight_bits, "act_bits": self.act_bits, "exclude": list(self.exclude)}
+
+
+def _modelopt():
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.quantization.nn import TensorQuantizer
+    return mtq, TensorQuantizer
+
+
+def quantize_model(unet: nn.Module, qcfg: QuantConfig = QuantConfig()) -> nn.Module:
+    """Insert modelopt quantizers into ``unet`` in place (Conv2d/Linear inputs and weights) and set the
+    weight ranges. Activation quantizers are left without range until ``apply_ranges``."""
+    mtq, _ = _modelopt()
+    cfg = {"quant_cfg": [{"quantizer_name": "*", "enable": False},
+                         {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": qcfg.weight_bits, "axis": 0}},
+                         {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": qcfg.act_bits, "axis": None}}],
+           "algorithm": "max"}  # with no forward loop, "max" calibrates the weights only
+    unet.eval()
+    quantized = mtq.quantize(unet, cfg, forward_loop=None)
+    for name, mod in quantized.named_modules():
+        wq = getattr(mod, "weight_quantizer", None)
+        if wq is not None and wq.amax is not None and (wq.amax == 0).any():
+            # an all-zero output channel quantizes to 0 with any scale; 1.0 keeps the scale valid in ONNX
+            log.info("%s: %d all-zero weight channels get amax 1.0", name, int((wq.amax == 0).sum()))
+            wq.amax = torch.where(wq.amax == 0, torch.ones_like(wq.amax), wq.amax)
+    excluded = []
+    for name, mod in quantized.named_modules():
+        if hasattr(mod, "input_quantizer") and any(fnmatch.fnmatchcase(name, p) for p in qcfg.exclude):
+            mod.input_quantizer.disable()
+            mod.weight_quantizer.disable()
+            excluded.append(name)
+    log.info("quantized %d layers, excluded %d: %s", len(quantized_layers(quantized)), len(excluded), excluded)
+    return quantized
+
+
+def quantized_layers(unet: nn.Module) -> dict[str, nn.Module]:
+    """Layers whose input quantizer is enabled, by module name (the names ranges are keyed by)."""
+    return {n: m for n, m in unet.named_modules()
+            if hasattr(m, "input_quantizer") and m.input_quantizer.is_enabled}
+
+
+def all_quantizers(unet: nn.Module) -> dict[str, nn.Module]:
+    _, TensorQuantizer = _modelopt()
+    return {n: m for n, m in unet.named_modules() if isinstance(m, TensorQuantizer)}
+
+
+@contextlib.contextmanager
+def observing(unet: nn.Module, observe: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """Run the UNet in full precision while ``observe(layer_name, input)`` sees every quantized layer's
+    input. Quantizers are disabled inside the block and restored after it, even on error."""
+    quantizers = all_quantizers(unet)
+    enabled = {n for n, q in quantizers.items() if q.is_enabled}
+    layers = quantized_layers(unet)
+
+    def hook_for(name: str):
+        def hook(_module, args):
+            observe(name, args[0])
+            return None  # a pre-hook's return value would replace the input
+        return hook
+
+    handles = [m.input_quantizer.register_forward_pre_hook(hook_for(name)) for name, m in layers.items()]
+    for q in quantizers.values():
+        q.disable()
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for n in enabled:
+            quantizers[n].enable()
+
+
+def apply_ranges(unet: nn.Module, ranges: Mapping[str, float]) -> None:
+    """Set every quantized layer's activation amax from ``ranges`` (layer name -> amax); the names must
+    match exactly: a missing or unknown name is an error, never silently skipped."""
+    layers = quantized_layers(unet)
+    missing = sorted(set(layers) - set(ranges))
+    unknown = sorted(set(ranges) - set(layers))
+    if missing or unknown:
+        raise ValueError(f"ranges do not match the quantized layers: missing {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''} ({len(missing)}), unknown {unknown[:5]}"
+                         f"{' ...' if len(unknown) > 5 else ''} ({len(unknown)})")
+    for name, mod in layers.items():
+        amax = float(ranges[name])
+        if not (amax > 0 and amax < float("inf")):
+            raise ValueError(f"range of {name!r} must be finite and > 0, got {amax}")
+        mod.input_quantizer.amax = torch.tensor(amax, dtype=torch.float32)
+    check_calibrated(unet)
+
+
+def check_calibrated(unet: nn.Module) -> int:
+    """Raise ``UncalibratedQuantizerError`` naming every enabled quantizer without a finite, positive
+    amax; returns the number of enabled quantizers checked."""
+    bad = []
+    n = 0
+    for name, q in all_quantizers(unet).items():
+        if not q.is_enabled:
+            continue
+        n += 1
+        amax = q.amax
+        if amax is None:
+            bad.append(f"{name} (no amax)")
+        elif not torch.isfinite(amax).all():
+            bad.append(f"{name} (non-finite amax)")
+        elif not (amax > 0).all():
+            bad.append(f"{name} (amax <= 0 in {(amax <= 0).sum().item()} of {amax.numel()} channels)")
+    if bad:
+        raise UncalibratedQuantizerError(
+            f"{len(bad)} of {n} enabled quantizers have no usable range (they would quantize with a dynamic "
+            f"per-batch range): {', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}")
+    return n
