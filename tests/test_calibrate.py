@@ -1,0 +1,71 @@
+"""Calibration end to end on a tiny pipeline: cache reuse and invalidation, bit-identical reruns,
+damaged cache, fake-quant model built from the ranges."""
+import json
+
+import pytest
+import torch
+
+from trt_dm.calib.stats import CalibCacheError
+from trt_dm.calib.timesteps import TimestepSpec
+from trt_dm.calib.trajectories import CalibSpec
+from trt_dm.calibrate import calibrate, fake_quant_unet, grouped_denoiser
+from trt_dm.models import load_model
+from trt_dm.quant import QuantConfig, check_calibrated
+
+SPEC = CalibSpec(TimestepSpec("ndtc", mu=0.4, sigma=0.4), n=8, steps=5, seed=0)
+
+
+def test_calibrate_caches_and_reuses(tiny_pipeline_dir, tmp_path):
+    loaded = load_model(tiny_pipeline_dir)
+    a = calibrate(loaded, SPEC, QuantConfig(), "ptq4dm", cache_root=tmp_path, batch_size=4, progress=False)
+    assert not a.stats_reused and a.ranges_path.exists() and a.unet_calls > 0
+    assert a.stats_dir.parent.name == loaded.fingerprint()[:16]
+    saved = json.loads(a.ranges_path.read_text())
+    assert saved["provenance"]["recipe"] == "ptq4dm"
+    b = calibrate(loaded, SPEC, QuantConfig(), "max", cache_root=tmp_path, batch_size=4, progress=False)
+    assert b.stats_reused and b.stats_dir == a.stats_dir
+    # max >= mse-clipped ranges, layer by layer
+    assert all(b.ranges[n] >= a.ranges[n] * (1 - 1e-9) for n in a.ranges)
+    # bit-identical rerun from scratch
+    c = calibrate(loaded, SPEC, QuantConfig(), "ptq4dm", cache_root=tmp_path / "other", batch_size=4, progress=False)
+    assert c.ranges == a.ranges
+    assert (c.stats_dir / "stats.safetensors").read_bytes() == (a.stats_dir / "stats.safetensors").read_bytes()
+    # another calibration set or layer set -> another entry
+    d = calibrate(loaded, CalibSpec(TimestepSpec("uniform"), n=8, steps=5), QuantConfig(), "ptq4dm",
+                  cache_root=tmp_path, batch_size=4, progress=False)
+    e = calibrate(loaded, SPEC, QuantConfig(exclude=()), "ptq4dm", cache_root=tmp_path, batch_size=4, progress=False)
+    assert len({a.stats_dir, d.stats_dir, e.stats_dir}) == 3 and not d.stats_reused and not e.stats_reused
+
+
+def test_damaged_cache_is_refused(tiny_pipeline_dir, tmp_path):
+    loaded = load_model(tiny_pipeline_dir)
+    a = calibrate(loaded, SPEC, QuantConfig(), "max", cache_root=tmp_path, batch_size=8, progress=False)
+    f = a.stats_dir / "stats.safetensors"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(CalibCacheError, match="stats"):
+        calibrate(loaded, SPEC, QuantConfig(), "max", cache_root=tmp_path, batch_size=8, progress=False)
+
+
+def test_fake_quant_and_grouped_ranges(tiny_pipeline_dir, tmp_path):
+    loaded = load_model(tiny_pipeline_dir)
+    res = calibrate(loaded, SPEC, QuantConfig(), "ptq4dm", cache_root=tmp_path, batch_size=8, progress=False)
+    q = fake_quant_unet(loaded, QuantConfig(), res.ranges)
+    check_calibrated(q)
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([60, 60])
+    with torch.no_grad():
+        fp, fq = loaded.unet(x, t).sample, q(x, t).sample
+    assert 0 < (fp - fq).abs().max() < 0.5
+    spec = CalibSpec(TimestepSpec("all"), n=10, steps=5, seed=0)
+    g = calibrate(loaded, spec, QuantConfig(), "mse:2.4@groups=2", cache_root=tmp_path, batch_size=5, progress=False)
+    groups = next(iter(g.ranges.values()))
+    assert len(groups) == 2 and groups[0]["t_min"] > groups[1]["t_max"]
+    qg = fake_quant_unet(loaded, QuantConfig(), g.ranges)
+    den = grouped_denoiser(qg, g.ranges)
+    name = next(iter(g.ranges))
+    quantizer = dict(qg.named_modules())[name].input_quantizer
+    den(x, torch.full((2,), groups[1]["t_min"]))
+    assert quantizer.amax.item() == pytest.approx(g.ranges[name][1]["amax"])
+    den(x, torch.full((2,), groups[0]["t_max"]))
+    assert quantizer.amax.item() == pytest.approx(g.ranges[name][0]["amax"])

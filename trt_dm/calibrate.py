@@ -1,0 +1,149 @@
+"""Calibration, end to end: collect statistics ONCE per (model, calibration set, quantizer layout), then
+compute ranges for MANY recipes as pure functions of them.
+
+Cache layout (all writes atomic; a damaged file raises ``CalibCacheError``, never half-used)::
+
+    calib_cache/<model fingerprint[:16]>/<stats key>/stats.safetensors + stats.json   # statistics
+    calib_cache/<model fingerprint[:16]>/<stats key>/<recipe>.json                     # ranges + provenance
+
+The stats key hashes the calibration-set spec (timestep sampler, size, sampler, steps, seed), the
+quantizer layout (which layers are quantized) and the histogram binning: change any of them and a new
+entry is made; rerun with the same inputs and the entry is reused.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .calib import ranges as R
+from .calib.stats import DEFAULT_BINS, CalibCacheError, CalibStats
+from .calib.trajectories import CalibSpec, collect
+from .models import LoadedModel
+from .quant import QuantConfig, apply_ranges, observing, quantize_model, quantized_layers
+from .runners import TorchRunner, as_denoiser
+from .sampling import Schedule
+
+log = logging.getLogger(__name__)
+DEFAULT_CACHE_ROOT = Path("calib_cache")
+
+
+@dataclass
+class CalibrationResult:
+    ranges: dict
+    ranges_path: Path
+    stats_dir: Path
+    stats_reused: bool
+    seconds_collect: float = 0.0  # trajectories + statistics pass (0 when the cache was reused)
+    seconds_ranges: float = 0.0
+    seconds_trajectories: float = 0.0
+    unet_calls: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _shape(loaded: LoadedModel) -> tuple[int, ...]:
+    cfg = loaded.unet.config
+    s = cfg.sample_size
+    h, w = (s, s) if isinstance(s, int) else tuple(s)
+    return (cfg.in_channels, h, w)
+
+
+def stats_key(spec: CalibSpec, layers: list[str], bins: int = DEFAULT_BINS) -> str:
+    blob = json.dumps({"calib": spec.to_dict(), "layers": sorted(layers), "bins": bins}, sort_keys=True)
+    return f"{spec.timesteps.kind}-n{spec.n}-{spec.sampler}{spec.steps}-s{spec.seed}-" + \
+        hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def collect_stats(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, *, cache_root: Path = DEFAULT_CACHE_ROOT,
+                  batch_size: int = 64, progress: bool = True, bins: int = DEFAULT_BINS
+                  ) -> tuple[CalibStats, Path, bool, dict]:
+    """Statistics of every quantized layer's input per timestep, from the cache or collected now."""
+    if loaded.kind != "UNet2DModel":
+        raise ValueError(f"calibration of {loaded.kind} needs conditioning inputs; supported: UNet2DModel")
+    qunet = quantize_model(copy.deepcopy(loaded.unet), qcfg)
+    layers = sorted(quantized_layers(qunet))
+    directory = Path(cache_root) / loaded.fingerprint()[:16] / stats_key(spec, layers, bins)
+    if (directory / "stats.json").exists():
+        stats = CalibStats.load(directory)  # raises CalibCacheError when damaged
+        if sorted(stats.names) != layers:
+            raise CalibCacheError(f"{directory}: statistics cover other layers than the model's quantized "
+                                    "layers; delete the folder to recollect")
+        log.info("reusing calibration statistics %s", directory)
+        return stats, directory, True, {}
+    schedule = Schedule.from_config(loaded.scheduler_config)
+    t0 = time.perf_counter()
+    with TorchRunner(loaded.unet, device="cpu", dtype=torch.float32) as fp:
+        calib = collect(as_denoiser(fp), schedule, _shape(loaded), spec, batch_size=batch_size, progress=progress)
+    t1 = time.perf_counter()
+    stats = CalibStats(bins, sampler_timesteps=schedule.timesteps(spec.steps),
+                       meta={"calib": json.dumps(spec.to_dict(), sort_keys=True),
+                             "model": loaded.fingerprint(), "quant": json.dumps(qcfg.to_dict())})
+    current_t: list[torch.Tensor] = []
+    from tqdm.auto import tqdm
+    with observing(qunet, lambda name, x: stats.observe_batch(name, current_t[0], x)), torch.no_grad():
+        for x, t in tqdm(list(calib.batches(batch_size)), desc="statistics", unit="batch", disable=not progress):
+            current_t[:] = [t]
+            stats.add_samples(t)
+            qunet(x, t)
+    t2 = time.perf_counter()
+    stats.save(directory)
+    timings = {"seconds_trajectories": t1 - t0, "seconds_statistics": t2 - t1, "unet_calls": calib.unet_calls}
+    return stats, directory, False, timings
+
+
+def calibrate(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, recipe: str, *,
+              cache_root: Path = DEFAULT_CACHE_ROOT, batch_size: int = 64, progress: bool = True) -> CalibrationResult:
+    """Ranges for ``recipe`` (a preset name or "<metric>@<merge>"), cached as <stats dir>/<recipe>.json."""
+    rec = R.get_recipe(recipe)  # validate before any work
+    stats, directory, reused, timings = collect_stats(loaded, spec, qcfg, cache_root=cache_root,
+                                                      batch_size=batch_size, progress=progress)
+    t0 = time.perf_counter()
+    ranges = R.compute_ranges(stats, rec)
+    seconds_ranges = time.perf_counter() - t0
+    path = directory / f"{rec.name}.json"
+    R.save_ranges(path, ranges, {"recipe": rec.name, "recipe_spec": rec.spec, "model": loaded.fingerprint(),
+                                 "model_source": str(loaded.source), "calib": spec.to_dict(),
+                                 "quant": qcfg.to_dict(), "stats": str(directory)})
+    return CalibrationResult(ranges=ranges, ranges_path=path, stats_dir=directory, stats_reused=reused,
+                             seconds_collect=timings.get("seconds_trajectories", 0) + timings.get("seconds_statistics", 0),
+                             seconds_ranges=seconds_ranges,
+                             seconds_trajectories=timings.get("seconds_trajectories", 0.0),
+                             unet_calls=timings.get("unet_calls", 0))
+
+
+def fake_quant_unet(loaded: LoadedModel, qcfg: QuantConfig, ranges: dict) -> torch.nn.Module:
+    """A fake-quant copy of the UNet with ``ranges`` applied and checked. For groups=K ranges the first
+    group's values are applied; ``grouped_denoiser`` switches groups by timestep."""
+    qunet = quantize_model(copy.deepcopy(loaded.unet), qcfg)
+    apply_ranges(qunet, {n: (v[0]["amax"] if isinstance(v, list) else v) for n, v in ranges.items()})
+    return qunet
+
+
+def grouped_denoiser(qunet: torch.nn.Module, ranges: dict):
+    """Denoiser over a fake-quant UNet whose ranges are per timestep group (groups=K): before each call
+    the range set of the group containing t is applied (the torch analogue of K engines switched by t)."""
+    groups = next(v for v in ranges.values() if isinstance(v, list))
+    bounds = [(g["t_max"], g["t_min"]) for g in groups]
+    per_group = [{n: (v[k]["amax"] if isinstance(v, list) else v) for n, v in ranges.items()}
+                 for k in range(len(groups))]
+    current: list[int] = [-1]
+
+    def denoiser(x: torch.Tensor, t: torch.Tensor, **extra) -> torch.Tensor:
+        t0 = int(t.flatten()[0])
+        if not bool((t == t0).all()):
+            raise ValueError("grouped ranges need one timestep per batch")
+        # the group containing t, else the nearest one (a sampler with other steps falls between groups)
+        k = min(range(len(bounds)), key=lambda i: max(bounds[i][1] - t0, t0 - bounds[i][0], 0))
+        if k != current[0]:
+            apply_ranges(qunet, per_group[k])
+            current[0] = k
+        with torch.no_grad():
+            return qunet(x, t, **extra).sample
+
+    return denoiser
