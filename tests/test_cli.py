@@ -27,7 +27,7 @@ def test_sample_writes_grid_and_raw_samples(tiny_pipeline_dir, tmp_path):
 def test_eval_writes_result(tiny_pipeline_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TRT_DM_CACHE", str(tmp_path / "cache"))
     rc = main(["eval", "--model", str(tiny_pipeline_dir), "--steps", "2", "--n", "8", "--ref-limit", "16",
-               "--out-dir", str(tmp_path / "rep"), "--no-progress"])
+               "--out-dir", str(tmp_path / "rep"), "--cache-dir", str(tmp_path / "cc"), "--no-progress"])
     assert rc == 0
     res = json.loads((tmp_path / "rep" / "result.json").read_text())
     assert res["metric"] == "FD-EffNet" and res["n"] == 8 and res["reference_n"] == 16
@@ -36,12 +36,33 @@ def test_eval_writes_result(tiny_pipeline_dir, tmp_path, monkeypatch, capsys):
     assert "FD-EffNet:" in capsys.readouterr().out
 
 
+def test_calibrate_then_eval_recipe(tiny_pipeline_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TRT_DM_CACHE", str(tmp_path / "cache"))
+    common = ["--model", str(tiny_pipeline_dir), "--cache-dir", str(tmp_path / "cc"), "--calib-n", "8",
+              "--calib-steps", "4", "--batch", "4", "--no-progress"]
+    assert main(["calibrate", "--recipe", "ptq4dm", *common]) == 0
+    out = capsys.readouterr().out
+    assert "quantized layers" in out and "statistics: collected" in out and "ptq4dm.json" in out
+    assert main(["calibrate", "--recipe", "max", *common]) == 0
+    assert "statistics: reused from cache" in capsys.readouterr().out
+    rc = main(["eval", "--recipe", "ptq4dm", "--steps", "4", "--n", "6", "--eps-n", "3", "--ref-limit", "16",
+               "--out-dir", str(tmp_path / "rep"), *common])
+    assert rc == 0
+    res = json.loads((tmp_path / "rep" / "result.json").read_text())
+    assert res["recipe"] == "ptq4dm" and res["eps_n"] == 3
+    assert 0 < res["psnr_vs_fp"] < 200 and res["fp_fd"] > 0
+    assert [r["t"] for r in res["eps"]["per_timestep"]] == [75, 50, 25, 0]
+    assert "PSNR vs FP" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["sample", "--model", "/no/such/dir"], "does not exist"),
     (["sample", "--model", "{tiny}", "--n", "0"], "--n must be >= 1, got 0"),
     (["sample", "--model", "{tiny}", "--out", "{tmp}/g.gif", "--n", "1", "--steps", "1"], "must end in .png"),
     (["eval", "--model", "{tiny}", "--inception-weights", "/no/weights.pth", "--n", "2", "--steps", "1"],
      "/no/weights.pth"),
+    (["calibrate", "--model", "{tiny}", "--recipe", "mse:2.4@sometimes", "--cache-dir", "{tmp}"], "sometimes"),
+    (["calibrate", "--model", "{tiny}", "--timesteps", "gaussian", "--cache-dir", "{tmp}"], "gaussian"),
 ])
 def test_cli_errors_are_clear(argv, msg, tiny_pipeline_dir, tmp_path, capsys):
     argv = [a.format(tiny=tiny_pipeline_dir, tmp=tmp_path) for a in argv]

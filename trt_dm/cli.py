@@ -97,6 +97,22 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _fp_samples(args, loaded):
+    """FP samples for (model, sampler, steps, eta, seeds), cached so that every recipe row of a
+    comparison reuses the same FP images instead of sampling them again."""
+    from safetensors.torch import load_file
+
+    from .images import save_samples
+    path = (Path(args.cache_dir) / loaded.fingerprint()[:16] / "samples" /
+            f"{args.sampler}{args.steps}-eta{args.eta:g}-s{args.seed}-n{args.n}.safetensors")
+    if path.exists():
+        log.info("reusing FP samples %s", path)
+        return load_file(str(path))["samples"], 0.0
+    images, secs = _draw(args, loaded, _runner(args, loaded))
+    save_samples(images, path, {"sampler": args.sampler, "steps": str(args.steps), "seed": str(args.seed)})
+    return images, secs
+
+
 def cmd_eval(args) -> int:
     from . import evaluate
     from .images import save_grid
@@ -105,27 +121,111 @@ def cmd_eval(args) -> int:
         extractor, label = evaluate.InceptionFeatures(args.inception_weights), "FID (Inception)"
     else:
         extractor, label = evaluate.get_extractor("effnet"), "FD-EffNet"
+    if args.recipe:
+        from .calib.ranges import get_recipe
+        get_recipe(args.recipe)
     loaded = _load(args)
-    images, secs = _draw(args, loaded, _runner(args, loaded))
+    disable = True if args.no_progress else None
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_grid(images[:64], out_dir / "grid.png")
-    disable = True if args.no_progress else None
-    feats = evaluate.extract_features(images, extractor, disable=disable)
     ref = evaluate.reference_features(args.ref, extractor, limit=args.ref_limit, disable=disable)
-    fd = evaluate.frechet_distance(feats, ref)
-    kid_size = min(1000, len(feats), len(ref))
-    kid_mean, kid_std = evaluate.kid(feats, ref, subset_size=kid_size)
+    kid_size = min(1000, args.n, len(ref))
     result = {"model": str(loaded.source), "fingerprint": loaded.fingerprint(), "sampler": args.sampler,
               "steps": args.steps, "eta": args.eta, "n": args.n, "seed": args.seed,
-              "reference": f"fashion-mnist-{args.ref}", "reference_n": len(ref), "metric": label, "fd": fd,
-              "kid_mean": kid_mean, "kid_std": kid_std, "kid_subset_size": kid_size,
-              "sampling_seconds": round(secs, 1), "threads": torch.get_num_threads()}
+              "reference": f"fashion-mnist-{args.ref}", "reference_n": len(ref), "metric": label,
+              "kid_subset_size": kid_size, "threads": torch.get_num_threads()}
+
+    def score(images, prefix: str) -> None:
+        feats = evaluate.extract_features(images, extractor, disable=disable)
+        result[f"{prefix}fd"] = evaluate.frechet_distance(feats, ref)
+        result[f"{prefix}kid_mean"], result[f"{prefix}kid_std"] = evaluate.kid(feats, ref, subset_size=kid_size)
+
+    if not args.recipe:
+        images, secs = _fp_samples(args, loaded)
+        result["sampling_seconds"] = round(secs, 1)
+        score(images, "")
+        line = f"{label}: {result['fd']:.3f}   KID: {result['kid_mean'] * 1e3:.3f} ± {result['kid_std'] * 1e3:.3f} (x1e-3)"
+    else:
+        from .calibrate import grouped_denoiser
+        from .runners import as_denoiser
+        from .sampling import Schedule, sample_many
+        fp_images, _ = _fp_samples(args, loaded)
+        calib, qcfg = _calibration(args, loaded, args.recipe, progress=not args.no_progress)
+        from .calibrate import fake_quant_unet
+        qunet = fake_quant_unet(loaded, qcfg, calib.ranges)
+        grouped = any(isinstance(v, list) for v in calib.ranges.values())
+        with _runner(args, loaded) as fp_runner:
+            from .runners import TorchRunner
+            with TorchRunner(qunet, device="cpu", dtype=torch.float32, name="fakequant") as q_runner:
+                test = grouped_denoiser(qunet, calib.ranges) if grouped else as_denoiser(q_runner)
+                schedule = Schedule.from_config(loaded.scheduler_config)
+                t0 = time.perf_counter()
+                images = sample_many(test, schedule, range(args.seed, args.seed + args.n), _shape(loaded),
+                                     batch_size=args.batch, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                                     progress=not args.no_progress)
+                result["sampling_seconds"] = round(time.perf_counter() - t0, 1)
+                n_eps = min(args.n, args.eps_n)
+                cmp = evaluate.compare_denoisers(as_denoiser(fp_runner), test, schedule,
+                                                 range(args.seed, args.seed + n_eps), _shape(loaded),
+                                                 sampler=args.sampler, steps=args.steps, eta=args.eta,
+                                                 batch_size=args.batch, progress=not args.no_progress)
+        score(images, "")
+        score(fp_images, "fp_")
+        result.update({"recipe": args.recipe, "ranges": str(calib.ranges_path), "weight_bits": args.weight_bits,
+                       "calibration": args.timesteps, "calib_n": args.calib_n,
+                       "psnr_vs_fp": evaluate.psnr(fp_images, images), "eps_n": n_eps, "eps": cmp["eps"]})
+        result["fd_change_vs_fp_pct"] = 100 * (result["fd"] - result["fp_fd"]) / result["fp_fd"]
+        line = (f"{label}: {result['fd']:.3f} (FP {result['fp_fd']:.3f}, {result['fd_change_vs_fp_pct']:+.1f}%)   "
+                f"PSNR vs FP: {result['psnr_vs_fp']:.2f} dB   eps MSE {cmp['eps']['mse']:.2e} cos {cmp['eps']['cosine']:.5f}   "
+                f"KID: {result['kid_mean'] * 1e3:.3f} (x1e-3)")
+    save_grid(images[:64], out_dir / "grid.png")
     tmp = out_dir / ".result.json.tmp"
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, out_dir / "result.json")
-    print(f"{label}: {fd:.3f}   KID: {kid_mean * 1e3:.3f} ± {kid_std * 1e3:.3f} (x1e-3)   "
-          f"N={args.n} {args.sampler}-{args.steps} vs Fashion-MNIST {args.ref}   -> {out_dir}")
+    print(f"{line}   N={args.n} {args.sampler}-{args.steps} vs Fashion-MNIST {args.ref}   -> {out_dir}")
+    return 0
+
+
+def _calib_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timesteps", default="ndtc",
+                   help="calibration timestep sampler: ndtc[:mu,sigma] (PTQ4DM; default mu=0.5, sigma=0.35), "
+                        "uniform, single[:step], all")
+    p.add_argument("--calib-n", type=int, default=256, help="calibration samples (PTQ4DM used 1024)")
+    p.add_argument("--calib-sampler", default="ddim", help="FP sampler whose trajectories are recorded")
+    p.add_argument("--calib-steps", type=int, default=100)
+    p.add_argument("--calib-seed", type=int, default=0)
+    p.add_argument("--weight-bits", type=int, default=8, choices=(8, 4), help="4 = W4A8 fake-quant study")
+    p.add_argument("--exclude", nargs="*", default=None,
+                   help="layer name patterns kept in high precision (default: trt_dm.quant.DEFAULT_EXCLUDE)")
+    p.add_argument("--cache-dir", default="calib_cache")
+
+
+def _calibration(args, loaded, recipe: str, progress: bool):
+    from .calib.timesteps import parse
+    from .calib.trajectories import CalibSpec
+    from .calibrate import calibrate
+    from .quant import DEFAULT_EXCLUDE, QuantConfig
+    spec = CalibSpec(parse(args.timesteps), n=args.calib_n, sampler=args.calib_sampler, steps=args.calib_steps,
+                     seed=args.calib_seed)
+    qcfg = QuantConfig(weight_bits=args.weight_bits,
+                       exclude=tuple(args.exclude) if args.exclude is not None else DEFAULT_EXCLUDE)
+    return calibrate(loaded, spec, qcfg, recipe, cache_root=Path(args.cache_dir), batch_size=args.batch,
+                     progress=progress), qcfg
+
+
+def cmd_calibrate(args) -> int:
+    import statistics
+    loaded = _load(args)
+    res, _ = _calibration(args, loaded, args.recipe, progress=not args.no_progress)
+    vals = [g["amax"] for v in res.ranges.values() for g in (v if isinstance(v, list) else [{"amax": v}])]
+    print(f"recipe {args.recipe}: {len(res.ranges)} quantized layers (activation ranges), amax min "
+          f"{min(vals):.4g} / median {statistics.median(vals):.4g} / max {max(vals):.4g}")
+    if res.stats_reused:
+        print(f"statistics: reused from cache {res.stats_dir}")
+    else:
+        print(f"statistics: collected in {res.seconds_collect:.1f} s ({res.seconds_trajectories:.1f} s FP "
+              f"trajectories, {res.unet_calls} UNet batch calls) -> {res.stats_dir}")
+    print(f"ranges: computed in {res.seconds_ranges:.2f} s -> {res.ranges_path}")
     return 0
 
 
@@ -162,7 +262,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception-weights", default=None,
                    help="local pytorch-fid Inception weights (.pth): report standard FID instead of FD-EffNet")
     p.add_argument("--out-dir", default="reports/eval", help="where result.json and grid.png go")
+    p.add_argument("--recipe", default=None,
+                   help="evaluate the fake-quant model calibrated with this recipe against FP (same seeds)")
+    p.add_argument("--eps-n", type=int, default=256,
+                   help="images whose per-timestep noise-prediction error is measured (recipe runs)")
+    _calib_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("calibrate", help="timestep-stratified calibration (PTQ4DM): statistics once, ranges per recipe")
+    _add_model_args(p)
+    p.add_argument("--recipe", default="ptq4dm",
+                   help="preset (ptq4dm, qdiffusion, max, percentile, entropy, minmean, meanmax, ptq4dm-g4) "
+                        "or METRIC@MERGE, e.g. mse:2.4@pooled, percentile:99.9@uniform, max@groups=4")
+    p.add_argument("--batch", type=int, default=64, help="images per UNet call")
+    p.add_argument("--no-progress", action="store_true")
+    _calib_args(p)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("info", help="describe a model: class, parameters, inputs, fingerprint")
     _add_model_args(p)
