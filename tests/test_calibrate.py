@@ -69,3 +69,18 @@ def test_fake_quant_and_grouped_ranges(tiny_pipeline_dir, tmp_path):
     assert quantizer.amax.item() == pytest.approx(g.ranges[name][1]["amax"])
     den(x, torch.full((2,), groups[0]["t_max"]))
     assert quantizer.amax.item() == pytest.approx(g.ranges[name][0]["amax"])
+
+
+def test_layer_sensitivity_report(tiny_pipeline_dir, tmp_path):
+    from trt_dm.calibrate import layer_sensitivity
+    loaded = load_model(tiny_pipeline_dir)
+    rows = layer_sensitivity(loaded, SPEC, "max", cache_root=tmp_path, n=8, batch_size=8, progress=False)
+    names = [n for n, m in loaded.unet.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert sorted(r["layer"] for r in rows) == sorted(names)  # every layer, none excluded
+    errs = [r["rel_mse"] for r in rows]
+    assert errs == sorted(errs, reverse=True) and all(e > 0 for e in errs)
+    # W4 weights hurt more than W8, layer by layer on the most sensitive layer
+    rows4 = layer_sensitivity(loaded, SPEC, "max", cache_root=tmp_path, weight_bits=4, n=8, batch_size=8,
+                              progress=False)
+    top = rows[0]["layer"]
+    assert next(r["rel_mse"] for r in rows4 if r["layer"] == top) > rows[0]["rel_mse"]

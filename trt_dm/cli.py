@@ -216,6 +216,23 @@ def _calibration(args, loaded, recipe: str, progress: bool):
 def cmd_calibrate(args) -> int:
     import statistics
     loaded = _load(args)
+    if args.sensitivity:
+        from .calib.timesteps import parse
+        from .calib.trajectories import CalibSpec
+        from .calibrate import layer_sensitivity
+        from .quant import DEFAULT_EXCLUDE
+        import fnmatch
+        spec = CalibSpec(parse(args.timesteps), n=args.calib_n, sampler=args.calib_sampler, steps=args.calib_steps,
+                         seed=args.calib_seed)
+        rows = layer_sensitivity(loaded, spec, args.recipe, cache_root=Path(args.cache_dir), weight_bits=args.weight_bits,
+                                 batch_size=args.batch, progress=not args.no_progress)
+        print(f"per-layer sensitivity (W{args.weight_bits}A8, recipe {args.recipe}, one layer quantized at a time; "
+              "relative MSE of the predicted noise vs FP):")
+        print(f"{'layer':48s} {'type':8s} {'rel MSE':>10s}  default")
+        for r in rows:
+            ex = "excluded" if any(fnmatch.fnmatchcase(r["layer"], p) for p in DEFAULT_EXCLUDE) else ""
+            print(f"{r['layer']:48s} {r['type']:8s} {r['rel_mse']:10.3e}  {ex}")
+        return 0
     res, _ = _calibration(args, loaded, args.recipe, progress=not args.no_progress)
     vals = [g["amax"] for v in res.ranges.values() for g in (v if isinstance(v, list) else [{"amax": v}])]
     print(f"recipe {args.recipe}: {len(res.ranges)} quantized layers (activation ranges), amax min "
@@ -243,7 +260,7 @@ def cmd_info(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trt-dm", description="Post-training int8 quantization for "
                                      "diffusion UNets (PTQ4DM), deployed as TensorRT engines.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO) and show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("sample", help="draw images and write a grid")
@@ -276,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "or METRIC@MERGE, e.g. mse:2.4@pooled, percentile:99.9@uniform, max@groups=4")
     p.add_argument("--batch", type=int, default=64, help="images per UNet call")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="print the per-layer sensitivity report (decides the default exclusion list)")
     _calib_args(p)
     p.set_defaults(func=cmd_calibrate)
 
@@ -286,8 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+    warnings.filterwarnings("ignore", message="Cannot find transformers package")  # modelopt, irrelevant here
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from .models import ModelLoadError
     try:

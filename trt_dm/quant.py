@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import io
 import logging
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping
@@ -63,7 +64,8 @@ def quantize_model(unet: nn.Module, qcfg: QuantConfig = QuantConfig()) -> nn.Mod
                          {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": qcfg.act_bits, "axis": None}}],
            "algorithm": "max"}  # with no forward loop, "max" calibrates the weights only
     unet.eval()
-    quantized = mtq.quantize(unet, cfg, forward_loop=None)
+    with contextlib.redirect_stdout(io.StringIO()):  # modelopt prints "Inserted N quantizers"
+        quantized = mtq.quantize(unet, cfg, forward_loop=None)
     for name, mod in quantized.named_modules():
         wq = getattr(mod, "weight_quantizer", None)
         if wq is not None and wq.amax is not None and (wq.amax == 0).any():

@@ -103,7 +103,8 @@ class TorchRunner(Runner):
         return self._meta
 
     def activate(self) -> None:
-        self.unet.to(self.device, self.dtype).eval()
+        # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast even when nothing must stay fp32
+        torch.nn.Module.to(self.unet, self.device, self.dtype).eval()
 
     @torch.no_grad()
     def infer(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
