@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--floor-n", type=int, default=None,
+                   help="compare only the first N train images in the floor anchor (match your sample size)")
+    p.add_argument("--json", type=Path, default=None, help="also write the anchors to this JSON file")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads is not None:
@@ -55,9 +58,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{split}: {feats[split].shape[0]} images -> features {feats[split].shape} "
               f"in {time.perf_counter() - t0:.1f} s")
 
+    anchors = {"extractor": net.identity}
+
+    def kid_of(a, b):
+        mean, std = evaluate.kid(a, b, subset_size=min(1000, len(a), len(b)))
+        return {"kid_mean": mean, "kid_std": std}
+
     if "test" in feats and "train" in feats:
-        fd = evaluate.frechet_distance(feats["train"], feats["test"])
-        print(f"FD-EffNet floor   train ({feats['train'].shape[0]}) vs test ({feats['test'].shape[0]}): {fd:.4f}")
+        train = feats["train"][:args.floor_n] if args.floor_n else feats["train"]
+        fd = evaluate.frechet_distance(train, feats["test"])
+        anchors["floor"] = {"fd": fd, "n": len(train), "reference_n": len(feats["test"]), **kid_of(train, feats["test"])}
+        print(f"FD-EffNet floor   train ({len(train)}) vs test ({feats['test'].shape[0]}): {fd:.4f}  "
+              f"KID {anchors['floor']['kid_mean'] * 1e3:.3f}e-3")
     if "test" in feats and args.noise > 0:
         g = torch.Generator().manual_seed(args.seed)
         noise = torch.randn(args.noise, 1, 32, 32, generator=g).clamp(-1, 1)
@@ -65,8 +77,14 @@ def main(argv: list[str] | None = None) -> None:
         noise_feats = evaluate.extract_features(noise, net, batch_size=args.batch_size,
                                                 disable=args.quiet or None)
         fd = evaluate.frechet_distance(noise_feats, feats["test"])
+        anchors["noise"] = {"fd": fd, "n": args.noise, "seed": args.seed, **kid_of(noise_feats, feats["test"])}
         print(f"FD-EffNet noise   N(0,1) clipped, seed {args.seed} ({args.noise}) vs test "
-              f"({feats['test'].shape[0]}): {fd:.4f}  (noise features {time.perf_counter() - t0:.1f} s)")
+              f"({feats['test'].shape[0]}): {fd:.4f}  KID {anchors['noise']['kid_mean'] * 1e3:.3f}e-3  "
+              f"(noise features {time.perf_counter() - t0:.1f} s)")
+    if args.json:
+        import json
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(anchors, indent=2) + "\n")
 
 
 if __name__ == "__main__":

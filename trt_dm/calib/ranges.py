@@ -126,6 +126,15 @@ def _span(h: RunningHistogram) -> tuple[np.ndarray, np.ndarray]:
     return h.edges()[lo:hi + 1], h.counts[lo:hi]
 
 
+def _prepare(h: RunningHistogram, amax, num_bits: int, narrow_range: bool):
+    """Shared set-up of the MSE functions: integer grid, candidate clips as float64, occupied bins."""
+    _check(h)
+    qmin, qmax = _grid(num_bits, narrow_range)
+    amax = np.atleast_1d(np.asarray(amax, dtype=np.float64))
+    edges, counts = _span(h) if h.absmax > 0 else (None, None)
+    return qmin, qmax, amax, edges, counts
+
+
 def mse_objective(h: RunningHistogram, amax: Sequence[float] | np.ndarray, p: float = 2.4, num_bits: int = 8,
                   narrow_range: bool = False) -> np.ndarray:
     """E(a) = sum over values of |x - Q_a(x)|^p, values modelled as uniform inside their bin (exact integral).
@@ -134,12 +143,9 @@ def mse_objective(h: RunningHistogram, amax: Sequence[float] | np.ndarray, p: fl
     L_p distance ||X - Q(X)||_p^p with p = 2.4. The uniform-in-bin model cannot alias (bin centres landing
     on grid points would make the error look zero); |E(a) - E_true(a)| <= ``mse_error_bound``.
     """
-    _check(h)
-    qmin, qmax = _grid(num_bits, narrow_range)
-    amax = np.atleast_1d(np.asarray(amax, dtype=np.float64))
+    qmin, qmax, amax, edges, counts = _prepare(h, amax, num_bits, narrow_range)
     if h.absmax == 0:
         return np.zeros(len(amax))
-    edges, counts = _span(h)
     dens = counts / h.width  # counts per unit length
     out = np.empty(len(amax))
     step = max(1, (1 << 19) // len(edges))  # bounded memory per chunk
@@ -158,12 +164,9 @@ def mse_error_bound(h: RunningHistogram, amax: Sequence[float] | np.ndarray, p: 
     B(a) = sum_b count_b * p * D_b^(p-1) * w. The chosen clip a_h thus satisfies
     E_true(a_h) <= E_true(a) + B(a_h) + B(a) for every candidate a that was evaluated.
     """
-    _check(h)
-    qmin, qmax = _grid(num_bits, narrow_range)
-    amax = np.atleast_1d(np.asarray(amax, dtype=np.float64))
+    qmin, qmax, amax, edges, counts = _prepare(h, amax, num_bits, narrow_range)
     if h.absmax == 0:
         return np.zeros(len(amax))
-    edges, counts = _span(h)
     centres, w = (edges[:-1] + edges[1:]) / 2, h.width
     s = (amax / qmax)[:, None]
     d = np.abs(centres - np.clip(np.round(centres / s), qmin, qmax) * s) + w / 2
