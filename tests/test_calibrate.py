@@ -84,3 +84,17 @@ def test_layer_sensitivity_report(tiny_pipeline_dir, tmp_path):
                               progress=False)
     top = rows[0]["layer"]
     assert next(r["rel_mse"] for r in rows4 if r["layer"] == top) > rows[0]["rel_mse"]
+
+
+def test_shortcut_split_end_to_end(tiny_pipeline_dir, tmp_path):
+    loaded = load_model(tiny_pipeline_dir)
+    qcfg = QuantConfig(weight_bits=4, shortcut_split=True)
+    res = calibrate(loaded, SPEC, qcfg, "max", cache_root=tmp_path, batch_size=8, progress=False)
+    halves = [n for n in res.ranges if n.endswith("#h")]
+    assert halves and all(n[:-2] + "#skip" in res.ranges for n in halves)
+    plain = calibrate(loaded, SPEC, QuantConfig(weight_bits=4), "max", cache_root=tmp_path, batch_size=8,
+                      progress=False)
+    for n in halves:  # the max over the whole input is the larger of the two halves' maxima
+        assert plain.ranges[n[:-2]] == pytest.approx(max(res.ranges[n], res.ranges[n[:-2] + "#skip"]))
+    q = fake_quant_unet(loaded, qcfg, res.ranges)
+    check_calibrated(q)

@@ -64,3 +64,34 @@ def test_apply_ranges_rejects_mismatch_and_bad_values():
         apply_ranges(q, {n: 0.0 for n in names})
     with pytest.raises(ValueError, match="weight_bits must be 4 or 8"):
         QuantConfig(weight_bits=6)
+
+
+def test_shortcut_split_finds_concat_boundaries_and_applies_two_ranges():
+    from trt_dm.quant import concat_splits, range_names
+    unet = tiny_unet2d(seed=0)
+    splits = concat_splits(unet)
+    # independent check: record the real concatenations' channel counts in a forward pass
+    seen = {}
+    mods = dict(unet.named_modules())
+    for b, block in enumerate(unet.up_blocks):
+        def pre(mod, args, b=b):
+            h, res = args[0], args[1]
+            for i, r in enumerate(mod.resnets):
+                seen[f"up_blocks.{b}.resnets.{i}.conv1"] = h.shape[1]
+                h = torch.zeros(1, r.out_channels)  # resnet i+1 reads resnet i's output channels
+            return None
+        block.register_forward_pre_hook(pre)
+    x, t = _inputs()
+    with torch.no_grad():
+        unet(x, t)
+    assert {n: k for n, k in splits.items() if n.endswith("conv1")} == seen
+    assert all(0 < k < mods[n].in_channels for n, k in splits.items())
+    q = quantize_model(tiny_unet2d(seed=0), QuantConfig(shortcut_split=True))
+    names = range_names(q, QuantConfig(shortcut_split=True))
+    split_name = next(iter(splits))
+    assert split_name + "#h" in names and split_name + "#skip" in names and split_name not in names
+    apply_ranges(q, {n: (2.0 if n.endswith("#skip") else 1.0) for n in names})
+    amax = dict(q.named_modules())[split_name].input_quantizer.amax.flatten()
+    k = splits[split_name]
+    assert (amax[:k] == 1.0).all() and (amax[k:] == 2.0).all()
+    check_calibrated(q)

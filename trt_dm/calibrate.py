@@ -26,7 +26,7 @@ from .calib import ranges as R
 from .calib.stats import DEFAULT_BINS, CalibCacheError, CalibStats
 from .calib.trajectories import CalibSpec, collect
 from .models import LoadedModel
-from .quant import QuantConfig, apply_ranges, observing, quantize_model, quantized_layers
+from .quant import QuantConfig, apply_ranges, concat_splits, observing, quantize_model, quantized_layers, range_names
 from .runners import TorchRunner, as_denoiser
 from .sampling import Schedule
 
@@ -67,7 +67,7 @@ def collect_stats(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, *, ca
     if loaded.kind != "UNet2DModel":
         raise ValueError(f"calibration of {loaded.kind} needs conditioning inputs; supported: UNet2DModel")
     qunet = quantize_model(copy.deepcopy(loaded.unet), qcfg)
-    layers = sorted(quantized_layers(qunet))
+    layers = range_names(qunet, qcfg)
     directory = Path(cache_root) / loaded.fingerprint()[:16] / stats_key(spec, layers, bins)
     if (directory / "stats.json").exists():
         stats = CalibStats.load(directory)  # raises CalibCacheError when damaged
@@ -86,7 +86,8 @@ def collect_stats(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, *, ca
                              "model": loaded.fingerprint(), "quant": json.dumps(qcfg.to_dict())})
     current_t: list[torch.Tensor] = []
     from tqdm.auto import tqdm
-    with observing(qunet, lambda name, x: stats.observe_batch(name, current_t[0], x)), torch.no_grad():
+    splits = concat_splits(qunet) if qcfg.shortcut_split else None
+    with observing(qunet, lambda name, x: stats.observe_batch(name, current_t[0], x), splits), torch.no_grad():
         for x, t in tqdm(list(calib.batches(batch_size)), desc="statistics", unit="batch", disable=not progress):
             current_t[:] = [t]
             stats.add_samples(t)

@@ -171,7 +171,7 @@ def cmd_eval(args) -> int:
                                                  batch_size=args.batch, progress=not args.no_progress)
         score(images, "")
         score(fp_images, "fp_")
-        result.update({"recipe": args.recipe, "ranges": str(calib.ranges_path), "weight_bits": args.weight_bits,
+        result.update({"recipe": args.recipe, "ranges": str(calib.ranges_path), "weight_bits": args.weight_bits, "shortcut_split": args.shortcut_split,
                        "calibration": args.timesteps, "calib_n": args.calib_n,
                        "psnr_vs_fp": evaluate.psnr(fp_images, images), "eps_n": n_eps, "eps": cmp["eps"]})
         result["fd_change_vs_fp_pct"] = 100 * (result["fd"] - result["fp_fd"]) / result["fp_fd"]
@@ -195,6 +195,9 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-steps", type=int, default=100)
     p.add_argument("--calib-seed", type=int, default=0)
     p.add_argument("--weight-bits", type=int, default=8, choices=(8, 4), help="4 = W4A8 fake-quant study")
+    p.add_argument("--shortcut-split", action="store_true",
+                   help="Q-Diffusion's split: separate ranges for the h / skip halves of up-path concatenations "
+                        "(fake-quant only)")
     p.add_argument("--exclude", nargs="*", default=None,
                    help="layer name patterns kept in high precision (default: trt_dm.quant.DEFAULT_EXCLUDE)")
     p.add_argument("--cache-dir", default="calib_cache")
@@ -207,7 +210,7 @@ def _calibration(args, loaded, recipe: str, progress: bool):
     from .quant import DEFAULT_EXCLUDE, QuantConfig
     spec = CalibSpec(parse(args.timesteps), n=args.calib_n, sampler=args.calib_sampler, steps=args.calib_steps,
                      seed=args.calib_seed)
-    qcfg = QuantConfig(weight_bits=args.weight_bits,
+    qcfg = QuantConfig(weight_bits=args.weight_bits, shortcut_split=args.shortcut_split,
                        exclude=tuple(args.exclude) if args.exclude is not None else DEFAULT_EXCLUDE)
     return calibrate(loaded, spec, qcfg, recipe, cache_root=Path(args.cache_dir), batch_size=args.batch,
                      progress=progress), qcfg

@@ -38,6 +38,10 @@ class QuantConfig:
     weight_bits: int = 8  # 8 for deployment; 4 for fake-quant studies (W4A8)
     act_bits: int = 8
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE  # fnmatch patterns on module names (e.g. "up_blocks.2.*")
+    # Q-Diffusion's shortcut split (Li et al., ICCV 2023, sec. 3.3): the up path's resnets read
+    # concat(h, skip), two halves with very different ranges; give each half its own activation range.
+    # Fake-quant only: TensorRT wants per-tensor activation scales, so such a model is not exportable.
+    shortcut_split: bool = False
 
     def __post_init__(self) -> None:
         if self.weight_bits not in (4, 8):
@@ -46,7 +50,47 @@ class QuantConfig:
             raise ValueError(f"act_bits must be 8 (int8 activations), got {self.act_bits}")
 
     def to_dict(self) -> dict:
-        return {"weight_bits": self.weight_bits, "act_bits": self.act_bits, "exclude": list(self.exclude)}
+        return {"weight_bits": self.weight_bits, "act_bits": self.act_bits, "exclude": list(self.exclude),
+                "shortcut_split": self.shortcut_split}
+
+
+SPLIT_SUFFIXES = ("#h", "#skip")  # range names of the two halves of a split layer's input
+
+
+def concat_splits(unet: nn.Module) -> dict[str, int]:
+    """Layers that read concat(h, skip) in the up path -> the channel where the skip half starts.
+
+    For resnet i of an up block, h has the block input's channels (i = 0) or resnet i-1's output
+    channels; conv1 (after GroupNorm/SiLU, same channel order) and conv_shortcut read the concatenation.
+    """
+    splits: dict[str, int] = {}
+    for b, block in enumerate(getattr(unet, "up_blocks", [])):
+        resnets = getattr(block, "resnets", [])
+        if not resnets:
+            continue
+        # the block input has the channels of the previous up block's output (or the mid block's)
+        if b > 0:
+            prev = unet.up_blocks[b - 1].resnets[-1].out_channels
+        elif getattr(unet, "mid_block", None) is not None:
+            prev = unet.mid_block.resnets[-1].out_channels
+        else:
+            prev = unet.config.block_out_channels[-1]
+        for i, r in enumerate(resnets):
+            hidden = prev if i == 0 else resnets[i - 1].out_channels
+            if r.in_channels > hidden:
+                for conv in ("conv1", "conv_shortcut"):
+                    if getattr(r, conv, None) is not None:
+                        splits[f"up_blocks.{b}.resnets.{i}.{conv}"] = hidden
+    return splits
+
+
+def range_names(unet: nn.Module, qcfg: "QuantConfig") -> list[str]:
+    """Names that statistics and ranges are keyed by: layer names, split layers as two halves."""
+    splits = concat_splits(unet) if qcfg.shortcut_split else {}
+    names = []
+    for n in quantized_layers(unet):
+        names += [n + s for s in SPLIT_SUFFIXES] if n in splits else [n]
+    return sorted(names)
 
 
 def _modelopt():
@@ -94,16 +138,24 @@ def all_quantizers(unet: nn.Module) -> dict[str, nn.Module]:
 
 
 @contextlib.contextmanager
-def observing(unet: nn.Module, observe: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
-    """Run the UNet in full precision while ``observe(layer_name, input)`` sees every quantized layer's
-    input. Quantizers are disabled inside the block and restored after it, even on error."""
+def observing(unet: nn.Module, observe: Callable[[str, torch.Tensor], None],
+              splits: Mapping[str, int] | None = None) -> Iterator[None]:
+    """Run the UNet in full precision while ``observe(name, input)`` sees every quantized layer's
+    input (a layer in ``splits`` as two calls, "<name>#h" and "<name>#skip", one per channel half).
+    Quantizers are disabled inside the block and restored after it, even on error."""
+    splits = splits or {}
     quantizers = all_quantizers(unet)
     enabled = {n for n, q in quantizers.items() if q.is_enabled}
     layers = quantized_layers(unet)
 
     def hook_for(name: str):
         def hook(_module, args):
-            observe(name, args[0])
+            if name in splits:
+                k = splits[name]
+                observe(name + SPLIT_SUFFIXES[0], args[0][:, :k])
+                observe(name + SPLIT_SUFFIXES[1], args[0][:, k:])
+            else:
+                observe(name, args[0])
             return None  # a pre-hook's return value would replace the input
         return hook
 
@@ -120,20 +172,34 @@ def observing(unet: nn.Module, observe: Callable[[str, torch.Tensor], None]) -> 
 
 
 def apply_ranges(unet: nn.Module, ranges: Mapping[str, float]) -> None:
-    """Set every quantized layer's activation amax from ``ranges`` (layer name -> amax); the names must
-    match exactly: a missing or unknown name is an error, never silently skipped."""
+    """Set every quantized layer's activation amax from ``ranges`` (name -> amax; a split layer as
+    "<name>#h" + "<name>#skip", applied as a per-channel amax over its input). The names must match
+    exactly: a missing or unknown name is an error, never silently skipped."""
     layers = quantized_layers(unet)
-    missing = sorted(set(layers) - set(ranges))
-    unknown = sorted(set(ranges) - set(layers))
+    split_layers = {n[:-len(SPLIT_SUFFIXES[0])] for n in ranges if n.endswith(SPLIT_SUFFIXES[0])}
+    splits = {n: k for n, k in concat_splits(unet).items() if n in split_layers}
+    expected = {x for n in layers for x in ([n + s for s in SPLIT_SUFFIXES] if n in splits else [n])}
+    missing = sorted(expected - set(ranges))
+    unknown = sorted(set(ranges) - expected)
     if missing or unknown:
         raise ValueError(f"ranges do not match the quantized layers: missing {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''} ({len(missing)}), unknown {unknown[:5]}"
                          f"{' ...' if len(unknown) > 5 else ''} ({len(unknown)})")
-    for name, mod in layers.items():
-        amax = float(ranges[name])
+    for key in sorted(expected):
+        amax = float(ranges[key])
         if not (amax > 0 and amax < float("inf")):
-            raise ValueError(f"range of {name!r} must be finite and > 0, got {amax}")
-        mod.input_quantizer.amax = torch.tensor(amax, dtype=torch.float32)
+            raise ValueError(f"range of {key!r} must be finite and > 0, got {amax}")
+    for name, mod in layers.items():
+        q = mod.input_quantizer
+        if name in splits:
+            k, c = splits[name], mod.in_channels
+            amax = torch.empty(1, c, 1, 1)
+            amax[:, :k] = float(ranges[name + SPLIT_SUFFIXES[0]])
+            amax[:, k:] = float(ranges[name + SPLIT_SUFFIXES[1]])
+            q.axis = 1  # per-channel over the input channels: two distinct values
+            q.amax = amax
+        else:
+            q.amax = torch.tensor(float(ranges[name]), dtype=torch.float32)
     check_calibrated(unet)
 
 
