@@ -98,3 +98,19 @@ def test_shortcut_split_end_to_end(tiny_pipeline_dir, tmp_path):
         assert plain.ranges[n[:-2]] == pytest.approx(max(res.ranges[n], res.ranges[n[:-2] + "#skip"]))
     q = fake_quant_unet(loaded, qcfg, res.ranges)
     check_calibrated(q)
+
+
+def test_attention_matmul_quantization(tiny_pipeline_dir, tmp_path):
+    loaded = load_model(tiny_pipeline_dir)
+    qcfg = QuantConfig(quantize_attention=True)
+    res = calibrate(loaded, SPEC, qcfg, "max", cache_root=tmp_path, batch_size=8, progress=False)
+    bmm = sorted(n for n in res.ranges if n.endswith("_bmm"))
+    attn = [n for n, m in loaded.unet.named_modules() if type(m).__name__ == "Attention"]
+    assert bmm == sorted(f"{a}.{x}_bmm" for a in attn for x in "qkv")
+    base = calibrate(loaded, SPEC, QuantConfig(), "max", cache_root=tmp_path, batch_size=8, progress=False)
+    assert set(res.ranges) - set(base.ranges) == set(bmm)
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([60, 60])
+    with torch.no_grad():
+        a = fake_quant_unet(loaded, qcfg, res.ranges)(x, t).sample
+        b = fake_quant_unet(loaded, QuantConfig(), base.ranges)(x, t).sample
+    assert not torch.equal(a, b)  # the matmul inputs are really quantized

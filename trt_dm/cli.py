@@ -198,6 +198,7 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shortcut-split", action="store_true",
                    help="Q-Diffusion's split: separate ranges for the h / skip halves of up-path concatenations "
                         "(fake-quant only)")
+    p.add_argument("--quantize-attention", action="store_true", help="also quantize the attention matmul inputs")
     p.add_argument("--exclude", nargs="*", default=None,
                    help="layer name patterns kept in high precision (default: trt_dm.quant.DEFAULT_EXCLUDE)")
     p.add_argument("--cache-dir", default="calib_cache")
@@ -211,6 +212,7 @@ def _calibration(args, loaded, recipe: str, progress: bool):
     spec = CalibSpec(parse(args.timesteps), n=args.calib_n, sampler=args.calib_sampler, steps=args.calib_steps,
                      seed=args.calib_seed)
     qcfg = QuantConfig(weight_bits=args.weight_bits, shortcut_split=args.shortcut_split,
+                       quantize_attention=args.quantize_attention,
                        exclude=tuple(args.exclude) if args.exclude is not None else DEFAULT_EXCLUDE)
     return calibrate(loaded, spec, qcfg, recipe, cache_root=Path(args.cache_dir), batch_size=args.batch,
                      progress=progress), qcfg

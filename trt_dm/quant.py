@@ -42,6 +42,9 @@ class QuantConfig:
     # concat(h, skip), two halves with very different ranges; give each half its own activation range.
     # Fake-quant only: TensorRT wants per-tensor activation scales, so such a model is not exportable.
     shortcut_split: bool = False
+    # Also quantize the attention matmul inputs (Q, K, V: int8 per tensor) through modelopt's diffusers
+    # attention plugin; the softmax output stays in high precision.
+    quantize_attention: bool = False
 
     def __post_init__(self) -> None:
         if self.weight_bits not in (4, 8):
@@ -51,7 +54,7 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         return {"weight_bits": self.weight_bits, "act_bits": self.act_bits, "exclude": list(self.exclude),
-                "shortcut_split": self.shortcut_split}
+                "shortcut_split": self.shortcut_split, "quantize_attention": self.quantize_attention}
 
 
 SPLIT_SUFFIXES = ("#h", "#skip")  # range names of the two halves of a split layer's input
@@ -88,7 +91,7 @@ def range_names(unet: nn.Module, qcfg: "QuantConfig") -> list[str]:
     """Names that statistics and ranges are keyed by: layer names, split layers as two halves."""
     splits = concat_splits(unet) if qcfg.shortcut_split else {}
     names = []
-    for n in quantized_layers(unet):
+    for n in activation_quantizers(unet):
         names += [n + s for s in SPLIT_SUFFIXES] if n in splits else [n]
     return sorted(names)
 
@@ -103,10 +106,13 @@ def quantize_model(unet: nn.Module, qcfg: QuantConfig = QuantConfig()) -> nn.Mod
     """Insert modelopt quantizers into ``unet`` in place (Conv2d/Linear inputs and weights) and set the
     weight ranges. Activation quantizers are left without range until ``apply_ranges``."""
     mtq, _ = _modelopt()
-    cfg = {"quant_cfg": [{"quantizer_name": "*", "enable": False},
-                         {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": qcfg.weight_bits, "axis": 0}},
-                         {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": qcfg.act_bits, "axis": None}}],
-           "algorithm": "max"}  # with no forward loop, "max" calibrates the weights only
+    quant_cfg = [{"quantizer_name": "*", "enable": False},
+                 {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": qcfg.weight_bits, "axis": 0}},
+                 {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": qcfg.act_bits, "axis": None}}]
+    if qcfg.quantize_attention:
+        quant_cfg += [{"quantizer_name": f"*{m}_bmm_quantizer", "cfg": {"num_bits": qcfg.act_bits, "axis": None}}
+                      for m in "qkv"]
+    cfg = {"quant_cfg": quant_cfg, "algorithm": "max"}  # with no forward loop, "max" calibrates weights only
     unet.eval()
     with contextlib.redirect_stdout(io.StringIO()):  # modelopt prints "Inserted N quantizers"
         quantized = mtq.quantize(unet, cfg, forward_loop=None)
@@ -118,10 +124,14 @@ def quantize_model(unet: nn.Module, qcfg: QuantConfig = QuantConfig()) -> nn.Mod
             wq.amax = torch.where(wq.amax == 0, torch.ones_like(wq.amax), wq.amax)
     excluded = []
     for name, mod in quantized.named_modules():
-        if hasattr(mod, "input_quantizer") and any(fnmatch.fnmatchcase(name, p) for p in qcfg.exclude):
-            mod.input_quantizer.disable()
-            mod.weight_quantizer.disable()
-            excluded.append(name)
+        if any(fnmatch.fnmatchcase(name, p) for p in qcfg.exclude):
+            if hasattr(mod, "input_quantizer"):
+                mod.input_quantizer.disable()
+                mod.weight_quantizer.disable()
+                excluded.append(name)
+            for attr in ATTENTION_QUANTIZERS:
+                if hasattr(mod, attr):
+                    getattr(mod, attr).disable()
     log.info("quantized %d layers, excluded %d: %s", len(quantized_layers(quantized)), len(excluded), excluded)
     return quantized
 
@@ -130,6 +140,21 @@ def quantized_layers(unet: nn.Module) -> dict[str, nn.Module]:
     """Layers whose input quantizer is enabled, by module name (the names ranges are keyed by)."""
     return {n: m for n, m in unet.named_modules()
             if hasattr(m, "input_quantizer") and m.input_quantizer.is_enabled}
+
+
+ATTENTION_QUANTIZERS = ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer")
+
+
+def activation_quantizers(unet: nn.Module) -> dict[str, nn.Module]:
+    """Enabled activation quantizers by range name: a layer's input quantizer under the layer's name,
+    an attention matmul input as "<attention>.q_bmm" / ".k_bmm" / ".v_bmm"."""
+    out = {n: m.input_quantizer for n, m in quantized_layers(unet).items()}
+    for n, m in unet.named_modules():
+        for attr in ATTENTION_QUANTIZERS:
+            q = getattr(m, attr, None)
+            if q is not None and q.is_enabled:
+                out[f"{n}.{attr.removesuffix('_quantizer')}"] = q
+    return out
 
 
 def all_quantizers(unet: nn.Module) -> dict[str, nn.Module]:
@@ -146,7 +171,7 @@ def observing(unet: nn.Module, observe: Callable[[str, torch.Tensor], None],
     splits = splits or {}
     quantizers = all_quantizers(unet)
     enabled = {n for n, q in quantizers.items() if q.is_enabled}
-    layers = quantized_layers(unet)
+    acts = activation_quantizers(unet)
 
     def hook_for(name: str):
         def hook(_module, args):
@@ -159,7 +184,7 @@ def observing(unet: nn.Module, observe: Callable[[str, torch.Tensor], None],
             return None  # a pre-hook's return value would replace the input
         return hook
 
-    handles = [m.input_quantizer.register_forward_pre_hook(hook_for(name)) for name, m in layers.items()]
+    handles = [q.register_forward_pre_hook(hook_for(name)) for name, q in acts.items()]
     for q in quantizers.values():
         q.disable()
     try:
@@ -175,10 +200,10 @@ def apply_ranges(unet: nn.Module, ranges: Mapping[str, float]) -> None:
     """Set every quantized layer's activation amax from ``ranges`` (name -> amax; a split layer as
     "<name>#h" + "<name>#skip", applied as a per-channel amax over its input). The names must match
     exactly: a missing or unknown name is an error, never silently skipped."""
-    layers = quantized_layers(unet)
+    acts = activation_quantizers(unet)
     split_layers = {n[:-len(SPLIT_SUFFIXES[0])] for n in ranges if n.endswith(SPLIT_SUFFIXES[0])}
     splits = {n: k for n, k in concat_splits(unet).items() if n in split_layers}
-    expected = {x for n in layers for x in ([n + s for s in SPLIT_SUFFIXES] if n in splits else [n])}
+    expected = {x for n in acts for x in ([n + s for s in SPLIT_SUFFIXES] if n in splits else [n])}
     missing = sorted(expected - set(ranges))
     unknown = sorted(set(ranges) - expected)
     if missing or unknown:
@@ -189,10 +214,10 @@ def apply_ranges(unet: nn.Module, ranges: Mapping[str, float]) -> None:
         amax = float(ranges[key])
         if not (amax > 0 and amax < float("inf")):
             raise ValueError(f"range of {key!r} must be finite and > 0, got {amax}")
-    for name, mod in layers.items():
-        q = mod.input_quantizer
+    modules = dict(unet.named_modules())
+    for name, q in acts.items():
         if name in splits:
-            k, c = splits[name], mod.in_channels
+            k, c = splits[name], modules[name].in_channels
             amax = torch.empty(1, c, 1, 1)
             amax[:, :k] = float(ranges[name + SPLIT_SUFFIXES[0]])
             amax[:, k:] = float(ranges[name + SPLIT_SUFFIXES[1]])
