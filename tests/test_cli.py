@@ -75,3 +75,33 @@ def test_cli_errors_are_clear(argv, msg, tiny_pipeline_dir, tmp_path, capsys):
         err = capsys.readouterr().err
     assert rc == 2
     assert msg in err + capsys.readouterr().err
+
+
+def test_export_check_and_sample_onnx(tiny_pipeline_dir, tmp_path, capsys):
+    onnx_path = tmp_path / "tiny.onnx"
+    common = ["--model", str(tiny_pipeline_dir), "--cache-dir", str(tmp_path / "cc"), "--calib-n", "8",
+              "--calib-steps", "4", "--batch", "4", "--no-progress"]
+    assert main(["export", "--recipe", "ptq4dm", "--out", str(onnx_path), *common]) == 0
+    assert "conformance OK" in capsys.readouterr().out
+    assert main(["check", str(onnx_path)]) == 0
+    raw_onnx, raw_torch = tmp_path / "o.safetensors", tmp_path / "t.safetensors"
+    base = ["sample", "--model", str(tiny_pipeline_dir), "--steps", "4", "--n", "3", "--no-progress",
+            "--out", str(tmp_path / "g.png")]
+    assert main([*base, "--onnx", str(onnx_path), "--save-samples", str(raw_onnx)]) == 0
+    # the same fake-quant model in torch, same seeds
+    from trt_dm.calibrate import fake_quant_unet
+    from trt_dm.calib.ranges import load_ranges
+    from trt_dm.models import load_model
+    from trt_dm.quant import QuantConfig
+    from trt_dm.runners import TorchRunner, as_denoiser
+    from trt_dm.sampling import Schedule, sample
+    loaded = load_model(tiny_pipeline_dir)
+    ranges_file = next((tmp_path / "cc").rglob("ptq4dm.json"))
+    ranges, provenance = load_ranges(ranges_file)
+    assert provenance["recipe"] == "ptq4dm"
+    q = fake_quant_unet(loaded, QuantConfig(), ranges)
+    with TorchRunner(q, device="cpu") as r:
+        ref = sample(as_denoiser(r), Schedule.from_config(loaded.scheduler_config), [0, 1, 2], (1, 16, 16), steps=4,
+                     disable=True)
+    got = load_file(str(raw_onnx))["samples"]
+    assert (got - ref).abs().max() < 1e-3

@@ -79,7 +79,11 @@ def _draw(args, loaded, runner):
 
 
 def _runner(args, loaded):
-    from .runners import TorchRunner
+    from .runners import OrtRunner, TorchRunner
+    if getattr(args, "onnx", None):
+        if not Path(args.onnx).is_file():
+            raise FileNotFoundError(f"--onnx {args.onnx}: no such file")
+        return OrtRunner(args.onnx, threads=args.threads)
     return TorchRunner(loaded.unet, device=args.device)
 
 
@@ -251,6 +255,44 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .calibrate import fake_quant_unet
+    from .export import check_layers, check_qdq, export_onnx
+    from .quant import quantized_layers
+    loaded = _load(args)
+    res, qcfg = _calibration(args, loaded, args.recipe, progress=not args.no_progress)
+    if qcfg.shortcut_split:
+        raise ValueError("--shortcut-split uses per-channel activation ranges, which TensorRT does not accept; "
+                         "it is a fake-quant study only")
+    qunet = fake_quant_unet(loaded, qcfg, res.ranges)
+    out = Path(args.out or f"engines/{loaded.name}-{args.recipe.replace('@', '_').replace(':', '')}.onnx")
+    t0 = time.perf_counter()
+    export_onnx(qunet, out)
+    rep = check_qdq(out)
+    problems = rep.violations + check_layers(out, set(quantized_layers(qunet)))
+    print(f"exported {out} in {time.perf_counter() - t0:.1f} s: {rep.quantize} QuantizeLinear / "
+          f"{rep.dequantize} DequantizeLinear ({rep.per_channel} per-channel), ranges {res.ranges_path}")
+    if problems:
+        print(f"{len(problems)} TensorRT conformance problems:", *problems[:20], sep="\n  ", file=sys.stderr)
+        return 1
+    print("checks: Q/DQ conformance OK (int8, zero point 0, finite positive scales, axis 0 per channel); "
+          f"all {len(quantized_layers(qunet))} quantized layers have Q/DQ on input and weight, no other layer has")
+    return 0
+
+
+def cmd_check(args) -> int:
+    import onnx
+    from .export import check_qdq
+    if not Path(args.onnx).is_file():
+        raise FileNotFoundError(f"{args.onnx}: no such file")
+    onnx.checker.check_model(args.onnx)
+    rep = check_qdq(args.onnx)
+    print(f"{args.onnx}: ONNX checker OK; {rep.quantize} Q / {rep.dequantize} DQ, {rep.per_channel} per-channel")
+    for v in rep.violations:
+        print(f"  violation: {v}")
+    return 0 if rep.ok else 1
+
+
 def cmd_info(args) -> int:
     loaded = _load(args)
     n_params = sum(p.numel() for p in loaded.unet.parameters())
@@ -274,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="grid.png", help="grid image path (.png/.jpg)")
     p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: square)")
     p.add_argument("--save-samples", default=None, help="also write raw samples to this .safetensors file")
+    p.add_argument("--onnx", default=None, help="run this exported ONNX UNet in ONNX Runtime (CPU) instead of torch; "
+                   "--model still supplies the noise schedule and image shape")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="FD-EffNet and KID of samples against Fashion-MNIST")
@@ -302,6 +346,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the per-layer sensitivity report (decides the default exclusion list)")
     _calib_args(p)
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("export", help="calibrate (cached) and export the fake-quant UNet to Q/DQ ONNX, checked")
+    _add_model_args(p)
+    p.add_argument("--recipe", default="ptq4dm")
+    p.add_argument("--out", default=None, help="ONNX path (default engines/<model>-<recipe>.onnx)")
+    p.add_argument("--batch", type=int, default=64, help="images per UNet call during calibration")
+    p.add_argument("--no-progress", action="store_true")
+    _calib_args(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("check", help="check a Q/DQ ONNX file against TensorRT's explicit-quantization rules")
+    p.add_argument("onnx")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("info", help="describe a model: class, parameters, inputs, fingerprint")
     _add_model_args(p)

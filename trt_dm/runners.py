@@ -128,3 +128,50 @@ def as_denoiser(runner: Runner):
 
     denoiser.runner = runner  # type: ignore[attr-defined]
     return denoiser
+
+
+class OrtRunner(Runner):
+    """An ONNX model in ONNX Runtime (CPU; CUDA provider when present and asked for)."""
+
+    _DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64,
+               "tensor(int32)": torch.int32}
+
+    def __init__(self, path, *, providers: list[str] | None = None, threads: int | None = None,
+                 name: str = "onnxruntime") -> None:
+        super().__init__()
+        import onnxruntime as ort
+        self.path = str(path)
+        self.providers = providers or ["CPUExecutionProvider"]
+        unknown = [p for p in self.providers if p not in ort.get_available_providers()]
+        if unknown:
+            raise ValueError(f"ONNX Runtime providers {unknown} are not available here; available: "
+                             f"{ort.get_available_providers()}")
+        self.threads = threads
+        self.name = name
+        self.device = torch.device("cpu")
+        self.session = None
+
+    def activate(self) -> None:
+        import onnxruntime as ort
+        opts = ort.SessionOptions()
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        self.session = ort.InferenceSession(self.path, opts, providers=self.providers)
+        self._meta = {i.name: TensorMeta(self._DTYPES.get(i.type, torch.float32),
+                                         tuple(d if isinstance(d, int) else -1 for d in i.shape))
+                      for i in self.session.get_inputs()}
+
+    def deactivate(self) -> None:
+        self.session = None
+
+    @property
+    def input_metadata(self) -> dict[str, TensorMeta]:
+        if self.session is None:
+            raise RuntimeError(f"{self.name} is not active: use it as `with runner:`")
+        return self._meta
+
+    def infer(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self._check_feed(feed)
+        arrays = {k: feed[k].detach().cpu().to(self._meta[k].dtype).numpy() for k in self._meta}
+        out = self.session.run([OUTPUT_NAME], arrays)[0]
+        return {OUTPUT_NAME: torch.from_numpy(out).float()}

@@ -1,0 +1,100 @@
+"""Q/DQ export of a calibrated tiny UNet: conformance checks (incl. planted violations) and ONNX Runtime
+agreement with torch fake-quant."""
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from trt_dm.export import check_layers, check_qdq, export_onnx
+from trt_dm.models import tiny_unet2d
+from trt_dm.quant import QuantConfig, activation_quantizers, apply_ranges, quantize_model, quantized_layers
+from trt_dm.runners import OUTPUT_NAME, OrtRunner, TorchRunner
+
+
+@pytest.fixture(scope="module")
+def qdq(tmp_path_factory):
+    q = quantize_model(tiny_unet2d(seed=0), QuantConfig())
+    apply_ranges(q, {n: 2.0 for n in activation_quantizers(q)})
+    path = export_onnx(q, tmp_path_factory.mktemp("onnx") / "tiny_qdq.onnx")
+    return q, path
+
+
+def test_export_is_conformant_and_matches_fake_quant(qdq):
+    q, path = qdq
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    rep = check_qdq(model)
+    assert rep.ok, rep.violations
+    n_layers = len(activation_quantizers(q))
+    assert rep.quantize == rep.dequantize == 2 * n_layers  # one pair on each input and on each weight
+    assert rep.per_channel == 2 * n_layers  # each weight Q and DQ per channel; activations per tensor
+    assert check_layers(model, set(quantized_layers(q))) == []
+    assert check_layers(model, set(quantized_layers(q)) | {"conv_out"}) == [
+        "conv_out: quantized by the recipe but its input has no Q/DQ in the graph"]
+    one = next(iter(quantized_layers(q)))
+    assert check_layers(model, set(quantized_layers(q)) - {one}) == [
+        f"{one}: not quantized by the recipe but has Q/DQ in the graph"]
+    assert not list(path.parent.glob(".*tmp*"))
+    x = torch.randn(3, 1, 16, 16)  # another batch size than the export's
+    t = torch.tensor([5, 500, 999])
+    with OrtRunner(path) as r, TorchRunner(q, device="cpu") as tr:
+        assert r.input_metadata["sample"].shape == (-1, 1, 16, 16)
+        a = r.infer({"sample": x, "timestep": t})[OUTPUT_NAME]
+        b = tr.infer({"sample": x, "timestep": t})[OUTPUT_NAME]
+    assert (a - b).abs().max() < 1e-4
+
+
+def _mutate(path, tmp_path, fn):
+    model = onnx.load(str(path))
+    consts = {i.name: i for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            consts[n.output[0]] = next(a.t for a in n.attribute if a.name == "value")
+    node = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
+    fn(model, node, consts)
+    out = tmp_path / "bad.onnx"
+    onnx.save(model, str(out))
+    return out
+
+
+@pytest.mark.parametrize("kind,msg", [
+    ("nonzero_zp", "non-zero zero point"),
+    ("uint8", "zero point type uint8"),
+    ("nan_scale", "finite and > 0"),
+])
+def test_planted_violations_are_caught(qdq, tmp_path, kind, msg):
+    _, path = qdq
+
+    def plant(model, node, consts):
+        if kind == "nan_scale":
+            t = consts[node.input[1]]
+            arr = numpy_helper.to_array(t).copy()
+            arr.flat[0] = np.nan
+            t.CopyFrom(numpy_helper.from_array(arr, t.name))
+        else:
+            t = consts[node.input[2]]
+            arr = numpy_helper.to_array(t)
+            new = np.ones_like(arr) if kind == "nonzero_zp" else arr.astype(np.uint8)
+            t.CopyFrom(numpy_helper.from_array(new, t.name))
+
+    rep = check_qdq(_mutate(path, tmp_path, plant))
+    assert not rep.ok and any(msg in v for v in rep.violations), rep.violations
+
+
+def test_missing_qdq_on_a_quantized_layer_is_caught(qdq, tmp_path):
+    _, path = qdq
+
+    def bypass(model, node, consts):  # route the Q's input straight to its DQ's consumers
+        dq = next(n for n in model.graph.node if node.output[0] in n.input)
+        for n in model.graph.node:
+            for i, name in enumerate(n.input):
+                if name == dq.output[0]:
+                    n.input[i] = node.input[0]
+        model.graph.node.remove(dq)
+        model.graph.node.remove(node)
+
+    bad = _mutate(path, tmp_path, bypass)
+    q, _ = qdq
+    problems = check_layers(bad, set(quantized_layers(q)))
+    assert len(problems) == 1 and "has no Q/DQ in the graph" in problems[0]

@@ -1,0 +1,173 @@
+"""Q/DQ ONNX export of a (fake-quant) UNet, and TensorRT explicit-quantization conformance checks.
+
+Export uses torch's legacy exporter (``dynamo=False``: the dynamo exporter fails on a data-dependent
+branch in modelopt's CPU fake-quant), opset 17, dynamic batch, constants folded. modelopt's quantizers
+export as QuantizeLinear/DequantizeLinear pairs. Written to a temporary name, then renamed.
+
+Conformance (TensorRT explicit quantization, "Working with Quantized Types" in the TensorRT developer
+guide): every Q/DQ is int8 with zero point 0 (symmetric), scales are finite and positive, per-channel
+scales name a valid axis of their input, and every Q feeds a DQ with the same scale.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+OPSET = 17
+
+
+class _Wrapper(nn.Module):
+    """diffusers UNets return a dataclass; ONNX wants plain tensors with stable names."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        kwargs = {"encoder_hidden_states": extra[0]} if extra else {}
+        return self.unet(sample, timestep, **kwargs).sample
+
+
+def export_onnx(unet: nn.Module, path: str | os.PathLike, *, batch: int = 2, seq_len: int = 8) -> Path:
+    """Export ``unet`` (FP or fake-quant, fp32) with a dynamic batch axis (and sequence axis for
+    ``encoder_hidden_states``) to ``path`` atomically."""
+    path = Path(path)
+    cfg = unet.config
+    s = cfg.sample_size
+    h, w = (s, s) if isinstance(s, int) else tuple(s)
+    sample = torch.randn(batch, cfg.in_channels, h, w)
+    timestep = torch.full((batch,), 10, dtype=torch.int64)
+    args: tuple = (sample, timestep)
+    names = ["sample", "timestep"]
+    dyn = {"sample": {0: "batch"}, "timestep": {0: "batch"}, "out_sample": {0: "batch"}}
+    if type(unet).__name__ == "UNet2DConditionModel":
+        args += (torch.randn(batch, seq_len, cfg.cross_attention_dim),)
+        names.append("encoder_hidden_states")
+        dyn["encoder_hidden_states"] = {0: "batch", 1: "sequence"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with torch.no_grad():
+            torch.onnx.export(_Wrapper(unet).eval(), args, str(tmp), input_names=names, output_names=["out_sample"],
+                              dynamic_axes=dyn, opset_version=OPSET, do_constant_folding=True, dynamo=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("exported %s", path)
+    return path
+
+
+@dataclass
+class QdqReport:
+    quantize: int = 0
+    dequantize: int = 0
+    per_channel: int = 0
+    violations: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+
+def _constants(model) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+    out = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    out[n.output[0]] = numpy_helper.to_array(a.t)
+    return out
+
+
+def check_qdq(model_or_path) -> QdqReport:
+    """Check every QuantizeLinear / DequantizeLinear against TensorRT's explicit-quantization rules."""
+    import onnx
+    model = onnx.load(str(model_or_path)) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    consts = _constants(model)
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    rep = QdqReport()
+    for n in model.graph.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        if n.op_type == "QuantizeLinear":
+            rep.quantize += 1
+        else:
+            rep.dequantize += 1
+        where = f"{n.op_type} {n.name or n.output[0]!r}"
+        scale = consts.get(n.input[1]) if len(n.input) > 1 else None
+        if scale is None:
+            rep.violations.append(f"{where}: scale is not a constant")
+            continue
+        if not np.all(np.isfinite(scale)) or not np.all(scale > 0):
+            rep.violations.append(f"{where}: scales must be finite and > 0 (found {scale.ravel()[:4]})")
+        zp = consts.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        if zp is None:
+            rep.violations.append(f"{where}: zero point missing (TensorRT needs an explicit int8 zero point 0)")
+        else:
+            if zp.dtype != np.int8:
+                rep.violations.append(f"{where}: zero point type {zp.dtype}, TensorRT int8 needs int8")
+            if np.any(zp != 0):
+                rep.violations.append(f"{where}: non-zero zero point (TensorRT quantization is symmetric)")
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        if scale.size > 1:
+            rep.per_channel += 1
+            if axis != 0:  # weights: per output channel; activations: per tensor only in TensorRT
+                rep.violations.append(f"{where}: per-channel scales must be on axis 0 (weights' output "
+                                      f"channels), found axis {axis}")
+        if n.op_type == "QuantizeLinear":
+            nxt = consumers.get(n.output[0], [])
+            if not nxt or any(c.op_type != "DequantizeLinear" for c in nxt):
+                rep.violations.append(f"{where}: must feed DequantizeLinear only")
+            elif any(consts.get(c.input[1]) is None or not np.array_equal(consts[c.input[1]], scale) for c in nxt):
+                rep.violations.append(f"{where}: its DequantizeLinear uses another scale")
+    return rep
+
+
+def layer_of(node) -> str:
+    """ONNX node name from the legacy exporter ("/unet/up_blocks.1/resnets.0/conv1/Conv") -> module name."""
+    parts = node.name.strip("/").split("/")
+    return ".".join(parts[1:-1]) if len(parts) > 2 else node.name
+
+
+def check_layers(model_or_path, quantized: set[str] | list[str]) -> list[str]:
+    """Every Conv/Gemm/MatMul that reads a weight must have Q/DQ on its input and weight exactly when its
+    layer is in ``quantized`` (the recipe's layers): missing and unexpected quantization are violations."""
+    import onnx
+    model = onnx.load(str(model_or_path)) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consts = _constants(model)
+    quantized = set(quantized)
+    seen, problems = set(), []
+    for n in model.graph.node:
+        if n.op_type not in ("Conv", "Gemm", "MatMul") or len(n.input) < 2:
+            continue
+        # a weight is a constant, possibly through [QuantizeLinear ->] DequantizeLinear [-> Transpose]
+        src, q_w = n.input[1], False
+        while src not in consts and (p := producer.get(src)) is not None and p.op_type in (
+                "QuantizeLinear", "DequantizeLinear", "Transpose"):
+            q_w |= p.op_type == "DequantizeLinear"
+            src = p.input[0]
+        if src not in consts:
+            continue  # activation x activation matmul (attention)
+        layer = layer_of(n)
+        q_in = (p := producer.get(n.input[0])) is not None and p.op_type == "DequantizeLinear"
+        if layer in quantized:
+            seen.add(layer)
+            if not (q_in and q_w):
+                problems.append(f"{layer}: quantized by the recipe but its {'input' if not q_in else 'weight'} "
+                                "has no Q/DQ in the graph")
+        elif q_in or q_w:
+            problems.append(f"{layer}: not quantized by the recipe but has Q/DQ in the graph")
+    problems += [f"{layer}: quantized by the recipe but not found in the graph" for layer in sorted(quantized - seen)]
+    return problems
