@@ -17,7 +17,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,14 +44,6 @@ class CalibrationResult:
     seconds_ranges: float = 0.0
     seconds_trajectories: float = 0.0
     unet_calls: int = 0
-    extra: dict = field(default_factory=dict)
-
-
-def _shape(loaded: LoadedModel) -> tuple[int, ...]:
-    cfg = loaded.unet.config
-    s = cfg.sample_size
-    h, w = (s, s) if isinstance(s, int) else tuple(s)
-    return (cfg.in_channels, h, w)
 
 
 def stats_key(spec: CalibSpec, layers: list[str], bins: int = DEFAULT_BINS) -> str:
@@ -79,7 +71,7 @@ def collect_stats(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, *, ca
     schedule = Schedule.from_config(loaded.scheduler_config)
     t0 = time.perf_counter()
     with TorchRunner(loaded.unet, device="cpu", dtype=torch.float32) as fp:
-        calib = collect(as_denoiser(fp), schedule, _shape(loaded), spec, batch_size=batch_size, progress=progress)
+        calib = collect(as_denoiser(fp), schedule, loaded.sample_shape, spec, batch_size=batch_size, progress=progress)
     t1 = time.perf_counter()
     stats = CalibStats(bins, sampler_timesteps=schedule.timesteps(spec.steps),
                        meta={"calib": json.dumps(spec.to_dict(), sort_keys=True),
@@ -163,7 +155,7 @@ def layer_sensitivity(loaded: LoadedModel, spec: CalibSpec, recipe: str, *, cach
     small = CalibSpec(spec.timesteps, n=min(n, spec.n), sampler=spec.sampler, steps=spec.steps, eta=spec.eta,
                       seed=spec.seed + 1)  # held-out trajectories
     with TorchRunner(loaded.unet, device="cpu", dtype=torch.float32) as fp:
-        calib = collect(as_denoiser(fp), schedule, _shape(loaded), small, batch_size=batch_size, progress=False)
+        calib = collect(as_denoiser(fp), schedule, loaded.sample_shape, small, batch_size=batch_size, progress=False)
         with torch.no_grad():
             ref = torch.cat([loaded.unet(x, t).sample for x, t in calib.batches(batch_size)])
     for m in layers.values():

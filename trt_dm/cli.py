@@ -52,13 +52,6 @@ def _load(args):
     return load_model(args.model, allow_pickle=args.allow_pickle)
 
 
-def _shape(loaded) -> tuple[int, int, int]:
-    cfg = loaded.unet.config
-    s = cfg.sample_size
-    h, w = (s, s) if isinstance(s, int) else tuple(s)
-    return (cfg.in_channels, h, w)
-
-
 def _draw(args, loaded, runner):
     from .runners import as_denoiser
     from .sampling import Schedule, sample_many
@@ -72,7 +65,7 @@ def _draw(args, loaded, runner):
     seeds = range(args.seed, args.seed + args.n)
     t0 = time.perf_counter()
     with runner:
-        images = sample_many(as_denoiser(runner), schedule, seeds, _shape(loaded), batch_size=args.batch,
+        images = sample_many(as_denoiser(runner), schedule, seeds, loaded.sample_shape, batch_size=args.batch,
                              sampler=args.sampler, steps=args.steps, eta=args.eta,
                              progress=not args.no_progress, device=runner.device)
     return images, time.perf_counter() - t0
@@ -150,27 +143,25 @@ def cmd_eval(args) -> int:
         score(images, "")
         line = f"{label}: {result['fd']:.3f}   KID: {result['kid_mean'] * 1e3:.3f} ± {result['kid_std'] * 1e3:.3f} (x1e-3)"
     else:
-        from .calibrate import grouped_denoiser
-        from .runners import as_denoiser
+        from .calibrate import fake_quant_unet, grouped_denoiser
+        from .runners import TorchRunner, as_denoiser
         from .sampling import Schedule, sample_many
         fp_images, _ = _fp_samples(args, loaded)
         calib, qcfg = _calibration(args, loaded, args.recipe, progress=not args.no_progress)
-        from .calibrate import fake_quant_unet
         qunet = fake_quant_unet(loaded, qcfg, calib.ranges)
         grouped = any(isinstance(v, list) for v in calib.ranges.values())
         with _runner(args, loaded) as fp_runner:
-            from .runners import TorchRunner
             with TorchRunner(qunet, device="cpu", dtype=torch.float32, name="fakequant") as q_runner:
                 test = grouped_denoiser(qunet, calib.ranges) if grouped else as_denoiser(q_runner)
                 schedule = Schedule.from_config(loaded.scheduler_config)
                 t0 = time.perf_counter()
-                images = sample_many(test, schedule, range(args.seed, args.seed + args.n), _shape(loaded),
+                images = sample_many(test, schedule, range(args.seed, args.seed + args.n), loaded.sample_shape,
                                      batch_size=args.batch, sampler=args.sampler, steps=args.steps, eta=args.eta,
                                      progress=not args.no_progress)
                 result["sampling_seconds"] = round(time.perf_counter() - t0, 1)
                 n_eps = min(args.n, args.eps_n)
                 cmp = evaluate.compare_denoisers(as_denoiser(fp_runner), test, schedule,
-                                                 range(args.seed, args.seed + n_eps), _shape(loaded),
+                                                 range(args.seed, args.seed + n_eps), loaded.sample_shape,
                                                  sampler=args.sampler, steps=args.steps, eta=args.eta,
                                                  batch_size=args.batch, progress=not args.no_progress)
         score(images, "")
@@ -208,17 +199,24 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default="calib_cache")
 
 
-def _calibration(args, loaded, recipe: str, progress: bool):
+def _calib_spec(args):
     from .calib.timesteps import parse
     from .calib.trajectories import CalibSpec
-    from .calibrate import calibrate
-    from .quant import DEFAULT_EXCLUDE, QuantConfig
-    spec = CalibSpec(parse(args.timesteps), n=args.calib_n, sampler=args.calib_sampler, steps=args.calib_steps,
+    return CalibSpec(parse(args.timesteps), n=args.calib_n, sampler=args.calib_sampler, steps=args.calib_steps,
                      seed=args.calib_seed)
-    qcfg = QuantConfig(weight_bits=args.weight_bits, shortcut_split=args.shortcut_split,
+
+
+def _quant_config(args):
+    from .quant import DEFAULT_EXCLUDE, QuantConfig
+    return QuantConfig(weight_bits=args.weight_bits, shortcut_split=args.shortcut_split,
                        quantize_attention=args.quantize_attention,
                        exclude=tuple(args.exclude) if args.exclude is not None else DEFAULT_EXCLUDE)
-    return calibrate(loaded, spec, qcfg, recipe, cache_root=Path(args.cache_dir), batch_size=args.batch,
+
+
+def _calibration(args, loaded, recipe: str, progress: bool):
+    from .calibrate import calibrate
+    qcfg = _quant_config(args)
+    return calibrate(loaded, _calib_spec(args), qcfg, recipe, cache_root=Path(args.cache_dir), batch_size=args.batch,
                      progress=progress), qcfg
 
 
@@ -226,14 +224,11 @@ def cmd_calibrate(args) -> int:
     import statistics
     loaded = _load(args)
     if args.sensitivity:
-        from .calib.timesteps import parse
-        from .calib.trajectories import CalibSpec
+        import fnmatch
+
         from .calibrate import layer_sensitivity
         from .quant import DEFAULT_EXCLUDE
-        import fnmatch
-        spec = CalibSpec(parse(args.timesteps), n=args.calib_n, sampler=args.calib_sampler, steps=args.calib_steps,
-                         seed=args.calib_seed)
-        rows = layer_sensitivity(loaded, spec, args.recipe, cache_root=Path(args.cache_dir), weight_bits=args.weight_bits,
+        rows = layer_sensitivity(loaded, _calib_spec(args), args.recipe, cache_root=Path(args.cache_dir), weight_bits=args.weight_bits,
                                  batch_size=args.batch, progress=not args.no_progress)
         print(f"per-layer sensitivity (W{args.weight_bits}A8, recipe {args.recipe}, one layer quantized at a time; "
               "relative MSE of the predicted noise vs FP):")
@@ -259,11 +254,11 @@ def cmd_export(args) -> int:
     from .calibrate import fake_quant_unet
     from .export import check_layers, check_qdq, export_onnx
     from .quant import quantized_layers
-    loaded = _load(args)
-    res, qcfg = _calibration(args, loaded, args.recipe, progress=not args.no_progress)
-    if qcfg.shortcut_split:
+    if args.shortcut_split:  # checked before calibrating: no work is spent on an unexportable model
         raise ValueError("--shortcut-split uses per-channel activation ranges, which TensorRT does not accept; "
                          "it is a fake-quant study only")
+    loaded = _load(args)
+    res, qcfg = _calibration(args, loaded, args.recipe, progress=not args.no_progress)
     qunet = fake_quant_unet(loaded, qcfg, res.ranges)
     out = Path(args.out or f"engines/{loaded.name}-{args.recipe.replace('@', '_').replace(':', '')}.onnx")
     t0 = time.perf_counter()

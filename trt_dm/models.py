@@ -72,6 +72,14 @@ class LoadedModel:
         return next(self.unet.parameters()).dtype
 
     @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image the UNet denoises."""
+        c = self.unet.config
+        s = c.sample_size
+        h, w = (s, s) if isinstance(s, int) else tuple(s)
+        return (c.in_channels, h, w)
+
+    @property
     def inputs(self) -> list[InputSpec]:
         """The forward inputs, in diffusers' argument order; -1 marks the (dynamic) batch dimension."""
         c, dt = self.unet.config, self.dtype

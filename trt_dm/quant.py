@@ -89,11 +89,12 @@ def concat_splits(unet: nn.Module) -> dict[str, int]:
 
 def range_names(unet: nn.Module, qcfg: "QuantConfig") -> list[str]:
     """Names that statistics and ranges are keyed by: layer names, split layers as two halves."""
-    splits = concat_splits(unet) if qcfg.shortcut_split else {}
-    names = []
-    for n in activation_quantizers(unet):
-        names += [n + s for s in SPLIT_SUFFIXES] if n in splits else [n]
-    return sorted(names)
+    return _expand(activation_quantizers(unet), concat_splits(unet) if qcfg.shortcut_split else {})
+
+
+def _expand(names, splits: Mapping[str, int]) -> list[str]:
+    """Range names of activation quantizers: a split layer's name becomes its two halves' names."""
+    return sorted(x for n in names for x in ([n + s for s in SPLIT_SUFFIXES] if n in splits else [n]))
 
 
 def _modelopt():
@@ -203,7 +204,7 @@ def apply_ranges(unet: nn.Module, ranges: Mapping[str, float]) -> None:
     acts = activation_quantizers(unet)
     split_layers = {n[:-len(SPLIT_SUFFIXES[0])] for n in ranges if n.endswith(SPLIT_SUFFIXES[0])}
     splits = {n: k for n, k in concat_splits(unet).items() if n in split_layers}
-    expected = {x for n in acts for x in ([n + s for s in SPLIT_SUFFIXES] if n in splits else [n])}
+    expected = set(_expand(acts, splits))
     missing = sorted(expected - set(ranges))
     unknown = sorted(set(ranges) - expected)
     if missing or unknown:
