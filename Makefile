@@ -2,6 +2,7 @@
 #   make test      run the test suite (CPU; tests/gpu are skipped without CUDA)
 #   make sample    draw a grid of images from the embedded default model -> out/sample_grid.png
 #   make eval      FD-EffNet / KID of the default model (N=$(N)) -> reports/
+#   make engine    calibrate -> Q/DQ ONNX -> checks -> int8 + FP16 engines (MODEL=default|<dir>, RECIPE=ptq4dm)
 # Choose your torch build with TORCH_SPEC / TORCH_PIP_ARGS, e.g. on a CUDA machine:
 #   make test TORCH_SPEC='torch==2.11.0' TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cu130'
 PYTHON ?= python3
@@ -15,8 +16,11 @@ PYTEST_ARGS ?=
 N ?= 2000
 STEPS ?= 100
 SAMPLER ?= ddim
+MODEL ?= default
+RECIPE ?= ptq4dm
+ENGINE_ARGS ?=
 
-.PHONY: venv test sample eval data clean-venv
+.PHONY: venv test sample eval engine data clean-venv
 
 venv: $(STAMP)
 
@@ -25,7 +29,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,rtx]'
 	touch $@
 
 # Real Fashion-MNIST from Debian's dataset-fashion-mnist (or point TRT_DM_FASHION_MNIST at the IDX files).
@@ -43,6 +47,9 @@ sample: venv
 eval: venv data
 	$(BIN)/trt-dm eval --model default --sampler $(SAMPLER) --steps $(STEPS) --n $(N) \
 		--out-dir reports/fp-$(SAMPLER)$(STEPS)-n$(N)
+
+engine: venv
+	$(BIN)/trt-dm engine --model $(MODEL) --recipe $(RECIPE) $(ENGINE_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -78,12 +78,22 @@ def test_cli_errors_are_clear(argv, msg, tiny_pipeline_dir, tmp_path, capsys):
 
 
 def test_export_check_and_sample_onnx(tiny_pipeline_dir, tmp_path, capsys):
-    onnx_path = tmp_path / "tiny.onnx"
     common = ["--model", str(tiny_pipeline_dir), "--cache-dir", str(tmp_path / "cc"), "--calib-n", "8",
               "--calib-steps", "4", "--batch", "4", "--no-progress"]
-    assert main(["export", "--recipe", "ptq4dm", "--out", str(onnx_path), *common]) == 0
-    assert "conformance OK" in capsys.readouterr().out
+    assert main(["export", "--recipe", "ptq4dm", "--out-dir", str(tmp_path), *common]) == 0
+    assert "Q/DQ conformance and per-layer coverage OK" in capsys.readouterr().out
+    name = tiny_pipeline_dir.name
+    onnx_path, fp16_path = tmp_path / f"{name}-ptq4dm.fp32.onnx", tmp_path / f"{name}-ptq4dm.onnx"
+    report = json.loads((tmp_path / f"{name}-ptq4dm.onnx.json").read_text())
+    assert report["violations"] == [] and report["recipe"] == "ptq4dm"
+    # Same math in ORT and torch: fed the same quantized inputs, each layer's int8 codes agree except rare
+    # rounding flips of one code; a wrong scale or layout would put many codes off.
+    cmp32 = report["layer_comparison_fp32"]
+    assert cmp32["layers"] == report["quantized_layers"]
+    assert cmp32["flip_rate"] < 1e-4 and cmp32["max_code_diff"] <= 1
+    assert cmp32["flip_rate_e2e"] >= cmp32["flip_rate"]  # free runs: flips spread downstream
     assert main(["check", str(onnx_path)]) == 0
+    assert main(["check", str(fp16_path)]) == 0
     raw_onnx, raw_torch = tmp_path / "o.safetensors", tmp_path / "t.safetensors"
     base = ["sample", "--model", str(tiny_pipeline_dir), "--steps", "4", "--n", "3", "--no-progress",
             "--out", str(tmp_path / "g.png")]

@@ -27,7 +27,7 @@ from .calib.stats import DEFAULT_BINS, CalibCacheError, CalibStats
 from .calib.trajectories import CalibSpec, collect
 from .models import LoadedModel
 from .quant import QuantConfig, apply_ranges, concat_splits, observing, quantize_model, quantized_layers, range_names
-from .runners import TorchRunner, as_denoiser
+from .runners import TorchRunner, as_denoiser, group_of
 from .sampling import Schedule
 
 log = logging.getLogger(__name__)
@@ -128,11 +128,7 @@ def grouped_denoiser(qunet: torch.nn.Module, ranges: dict):
     current: list[int] = [-1]
 
     def denoiser(x: torch.Tensor, t: torch.Tensor, **extra) -> torch.Tensor:
-        t0 = int(t.flatten()[0])
-        if not bool((t == t0).all()):
-            raise ValueError("grouped ranges need one timestep per batch")
-        # the group containing t, else the nearest one (a sampler with other steps falls between groups)
-        k = min(range(len(bounds)), key=lambda i: max(bounds[i][1] - t0, t0 - bounds[i][0], 0))
+        k = group_of(t, bounds)
         if k != current[0]:
             apply_ranges(qunet, per_group[k])
             current[0] = k

@@ -52,8 +52,11 @@ def _load(args):
     return load_model(args.model, allow_pickle=args.allow_pickle)
 
 
-def _draw(args, loaded, runner):
-    from .runners import as_denoiser
+def _draw(args, loaded, runners):
+    """Sample with one runner, or with K runners switched by timestep (engines of a groups=K recipe)."""
+    import contextlib
+
+    from .runners import as_denoiser, switched_denoiser
     from .sampling import Schedule, sample_many
     if loaded.kind != "UNet2DModel":
         raise SystemExit(f"error: sampling {loaded.kind} needs conditioning inputs, which `trt-dm sample` "
@@ -61,18 +64,34 @@ def _draw(args, loaded, runner):
     _positive("n", args.n)
     _positive("steps", args.steps)
     _positive("batch", args.batch)
+    runners, t_ranges = runners if isinstance(runners, tuple) else ([runners], None)
     schedule = Schedule.from_config(loaded.scheduler_config)
     seeds = range(args.seed, args.seed + args.n)
     t0 = time.perf_counter()
-    with runner:
-        images = sample_many(as_denoiser(runner), schedule, seeds, loaded.sample_shape, batch_size=args.batch,
+    with contextlib.ExitStack() as stack:
+        for r in runners:
+            stack.enter_context(r)
+        denoiser = (switched_denoiser([as_denoiser(r) for r in runners], t_ranges) if t_ranges
+                    else as_denoiser(runners[0]))
+        images = sample_many(denoiser, schedule, seeds, loaded.sample_shape, batch_size=args.batch,
                              sampler=args.sampler, steps=args.steps, eta=args.eta,
-                             progress=not args.no_progress, device=runner.device)
+                             progress=not args.no_progress, device=runners[0].device)
     return images, time.perf_counter() - t0
 
 
 def _runner(args, loaded):
-    from .runners import OrtRunner, TorchRunner
+    """A runner, or for several --engine plans (one per timestep group) a (runners, t_ranges) pair."""
+    from .engine import load_sidecar
+    from .runners import OrtRunner, TorchRunner, TrtRunner
+    if getattr(args, "engine", None):
+        runners = [TrtRunner(p, cuda_graph=args.cuda_graph) for p in args.engine]
+        if len(runners) == 1:
+            return runners[0]
+        ranges = [load_sidecar(p).get("t_range") for p in args.engine]
+        if any(r is None for r in ranges):
+            raise ValueError("several --engine plans must be the timestep groups of one groups=K recipe "
+                             "(their sidecars carry t_range); got plans without one")
+        return runners, [tuple(r) for r in ranges]
     if getattr(args, "onnx", None):
         if not Path(args.onnx).is_file():
             raise FileNotFoundError(f"--onnx {args.onnx}: no such file")
@@ -250,28 +269,64 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-def cmd_export(args) -> int:
-    from .calibrate import fake_quant_unet
-    from .export import check_layers, check_qdq, export_onnx
-    from .quant import quantized_layers
+def _exported(args, loaded, progress=print):
+    """calibrate (cached) -> checked Q/DQ ONNX: the shared first half of `export` and `engine`."""
+    from .deploy import export_checked
     if args.shortcut_split:  # checked before calibrating: no work is spent on an unexportable model
         raise ValueError("--shortcut-split uses per-channel activation ranges, which TensorRT does not accept; "
                          "it is a fake-quant study only")
-    loaded = _load(args)
     res, qcfg = _calibration(args, loaded, args.recipe, progress=not args.no_progress)
-    qunet = fake_quant_unet(loaded, qcfg, res.ranges)
-    out = Path(args.out or f"engines/{loaded.name}-{args.recipe.replace('@', '_').replace(':', '')}.onnx")
+    how = "reused from cache" if res.stats_reused else f"collected in {res.seconds_collect:.0f} s"
+    progress(f"calibration: recipe {args.recipe}, {len(res.ranges)} activation ranges -> {res.ranges_path} "
+             f"(statistics {how})")
+    return export_checked(loaded, qcfg, res, args.recipe, Path(args.out_dir), precision=args.precision,
+                          progress=progress)
+
+
+def cmd_export(args) -> int:
+    loaded = _load(args)
+    _exported(args, loaded)
+    return 0
+
+
+def _build_options(args):
+    from .engine import BuildOptions
+    return BuildOptions(min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch,
+                        opt_level=args.opt_level, timing_cache=args.timing_cache,
+                        rtx_targets=tuple(args.rtx_targets))
+
+
+def cmd_build(args) -> int:
+    from .deploy import ExportedModel, build_all
+    path = Path(args.onnx)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such ONNX file")
+    report_path = Path(f"{path}.json")
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    build_all([ExportedModel(path, None, report)], _build_options(args), flavour=args.flavour)
+    return 0
+
+
+def cmd_engine(args) -> int:
+    """make engine: calibrate (cached) -> export -> check -> build (TensorRT, else TensorRT-RTX, else stop)."""
+    from .deploy import build_all, export_baseline
+    from .engine import EngineError, trt_module
     t0 = time.perf_counter()
-    export_onnx(qunet, out)
-    rep = check_qdq(out)
-    problems = rep.violations + check_layers(out, set(quantized_layers(qunet)))
-    print(f"exported {out} in {time.perf_counter() - t0:.1f} s: {rep.quantize} QuantizeLinear / "
-          f"{rep.dequantize} DequantizeLinear ({rep.per_channel} per-channel), ranges {res.ranges_path}")
-    if problems:
-        print(f"{len(problems)} TensorRT conformance problems:", *problems[:20], sep="\n  ", file=sys.stderr)
-        return 1
-    print("checks: Q/DQ conformance OK (int8, zero point 0, finite positive scales, axis 0 per channel); "
-          f"all {len(quantized_layers(qunet))} quantized layers have Q/DQ on input and weight, no other layer has")
+    loaded = _load(args)
+    print(f"model {loaded.name} ({loaded.kind}, {loaded.source}); fingerprint {loaded.fingerprint()[:16]}")
+    models = _exported(args, loaded)
+    if not args.no_baseline:
+        base = export_baseline(loaded, Path(args.out_dir), precision=args.precision)
+        print(f"  {base.onnx}: unquantized baseline, checked")
+        models.append(base)
+    try:
+        _, flavour = trt_module(args.flavour)
+    except EngineError as e:
+        print(f"stopping after the checked ONNX: {e}")
+        return 0
+    build_all(models, _build_options(args), flavour=flavour)
+    print(f"done in {time.perf_counter() - t0:.0f} s; sample with: trt-dm sample --engine "
+          f"{' '.join(str(m.onnx.with_suffix('.plan')) for m in models if m.report.get('recipe'))} (needs a GPU)")
     return 0
 
 
@@ -299,6 +354,31 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", default="ptq4dm", help="calibration recipe (see `trt-dm calibrate --help`)")
+    p.add_argument("--out-dir", default="engines", help="where ONNX files, reports and engines go")
+    p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16",
+                   help="precision of the non-quantized math in the deployed graph (fp16 for strongly typed "
+                        "TensorRT; the fp32 Q/DQ graph is always written too)")
+    p.add_argument("--batch", type=int, default=64, help="images per UNet call during calibration")
+    p.add_argument("--no-progress", action="store_true")
+    _calib_args(p)
+
+
+def _build_args(p: argparse.ArgumentParser) -> None:
+    from .engine import BuildOptions
+    d = BuildOptions()
+    p.add_argument("--flavour", choices=("tensorrt", "tensorrt_rtx"), default=None,
+                   help="TensorRT package to build with (default: tensorrt if importable, else tensorrt_rtx)")
+    p.add_argument("--min-batch", type=int, default=d.min_batch)
+    p.add_argument("--opt-batch", type=int, default=d.opt_batch)
+    p.add_argument("--max-batch", type=int, default=d.max_batch)
+    p.add_argument("--opt-level", type=int, default=d.opt_level, help="builder optimization level 0..5")
+    p.add_argument("--timing-cache", default="engines/timing.cache", help="TensorRT timing cache file (not RTX)")
+    p.add_argument("--rtx-targets", nargs="+", default=list(d.rtx_targets),
+                   help="TensorRT-RTX compute-capability targets, e.g. SM86 SM89 SM120")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trt-dm", description="Post-training int8 quantization for "
                                      "diffusion UNets (PTQ4DM), deployed as TensorRT engines.")
@@ -313,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-samples", default=None, help="also write raw samples to this .safetensors file")
     p.add_argument("--onnx", default=None, help="run this exported ONNX UNet in ONNX Runtime (CPU) instead of torch; "
                    "--model still supplies the noise schedule and image shape")
+    p.add_argument("--engine", nargs="+", default=None,
+                   help="run this TensorRT / TensorRT-RTX engine (GPU); K plans of a groups=K recipe are "
+                        "switched by timestep")
+    p.add_argument("--cuda-graph", action="store_true", help="with --engine: replay the engine call as a CUDA graph")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="FD-EffNet and KID of samples against Fashion-MNIST")
@@ -344,12 +428,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="calibrate (cached) and export the fake-quant UNet to Q/DQ ONNX, checked")
     _add_model_args(p)
-    p.add_argument("--recipe", default="ptq4dm")
-    p.add_argument("--out", default=None, help="ONNX path (default engines/<model>-<recipe>.onnx)")
-    p.add_argument("--batch", type=int, default=64, help="images per UNet call during calibration")
-    p.add_argument("--no-progress", action="store_true")
-    _calib_args(p)
+    _export_args(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("build", help="build a TensorRT / TensorRT-RTX engine (+ sidecar) from an exported ONNX")
+    p.add_argument("onnx")
+    _build_args(p)
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("engine", help="calibrate -> export -> check -> build (what `make engine` runs)")
+    _add_model_args(p)
+    _export_args(p)
+    _build_args(p)
+    p.add_argument("--no-baseline", action="store_true", help="skip the unquantized FP16 baseline engine")
+    p.set_defaults(func=cmd_engine)
 
     p = sub.add_parser("check", help="check a Q/DQ ONNX file against TensorRT's explicit-quantization rules")
     p.add_argument("onnx")
@@ -367,10 +459,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from .engine import EngineError
     from .models import ModelLoadError
     try:
         return args.func(args)
-    except (ModelLoadError, FileNotFoundError, ValueError) as e:
+    except (ModelLoadError, FileNotFoundError, ValueError, EngineError) as e:
         if args.verbose:
             raise
         print(f"error: {e}", file=sys.stderr)

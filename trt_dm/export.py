@@ -171,3 +171,121 @@ def check_layers(model_or_path, quantized: set[str] | list[str]) -> list[str]:
             problems.append(f"{layer}: not quantized by the recipe but has Q/DQ in the graph")
     problems += [f"{layer}: quantized by the recipe but not found in the graph" for layer in sorted(quantized - seen)]
     return problems
+
+
+def _activation_q_nodes(model) -> dict[str, str]:
+    """{layer name: output of the QuantizeLinear on that layer's input} (weights' Q/DQ excluded)."""
+    consts = _constants(model)
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    out = {}
+    for n in model.graph.node:
+        if n.op_type != "QuantizeLinear" or n.input[0] in consts:
+            continue
+        frontier = list(consumers.get(n.output[0], []))
+        while frontier:  # Q -> DQ [-> Cast] -> Conv / Gemm / MatMul
+            c = frontier.pop()
+            if c.op_type in ("DequantizeLinear", "Cast"):
+                frontier += consumers.get(c.output[0], [])
+            elif c.op_type in ("Conv", "Gemm", "MatMul") and c.input[0] in (
+                    {d.output[0] for d in model.graph.node if d.op_type in ("DequantizeLinear", "Cast")}):
+                out[layer_of(c)] = n.output[0]
+    return out
+
+
+def compare_layers(qunet: nn.Module, onnx_path: str | os.PathLike, feed: dict[str, torch.Tensor]) -> list[dict]:
+    """Layer by layer: the int8 codes of every quantized layer's input in torch fake-quant vs in the ONNX graph
+    run by ONNX Runtime, on the same ``feed``. One row per layer, in execution order:
+    {layer, n, flips, flip_rate, max_diff, flips_e2e, flip_rate_e2e, max_diff_e2e}.
+
+    ``flips``: the torch run is *forced* onto ONNX Runtime's codes: every torch quantizer records the codes it
+    computes, then passes on ONNX Runtime's codes instead, so each layer's codes are computed from the same
+    quantized inputs in both frameworks and a difference comes from that layer alone. What remains are
+    rounding flips: a value within float error of a rounding boundary (x/scale = k + 0.5) rounds to k in one
+    framework and to k + 1 in the other, because they order sums differently (in FP16 graphs, at another
+    precision). A wrong scale, layout or rounding mode would show instead as many codes off, often by more
+    than one. ``*_e2e``: both run freely end to end; a flip moves downstream values by about one quantization
+    step, so end-to-end flips spread and grow with depth (what the sampler's output sees).
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from .quant import quantized_layers
+    model = onnx.load(str(onnx_path))
+    q_out = _activation_q_nodes(model)
+    have = {o.name for o in model.graph.output}
+    for name in q_out.values():
+        if name not in have:
+            model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.INT8, None))
+            have.add(name)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    input_names = {i.name for i in sess.get_inputs()}
+    ort_feed = {k: v.detach().cpu().numpy() for k, v in feed.items() if k in input_names}
+    outs = list(q_out.values())
+    got = {o: torch.from_numpy(a.astype(np.int16)) for o, a in zip(outs, sess.run(outs, ort_feed))}
+
+    quantizers = {layer: mod.input_quantizer for layer, mod in quantized_layers(qunet).items()
+                  if getattr(mod, "input_quantizer", None) is not None and layer in q_out}
+    missing = sorted(set(q_out) - set(quantizers))
+    if missing:
+        raise ValueError(f"layers quantized in {onnx_path} but not in the torch model: {missing[:5]}")
+
+    def run(force: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
+        codes: dict[str, torch.Tensor] = {}
+        order: list[str] = []
+        handles = []
+        for layer, quantizer in quantizers.items():
+            def hook(_m, _args, out, layer=layer, quantizer=quantizer):
+                step = quantizer.amax.detach().float() / 127.0
+                codes[layer] = torch.round(out.detach().float() / step).to(torch.int16)
+                order.append(layer)
+                if force:  # continue from ONNX Runtime's codes
+                    return (got[q_out[layer]].reshape(out.shape).float() * step).to(out.dtype)
+                return None
+            handles.append(quantizer.register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                extra = {"encoder_hidden_states": feed["encoder_hidden_states"]} if "encoder_hidden_states" in feed else {}
+                qunet(feed["sample"], feed["timestep"], **extra)
+        finally:
+            for h in handles:
+                h.remove()
+        return codes, order
+
+    forced, order = run(force=True)
+    free, _ = run(force=False)
+    rows = []
+    for layer in order:
+        ref = got[q_out[layer]].reshape(forced[layer].shape)
+        row = {"layer": layer, "n": ref.numel()}
+        for key, codes in (("", forced[layer]), ("_e2e", free[layer])):
+            d = (codes - ref).abs()
+            flips = int((d > 0).sum())
+            row.update({f"flips{key}": flips, f"flip_rate{key}": flips / ref.numel(), f"max_diff{key}": int(d.max())})
+        rows.append(row)
+    return rows
+
+
+def to_fp16(src: str | os.PathLike, dst: str | os.PathLike, keep_fp32: tuple[str, ...] = (r"/unet/time_proj/.*",)) -> Path:
+    """The FP16 version of an exported ONNX (quantized or not) for strongly-typed TensorRT: non-quantized math
+    in FP16, Q/DQ scales in FP16 (opset 19), inputs and outputs kept FP32. Uses ModelOpt's ONNX autocast,
+    which also keeps in FP32 any node whose values exceed FP16's safe range on a reference run. The
+    sinusoidal timestep projection stays FP32 (sin/cos of t * frequency with t up to 1000 needs it)."""
+    import onnx
+    from modelopt.onnx.autocast import convert_to_mixed_precision
+    for name in list(logging.root.manager.loggerDict):  # modelopt sets INFO on each of its ONNX loggers
+        if name.startswith("modelopt.onnx"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    dst = Path(dst)
+    model = convert_to_mixed_precision(str(src), low_precision_type="fp16", keep_io_types=True,
+                                       nodes_to_exclude=list(keep_fp32))
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    try:
+        onnx.save(model, str(tmp))
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst

@@ -1,0 +1,173 @@
+"""Engine builds with TensorRT-RTX, ahead of time on this CPU machine (a real parser + builder run on our ONNX),
+sidecar checks, atomic writes, and `trt-dm engine` end to end on the default model."""
+import json
+import os
+
+import pytest
+import torch
+
+from trt_dm.engine import BuildOptions, EngineError, build_engine, check_sidecar, load_sidecar, sidecar_path
+from trt_dm.export import check_qdq, export_onnx, to_fp16
+from trt_dm.models import tiny_unet2d, tiny_unet2d_condition
+from trt_dm.quant import QuantConfig, activation_quantizers, apply_ranges, quantize_model
+
+# CI installs TensorRT-RTX (make test installs the [rtx] extra): there a missing module is a failure, not a skip.
+trt = __import__("tensorrt_rtx") if os.environ.get("CI") else pytest.importorskip("tensorrt_rtx")
+SMALL = BuildOptions(min_batch=1, opt_batch=2, max_batch=4, seq_len=(4, 8, 16), opt_level=0, rtx_targets=("SM89",))
+
+
+def _qdq(unet, tmp_path, name):
+    q = quantize_model(unet, QuantConfig())
+    apply_ranges(q, {n: 2.0 for n in activation_quantizers(q)})
+    return to_fp16(export_onnx(q, tmp_path / f"{name}.fp32.onnx"), tmp_path / f"{name}.onnx")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("engine")
+    onnx_path = _qdq(tiny_unet2d(seed=0), tmp, "tiny")
+    side = build_engine(onnx_path, tmp / "tiny.plan", SMALL, flavour="tensorrt_rtx", recipe="ptq4dm",
+                        calibration="abc/def")
+    return tmp, onnx_path, side
+
+
+def test_rtx_builds_int8_engine_with_sidecar(built):
+    tmp, onnx_path, side = built
+    assert rep_ok(onnx_path)
+    plan = tmp / "tiny.plan"
+    assert plan.stat().st_size == side["plan_bytes"] > 0
+    assert load_sidecar(plan) == json.loads(json.dumps(side))
+    assert side["flavour"] == "tensorrt_rtx" and side["trt_version"] == trt.__version__
+    assert side["rtx_targets"] == ["SM89"] and side["recipe"] == "ptq4dm" and side["calibration"] == "abc/def"
+    assert side["inputs"]["sample"] == {"min": [1, 1, 16, 16], "opt": [2, 1, 16, 16], "max": [4, 1, 16, 16],
+                                        "dtype": "FLOAT"}
+    # the builder's own layer report: quantized convolutions run in int8 (conv_in / conv_out are excluded)
+    conv = side["layer_precisions"]["correlation"]
+    assert conv.get("Int8", 0) >= 20 and conv.get("Half", 0) >= 2
+    assert not [p for p in tmp.iterdir() if ".tmp" in p.name]
+
+
+def rep_ok(path) -> bool:
+    rep = check_qdq(path)
+    return rep.ok and rep.quantize > 0
+
+
+def test_sidecar_accepts_its_engine_and_names_both_sides_of_a_mismatch(built):
+    tmp, _, side = built
+    plan = tmp / "tiny.plan"
+    assert check_sidecar(plan, flavour="tensorrt_rtx", trt_version=trt.__version__, compute_capability="8.9")
+    with pytest.raises(EngineError, match=rf"built by tensorrt_rtx {side['trt_version']}, this runtime is 9\.9"):
+        check_sidecar(plan, flavour="tensorrt_rtx", trt_version="9.9", compute_capability=None)
+    with pytest.raises(EngineError, match=r"built with tensorrt_rtx, loaded with tensorrt"):
+        check_sidecar(plan, flavour="tensorrt", trt_version=trt.__version__, compute_capability=None)
+    with pytest.raises(EngineError, match=r"targets \['SM89'\], this GPU is SM80"):
+        check_sidecar(plan, flavour="tensorrt_rtx", trt_version=trt.__version__, compute_capability="8.0")
+
+
+def test_sidecar_refuses_a_replaced_plan_and_a_missing_sidecar(built, tmp_path):
+    tmp, _, _ = built
+    plan = tmp_path / "x.plan"
+    plan.write_bytes((tmp / "tiny.plan").read_bytes()[:-1] + b"\0")
+    sidecar_path(plan).write_text((tmp / "tiny.plan.json").read_text())
+    with pytest.raises(EngineError, match="does not match the sidecar"):
+        check_sidecar(plan, flavour="tensorrt_rtx", trt_version=trt.__version__, compute_capability=None)
+    sidecar_path(plan).unlink()
+    with pytest.raises(EngineError, match="has no sidecar"):
+        load_sidecar(plan)
+
+
+def test_tensorrt_sidecar_checks_the_gpu(tmp_path):
+    plan = tmp_path / "e.plan"
+    plan.write_bytes(b"engine")
+    sidecar_path(plan).write_text(json.dumps({"flavour": "tensorrt", "trt_version": "10.13", "gpu": "NVIDIA L4",
+                                              "compute_capability": "8.9", "plan_sha256": "0" * 64}))
+    with pytest.raises(EngineError, match=r"built for NVIDIA L4 \(compute capability 8\.9\), this GPU has compute "
+                                          r"capability 9\.0"):
+        check_sidecar(plan, flavour="tensorrt", trt_version="10.13", compute_capability="9.0", check_hash=False)
+
+
+def test_interrupted_build_leaves_no_plan(built, tmp_path, monkeypatch):
+    _, onnx_path, _ = built
+    real = os.replace
+
+    def interrupt(src, dst):
+        if str(dst).endswith(".plan"):
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        build_engine(onnx_path, tmp_path / "cut.plan", SMALL, flavour="tensorrt_rtx")
+    monkeypatch.undo()
+    assert not (tmp_path / "cut.plan").exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_unparseable_onnx_is_a_clear_error_and_writes_nothing(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx file")
+    with pytest.raises(EngineError, match="could not parse"):
+        build_engine(bad, tmp_path / "bad.plan", SMALL, flavour="tensorrt_rtx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
+
+
+@pytest.mark.parametrize("opts, msg", [
+    (BuildOptions(min_batch=4, opt_batch=2), "1 <= min <= opt <= max"),
+    (BuildOptions(opt_level=7), "0..5"),
+    (BuildOptions(rtx_targets=("SM99",)), "unknown TensorRT-RTX targets ['SM99']"),
+])
+def test_bad_build_options_are_refused(built, tmp_path, opts, msg):
+    with pytest.raises(ValueError) as e:
+        build_engine(built[1], tmp_path / "x.plan", opts, flavour="tensorrt_rtx")
+    assert msg in str(e.value)
+
+
+def test_conditional_unet_int8_and_fp16_build(tmp_path):
+    """UNet2DConditionModel: dynamic batch and sequence length for encoder_hidden_states. The unquantized
+    graph is built as exported (FP32 math; the FP16 autocast path is covered by the other builds)."""
+    fp = export_onnx(tiny_unet2d_condition(seed=0), tmp_path / "cond-fp.fp32.onnx")
+    q = _qdq(tiny_unet2d_condition(seed=0), tmp_path, "cond-int8")
+    for path, precision in ((fp, "fp32"), (q, "int8")):
+        side = build_engine(path, path.with_suffix(".plan"), SMALL, flavour="tensorrt_rtx", precision=precision)
+        ehs = side["inputs"]["encoder_hidden_states"]
+        assert ehs["min"] == [1, 4, 16] and ehs["max"] == [4, 16, 16]
+    assert "Int8" in json.dumps(load_sidecar(q.with_suffix(".plan"))["layer_precisions"])
+    assert "Int8" not in json.dumps(load_sidecar(fp.with_suffix(".plan"))["layer_precisions"])
+
+
+@pytest.mark.slow
+def test_trt_dm_engine_on_the_default_model(tmp_path, capsys):
+    """What `make engine` runs, with a small calibration set: checked Q/DQ ONNX + int8 and FP16 engines;
+    a second run reuses the calibration cache."""
+    from trt_dm.cli import main
+    args = ["engine", "--model", "default", "--out-dir", str(tmp_path / "engines"), "--cache-dir",
+            str(tmp_path / "cc"), "--calib-n", "8", "--calib-steps", "10", "--batch", "8", "--no-progress",
+            "--rtx-targets", "SM89", "--opt-level", "0", "--max-batch", "8", "--opt-batch", "4"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "statistics collected" in out
+    eng = tmp_path / "engines"
+    int8, fp16 = load_sidecar(eng / "default-ptq4dm.plan"), load_sidecar(eng / "default-fp16.plan")
+    assert int8["precision"] == "int8" and int8["recipe"] == "ptq4dm" and fp16["precision"] == "fp16"
+    assert int8["layer_precisions"]["correlation"]["Int8"] == 33  # all but conv_in / conv_out
+    assert "Int8" not in fp16["layer_precisions"]["correlation"]
+    report = json.loads((eng / "default-ptq4dm.onnx.json").read_text())
+    assert report["violations"] == [] and report["layer_comparison_fp32"]["max_code_diff"] <= 1
+    assert main(args + ["--no-baseline"]) == 0
+    assert "statistics reused from cache" in capsys.readouterr().out
+
+
+def test_engine_stops_after_checked_onnx_without_tensorrt(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
+    import trt_dm.engine as E
+    from trt_dm.cli import main
+
+    def none(flavour=None):
+        raise EngineError("no TensorRT found (tensorrt or tensorrt_rtx not importable): pip install tensorrt-rtx-cu13")
+    monkeypatch.setattr(E, "trt_module", none)
+    rc = main(["engine", "--model", str(tiny_pipeline_dir), "--out-dir", str(tmp_path), "--cache-dir",
+               str(tmp_path / "cc"), "--calib-n", "4", "--calib-steps", "4", "--batch", "4", "--no-progress",
+               "--no-baseline", "--precision", "fp32"])
+    assert rc == 0
+    assert "stopping after the checked ONNX" in capsys.readouterr().out
+    assert (tmp_path / f"{tiny_pipeline_dir.name}-ptq4dm.fp32.onnx").exists()
+    assert not list(tmp_path.glob("*.plan"))
