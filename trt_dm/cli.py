@@ -137,6 +137,10 @@ def cmd_eval(args) -> int:
         extractor, label = evaluate.InceptionFeatures(args.inception_weights), "FID (Inception)"
     else:
         extractor, label = evaluate.get_extractor("effnet"), "FD-EffNet"
+    if args.recipe and args.onnx:
+        raise ValueError("--recipe evaluates the torch fake-quant model, --onnx an exported graph: give one")
+    if args.onnx and not Path(args.onnx).is_file():
+        raise FileNotFoundError(f"--onnx {args.onnx}: no such file")
     if args.recipe:
         from .calib.ranges import get_recipe
         get_recipe(args.recipe)
@@ -156,38 +160,46 @@ def cmd_eval(args) -> int:
         result[f"{prefix}fd"] = evaluate.frechet_distance(feats, ref)
         result[f"{prefix}kid_mean"], result[f"{prefix}kid_std"] = evaluate.kid(feats, ref, subset_size=kid_size)
 
-    if not args.recipe:
+    if not args.recipe and not args.onnx:
         images, secs = _fp_samples(args, loaded)
         result["sampling_seconds"] = round(secs, 1)
         score(images, "")
         line = f"{label}: {result['fd']:.3f}   KID: {result['kid_mean'] * 1e3:.3f} ± {result['kid_std'] * 1e3:.3f} (x1e-3)"
-    else:
+    else:  # a quantized model (fake-quant from --recipe, or an exported --onnx graph) against FP, same seeds
+        import contextlib
+
         from .calibrate import fake_quant_unet, grouped_denoiser
-        from .runners import TorchRunner, as_denoiser
+        from .runners import OrtRunner, TorchRunner, as_denoiser
         from .sampling import Schedule, sample_many
         fp_images, _ = _fp_samples(args, loaded)
-        calib, qcfg = _calibration(args, loaded, args.recipe, progress=not args.no_progress)
-        qunet = fake_quant_unet(loaded, qcfg, calib.ranges)
-        grouped = any(isinstance(v, list) for v in calib.ranges.values())
-        with _runner(args, loaded) as fp_runner:
-            with TorchRunner(qunet, device="cpu", dtype=torch.float32, name="fakequant") as q_runner:
+        with contextlib.ExitStack() as stack:
+            if args.onnx:
+                test = as_denoiser(stack.enter_context(OrtRunner(args.onnx, threads=args.threads)))
+                result.update({"onnx": str(args.onnx), "recipe": args.recipe})
+            else:
+                calib, qcfg = _calibration(args, loaded, args.recipe, progress=not args.no_progress)
+                qunet = fake_quant_unet(loaded, qcfg, calib.ranges)
+                grouped = any(isinstance(v, list) for v in calib.ranges.values())
+                q_runner = stack.enter_context(TorchRunner(qunet, device="cpu", dtype=torch.float32, name="fakequant"))
                 test = grouped_denoiser(qunet, calib.ranges) if grouped else as_denoiser(q_runner)
-                schedule = Schedule.from_config(loaded.scheduler_config)
-                t0 = time.perf_counter()
-                images = sample_many(test, schedule, range(args.seed, args.seed + args.n), loaded.sample_shape,
-                                     batch_size=args.batch, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                                     progress=not args.no_progress)
-                result["sampling_seconds"] = round(time.perf_counter() - t0, 1)
-                n_eps = min(args.n, args.eps_n)
-                cmp = evaluate.compare_denoisers(as_denoiser(fp_runner), test, schedule,
-                                                 range(args.seed, args.seed + n_eps), loaded.sample_shape,
-                                                 sampler=args.sampler, steps=args.steps, eta=args.eta,
-                                                 batch_size=args.batch, progress=not args.no_progress)
+                result.update({"recipe": args.recipe, "ranges": str(calib.ranges_path), "weight_bits": args.weight_bits,
+                               "shortcut_split": args.shortcut_split, "calibration": args.timesteps,
+                               "calib_n": args.calib_n})
+            fp_runner = stack.enter_context(TorchRunner(loaded.unet, device=args.device))
+            schedule = Schedule.from_config(loaded.scheduler_config)
+            t0 = time.perf_counter()
+            images = sample_many(test, schedule, range(args.seed, args.seed + args.n), loaded.sample_shape,
+                                 batch_size=args.batch, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                                 progress=not args.no_progress)
+            result["sampling_seconds"] = round(time.perf_counter() - t0, 1)
+            n_eps = min(args.n, args.eps_n)
+            cmp = evaluate.compare_denoisers(as_denoiser(fp_runner), test, schedule,
+                                             range(args.seed, args.seed + n_eps), loaded.sample_shape,
+                                             sampler=args.sampler, steps=args.steps, eta=args.eta,
+                                             batch_size=args.batch, progress=not args.no_progress)
         score(images, "")
         score(fp_images, "fp_")
-        result.update({"recipe": args.recipe, "ranges": str(calib.ranges_path), "weight_bits": args.weight_bits, "shortcut_split": args.shortcut_split,
-                       "calibration": args.timesteps, "calib_n": args.calib_n,
-                       "psnr_vs_fp": evaluate.psnr(fp_images, images), "eps_n": n_eps, "eps": cmp["eps"]})
+        result.update({"psnr_vs_fp": evaluate.psnr(fp_images, images), "eps_n": n_eps, "eps": cmp["eps"]})
         result["fd_change_vs_fp_pct"] = 100 * (result["fd"] - result["fp_fd"]) / result["fp_fd"]
         line = (f"{label}: {result['fd']:.3f} (FP {result['fp_fd']:.3f}, {result['fd_change_vs_fp_pct']:+.1f}%)   "
                 f"PSNR vs FP: {result['psnr_vs_fp']:.2f} dB   eps MSE {cmp['eps']['mse']:.2e} cos {cmp['eps']['cosine']:.5f}   "
@@ -409,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="reports/eval", help="where result.json and grid.png go")
     p.add_argument("--recipe", default=None,
                    help="evaluate the fake-quant model calibrated with this recipe against FP (same seeds)")
+    p.add_argument("--onnx", default=None,
+                   help="evaluate this exported ONNX graph in ONNX Runtime (e.g. the ort-cpu int8 target) against FP")
     p.add_argument("--eps-n", type=int, default=256,
                    help="images whose per-timestep noise-prediction error is measured (recipe runs)")
     _calib_args(p)

@@ -1,0 +1,120 @@
+"""Int8 on CPUs with ONNX Runtime (`trt-dm export --target ort-cpu`): the layout ONNX Runtime runs fast.
+
+The TensorRT graph (Q/DQ on the inputs of Conv/Gemm/MatMul only, int8 symmetric activations) runs no faster
+than FP32 in ONNX Runtime: its CPU kernels fuse into QLinearConv / QLinearMatMul / MatMulInteger only when
+Q/DQ surround a node's inputs AND output, and they prefer uint8 activations. This module builds that
+layout with ONNX Runtime's own static quantizer (QDQ format, uint8 asymmetric activations, int8 symmetric
+per-channel weights) on the same layers as the TensorRT graph, and takes the input ranges from the SAME
+calibration statistics: for each quantized layer, its input range is [max(min, -amax), min(max, amax)]
+with min/max the signed extremes over the calibration set and amax the recipe's clip (asymmetric, so a
+post-SiLU input bounded below by -0.28 does not waste half of its codes). The quantizer also needs ranges
+for the conv/matmul OUTPUTS, which the statistics do not hold: ONNX Runtime's MinMax calibrator measures
+them on a calibration set drawn with the same spec (a smaller one: ``n``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .calib.stats import CalibStats, atomic_write
+from .export import _constants, export_onnx, layer_of
+
+log = logging.getLogger(__name__)
+INT8_OPS = ("QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
+            "DynamicQuantizeMatMul", "QGemm")
+
+
+def layer_inputs(model) -> dict[str, tuple[str, str]]:
+    """{layer name: (node name, activation input tensor)} for every Conv/Gemm/MatMul with a constant weight."""
+    consts = _constants(model)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type not in ("Conv", "Gemm", "MatMul") or len(n.input) < 2:
+            continue
+        src = n.input[1]
+        while src not in consts and (p := producer.get(src)) is not None and p.op_type == "Transpose":
+            src = p.input[0]
+        if src in consts:
+            out[layer_of(n)] = (n.name, n.input[0])
+    return out
+
+
+def range_overrides(stats: CalibStats, ranges: dict, inputs: dict[str, tuple[str, str]]) -> dict[str, list[dict]]:
+    """ONNX Runtime TensorQuantOverrides: asymmetric [rmin, rmax] per quantized layer input, from the signed
+    extremes in ``stats`` clipped to the recipe's ``ranges`` (amax; for groups=K, the widest group's)."""
+    out = {}
+    for layer, amax in ranges.items():
+        if layer not in inputs:
+            raise ValueError(f"quantized layer {layer!r} has no Conv/Gemm/MatMul in the exported graph")
+        amax = max(g["amax"] for g in amax) if isinstance(amax, list) else float(amax)
+        hists = stats.for_quantizer(layer).values()
+        lo, hi = min(h.min for h in hists), max(h.max for h in hists)
+        rmin, rmax = max(lo, -amax), min(hi, amax)
+        if not rmin < rmax:
+            raise ValueError(f"{layer}: empty range [{rmin}, {rmax}] from statistics [{lo}, {hi}], amax {amax}")
+        # the range must contain 0 (zero padding is exact in uint8 only then)
+        out[inputs[layer][1]] = [{"rmin": np.float32(min(rmin, 0.0)), "rmax": np.float32(max(rmax, 0.0))}]
+    return out
+
+
+class _Reader:
+    """onnxruntime.quantization.CalibrationDataReader over a list of feeds."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self._it = iter(feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def export_ort_int8(unet: torch.nn.Module, out_path: str | os.PathLike, feeds: list[dict[str, torch.Tensor]], *,
+                    layers: set[str] | None = None, overrides: dict | None = None) -> Path:
+    """Quantize ``unet`` for ONNX Runtime on CPU: export FP32 ONNX, then ONNX Runtime's static QDQ quantizer
+    on the Conv/Gemm/MatMul nodes of ``layers`` (default: every one with a constant weight), input ranges
+    from ``overrides`` (``range_overrides``), everything else measured on ``feeds``. Written atomically."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    out_path = Path(out_path)
+    with tempfile.TemporaryDirectory(dir=out_path.parent if out_path.parent.exists() else None) as tmp:
+        fp32 = export_onnx(unet, Path(tmp) / "fp32.onnx")
+        model = onnx.load(str(fp32))
+        inputs = layer_inputs(model)
+        chosen = set(inputs) if layers is None else set(layers)
+        unknown = chosen - set(inputs)
+        if unknown:
+            raise ValueError(f"layers not found as Conv/Gemm/MatMul in the graph: {sorted(unknown)[:5]}")
+        nodes = [inputs[name][0] for name in sorted(chosen)]
+        data = [{k: v.detach().cpu().numpy() for k, v in f.items()} for f in feeds]
+        q_path = Path(tmp) / "int8.onnx"
+        quantize_static(str(fp32), str(q_path), _Reader(data), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        op_types_to_quantize=["Conv", "Gemm", "MatMul"], nodes_to_quantize=nodes,
+                        calibrate_method=CalibrationMethod.MinMax,
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
+                                       "TensorQuantOverrides": overrides or {}})
+        atomic_write(out_path, q_path.read_bytes())
+    return out_path
+
+
+def optimized_op_types(path: str | os.PathLike, threads: int = 1) -> dict[str, int]:
+    """Op-type counts of the graph ONNX Runtime actually runs on CPU (after its graph optimisations)."""
+    import onnx
+    import onnxruntime as ort
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3  # it warns that an NCHWc-optimised file is machine specific: known
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        model = onnx.load(opts.optimized_model_filepath)
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts

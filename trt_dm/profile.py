@@ -1,0 +1,313 @@
+"""`trt-dm profile`: latency, sampling throughput, sampler overhead and peak memory of every runner here.
+
+    trt-dm profile --arch default --arch ddpm-cifar10 --batches 1 8 32 --threads 2 --out-dir bench/
+
+Runners (those the machine has): torch fp32 (CPU); ONNX Runtime fp32, int8 in ONNX Runtime's layout
+(``trt_dm.ortcpu``: uint8 activations, Q/DQ around inputs and outputs) and int8 in the TensorRT layout
+(Q/DQ on inputs only, what `make engine` deploys) on CPU; on a GPU torch fp16, torch fp16 replayed as a
+CUDA graph, and TensorRT FP16 / int8 engines (``--engine``). Speed does not depend on weight values, so
+the benchmark architectures use random weights, and the int8 graphs get ranges from random inputs.
+
+Per runner and batch: UNet-call latency (median and p90 of ``--iters`` calls after ``--warmup``); one
+sampling run (DDIM, ``--steps``) at the largest batch: images/s and the share of time outside the UNet;
+peak RSS (Linux VmHWM, reset before each runner) and, on CUDA, peak GPU memory. Results: profile.json,
+profile.md, profile.png in the output folder, with the machine described.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .runners import OUTPUT_NAME, OrtRunner, Runner, TorchRunner, TrtRunner, as_denoiser
+
+PROFILE_VERSION = 1
+
+# Architectures with random weights (diffusers configs). ddpm-cifar10: Ho et al.'s CIFAR-10 UNet as in
+# google/ddpm-cifar10-32 (35.7 M parameters); sd15-unet: Stable Diffusion 1.5's UNet (859.5 M).
+ARCHS: dict[str, tuple[str, dict]] = {
+    "ddpm-cifar10": ("UNet2DModel", dict(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_eps=1e-6,
+        downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, attention_head_dim=None)),
+    "sd15-unet": ("UNet2DConditionModel", dict(
+        sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768, attention_head_dim=8,
+        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)),
+}
+
+
+def build_arch(name: str, seed: int = 0):
+    """(unet, schedule config) for 'default' (the embedded model, real weights) or an ARCHS entry."""
+    if name == "default":
+        from .models import load_model
+        m = load_model("default")
+        return m.unet, m.scheduler_config
+    if name not in ARCHS:
+        raise ValueError(f"unknown --arch {name!r}; accepted: default, {', '.join(ARCHS)}")
+    import diffusers
+    cls, cfg = ARCHS[name]
+    torch.manual_seed(seed)
+    return getattr(diffusers, cls)(**cfg).eval(), {"num_train_timesteps": 1000}
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    import onnxruntime
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": gpu, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def _rss_reset() -> None:
+    try:  # Linux: "5" resets the peak resident set size (VmHWM) of this process
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _rss_peak_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def feed_for(unet, batch: int, seed: int = 0, seq_len: int = 77) -> dict[str, torch.Tensor]:
+    cfg = unet.config
+    s = cfg.sample_size
+    h, w = (s, s) if isinstance(s, int) else tuple(s)
+    g = torch.Generator().manual_seed(seed)
+    feed = {"sample": torch.randn(batch, cfg.in_channels, h, w, generator=g),
+            "timestep": torch.full((batch,), 500, dtype=torch.int64)}
+    if type(unet).__name__ == "UNet2DConditionModel":
+        feed["encoder_hidden_states"] = torch.randn(batch, seq_len, cfg.cross_attention_dim, generator=g)
+    return feed
+
+
+class CudaGraphTorchRunner(TorchRunner):
+    """torch fp16 on CUDA, the UNet call captured once per input shape as a CUDA graph and replayed."""
+
+    def __init__(self, unet, **kw) -> None:
+        super().__init__(unet, device="cuda", dtype=torch.float16, name="torch-graph")
+        self._graphs: dict = {}
+
+    @torch.no_grad()
+    def infer(self, feed):
+        self._check_feed(feed)
+        key = tuple((k, tuple(v.shape)) for k, v in sorted(feed.items()))
+        if key not in self._graphs:
+            static = {k: (v.to("cuda", torch.float16) if v.is_floating_point() else v.to("cuda")).clone()
+                      for k, v in feed.items()}
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graph requires
+                self.unet(**_unet_kwargs(static))
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.unet(**_unet_kwargs(static)).sample
+            self._graphs[key] = (graph, static, out)
+        graph, static, out = self._graphs[key]
+        for k, v in feed.items():
+            static[k].copy_(v)
+        graph.replay()
+        return {OUTPUT_NAME: out.float().clone()}
+
+
+def _unet_kwargs(feed: dict) -> dict:
+    kw = dict(feed)
+    return {"sample": kw.pop("sample"), "timestep": kw.pop("timestep"), **kw}
+
+
+def cpu_runners(unet, tmp: Path, threads: int, calib_batches: int = 2) -> dict[str, Callable[[], Runner]]:
+    """Factories of the CPU runners for ``unet``: torch fp32, ORT fp32, ORT int8 (ORT layout), ORT int8
+    (TensorRT layout). The int8 graphs are made here, with ranges from random inputs."""
+    import copy
+
+    from .export import export_onnx
+    from .ortcpu import export_ort_int8
+    from .quant import QuantConfig, activation_quantizers, apply_ranges, observing, quantize_model, quantized_layers
+    fp32 = export_onnx(unet, tmp / "fp32.onnx")
+    feeds = [feed_for(unet, 2, seed=i) for i in range(calib_batches)]
+    qcfg = QuantConfig()
+    q = quantize_model(copy.deepcopy(unet), qcfg)
+    amax: dict[str, float] = {}
+    with observing(q, lambda n, x: amax.__setitem__(n, max(amax.get(n, 0.0), float(x.abs().max())))), torch.no_grad():
+        for f in feeds:
+            q(**_unet_kwargs(f))
+    apply_ranges(q, {n: amax.get(n, 1.0) or 1.0 for n in activation_quantizers(q)})
+    trt_layout = export_onnx(q, tmp / "int8-trt-layout.onnx")
+    ort_layout = export_ort_int8(unet, tmp / "int8-ort.onnx", feeds, layers=set(quantized_layers(q)))
+    return {
+        "torch-fp32": lambda: TorchRunner(unet, device="cpu", dtype=torch.float32, name="torch"),
+        "ort-fp32": lambda: OrtRunner(fp32, threads=threads, name="ort-fp32"),
+        "ort-int8": lambda: OrtRunner(ort_layout, threads=threads, name="ort-int8"),
+        "ort-int8-trt-layout": lambda: OrtRunner(trt_layout, threads=threads, name="ort-int8-trt-layout"),
+    }
+
+
+def gpu_runners(unet, engines: list[str]) -> dict[str, Callable[[], Runner]]:
+    out: dict[str, Callable[[], Runner]] = {
+        "torch-fp16": lambda: TorchRunner(unet, device="cuda", dtype=torch.float16),
+        "torch-fp16-graph": lambda: CudaGraphTorchRunner(unet),
+    }
+    for plan in engines:
+        out[f"trt-{Path(plan).stem}"] = lambda plan=plan: TrtRunner(plan, cuda_graph=True)
+    return out
+
+
+def _time_calls(runner: Runner, feed: dict, warmup: int, iters: int) -> list[float]:
+    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        runner.infer(feed)
+    sync()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        runner.infer(feed)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _sampling_run(runner: Runner, unet, schedule_config: dict, batch: int, steps: int) -> dict:
+    from .sampling import Schedule, sample
+    den = as_denoiser(runner)
+    unet_time = [0.0]
+    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
+    extra = {k: v for k, v in feed_for(unet, batch).items() if k not in ("sample", "timestep")}
+
+    def timed(x, t, **kw):
+        sync()
+        t0 = time.perf_counter()
+        out = den(x, t, **kw)
+        sync()
+        unet_time[0] += time.perf_counter() - t0
+        return out
+
+    shape = tuple(feed_for(unet, 1)["sample"].shape[1:])
+    t0 = time.perf_counter()
+    sample(timed, Schedule.from_config(schedule_config), range(batch), shape, steps=steps, extra_args=extra,
+           disable=True, device=runner.device)
+    total = time.perf_counter() - t0
+    return {"batch": batch, "steps": steps, "seconds": total, "images_per_s": batch / total,
+            "outside_unet_share": max(0.0, 1 - unet_time[0] / total)}
+
+
+def profile(arch: str, batches: list[int], *, threads: int, steps: int, warmup: int, iters: int,
+            runners: list[str] | None = None, engines: list[str] | None = None, progress=print) -> dict:
+    """Profile one architecture: {arch, params, runners: {name: {latency: [...], sampling, peak_rss_mb}}}."""
+    torch.set_num_threads(threads)
+    unet, sched_cfg = build_arch(arch)
+    res = {"arch": arch, "params": sum(p.numel() for p in unet.parameters()), "threads": threads, "runners": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        factories = cpu_runners(unet, Path(tmp), threads)
+        res["export_seconds"] = round(time.perf_counter() - t0, 1)
+        if torch.cuda.is_available():
+            factories.update(gpu_runners(unet, engines or []))
+        for name, make in factories.items():
+            if runners and name not in runners:
+                continue
+            _rss_reset()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            row: dict = {"latency": []}
+            with make() as r:
+                for b in batches:
+                    ts = sorted(_time_calls(r, feed_for(unet, b), warmup, iters))
+                    p90 = ts[min(len(ts) - 1, int(round(0.9 * (len(ts) - 1))))]
+                    row["latency"].append({"batch": b, "median_ms": 1e3 * statistics.median(ts), "p90_ms": 1e3 * p90,
+                                           "images_per_s": b / statistics.median(ts)})
+                    progress(f"  {arch:13s} {name:20s} batch {b:4d}: {row['latency'][-1]['median_ms']:9.2f} ms median")
+                if steps:
+                    row["sampling"] = _sampling_run(r, unet, sched_cfg, max(batches), steps)
+            row["peak_rss_mb"] = _rss_peak_mb()
+            if torch.cuda.is_available():
+                row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            res["runners"][name] = row
+    return res
+
+
+def ratios(res: dict, base: str = "ort-fp32") -> dict[str, dict[int, float]]:
+    """Speed-up of every runner over ``base`` per batch (median latency ratio), measured in the same run."""
+    b = {r["batch"]: r["median_ms"] for r in res["runners"].get(base, {}).get("latency", [])}
+    return {name: {r["batch"]: b[r["batch"]] / r["median_ms"] for r in row["latency"] if r["batch"] in b}
+            for name, row in res["runners"].items()}
+
+
+def markdown(results: list[dict], mach: dict) -> str:
+    lines = [f"Machine: {mach['cpu']} ({mach['cpu_count']} CPUs), torch threads {mach['torch_threads']}, "
+             f"GPU: {mach['gpu'] or 'none'}; torch {mach['torch']}, onnxruntime {mach['onnxruntime']}. "
+             "Absolute times are this machine's; ratios are measured side by side in one run.", ""]
+    for res in results:
+        lines += [f"### {res['arch']} ({res['params'] / 1e6:.1f} M parameters, {res['threads']} threads)", "",
+                  "| runner | batch | median ms | p90 ms | images/s (UNet call) | speed-up vs ort-fp32 |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        rat = ratios(res)
+        for name, row in res["runners"].items():
+            for r in row["latency"]:
+                sp = rat.get(name, {}).get(r["batch"])
+                lines.append(f"| {name} | {r['batch']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | "
+                             f"{r['images_per_s']:.1f} | {'' if sp is None else f'{sp:.2f}x'} |")
+        lines += ["", "| runner | sampling run | images/s | time outside the UNet | peak RSS MB |", "|---|---|---:|---:|---:|"]
+        for name, row in res["runners"].items():
+            s = row.get("sampling")
+            if s:
+                lines.append(f"| {name} | DDIM {s['steps']} steps, batch {s['batch']} | {s['images_per_s']:.2f} | "
+                             f"{100 * s['outside_unet_share']:.1f}% | {row['peak_rss_mb'] or 0:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
+    for ax, res in zip(axes[0], results):
+        for name, row in res["runners"].items():
+            xs = [r["batch"] for r in row["latency"]]
+            ax.plot(xs, [r["images_per_s"] for r in row["latency"]], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch")
+        ax.set_ylabel("images / s per UNet call")
+        ax.set_title(f"{res['arch']} ({res['params'] / 1e6:.1f} M, {res['threads']} threads)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_report(results: list[dict], out_dir: Path) -> dict[str, Path]:
+    from .calib.stats import atomic_write
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mach = machine()
+    doc = {"profile_version": PROFILE_VERSION, "machine": mach, "results": results}
+    atomic_write(out_dir / "profile.json", (json.dumps(doc, indent=1) + "\n").encode())
+    atomic_write(out_dir / "profile.md", (markdown(results, mach) + "\n").encode())
+    return {"json": out_dir / "profile.json", "md": out_dir / "profile.md", "png": plot(results, out_dir / "profile.png")}
