@@ -287,10 +287,17 @@ def _exported(args, loaded, progress=print):
     if args.shortcut_split:  # checked before calibrating: no work is spent on an unexportable model
         raise ValueError("--shortcut-split uses per-channel activation ranges, which TensorRT does not accept; "
                          "it is a fake-quant study only")
+    if args.target == "ort-cpu":
+        from .deploy import check_ort_cpu
+        check_ort_cpu(_quant_config(args), args.recipe)
     res, qcfg = _calibration(args, loaded, args.recipe, progress=not args.no_progress)
     how = "reused from cache" if res.stats_reused else f"collected in {res.seconds_collect:.0f} s"
     progress(f"calibration: recipe {args.recipe}, {len(res.ranges)} activation ranges -> {res.ranges_path} "
              f"(statistics {how})")
+    if args.target == "ort-cpu":
+        from .deploy import export_ort_cpu
+        return export_ort_cpu(loaded, qcfg, res, args.recipe, _calib_spec(args), Path(args.out_dir),
+                              batch_size=args.batch, progress=progress)
     return export_checked(loaded, qcfg, res, args.recipe, Path(args.out_dir), precision=args.precision,
                           progress=progress)
 
@@ -327,6 +334,9 @@ def cmd_engine(args) -> int:
     loaded = _load(args)
     print(f"model {loaded.name} ({loaded.kind}, {loaded.source}); fingerprint {loaded.fingerprint()[:16]}")
     models = _exported(args, loaded)
+    if args.target == "ort-cpu":
+        print(f"done in {time.perf_counter() - t0:.0f} s; sample on CPU with: trt-dm sample --onnx {models}")
+        return 0
     if not args.no_baseline:
         base = export_baseline(loaded, Path(args.out_dir), precision=args.precision)
         print(f"  {base.onnx}: unquantized baseline, checked")
@@ -339,6 +349,19 @@ def cmd_engine(args) -> int:
     build_all(models, _build_options(args), flavour=flavour)
     print(f"done in {time.perf_counter() - t0:.0f} s; sample with: trt-dm sample --engine "
           f"{' '.join(str(m.onnx.with_suffix('.plan')) for m in models if m.report.get('recipe'))} (needs a GPU)")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from .profile import profile, write_report
+    results = []
+    for arch in args.arch or ["default"]:
+        print(f"profiling {arch} ({args.threads} threads)")
+        results.append(profile(arch, args.batches, threads=args.threads, steps=args.steps, warmup=args.warmup,
+                               iters=args.iters, runners=args.runners, engines=args.engine))
+    paths = write_report(results, Path(args.out_dir))
+    print(paths["md"].read_text())
+    print("->", ", ".join(str(p) for p in paths.values()))
     return 0
 
 
@@ -368,6 +391,9 @@ def cmd_info(args) -> int:
 
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default="ptq4dm", help="calibration recipe (see `trt-dm calibrate --help`)")
+    p.add_argument("--target", choices=("tensorrt", "ort-cpu"), default="tensorrt",
+                   help="tensorrt: symmetric Q/DQ on layer inputs (TensorRT / TensorRT-RTX); ort-cpu: ONNX "
+                        "Runtime's fast int8 CPU layout (uint8 activations, Q/DQ around inputs and outputs)")
     p.add_argument("--out-dir", default="engines", help="where ONNX files, reports and engines go")
     p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16",
                    help="precision of the non-quantized math in the deployed graph (fp16 for strongly typed "
@@ -456,6 +482,19 @@ def build_parser() -> argparse.ArgumentParser:
     _build_args(p)
     p.add_argument("--no-baseline", action="store_true", help="skip the unquantized FP16 baseline engine")
     p.set_defaults(func=cmd_engine)
+
+    p = sub.add_parser("profile", help="latency / throughput / memory of every runner available here")
+    p.add_argument("--arch", action="append", default=None,
+                   help="default (embedded model), ddpm-cifar10 (35.7 M), sd15-unet (860 M); repeatable")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10, help="DDIM steps of the sampling run (0: skip it)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--runners", nargs="*", default=None, help="only these runners (names as in the report)")
+    p.add_argument("--engine", nargs="*", default=[], help="TensorRT engines to time too (GPU)")
+    p.add_argument("--out-dir", default="reports/profile")
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("check", help="check a Q/DQ ONNX file against TensorRT's explicit-quantization rules")
     p.add_argument("onnx")

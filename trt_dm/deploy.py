@@ -162,3 +162,47 @@ def build_all(models: list[ExportedModel], options, *, flavour: str | None = Non
                  f"{side['build_seconds']} s): layer input precisions {prec}")
         sidecars.append(side)
     return sidecars
+
+
+def check_ort_cpu(qcfg: QuantConfig, recipe: str) -> None:
+    """Refuse, before any work, what the ort-cpu target cannot express."""
+    from .calib.ranges import get_recipe
+    if qcfg.weight_bits != 8 or qcfg.shortcut_split or qcfg.quantize_attention:
+        raise ValueError("the ort-cpu target supports W8A8 on Conv/Linear inputs only (no --weight-bits 4, "
+                         "--shortcut-split or --quantize-attention)")
+    if get_recipe(recipe).merge.startswith("groups"):
+        raise ValueError("the ort-cpu target takes one range set; groups=K recipes are for K TensorRT engines")
+
+
+def export_ort_cpu(loaded: LoadedModel, qcfg: QuantConfig, calib: CalibrationResult, recipe: str, spec, out_dir: Path, *,
+                   n_outputs: int = 64, batch_size: int = 64, progress=print) -> Path:
+    """The int8 ONNX Runtime CPU graph (``trt_dm.ortcpu``) from the same calibration statistics as the
+    TensorRT graph: its layer-input ranges come from them; conv/matmul output ranges are measured by
+    ONNX Runtime on ``n_outputs`` calibration samples drawn with the same spec (another seed)."""
+    from dataclasses import replace
+
+    from .calib.stats import CalibStats
+    from .calib.trajectories import collect
+    from .ortcpu import INT8_OPS, export_ort_int8, optimized_op_types
+    from .runners import TorchRunner, as_denoiser
+    check_ort_cpu(qcfg, recipe)
+    t0 = time.perf_counter()
+    stats = CalibStats.load(calib.stats_dir)
+    small = replace(spec, n=min(n_outputs, spec.n), seed=spec.seed + 1)
+    with TorchRunner(loaded.unet, device="cpu", dtype=torch.float32) as fp:
+        cs = collect(as_denoiser(fp), Schedule.from_config(loaded.scheduler_config), loaded.sample_shape, small,
+                     batch_size=batch_size, progress=False)
+    feeds = [{"sample": x, "timestep": t} for x, t in cs.batches(16)]
+    out = out_dir / f"{loaded.name}-{recipe_slug(recipe)}.ort-int8.onnx"
+    export_ort_int8(loaded.unet, out, feeds, layers=set(calib.ranges), stats=stats, ranges=calib.ranges)
+    ops = optimized_op_types(out)
+    int8 = {k: v for k, v in ops.items() if k in INT8_OPS}
+    report = {"model": str(loaded.source), "model_fingerprint": loaded.fingerprint(), "recipe": recipe,
+              "target": "ort-cpu", "ranges": str(calib.ranges_path), "input_ranges_from_statistics": len(calib.ranges),
+              "output_range_samples": len(cs.t), "optimized_int8_ops": int8, "seconds": round(time.perf_counter() - t0, 1)}
+    atomic_write(Path(f"{out}.json"), (json.dumps(report, indent=1) + "\n").encode())
+    if not int8:
+        raise ValueError(f"{out}: ONNX Runtime fused no int8 kernels (optimised op types {ops})")
+    progress(f"  {out} ({report['seconds']} s): ONNX Runtime CPU int8 layout; after ONNX Runtime's optimisation: "
+             + ", ".join(f"{k} {v}" for k, v in sorted(int8.items())))
+    return out

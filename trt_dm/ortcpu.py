@@ -58,8 +58,12 @@ def range_overrides(stats: CalibStats, ranges: dict, inputs: dict[str, tuple[str
         rmin, rmax = max(lo, -amax), min(hi, amax)
         if not rmin < rmax:
             raise ValueError(f"{layer}: empty range [{rmin}, {rmax}] from statistics [{lo}, {hi}], amax {amax}")
-        # the range must contain 0 (zero padding is exact in uint8 only then)
-        out[inputs[layer][1]] = [{"rmin": np.float32(min(rmin, 0.0)), "rmax": np.float32(max(rmax, 0.0))}]
+        # the range must contain 0 (zero padding is exact in uint8 only then). Layers reading the same tensor
+        # (to_q/to_k/to_v; every resnet's time_emb_proj) share its one quantization in ONNX Runtime: their
+        # statistics are those of the same values, and the union keeps every layer's range inside.
+        tensor = inputs[layer][1]
+        prev = out.get(tensor, [{"rmin": np.float32(0.0), "rmax": np.float32(0.0)}])[0]
+        out[tensor] = [{"rmin": np.float32(min(rmin, 0.0, prev["rmin"])), "rmax": np.float32(max(rmax, 0.0, prev["rmax"]))}]
     return out
 
 
@@ -74,10 +78,11 @@ class _Reader:
 
 
 def export_ort_int8(unet: torch.nn.Module, out_path: str | os.PathLike, feeds: list[dict[str, torch.Tensor]], *,
-                    layers: set[str] | None = None, overrides: dict | None = None) -> Path:
+                    layers: set[str] | None = None, stats: CalibStats | None = None, ranges: dict | None = None) -> Path:
     """Quantize ``unet`` for ONNX Runtime on CPU: export FP32 ONNX, then ONNX Runtime's static QDQ quantizer
-    on the Conv/Gemm/MatMul nodes of ``layers`` (default: every one with a constant weight), input ranges
-    from ``overrides`` (``range_overrides``), everything else measured on ``feeds``. Written atomically."""
+    on the Conv/Gemm/MatMul nodes of ``layers`` (default: every one with a constant weight); the layer inputs'
+    ranges come from ``stats`` + ``ranges`` (``range_overrides``) when given, everything else is measured
+    on ``feeds``. Written atomically."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     out_path = Path(out_path)
@@ -90,6 +95,7 @@ def export_ort_int8(unet: torch.nn.Module, out_path: str | os.PathLike, feeds: l
         if unknown:
             raise ValueError(f"layers not found as Conv/Gemm/MatMul in the graph: {sorted(unknown)[:5]}")
         nodes = [inputs[name][0] for name in sorted(chosen)]
+        overrides = range_overrides(stats, ranges, inputs) if stats is not None else {}
         data = [{k: v.detach().cpu().numpy() for k, v in f.items()} for f in feeds]
         q_path = Path(tmp) / "int8.onnx"
         quantize_static(str(fp32), str(q_path), _Reader(data), quant_format=QuantFormat.QDQ,
@@ -97,7 +103,7 @@ def export_ort_int8(unet: torch.nn.Module, out_path: str | os.PathLike, feeds: l
                         op_types_to_quantize=["Conv", "Gemm", "MatMul"], nodes_to_quantize=nodes,
                         calibrate_method=CalibrationMethod.MinMax,
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
-                                       "TensorQuantOverrides": overrides or {}})
+                                       "TensorQuantOverrides": overrides})
         atomic_write(out_path, q_path.read_bytes())
     return out_path
 

@@ -45,13 +45,14 @@ ARCHS: dict[str, tuple[str, dict]] = {
 
 
 def build_arch(name: str, seed: int = 0):
-    """(unet, schedule config) for 'default' (the embedded model, real weights) or an ARCHS entry."""
-    if name == "default":
-        from .models import load_model
-        m = load_model("default")
-        return m.unet, m.scheduler_config
+    """(unet, schedule config) for an ARCHS entry (random weights), 'default' or a model directory."""
     if name not in ARCHS:
-        raise ValueError(f"unknown --arch {name!r}; accepted: default, {', '.join(ARCHS)}")
+        from .models import ModelLoadError, load_model
+        try:
+            m = load_model(name)
+        except ModelLoadError as e:
+            raise ValueError(f"--arch {name!r} is neither one of {', '.join(ARCHS)} nor a loadable model ({e})") from None
+        return m.unet, m.scheduler_config
     import diffusers
     cls, cfg = ARCHS[name]
     torch.manual_seed(seed)
@@ -81,14 +82,22 @@ def _rss_reset() -> None:
         pass
 
 
-def _rss_peak_mb() -> float | None:
+def _status_mb(key: str) -> float | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(key):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
+
+
+def _rss_peak_mb() -> float | None:
+    return _status_mb("VmHWM:")
+
+
+def _rss_now_mb() -> float | None:
+    return _status_mb("VmRSS:")
 
 
 def feed_for(unet, batch: int, seed: int = 0, seq_len: int = 77) -> dict[str, torch.Tensor]:
@@ -229,6 +238,7 @@ def profile(arch: str, batches: list[int], *, threads: int, steps: int, warmup: 
             if runners and name not in runners:
                 continue
             _rss_reset()
+            rss_before = _rss_now_mb()
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             row: dict = {"latency": []}
@@ -242,6 +252,7 @@ def profile(arch: str, batches: list[int], *, threads: int, steps: int, warmup: 
                 if steps:
                     row["sampling"] = _sampling_run(r, unet, sched_cfg, max(batches), steps)
             row["peak_rss_mb"] = _rss_peak_mb()
+            row["rss_before_mb"] = rss_before
             if torch.cuda.is_available():
                 row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
             res["runners"][name] = row
@@ -269,12 +280,14 @@ def markdown(results: list[dict], mach: dict) -> str:
                 sp = rat.get(name, {}).get(r["batch"])
                 lines.append(f"| {name} | {r['batch']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | "
                              f"{r['images_per_s']:.1f} | {'' if sp is None else f'{sp:.2f}x'} |")
-        lines += ["", "| runner | sampling run | images/s | time outside the UNet | peak RSS MB |", "|---|---|---:|---:|---:|"]
+        lines += ["", "| runner | sampling run | images/s | time outside the UNet | peak RSS MB (before) |",
+                  "|---|---|---:|---:|---:|"]
         for name, row in res["runners"].items():
             s = row.get("sampling")
             if s:
                 lines.append(f"| {name} | DDIM {s['steps']} steps, batch {s['batch']} | {s['images_per_s']:.2f} | "
-                             f"{100 * s['outside_unet_share']:.1f}% | {row['peak_rss_mb'] or 0:.0f} |")
+                             f"{100 * s['outside_unet_share']:.1f}% | {row['peak_rss_mb'] or 0:.0f} "
+                             f"({row['rss_before_mb'] or 0:.0f}) |")
         lines.append("")
     return "\n".join(lines)
 
