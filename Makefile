@@ -2,6 +2,7 @@
 #   make test      run the test suite (CPU; tests/gpu are skipped without CUDA)
 #   make sample    draw a grid of images from the embedded default model -> out/sample_grid.png
 #   make eval      FD-EffNet / KID of the default model (N=$(N)) -> reports/
+#   make bench     CPU benchmark matrix (profile + pipeline cost) -> BENCHMARKS.md, docs/bench/
 #   make engine    calibrate -> Q/DQ ONNX -> checks -> int8 + FP16 engines (MODEL=default|<dir>, RECIPE=ptq4dm)
 # Choose your torch build with TORCH_SPEC / TORCH_PIP_ARGS, e.g. on a CUDA machine:
 #   make test TORCH_SPEC='torch==2.11.0' TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cu130'
@@ -20,7 +21,7 @@ MODEL ?= default
 RECIPE ?= ptq4dm
 ENGINE_ARGS ?=
 
-.PHONY: venv test sample eval engine data clean-venv
+.PHONY: venv test sample eval engine bench data clean-venv
 
 venv: $(STAMP)
 
@@ -48,8 +49,12 @@ eval: venv data
 	$(BIN)/trt-dm eval --model default --sampler $(SAMPLER) --steps $(STEPS) --n $(N) \
 		--out-dir reports/fp-$(SAMPLER)$(STEPS)-n$(N)
 
+TARGET ?= tensorrt
 engine: venv
-	$(BIN)/trt-dm engine --model $(MODEL) --recipe $(RECIPE) $(ENGINE_ARGS)
+	$(BIN)/trt-dm engine --model $(MODEL) --recipe $(RECIPE) --target $(TARGET) $(ENGINE_ARGS)
+
+bench: venv
+	$(BIN)/python tools/bench.py --threads 2
 
 clean-venv:
 	rm -rf $(VENV)

@@ -291,7 +291,9 @@ def _exported(args, loaded, progress=print):
         from .deploy import check_ort_cpu
         check_ort_cpu(_quant_config(args), args.recipe)
     res, qcfg = _calibration(args, loaded, args.recipe, progress=not args.no_progress)
-    how = "reused from cache" if res.stats_reused else f"collected in {res.seconds_collect:.0f} s"
+    how = ("reused from cache" if res.stats_reused else
+           f"collected in {res.seconds_collect:.1f} s: FP trajectories {res.seconds_trajectories:.1f} s + statistics "
+           f"pass {res.seconds_collect - res.seconds_trajectories:.1f} s")
     progress(f"calibration: recipe {args.recipe}, {len(res.ranges)} activation ranges -> {res.ranges_path} "
              f"(statistics {how})")
     if args.target == "ort-cpu":

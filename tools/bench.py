@@ -1,0 +1,85 @@
+"""`make bench`: the CPU benchmark matrix, side by side in one run, written to BENCHMARKS.md.
+
+    python tools/bench.py [--threads 2] [--quick]
+
+1. `trt-dm profile` on the default model and the DDPM CIFAR-10 architecture (random weights): torch fp32,
+   ONNX Runtime fp32, int8 in ONNX Runtime's layout and int8 in the TensorRT layout, batches 1 / 8 / 32.
+2. The pipeline's own cost: `trt-dm engine` on the default model with a cold calibration cache (a fresh
+   folder) and warm (the same folder again), and the statistics pass's overhead over the FP sampling.
+Absolute times are this machine's; every ratio compares numbers measured in this same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TRT_DM = str(ROOT / ".venv" / "bin" / "trt-dm")
+
+
+def run(cmd: list[str]) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    secs = time.perf_counter() - t0
+    if p.returncode:
+        sys.exit(f"failed ({p.returncode}): {' '.join(cmd)}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return secs, p.stdout
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="fewer iterations and batches (a smoke run)")
+    ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    args = ap.parse_args()
+    out_dir = ROOT / "docs" / "bench"
+    batches = ["1", "8"] if args.quick else ["1", "8", "32"]
+    iters = ["--warmup", "1", "--iters", "3"] if args.quick else ["--warmup", "3", "--iters", "10"]
+    profile_cmd = [TRT_DM, "profile", "--arch", "default", "--arch", "ddpm-cifar10", "--batches", *batches,
+                   "--threads", str(args.threads), "--steps", "10", *iters, "--out-dir", str(out_dir)]
+    t_profile, _ = run(profile_cmd)
+    doc = json.loads((out_dir / "profile.json").read_text())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine_cmd = [TRT_DM, "engine", "--model", "default", "--threads", str(args.threads), "--no-progress",
+                      "--cache-dir", f"{tmp}/calib_cache", "--out-dir", f"{tmp}/engines"]
+        t_cold, cold_out = run(engine_cmd)
+        t_warm, warm_out = run(engine_cmd)
+    m = re.search(r"collected in ([\d.]+) s: FP trajectories ([\d.]+) s \+ statistics pass ([\d.]+) s", cold_out)
+    collect, traj, stats_pass = (float(v) for v in m.groups()) if m else (float("nan"),) * 3
+
+    from trt_dm.profile import markdown, ratios  # noqa: E402  (after the runs: the report module only)
+    lines = ["# Benchmarks", "",
+             f"Written by `make bench` (`python tools/bench.py --threads {args.threads}`) on "
+             f"{time.strftime('%Y-%m-%d')}; the raw numbers are in `docs/bench/profile.json`.", "",
+             "## UNet calls and sampling, per runner (CPU)", "", f"Command: `{' '.join(Path(c).name if i == 0 else c for i, c in enumerate(profile_cmd)).replace(str(out_dir), 'docs/bench')}`", "",
+             markdown(doc["results"], doc["machine"]), "![images/s per UNet call vs batch](docs/bench/profile.png)", ""]
+    lines += ["## Int8 on CPU with ONNX Runtime: speed-up over ONNX Runtime fp32 (same run)", "",
+              "| architecture | batch | int8, ONNX Runtime layout | int8, TensorRT layout | torch fp32 |", "|---|---:|---:|---:|---:|"]
+    for res in doc["results"]:
+        rat = ratios(res)
+        for b in sorted(rat.get("ort-int8", {})):
+            lines.append(f"| {res['arch']} | {b} | {rat['ort-int8'][b]:.2f}x | {rat['ort-int8-trt-layout'][b]:.2f}x | "
+                         f"{rat['torch-fp32'][b]:.2f}x |")
+    lines += ["", "## The pipeline's own cost (default model)", "",
+              "| what | seconds |", "|---|---:|",
+              f"| `trt-dm engine` (= `make engine`), calibration cache cold | {t_cold:.0f} |",
+              f"| `trt-dm engine`, calibration cache warm | {t_warm:.0f} |",
+              f"| statistics collection: FP trajectories (the sampling it rides on) | {traj:.1f} |",
+              f"| statistics collection: statistics pass | {stats_pass:.1f} |",
+              f"| collection / plain FP sampling | {collect / traj:.2f}x |", "",
+              f"Command: `trt-dm engine --model default --threads {args.threads} --cache-dir <fresh folder>` twice. "
+              f"Profile run: {t_profile:.0f} s.", ""]
+    Path(args.out).write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
