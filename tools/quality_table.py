@@ -1,17 +1,19 @@
 """The README's quantization quality table: run its rows (resumable, in parts) and print it.
 
     python tools/quality_table.py list                     # rows, their commands, which are done
-    python tools/quality_table.py run [--worker 0/2] [--only ROW ...] [--threads 1]
+    python tools/quality_table.py run [--only ROW ...] [--threads 1]   # start one per core
     python tools/quality_table.py table                    # Markdown table from reports/quality/*/result.json
 
 Every row is one `trt-dm eval` on the default model with the same seeds (0..N-1) and N, so rows compare.
-A row whose result.json exists is never recomputed (delete the folder to redo it). `--worker i/k` runs
-every k-th pending row, so k processes on k cores share the list without overlap.
+A row whose result.json exists is never recomputed (delete the folder to redo it). Each worker takes the
+next pending row in list order and claims it with a lock file (running.pid), so several workers on
+several cores share the list without overlap, and a row left by a dead worker is taken up again.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -26,6 +28,8 @@ ROWS: list[tuple[str, str, list[str]]] = [
     ("fp", "FP32", []),
     ("fp-seed100000", "FP32, other seeds (noise floor)", ["--seed", "100000"]),
     ("w8a8-ndtc-ptq4dm", "W8A8 ndtc, mse@pooled (ptq4dm, default)", ["--recipe", "ptq4dm"]),
+    ("ort-int8-ndtc-ptq4dm", "W8A8 ndtc, mse@pooled, ONNX Runtime CPU int8 graph (uint8 asymmetric inputs)",
+     ["--onnx", "engines/default-ptq4dm.ort-int8.onnx"]),
     ("w8a8-single-ptq4dm", "W8A8 single (t at the last step), mse@pooled",
      ["--recipe", "ptq4dm", "--timesteps", "single"]),
     ("w8a8-uniform-ptq4dm", "W8A8 uniform, mse@pooled", ["--recipe", "ptq4dm", "--timesteps", "uniform"]),
@@ -58,17 +62,62 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def claim(row: str) -> bool:
+    """Take a row: create OUT/row/running.pid exclusively; a lock whose process is gone is taken over."""
+    lock = OUT / row / "running.pid"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                if _alive(int(lock.read_text() or 0)):
+                    return False
+            except (OSError, ValueError):
+                pass
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def prepare(extra: list[str], threads: int) -> None:
+    """A row that evaluates an exported graph builds it first (from the cached calibration)."""
+    if "--onnx" in extra and not (ROOT / extra[extra.index("--onnx") + 1]).exists():
+        subprocess.check_call([str(ROOT / ".venv" / "bin" / "trt-dm"), "export", "--target", "ort-cpu", "--model",
+                               "default", "--threads", str(threads), "--no-progress"], cwd=ROOT)
+
+
 def cmd_run(args) -> int:
-    i, k = (int(v) for v in args.worker.split("/"))
-    pending = [r for r in ROWS if not done(r[0]) and (not args.only or r[0] in args.only)]
-    for row, label, extra in pending[i::k]:
-        OUT.joinpath(row).mkdir(parents=True, exist_ok=True)
+    while True:
+        todo = [r for r in ROWS if not done(r[0]) and (not args.only or r[0] in args.only)]
+        row = next((r for r in todo if claim(r[0])), None)
+        if row is None:
+            return 0
+        row, label, extra = row
         t0 = time.time()
         print(f"[{time.strftime('%H:%M:%S')}] {row}: {label}", flush=True)
-        with open(OUT / row / "log.txt", "w") as log:
-            rc = subprocess.call(command(row, extra, args.threads), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            prepare(extra, args.threads)
+            with open(OUT / row / "log.txt", "w") as log:
+                rc = subprocess.call(command(row, extra, args.threads), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        finally:
+            (OUT / row / "running.pid").unlink(missing_ok=True)
         print(f"[{time.strftime('%H:%M:%S')}] {row}: exit {rc} after {time.time() - t0:.0f} s", flush=True)
-    return 0
+        if rc:
+            return rc
 
 
 def _fmt(v, spec):
@@ -76,6 +125,23 @@ def _fmt(v, spec):
 
 
 def cmd_table(args) -> int:
+    if args.readme:  # rewrite the block between the markers in README.md
+        import contextlib
+        import io
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            _print_table()
+        readme = ROOT / "README.md"
+        text = readme.read_text()
+        a, b = "<!-- quality-table:begin -->\n", "<!-- quality-table:end -->"
+        i, j = text.index(a) + len(a), text.index(b)
+        readme.write_text(text[:i] + buf.getvalue() + text[j:])
+        return 0
+    _print_table()
+    return 0
+
+
+def _print_table() -> None:
     fp = {}
     for key in ("fp", "ddpm250-fp"):
         r = done(key)
@@ -86,7 +152,7 @@ def cmd_table(args) -> int:
     for row, label, _ in ROWS:
         r = done(row)
         if r is None:
-            print(f"| {label} | | not run yet | | | | |")
+            print(f"| {label} | | pending | | | | |")
             continue
         ref = fp.get((r["sampler"], r["steps"]))
         change = None if ref is None or row in ("fp", "ddpm250-fp") else 100 * (r["fd"] - ref) / ref
@@ -94,7 +160,6 @@ def cmd_table(args) -> int:
         rel = eps.get("mse")
         print(f"| {label} | {r['sampler'].upper()} {r['steps']} | {r['fd']:.2f} | {_fmt(change, '+.1f')}{'%' if change is not None else ''} "
               f"| {_fmt(r.get('psnr_vs_fp'), '.2f')} | {_fmt(rel, '.2e')} | {r['kid_mean'] * 1e3:.2f} ± {r['kid_std'] * 1e3:.2f} |")
-    return 0
 
 
 def main() -> int:
@@ -102,11 +167,12 @@ def main() -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list").set_defaults(func=cmd_list)
     p = sub.add_parser("run")
-    p.add_argument("--worker", default="0/1", help="i/k: run every k-th pending row starting at i")
     p.add_argument("--only", nargs="*", default=None, help="row ids to run (default: all pending)")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=cmd_run)
-    sub.add_parser("table").set_defaults(func=cmd_table)
+    p = sub.add_parser("table")
+    p.add_argument("--readme", action="store_true", help="write the table into README.md between its markers")
+    p.set_defaults(func=cmd_table)
     args = ap.parse_args()
     return args.func(args)
 
