@@ -171,3 +171,18 @@ def test_engine_stops_after_checked_onnx_without_tensorrt(tiny_pipeline_dir, tmp
     assert "stopping after the checked ONNX" in capsys.readouterr().out
     assert (tmp_path / f"{tiny_pipeline_dir.name}-ptq4dm.fp32.onnx").exists()
     assert not list(tmp_path.glob("*.plan"))
+
+
+def test_groups_recipe_exports_and_builds_one_engine_per_timestep_group(tiny_pipeline_dir, tmp_path, capsys):
+    """A groups=K recipe: K checked graphs and K engines, each sidecar carrying its timestep range."""
+    from trt_dm.cli import main
+    assert main(["engine", "--model", str(tiny_pipeline_dir), "--recipe", "max@groups=2", "--timesteps", "uniform",
+                 "--out-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cc"), "--calib-n", "8", "--calib-steps",
+                 "4", "--batch", "4", "--no-progress", "--no-baseline", "--rtx-targets", "SM89", "--opt-level", "0",
+                 "--max-batch", "4", "--opt-batch", "2"]) == 0
+    name = f"{tiny_pipeline_dir.name}-max_groups2"
+    sides = [load_sidecar(tmp_path / f"{name}.g{k}.plan") for k in range(2)]
+    assert [s["group"] for s in sides] == [0, 1] and all(s["groups"] == 2 for s in sides)
+    (hi_max, hi_min), (lo_max, lo_min) = (s["t_range"] for s in sides)
+    assert hi_max >= hi_min > lo_max >= lo_min  # group 0 holds the noisy end, group 1 the data end
+    assert f"{name}.g0.plan" in capsys.readouterr().out
