@@ -55,9 +55,14 @@ def test_ort_int8_graph_fuses_int8_kernels_and_stays_close_to_fp(calibrated, tmp
     ops = optimized_op_types(path)
     assert ops.get("QLinearConv", 0) >= 20, ops  # quantized convs run as int8 kernels
     assert sum(ops.get(k, 0) for k in INT8_OPS) >= len(res.ranges) - 2
-    with OrtRunner(path) as o, TorchRunner(loaded.unet, device="cpu") as fp:
-        a, b = o.infer(feeds[0])[OUTPUT_NAME], fp.infer(feeds[0])[OUTPUT_NAME]
+    every = export_ort_int8(loaded.unet, tmp_path / "all.onnx", feeds, layers=set(res.ranges), stats=stats,
+                            ranges=res.ranges, ops="all")
+    ops_all = optimized_op_types(every)
+    assert ops_all.get("QLinearAdd", 0) > 0 and ops_all.get("QLinearConv", 0) == ops["QLinearConv"]
+    with OrtRunner(path) as o, OrtRunner(every) as o_all, TorchRunner(loaded.unet, device="cpu") as fp:
+        a, a_all, b = (r.infer(feeds[0])[OUTPUT_NAME] for r in (o, o_all, fp))
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.98
+    assert torch.nn.functional.cosine_similarity(a_all.flatten(), b.flatten(), dim=0) > 0.9
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 

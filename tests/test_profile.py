@@ -14,7 +14,7 @@ def test_profile_writes_json_markdown_and_plot(tiny_unet_dir, tmp_path, capsys):
     assert {"cpu", "cpu_count", "torch_threads", "gpu", "torch", "onnxruntime"} <= set(doc["machine"])
     (res,) = doc["results"]
     assert res["params"] > 0 and res["threads"] == 1
-    assert set(res["runners"]) == {"torch-fp32", "ort-fp32", "ort-int8", "ort-int8-trt-layout"}
+    assert set(res["runners"]) == {"torch-fp32", "ort-fp32", "ort-int8", "ort-int8-all-ops", "ort-int8-trt-layout"}
     for row in res["runners"].values():
         assert [r["batch"] for r in row["latency"]] == [1, 2]
         for r in row["latency"]:

@@ -30,6 +30,8 @@ ROWS: list[tuple[str, str, list[str]]] = [
     ("w8a8-ndtc-ptq4dm", "W8A8 ndtc, mse@pooled (ptq4dm, default)", ["--recipe", "ptq4dm"]),
     ("ort-int8-ndtc-ptq4dm", "W8A8 ndtc, mse@pooled, ONNX Runtime CPU int8 graph (uint8 asymmetric inputs)",
      ["--onnx", "engines/default-ptq4dm.ort-int8.onnx"]),
+    ("ort-int8-all-ndtc-ptq4dm", "W8A8 ndtc, mse@pooled, ONNX Runtime CPU int8 graph, all ops quantized",
+     ["--onnx", "engines/default-ptq4dm.ort-int8-all.onnx"]),
     ("w8a8-single-ptq4dm", "W8A8 single (t at the last step), mse@pooled",
      ["--recipe", "ptq4dm", "--timesteps", "single"]),
     ("w8a8-uniform-ptq4dm", "W8A8 uniform, mse@pooled", ["--recipe", "ptq4dm", "--timesteps", "uniform"]),
@@ -95,9 +97,10 @@ def claim(row: str) -> bool:
 
 def prepare(extra: list[str], threads: int) -> None:
     """A row that evaluates an exported graph builds it first (from the cached calibration)."""
-    if "--onnx" in extra and not (ROOT / extra[extra.index("--onnx") + 1]).exists():
+    if "--onnx" in extra and not (ROOT / (path := extra[extra.index("--onnx") + 1])).exists():
+        ops = "all" if path.endswith("-all.onnx") else "layers"
         subprocess.check_call([str(ROOT / ".venv" / "bin" / "trt-dm"), "export", "--target", "ort-cpu", "--model",
-                               "default", "--threads", str(threads), "--no-progress"], cwd=ROOT)
+                               "default", "--ort-ops", ops, "--threads", str(threads), "--no-progress"], cwd=ROOT)
 
 
 def cmd_run(args) -> int:

@@ -299,7 +299,7 @@ def _exported(args, loaded, progress=print):
     if args.target == "ort-cpu":
         from .deploy import export_ort_cpu
         return export_ort_cpu(loaded, qcfg, res, args.recipe, _calib_spec(args), Path(args.out_dir),
-                              batch_size=args.batch, progress=progress)
+                              batch_size=args.batch, ops=args.ort_ops, progress=progress)
     return export_checked(loaded, qcfg, res, args.recipe, Path(args.out_dir), precision=args.precision,
                           progress=progress)
 
@@ -396,6 +396,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", choices=("tensorrt", "ort-cpu"), default="tensorrt",
                    help="tensorrt: symmetric Q/DQ on layer inputs (TensorRT / TensorRT-RTX); ort-cpu: ONNX "
                         "Runtime's fast int8 CPU layout (uint8 activations, Q/DQ around inputs and outputs)")
+    p.add_argument("--ort-ops", choices=("layers", "all"), default="layers",
+                   help="ort-cpu: quantize the recipe's Conv/Linear layers only (as TensorRT), or every operator "
+                        "ONNX Runtime can (SiLU, residual adds, concat, softmax too: faster, less accurate)")
     p.add_argument("--out-dir", default="engines", help="where ONNX files, reports and engines go")
     p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16",
                    help="precision of the non-quantized math in the deployed graph (fp16 for strongly typed "

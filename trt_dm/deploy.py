@@ -175,7 +175,7 @@ def check_ort_cpu(qcfg: QuantConfig, recipe: str) -> None:
 
 
 def export_ort_cpu(loaded: LoadedModel, qcfg: QuantConfig, calib: CalibrationResult, recipe: str, spec, out_dir: Path, *,
-                   n_outputs: int = 64, batch_size: int = 64, progress=print) -> Path:
+                   n_outputs: int = 64, batch_size: int = 64, ops: str = "layers", progress=print) -> Path:
     """The int8 ONNX Runtime CPU graph (``trt_dm.ortcpu``) from the same calibration statistics as the
     TensorRT graph: its layer-input ranges come from them; conv/matmul output ranges are measured by
     ONNX Runtime on ``n_outputs`` calibration samples drawn with the same spec (another seed)."""
@@ -193,12 +193,12 @@ def export_ort_cpu(loaded: LoadedModel, qcfg: QuantConfig, calib: CalibrationRes
         cs = collect(as_denoiser(fp), Schedule.from_config(loaded.scheduler_config), loaded.sample_shape, small,
                      batch_size=batch_size, progress=False)
     feeds = [{"sample": x, "timestep": t} for x, t in cs.batches(16)]
-    out = out_dir / f"{loaded.name}-{recipe_slug(recipe)}.ort-int8.onnx"
-    export_ort_int8(loaded.unet, out, feeds, layers=set(calib.ranges), stats=stats, ranges=calib.ranges)
+    out = out_dir / f"{loaded.name}-{recipe_slug(recipe)}.ort-int8{'' if ops == 'layers' else '-' + ops}.onnx"
+    export_ort_int8(loaded.unet, out, feeds, layers=set(calib.ranges), stats=stats, ranges=calib.ranges, ops=ops)
     ops = optimized_op_types(out)
     int8 = {k: v for k, v in ops.items() if k in INT8_OPS}
     report = {"model": str(loaded.source), "model_fingerprint": loaded.fingerprint(), "recipe": recipe,
-              "target": "ort-cpu", "ranges": str(calib.ranges_path), "input_ranges_from_statistics": len(calib.ranges),
+              "target": "ort-cpu", "ops": ops, "ranges": str(calib.ranges_path), "input_ranges_from_statistics": len(calib.ranges),
               "output_range_samples": len(cs.t), "optimized_int8_ops": int8, "seconds": round(time.perf_counter() - t0, 1)}
     atomic_write(Path(f"{out}.json"), (json.dumps(report, indent=1) + "\n").encode())
     if not int8:

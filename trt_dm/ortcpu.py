@@ -77,12 +77,20 @@ class _Reader:
         return next(self._it, None)
 
 
+OPS = ("layers", "all")
+
+
 def export_ort_int8(unet: torch.nn.Module, out_path: str | os.PathLike, feeds: list[dict[str, torch.Tensor]], *,
-                    layers: set[str] | None = None, stats: CalibStats | None = None, ranges: dict | None = None) -> Path:
-    """Quantize ``unet`` for ONNX Runtime on CPU: export FP32 ONNX, then ONNX Runtime's static QDQ quantizer
-    on the Conv/Gemm/MatMul nodes of ``layers`` (default: every one with a constant weight); the layer inputs'
-    ranges come from ``stats`` + ``ranges`` (``range_overrides``) when given, everything else is measured
-    on ``feeds``. Written atomically."""
+                    layers: set[str] | None = None, stats: CalibStats | None = None, ranges: dict | None = None,
+                    ops: str = "layers") -> Path:
+    """Quantize ``unet`` for ONNX Runtime on CPU: export FP32 ONNX, then ONNX Runtime's static QDQ quantizer.
+    ``ops="layers"``: the Conv/Gemm/MatMul nodes of ``layers`` only (default: every one with a constant
+    weight), as in the TensorRT graph; ``ops="all"``: every operator ONNX Runtime can quantize (also the
+    SiLU's Sigmoid/Mul, residual Adds, Concat, attention Softmax) except the Conv/Gemm/MatMul layers not in
+    ``layers``: faster, and more quantization error. The layer inputs' ranges come from ``stats`` +
+    ``ranges`` (``range_overrides``) when given; every other range is measured on ``feeds``. Written atomically."""
+    if ops not in OPS:
+        raise ValueError(f"ops must be one of {OPS}, got {ops!r}")
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     out_path = Path(out_path)
@@ -95,13 +103,15 @@ def export_ort_int8(unet: torch.nn.Module, out_path: str | os.PathLike, feeds: l
         if unknown:
             raise ValueError(f"layers not found as Conv/Gemm/MatMul in the graph: {sorted(unknown)[:5]}")
         nodes = [inputs[name][0] for name in sorted(chosen)]
+        excluded = [inputs[name][0] for name in sorted(set(inputs) - chosen)]
         overrides = range_overrides(stats, ranges, inputs) if stats is not None else {}
+        which = (dict(op_types_to_quantize=["Conv", "Gemm", "MatMul"], nodes_to_quantize=nodes) if ops == "layers"
+                 else dict(nodes_to_exclude=excluded))
         data = [{k: v.detach().cpu().numpy() for k, v in f.items()} for f in feeds]
         q_path = Path(tmp) / "int8.onnx"
         quantize_static(str(fp32), str(q_path), _Reader(data), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                        op_types_to_quantize=["Conv", "Gemm", "MatMul"], nodes_to_quantize=nodes,
-                        calibrate_method=CalibrationMethod.MinMax,
+                        calibrate_method=CalibrationMethod.MinMax, **which,
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
                                        "TensorQuantOverrides": overrides})
         atomic_write(out_path, q_path.read_bytes())

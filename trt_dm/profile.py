@@ -3,7 +3,8 @@
     trt-dm profile --arch default --arch ddpm-cifar10 --batches 1 8 32 --threads 2 --out-dir bench/
 
 Runners (those the machine has): torch fp32 (CPU); ONNX Runtime fp32, int8 in ONNX Runtime's layout
-(``trt_dm.ortcpu``: uint8 activations, Q/DQ around inputs and outputs) and int8 in the TensorRT layout
+(``trt_dm.ortcpu``: uint8 activations, Q/DQ around inputs and outputs; the recipe's layers, or all ops)
+and int8 in the TensorRT layout
 (Q/DQ on inputs only, what `make engine` deploys) on CPU; on a GPU torch fp16, torch fp16 replayed as a
 CUDA graph, and TensorRT FP16 / int8 engines (``--engine``). Speed does not depend on weight values, so
 the benchmark architectures use random weights, and the int8 graphs get ranges from random inputs.
@@ -166,10 +167,12 @@ def cpu_runners(unet, tmp: Path, threads: int, calib_batches: int = 2) -> dict[s
     apply_ranges(q, {n: amax.get(n, 1.0) or 1.0 for n in activation_quantizers(q)})
     trt_layout = export_onnx(q, tmp / "int8-trt-layout.onnx")
     ort_layout = export_ort_int8(unet, tmp / "int8-ort.onnx", feeds, layers=set(quantized_layers(q)))
+    ort_all = export_ort_int8(unet, tmp / "int8-ort-all.onnx", feeds, layers=set(quantized_layers(q)), ops="all")
     return {
         "torch-fp32": lambda: TorchRunner(unet, device="cpu", dtype=torch.float32, name="torch"),
         "ort-fp32": lambda: OrtRunner(fp32, threads=threads, name="ort-fp32"),
         "ort-int8": lambda: OrtRunner(ort_layout, threads=threads, name="ort-int8"),
+        "ort-int8-all-ops": lambda: OrtRunner(ort_all, threads=threads, name="ort-int8-all-ops"),
         "ort-int8-trt-layout": lambda: OrtRunner(trt_layout, threads=threads, name="ort-int8-trt-layout"),
     }
 
