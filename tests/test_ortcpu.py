@@ -68,10 +68,10 @@ def test_ort_int8_graph_fuses_int8_kernels_and_stays_close_to_fp(calibrated, tmp
 
 def test_engine_target_ort_cpu(tiny_pipeline_dir, tmp_path, capsys):
     from trt_dm.cli import main
-    assert main(["engine", "--target", "ort-cpu", "--model", str(tiny_pipeline_dir), "--out-dir", str(tmp_path),
+    assert main(["engine", "--target", "ort-cpu", "--model", str(tiny_pipeline_dir), "--out-dir", str(tmp_path / "new"),
                  "--cache-dir", str(tmp_path / "cc"), "--calib-n", "8", "--calib-steps", "4", "--batch", "4",
                  "--no-progress"]) == 0
-    out = tmp_path / f"{tiny_pipeline_dir.name}-ptq4dm.ort-int8.onnx"
+    out = tmp_path / "new" / f"{tiny_pipeline_dir.name}-ptq4dm.ort-int8.onnx"  # the folder is created
     report = json.loads(out.with_name(out.name + ".json").read_text())
     assert report["target"] == "ort-cpu" and report["optimized_int8_ops"]["QLinearConv"] >= 20
     assert "QLinearConv" in capsys.readouterr().out
