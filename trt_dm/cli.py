@@ -397,8 +397,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                    help="tensorrt: symmetric Q/DQ on layer inputs (TensorRT / TensorRT-RTX); ort-cpu: ONNX "
                         "Runtime's fast int8 CPU layout (uint8 activations, Q/DQ around inputs and outputs)")
     p.add_argument("--ort-ops", choices=("layers", "all"), default="layers",
-                   help="ort-cpu: quantize the recipe's Conv/Linear layers only (as TensorRT), or every operator "
-                        "ONNX Runtime can (SiLU, residual adds, concat, softmax too: faster, less accurate)")
+                   help="ort-cpu: quantize the recipe's Conv/Linear layers only (as TensorRT; default), or every "
+                        "operator ONNX Runtime can (SiLU, residual adds, concat, softmax too): a study option, "
+                        "measured no faster here and less accurate (see README)")
     p.add_argument("--out-dir", default="engines", help="where ONNX files, reports and engines go")
     p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16",
                    help="precision of the non-quantized math in the deployed graph (fp16 for strongly typed "

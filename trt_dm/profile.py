@@ -9,13 +9,15 @@ and int8 in the TensorRT layout
 CUDA graph, and TensorRT FP16 / int8 engines (``--engine``). Speed does not depend on weight values, so
 the benchmark architectures use random weights, and the int8 graphs get ranges from random inputs.
 
-Per runner and batch: UNet-call latency (median and p90 of ``--iters`` calls after ``--warmup``); one
-sampling run (DDIM, ``--steps``) at the largest batch: images/s and the share of time outside the UNet;
-peak RSS (Linux VmHWM, reset before each runner) and, on CUDA, peak GPU memory. Results: profile.json,
+Per runner and batch: UNet-call latency (median and p90 of ``--iters`` calls after ``--warmup``), the
+runners timed round-robin so that changing load hits all of them alike; one sampling run (DDIM,
+``--steps``) at the largest batch, runner by runner: images/s, the share of time outside the UNet, and
+peak RSS during it (Linux VmHWM, reset before it; all runners are loaded) and, on CUDA, peak GPU memory. Results: profile.json,
 profile.md, profile.png in the output folder, with the machine described.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -187,17 +189,25 @@ def gpu_runners(unet, engines: list[str]) -> dict[str, Callable[[], Runner]]:
     return out
 
 
-def _time_calls(runner: Runner, feed: dict, warmup: int, iters: int) -> list[float]:
-    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        runner.infer(feed)
-    sync()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        runner.infer(feed)
+def _time_interleaved(active: dict[str, Runner], feed: dict, warmup: int, iters: int) -> dict[str, list[float]]:
+    """Seconds per call of every runner, timed round-robin (one call each, rotating the order) so that load
+    changing during the run affects every runner alike and cancels in the ratios."""
+    def call(r: Runner) -> float:
+        sync = torch.cuda.synchronize if r.device.type == "cuda" else (lambda: None)
         sync()
-        times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        r.infer(feed)
+        sync()
+        return time.perf_counter() - t0
+
+    for r in active.values():
+        for _ in range(warmup):
+            call(r)
+    names = list(active)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(iters):
+        for n in names[i % len(names):] + names[:i % len(names)]:
+            times[n].append(call(active[n]))
     return times
 
 
@@ -237,28 +247,29 @@ def profile(arch: str, batches: list[int], *, threads: int, steps: int, warmup: 
         res["export_seconds"] = round(time.perf_counter() - t0, 1)
         if torch.cuda.is_available():
             factories.update(gpu_runners(unet, engines or []))
-        for name, make in factories.items():
-            if runners and name not in runners:
-                continue
-            _rss_reset()
-            rss_before = _rss_now_mb()
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            row: dict = {"latency": []}
-            with make() as r:
-                for b in batches:
-                    ts = sorted(_time_calls(r, feed_for(unet, b), warmup, iters))
+        chosen = {n: f for n, f in factories.items() if not runners or n in runners}
+        with contextlib.ExitStack() as stack:
+            active = {name: stack.enter_context(make()) for name, make in chosen.items()}
+            rows: dict[str, dict] = {name: {"latency": []} for name in active}
+            for b in batches:
+                times = _time_interleaved(active, feed_for(unet, b), warmup, iters)
+                for name, ts in times.items():
+                    ts = sorted(ts)
                     p90 = ts[min(len(ts) - 1, int(round(0.9 * (len(ts) - 1))))]
-                    row["latency"].append({"batch": b, "median_ms": 1e3 * statistics.median(ts), "p90_ms": 1e3 * p90,
-                                           "images_per_s": b / statistics.median(ts)})
-                    progress(f"  {arch:13s} {name:20s} batch {b:4d}: {row['latency'][-1]['median_ms']:9.2f} ms median")
+                    rows[name]["latency"].append({"batch": b, "median_ms": 1e3 * statistics.median(ts),
+                                                  "p90_ms": 1e3 * p90, "images_per_s": b / statistics.median(ts)})
+                    progress(f"  {arch:13s} {name:20s} batch {b:4d}: {rows[name]['latency'][-1]['median_ms']:9.2f} ms median")
+            for name, r in active.items():  # sampling runs one runner at a time: peak memory per runner
+                _rss_reset()
+                rows[name]["rss_before_mb"] = _rss_now_mb()
+                if torch.cuda.is_available():
+                    torch.cuda.reset_peak_memory_stats()
                 if steps:
-                    row["sampling"] = _sampling_run(r, unet, sched_cfg, max(batches), steps)
-            row["peak_rss_mb"] = _rss_peak_mb()
-            row["rss_before_mb"] = rss_before
-            if torch.cuda.is_available():
-                row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-            res["runners"][name] = row
+                    rows[name]["sampling"] = _sampling_run(r, unet, sched_cfg, max(batches), steps)
+                rows[name]["peak_rss_mb"] = _rss_peak_mb()
+                if torch.cuda.is_available():
+                    rows[name]["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        res["runners"] = rows
     return res
 
 
