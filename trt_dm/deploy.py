@@ -195,14 +195,14 @@ def export_ort_cpu(loaded: LoadedModel, qcfg: QuantConfig, calib: CalibrationRes
     feeds = [{"sample": x, "timestep": t} for x, t in cs.batches(16)]
     out = out_dir / f"{loaded.name}-{recipe_slug(recipe)}.ort-int8{'' if ops == 'layers' else '-' + ops}.onnx"
     export_ort_int8(loaded.unet, out, feeds, layers=set(calib.ranges), stats=stats, ranges=calib.ranges, ops=ops)
-    ops = optimized_op_types(out)
-    int8 = {k: v for k, v in ops.items() if k in INT8_OPS}
+    op_counts = optimized_op_types(out)
+    int8 = {k: v for k, v in op_counts.items() if k in INT8_OPS}
     report = {"model": str(loaded.source), "model_fingerprint": loaded.fingerprint(), "recipe": recipe,
               "target": "ort-cpu", "ops": ops, "ranges": str(calib.ranges_path), "input_ranges_from_statistics": len(calib.ranges),
               "output_range_samples": len(cs.t), "optimized_int8_ops": int8, "seconds": round(time.perf_counter() - t0, 1)}
     atomic_write(Path(f"{out}.json"), (json.dumps(report, indent=1) + "\n").encode())
     if not int8:
-        raise ValueError(f"{out}: ONNX Runtime fused no int8 kernels (optimised op types {ops})")
+        raise ValueError(f"{out}: ONNX Runtime fused no int8 kernels (optimised op types {op_counts})")
     progress(f"  {out} ({report['seconds']} s): ONNX Runtime CPU int8 layout; after ONNX Runtime's optimisation: "
              + ", ".join(f"{k} {v}" for k, v in sorted(int8.items())))
     return out
