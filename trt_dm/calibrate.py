@@ -110,11 +110,16 @@ def calibrate(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, recipe: s
                              unet_calls=timings.get("unet_calls", 0))
 
 
+def group_ranges(ranges: dict, k: int) -> dict[str, float]:
+    """{quantizer: amax} of timestep group ``k`` (ranges without groups are the same for every k)."""
+    return {n: (v[k]["amax"] if isinstance(v, list) else v) for n, v in ranges.items()}
+
+
 def fake_quant_unet(loaded: LoadedModel, qcfg: QuantConfig, ranges: dict) -> torch.nn.Module:
     """A fake-quant copy of the UNet with ``ranges`` applied and checked. For groups=K ranges the first
     group's values are applied; ``grouped_denoiser`` switches groups by timestep."""
     qunet = quantize_model(copy.deepcopy(loaded.unet), qcfg)
-    apply_ranges(qunet, {n: (v[0]["amax"] if isinstance(v, list) else v) for n, v in ranges.items()})
+    apply_ranges(qunet, group_ranges(ranges, 0))
     return qunet
 
 
@@ -123,8 +128,7 @@ def grouped_denoiser(qunet: torch.nn.Module, ranges: dict):
     the range set of the group containing t is applied (the torch analogue of K engines switched by t)."""
     groups = next(v for v in ranges.values() if isinstance(v, list))
     bounds = [(g["t_max"], g["t_min"]) for g in groups]
-    per_group = [{n: (v[k]["amax"] if isinstance(v, list) else v) for n, v in ranges.items()}
-                 for k in range(len(groups))]
+    per_group = [group_ranges(ranges, k) for k in range(len(groups))]
     current: list[int] = [-1]
 
     def denoiser(x: torch.Tensor, t: torch.Tensor, **extra) -> torch.Tensor:

@@ -283,13 +283,8 @@ def cmd_calibrate(args) -> int:
 
 def _exported(args, loaded, progress=print):
     """calibrate (cached) -> checked Q/DQ ONNX: the shared first half of `export` and `engine`."""
-    from .deploy import export_checked
-    if args.shortcut_split:  # checked before calibrating: no work is spent on an unexportable model
-        raise ValueError("--shortcut-split uses per-channel activation ranges, which TensorRT does not accept; "
-                         "it is a fake-quant study only")
-    if args.target == "ort-cpu":
-        from .deploy import check_ort_cpu
-        check_ort_cpu(_quant_config(args), args.recipe)
+    from .deploy import check_target, export_checked
+    check_target(_quant_config(args), args.recipe, args.target)  # before calibrating: no work on what can't export
     res, qcfg = _calibration(args, loaded, args.recipe, progress=not args.no_progress)
     how = ("reused from cache" if res.stats_reused else
            f"collected in {res.seconds_collect:.1f} s: FP trajectories {res.seconds_trajectories:.1f} s + statistics "
@@ -324,7 +319,7 @@ def cmd_build(args) -> int:
         raise FileNotFoundError(f"{path}: no such ONNX file")
     report_path = Path(f"{path}.json")
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    build_all([ExportedModel(path, None, report)], _build_options(args), flavour=args.flavour)
+    build_all([ExportedModel(path, report)], _build_options(args), flavour=args.flavour)
     return 0
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .calib.stats import atomic_write
-from .calibrate import CalibrationResult, fake_quant_unet
+from .calibrate import CalibrationResult, fake_quant_unet, group_ranges
 from .export import check_layers, check_qdq, compare_layers, export_onnx, to_fp16
 from .models import LoadedModel
 from .quant import QuantConfig, apply_ranges, quantized_layers
@@ -38,8 +38,7 @@ def recipe_slug(recipe: str) -> str:
 @dataclass
 class ExportedModel:
     """One deployable graph (one per timestep group): its files and what was checked."""
-    onnx: Path               # the graph an engine is built from (fp16 or fp32)
-    onnx_fp32: Path | None   # the FP32 Q/DQ graph (None for the FP baseline)
+    onnx: Path  # the graph an engine is built from (fp16 or fp32); the report names the FP32 Q/DQ graph
     report: dict = field(default_factory=dict)
 
 
@@ -77,9 +76,9 @@ def _flip_summary(rows: list[dict]) -> dict:
 
 def _check(path: Path, quantized: set[str]) -> list[str]:
     import onnx
-    onnx.checker.check_model(str(path))
-    rep = check_qdq(path)
-    return rep.violations + check_layers(path, quantized)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    return check_qdq(model).violations + check_layers(model, quantized)
 
 
 def export_checked(loaded: LoadedModel, qcfg: QuantConfig, calib: CalibrationResult, recipe: str, out_dir: Path, *,
@@ -88,9 +87,7 @@ def export_checked(loaded: LoadedModel, qcfg: QuantConfig, calib: CalibrationRes
     Raises ``ValueError`` listing the violations when a check fails (the ONNX files stay for inspection)."""
     if precision not in ("fp16", "fp32"):
         raise ValueError(f"precision must be fp16 or fp32, got {precision!r}")
-    if qcfg.shortcut_split:
-        raise ValueError("--shortcut-split uses per-channel activation ranges, which TensorRT does not accept; "
-                         "it is a fake-quant study only")
+    check_target(qcfg, recipe, "tensorrt")
     ranges = calib.ranges
     grouped = [v for v in ranges.values() if isinstance(v, list)]
     k_groups = len(grouped[0]) if grouped else 1
@@ -102,7 +99,7 @@ def export_checked(loaded: LoadedModel, qcfg: QuantConfig, calib: CalibrationRes
     for k in range(k_groups):
         suffix = f".g{k}" if grouped else ""
         if grouped:
-            apply_ranges(qunet, {n: (v[k]["amax"] if isinstance(v, list) else v) for n, v in ranges.items()})
+            apply_ranges(qunet, group_ranges(ranges, k))
         t0 = time.perf_counter()
         fp32 = export_onnx(qunet, out_dir / f"{stem}{suffix}.fp32.onnx")
         problems = _check(fp32, quantized)
@@ -129,7 +126,7 @@ def export_checked(loaded: LoadedModel, qcfg: QuantConfig, calib: CalibrationRes
                  f"int8 codes vs torch fake-quant, layer by layer: {fl['flip_rate']:.1e} flipped (max diff "
                  f"{fl['max_code_diff']}; end to end {fl['flip_rate_e2e']:.1e})"
                  + (f", FP16 graph {report['layer_comparison_fp16']['flip_rate']:.1e}" if precision == "fp16" else ""))
-        out.append(ExportedModel(target, fp32, report))
+        out.append(ExportedModel(target, report))
     return out
 
 
@@ -143,7 +140,7 @@ def export_baseline(loaded: LoadedModel, out_dir: Path, *, precision: str = "fp1
         raise ValueError(f"{target}: unexpected Q/DQ in the unquantized export: {problems[:5]}")
     report = {"model": str(loaded.source), "model_fingerprint": loaded.fingerprint(), "recipe": None,
               "precision": precision, "onnx": target.name}
-    return ExportedModel(target, None, report)
+    return ExportedModel(target, report)
 
 
 def build_all(models: list[ExportedModel], options, *, flavour: str | None = None, progress=print) -> list[dict]:
@@ -164,9 +161,14 @@ def build_all(models: list[ExportedModel], options, *, flavour: str | None = Non
     return sidecars
 
 
-def check_ort_cpu(qcfg: QuantConfig, recipe: str) -> None:
-    """Refuse, before any work, what the ort-cpu target cannot express."""
+def check_target(qcfg: QuantConfig, recipe: str, target: str) -> None:
+    """Refuse, before any work, what a target ("tensorrt" or "ort-cpu") cannot express."""
     from .calib.ranges import get_recipe
+    if target == "tensorrt":
+        if qcfg.shortcut_split:
+            raise ValueError("--shortcut-split uses per-channel activation ranges, which TensorRT does not accept; "
+                             "it is a fake-quant study only")
+        return
     if qcfg.weight_bits != 8 or qcfg.shortcut_split or qcfg.quantize_attention:
         raise ValueError("the ort-cpu target supports W8A8 on Conv/Linear inputs only (no --weight-bits 4, "
                          "--shortcut-split or --quantize-attention)")
@@ -185,7 +187,7 @@ def export_ort_cpu(loaded: LoadedModel, qcfg: QuantConfig, calib: CalibrationRes
     from .calib.trajectories import collect
     from .ortcpu import INT8_OPS, export_ort_int8, optimized_op_types
     from .runners import TorchRunner, as_denoiser
-    check_ort_cpu(qcfg, recipe)
+    check_target(qcfg, recipe, "ort-cpu")
     t0 = time.perf_counter()
     stats = CalibStats.load(calib.stats_dir)
     small = replace(spec, n=min(n_outputs, spec.n), seed=spec.seed + 1)

@@ -180,6 +180,7 @@ def _activation_q_nodes(model) -> dict[str, str]:
     for n in model.graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
+    dq_or_cast = {d.output[0] for d in model.graph.node if d.op_type in ("DequantizeLinear", "Cast")}
     out = {}
     for n in model.graph.node:
         if n.op_type != "QuantizeLinear" or n.input[0] in consts:
@@ -189,8 +190,7 @@ def _activation_q_nodes(model) -> dict[str, str]:
             c = frontier.pop()
             if c.op_type in ("DequantizeLinear", "Cast"):
                 frontier += consumers.get(c.output[0], [])
-            elif c.op_type in ("Conv", "Gemm", "MatMul") and c.input[0] in (
-                    {d.output[0] for d in model.graph.node if d.op_type in ("DequantizeLinear", "Cast")}):
+            elif c.op_type in ("Conv", "Gemm", "MatMul") and c.input[0] in dq_or_cast:
                 out[layer_of(c)] = n.output[0]
     return out
 

@@ -132,22 +132,17 @@ class CudaGraphTorchRunner(TorchRunner):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graph requires
-                self.unet(**_unet_kwargs(static))
+                self.unet(**static)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = self.unet(**_unet_kwargs(static)).sample
+                out = self.unet(**static).sample
             self._graphs[key] = (graph, static, out)
         graph, static, out = self._graphs[key]
         for k, v in feed.items():
             static[k].copy_(v)
         graph.replay()
         return {OUTPUT_NAME: out.float().clone()}
-
-
-def _unet_kwargs(feed: dict) -> dict:
-    kw = dict(feed)
-    return {"sample": kw.pop("sample"), "timestep": kw.pop("timestep"), **kw}
 
 
 def cpu_runners(unet, tmp: Path, threads: int, calib_batches: int = 2) -> dict[str, Callable[[], Runner]]:
@@ -165,7 +160,7 @@ def cpu_runners(unet, tmp: Path, threads: int, calib_batches: int = 2) -> dict[s
     amax: dict[str, float] = {}
     with observing(q, lambda n, x: amax.__setitem__(n, max(amax.get(n, 0.0), float(x.abs().max())))), torch.no_grad():
         for f in feeds:
-            q(**_unet_kwargs(f))
+            q(**f)
     apply_ranges(q, {n: amax.get(n, 1.0) or 1.0 for n in activation_quantizers(q)})
     trt_layout = export_onnx(q, tmp / "int8-trt-layout.onnx")
     ort_layout = export_ort_int8(unet, tmp / "int8-ort.onnx", feeds, layers=set(quantized_layers(q)))
