@@ -19,6 +19,7 @@ def test_profile_writes_json_markdown_and_plot(tiny_unet_dir, tmp_path, capsys):
         assert [r["batch"] for r in row["latency"]] == [1, 2]
         for r in row["latency"]:
             assert 0 < r["median_ms"] <= r["p90_ms"] and r["images_per_s"] > 0
+            assert len(r["times_ms"]) == 3 and min(r["times_ms"]) == round(r["min_ms"], 3) and r["min_ms"] <= r["median_ms"] <= max(r["times_ms"])
         s = row["sampling"]
         assert s["batch"] == 2 and s["steps"] == 2 and s["images_per_s"] > 0 and 0 <= s["outside_unet_share"] < 1
         assert row["peak_rss_mb"] >= row["rss_before_mb"] > 0
@@ -37,3 +38,33 @@ def test_benchmark_architectures_have_the_stated_sizes():
 def test_unknown_arch_is_a_clear_error(capsys):
     assert main(["profile", "--arch", "resnet50", "--out-dir", "/nonexistent"]) == 2
     assert "neither one of ddpm-cifar10, sd15-unet nor a loadable model" in capsys.readouterr().err
+
+
+def test_interleaved_timing_rounds_rotate_and_settle(tiny_unet_dir):
+    # every runner gets exactly `iters` timings; each round starts with an untimed (settling) call per runner,
+    # and the order of runners rotates from round to round
+    import copy
+
+    import torch
+
+    from trt_dm.models import load_model
+    from trt_dm.profile import _time_interleaved, feed_for
+    from trt_dm.runners import TorchRunner
+
+    unet = load_model(tiny_unet_dir).unet
+    log: list[str] = []
+    runners = {}
+    for name in ("a", "b", "c"):
+        net = copy.deepcopy(unet)
+        net.register_forward_hook(lambda m, i, o, name=name: log.append(name))
+        runners[name] = TorchRunner(net, device="cpu", dtype=torch.float32, name=name)
+    with runners["a"], runners["b"], runners["c"]:
+        times = _time_interleaved(runners, feed_for(unet, 1), warmup=1, iters=7, block=3, settle=1)
+    assert {n: len(v) for n, v in times.items()} == {"a": 7, "b": 7, "c": 7}
+    assert all(t > 0 for v in times.values() for t in v)
+    body = log[3:]  # after one warm-up call each
+    # rounds of (1 settling + 3 timed) calls per runner, twice, then a last round of (1 + 1)
+    assert len(body) == 3 * (4 + 4 + 2)
+    assert body[0:12] == ["a"] * 4 + ["b"] * 4 + ["c"] * 4
+    assert body[12:24] == ["b"] * 4 + ["c"] * 4 + ["a"] * 4
+    assert body[24:] == ["c", "c", "a", "a", "b", "b"]

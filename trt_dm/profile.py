@@ -10,7 +10,8 @@ CUDA graph, and TensorRT FP16 / int8 engines (``--engine``). Speed does not depe
 the benchmark architectures use random weights, and the int8 graphs get ranges from random inputs.
 
 Per runner and batch: UNet-call latency (median and p90 of ``--iters`` calls after ``--warmup``), the
-runners timed round-robin so that changing load hits all of them alike; one sampling run (DDIM,
+runners timed in interleaved rounds (an untimed call, then up to 3 timed ones, runner after runner) so
+that changing load hits all of them alike; one sampling run (DDIM,
 ``--steps``) at the largest batch, runner by runner: images/s, the share of time outside the UNet, and
 peak RSS during it (Linux VmHWM, reset before it; all runners are loaded) and, on CUDA, peak GPU memory. Results: profile.json,
 profile.md, profile.png in the output folder, with the machine described.
@@ -184,9 +185,13 @@ def gpu_runners(unet, engines: list[str]) -> dict[str, Callable[[], Runner]]:
     return out
 
 
-def _time_interleaved(active: dict[str, Runner], feed: dict, warmup: int, iters: int) -> dict[str, list[float]]:
-    """Seconds per call of every runner, timed round-robin (one call each, rotating the order) so that load
-    changing during the run affects every runner alike and cancels in the ratios."""
+def _time_interleaved(active: dict[str, Runner], feed: dict, warmup: int, iters: int, *, block: int = 3,
+                      settle: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of every runner, timed in rounds: each round gives every runner (rotating the order)
+    ``settle`` untimed calls and then up to ``block`` timed ones, until each has ``iters`` timings. Load
+    that changes during the run then affects every runner alike and cancels in the ratios. The untimed
+    calls matter: ONNX Runtime's worker threads keep spinning for a while after a call (its default), and
+    measured here they slowed the next runner's first call up to 4-8x; one call absorbs that tail."""
     def call(r: Runner) -> float:
         sync = torch.cuda.synchronize if r.device.type == "cuda" else (lambda: None)
         sync()
@@ -200,9 +205,14 @@ def _time_interleaved(active: dict[str, Runner], feed: dict, warmup: int, iters:
             call(r)
     names = list(active)
     times: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(iters):
-        for n in names[i % len(names):] + names[:i % len(names)]:
-            times[n].append(call(active[n]))
+    rnd = 0
+    while any(len(v) < iters for v in times.values()):
+        for n in names[rnd % len(names):] + names[:rnd % len(names)]:
+            k = min(block, iters - len(times[n]))
+            for _ in range(settle if k else 0):
+                call(active[n])
+            times[n] += [call(active[n]) for _ in range(k)]
+        rnd += 1
     return times
 
 
@@ -248,11 +258,13 @@ def profile(arch: str, batches: list[int], *, threads: int, steps: int, warmup: 
             rows: dict[str, dict] = {name: {"latency": []} for name in active}
             for b in batches:
                 times = _time_interleaved(active, feed_for(unet, b), warmup, iters)
-                for name, ts in times.items():
-                    ts = sorted(ts)
+                for name, raw in times.items():
+                    ts = sorted(raw)
                     p90 = ts[min(len(ts) - 1, int(round(0.9 * (len(ts) - 1))))]
                     rows[name]["latency"].append({"batch": b, "median_ms": 1e3 * statistics.median(ts),
-                                                  "p90_ms": 1e3 * p90, "images_per_s": b / statistics.median(ts)})
+                                                  "p90_ms": 1e3 * p90, "min_ms": 1e3 * ts[0],
+                                                  "images_per_s": b / statistics.median(ts),
+                                                  "times_ms": [round(1e3 * t, 3) for t in raw]})
                     progress(f"  {arch:13s} {name:20s} batch {b:4d}: {rows[name]['latency'][-1]['median_ms']:9.2f} ms median")
             for name, r in active.items():  # sampling runs one runner at a time: peak memory per runner
                 _rss_reset()
@@ -268,10 +280,12 @@ def profile(arch: str, batches: list[int], *, threads: int, steps: int, warmup: 
     return res
 
 
-def ratios(res: dict, base: str = "ort-fp32") -> dict[str, dict[int, float]]:
-    """Speed-up of every runner over ``base`` per batch (median latency ratio), measured in the same run."""
-    b = {r["batch"]: r["median_ms"] for r in res["runners"].get(base, {}).get("latency", [])}
-    return {name: {r["batch"]: b[r["batch"]] / r["median_ms"] for r in row["latency"] if r["batch"] in b}
+def ratios(res: dict, base: str = "ort-fp32", key: str = "median_ms") -> dict[str, dict[int, float]]:
+    """Speed-up of every runner over ``base`` per batch, measured in the same run: the ratio of median
+    latencies, or with key="min_ms" of the fastest calls (on a shared machine other load only ever adds
+    time, so the fastest calls are the least disturbed estimate of what each runner costs)."""
+    b = {r["batch"]: r[key] for r in res["runners"].get(base, {}).get("latency", [])}
+    return {name: {r["batch"]: b[r["batch"]] / r[key] for r in row["latency"] if r["batch"] in b}
             for name, row in res["runners"].items()}
 
 
