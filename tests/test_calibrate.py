@@ -71,6 +71,22 @@ def test_fake_quant_and_grouped_ranges(tiny_pipeline_dir, tmp_path):
     assert quantizer.amax.item() == pytest.approx(g.ranges[name][0]["amax"])
 
 
+@pytest.mark.parametrize("weight_bits", [8, 4])
+def test_folded_weights_give_bit_identical_outputs(tiny_pipeline_dir, tmp_path, weight_bits):
+    # evaluation folds the fake-quantized weights once; it must not change a single output bit
+    loaded = load_model(tiny_pipeline_dir)
+    qcfg = QuantConfig(weight_bits=weight_bits)
+    res = calibrate(loaded, SPEC, qcfg, "ptq4dm", cache_root=tmp_path, batch_size=8, progress=False)
+    q = fake_quant_unet(loaded, qcfg, res.ranges)
+    f = fake_quant_unet(loaded, qcfg, res.ranges, fold_weights=True)
+    assert not any(m.weight_quantizer.is_enabled for m in f.modules() if hasattr(m, "weight_quantizer"))
+    assert any(m.weight_quantizer.is_enabled for m in q.modules() if hasattr(m, "weight_quantizer"))
+    x, t = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 40, 90])
+    with torch.no_grad():
+        assert torch.equal(q(x, t).sample, f(x, t).sample)
+    check_calibrated(f)
+
+
 def test_layer_sensitivity_report(tiny_pipeline_dir, tmp_path):
     from trt_dm.calibrate import layer_sensitivity
     loaded = load_model(tiny_pipeline_dir)

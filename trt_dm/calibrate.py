@@ -115,11 +115,20 @@ def group_ranges(ranges: dict, k: int) -> dict[str, float]:
     return {n: (v[k]["amax"] if isinstance(v, list) else v) for n, v in ranges.items()}
 
 
-def fake_quant_unet(loaded: LoadedModel, qcfg: QuantConfig, ranges: dict) -> torch.nn.Module:
+def fake_quant_unet(loaded: LoadedModel, qcfg: QuantConfig, ranges: dict, *,
+                    fold_weights: bool = False) -> torch.nn.Module:
     """A fake-quant copy of the UNet with ``ranges`` applied and checked. For groups=K ranges the first
-    group's values are applied; ``grouped_denoiser`` switches groups by timestep."""
+    group's values are applied; ``grouped_denoiser`` switches groups by timestep.
+
+    ``fold_weights``: store each weight already fake-quantized and disable its weight quantizer
+    (ModelOpt's ``fold_weight``), so sampling does not re-quantize the weights on every call. The
+    outputs are bit-identical; the model can then no longer be exported (the weight Q/DQ are gone), so
+    evaluation uses it and export does not."""
     qunet = quantize_model(copy.deepcopy(loaded.unet), qcfg)
     apply_ranges(qunet, group_ranges(ranges, 0))
+    if fold_weights:
+        import modelopt.torch.quantization as mtq
+        mtq.fold_weight(qunet)
     return qunet
 
 

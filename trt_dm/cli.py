@@ -178,7 +178,7 @@ def cmd_eval(args) -> int:
                 result.update({"onnx": str(args.onnx), "recipe": args.recipe})
             else:
                 calib, qcfg = _calibration(args, loaded, args.recipe, progress=not args.no_progress)
-                qunet = fake_quant_unet(loaded, qcfg, calib.ranges)
+                qunet = fake_quant_unet(loaded, qcfg, calib.ranges, fold_weights=True)
                 grouped = any(isinstance(v, list) for v in calib.ranges.values())
                 q_runner = stack.enter_context(TorchRunner(qunet, device="cpu", dtype=torch.float32, name="fakequant"))
                 test = grouped_denoiser(qunet, calib.ranges) if grouped else as_denoiser(q_runner)
