@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from trt_dm.quant import DEFAULT_EXCLUDE
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "reports" / "quality"
 N = 2000
@@ -57,7 +59,6 @@ RUN_FIRST = ["ddpm250-w8a8-ndtc-ptq4dm", "w8a8-ndtc-max", "w8a8-ndtc-percentile"
              "w8a8-ndtc-mse-g4", "w4a8-ndtc-ptq4dm", "w4a8-ndtc-ptq4dm-split"]
 
 
-_EXCL = ["time_embedding.*", "conv_in", "conv_out"]  # trt_dm.quant.DEFAULT_EXCLUDE
 # (variant id, label, extra `trt-dm eval` arguments) for `screen`: one change at a time from the default,
 # most promising first (uniform already has its full row).
 SCREEN: list[tuple[str, str, list[str]]] = [
@@ -65,7 +66,7 @@ SCREEN: list[tuple[str, str, list[str]]] = [
     ("ndtc-0.4-0.4", "ndtc mu=0.4 sigma=0.4 (PTQ4DM's published script)",
      ["--recipe", "ptq4dm", "--timesteps", "ndtc:0.4,0.4"]),
     ("ex-d0r0c1", "also keep down_blocks.0.resnets.0.conv1 in FP (most sensitive quantized layer)",
-     ["--recipe", "ptq4dm", "--exclude", *_EXCL, "down_blocks.0.resnets.0.conv1"]),
+     ["--recipe", "ptq4dm", "--exclude", *DEFAULT_EXCLUDE, "down_blocks.0.resnets.0.conv1"]),
     ("uniform-percentile", "uniform timesteps and percentile 99.99 (the two best full rows, together)",
      ["--recipe", "percentile", "--timesteps", "uniform"]),
     ("mse2", "mse:2@pooled (lower exponent, tighter ranges)", ["--recipe", "mse:2@pooled"]),

@@ -9,11 +9,11 @@ and int8 in the TensorRT layout
 CUDA graph, and TensorRT FP16 / int8 engines (``--engine``). Speed does not depend on weight values, so
 the benchmark architectures use random weights, and the int8 graphs get ranges from random inputs.
 
-Per runner and batch: UNet-call latency (median and p90 of ``--iters`` calls after ``--warmup``), the
-runners timed in interleaved rounds (an untimed call, then up to 3 timed ones, runner after runner) so
-that changing load hits all of them alike; one sampling run (DDIM,
-``--steps``) at the largest batch, runner by runner: images/s, the share of time outside the UNet, and
-peak RSS during it (Linux VmHWM, reset before it; all runners are loaded) and, on CUDA, peak GPU memory. Results: profile.json,
+Per runner and batch: UNet-call latency (median, p90 and fastest of ``--iters`` calls after ``--warmup``),
+the runners timed in interleaved rounds (an untimed call, then up to 3 timed ones, runner after runner) so
+that changing load hits all of them alike; one sampling run (DDIM, ``--steps``) at the largest batch,
+runner by runner: images/s, the share of time outside the UNet, and peak RSS during it (Linux VmHWM,
+reset before it; all runners are loaded) and, on CUDA, peak GPU memory. Results: profile.json,
 profile.md, profile.png in the output folder, with the machine described.
 """
 from __future__ import annotations
