@@ -95,3 +95,38 @@ def test_shortcut_split_finds_concat_boundaries_and_applies_two_ranges():
     k = splits[split_name]
     assert (amax[:k] == 1.0).all() and (amax[k:] == 2.0).all()
     check_calibrated(q)
+
+
+def test_weight_mse_search_matches_brute_force_and_beats_abs_max():
+    """W4 weights, weight_calib="mse" (modelopt's data-free search): per output channel the clip reaches the
+    least squared weight error over the search grid (exhaustive check), never above the abs-max; in total
+    the error is below the abs-max ranges'. Rerunning gives the same ranges bit for bit."""
+    with pytest.raises(ValueError, match=r"weight_calib must be one of max, mse, got 'l1'"):
+        QuantConfig(weight_calib="l1")
+    q_max = quantize_model(tiny_unet2d(seed=0), QuantConfig(weight_bits=4))
+    q_mse = quantize_model(tiny_unet2d(seed=0), QuantConfig(weight_bits=4, weight_calib="mse"))
+    again = quantize_model(tiny_unet2d(seed=0), QuantConfig(weight_bits=4, weight_calib="mse"))
+    grid = torch.arange(30, 101, dtype=torch.float64) / 100  # WEIGHT_MSE_SEARCH: 0.30 ... 1.00
+    mods_max, mods_again = dict(q_max.named_modules()), dict(again.named_modules())
+    total_max = total_mse = 0.0
+    with torch.no_grad():
+        for name in quantized_layers(q_mse):
+            m = dict(q_mse.named_modules())[name]
+            w, wq, wq_max = m.weight, m.weight_quantizer, mods_max[name].weight_quantizer
+            absmax = w.abs().flatten(1).amax(1)
+            assert torch.equal(wq.amax, mods_again[name].weight_quantizer.amax)
+            assert (wq.amax.flatten() <= absmax * (1 + 1e-6)).all() and (wq.amax.flatten() >= 0.3 * absmax * (1 - 1e-6)).all()
+
+            def err(quantizer):
+                return ((quantizer(w) - w) ** 2).flatten(1).sum(1)
+            got, e_max = err(wq), err(wq_max)
+            saved = wq.amax.clone()
+            best = torch.full_like(got, float("inf"))
+            for mult in grid:
+                wq.amax = (absmax * float(mult)).reshape(saved.shape)
+                best = torch.minimum(best, err(wq))
+            wq.amax = saved
+            assert (got <= best * (1 + 1e-5) + 1e-12).all(), name
+            assert (got <= e_max * (1 + 1e-5) + 1e-12).all(), name
+            total_max, total_mse = total_max + e_max.sum().item(), total_mse + got.sum().item()
+    assert total_mse < 0.9 * total_max

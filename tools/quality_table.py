@@ -42,10 +42,12 @@ ROWS: list[tuple[str, str, list[str]]] = [
      ["--recipe", "ptq4dm", "--timesteps", "single"]),
     ("w8a8-uniform-ptq4dm", "W8A8 uniform, mse@pooled", ["--recipe", "ptq4dm", "--timesteps", "uniform"]),
     ("w8a8-ndtc-max", "W8A8 ndtc, max@pooled", ["--recipe", "max"]),
-    ("w4a8-ndtc-ptq4dm", "W4A8 ndtc, mse@pooled", ["--recipe", "ptq4dm", "--weight-bits", "4"]),
-    ("w4a8-ndtc-ptq4dm-split", "W4A8 ndtc, mse@pooled, shortcut split",
+    ("w4a8-ndtc-ptq4dm", "W4A8 ndtc, mse@pooled, abs-max weights", ["--recipe", "ptq4dm", "--weight-bits", "4"]),
+    ("w4a8-ndtc-ptq4dm-split", "W4A8 ndtc, mse@pooled, abs-max weights, shortcut split",
      ["--recipe", "ptq4dm", "--weight-bits", "4", "--shortcut-split"]),
     ("w8a8-ndtc-percentile", "W8A8 ndtc, percentile 99.99@pooled", ["--recipe", "percentile"]),
+    ("w8a8-uniform-percentile", "W8A8 uniform, percentile 99.99@pooled",
+     ["--recipe", "percentile", "--timesteps", "uniform"]),
     ("w8a8-ndtc-max-minmean", "W8A8 ndtc, max@min-mean (ModelOpt's merge; defined for max only)",
      ["--recipe", "minmean"]),
     ("w8a8-ndtc-mse-g4", "W8A8 ndtc, mse@groups=4 (4 range sets)", ["--recipe", "ptq4dm-g4"]),
@@ -55,14 +57,26 @@ ROWS: list[tuple[str, str, list[str]]] = [
 ]
 # Workers take pending rows in this order (the rows the issue asks for first, the longest of them first);
 # rows not named here follow in table order.
-RUN_FIRST = ["ddpm250-w8a8-ndtc-ptq4dm", "w8a8-ndtc-max", "w8a8-ndtc-percentile", "w8a8-ndtc-max-minmean",
-             "w8a8-ndtc-mse-g4", "w4a8-ndtc-ptq4dm", "w4a8-ndtc-ptq4dm-split"]
+RUN_FIRST = ["ddpm250-w8a8-ndtc-ptq4dm", "w8a8-uniform-percentile", "w8a8-ndtc-max", "w8a8-ndtc-percentile",
+             "w8a8-ndtc-max-minmean", "w8a8-ndtc-mse-g4", "w4a8-ndtc-ptq4dm", "w4a8-ndtc-ptq4dm-split"]
 
 
 # (variant id, label, extra `trt-dm eval` arguments) for `screen`: one change at a time from the default,
 # most promising first (uniform already has its full row).
 SCREEN: list[tuple[str, str, list[str]]] = [
     ("ptq4dm", "default: ndtc(0.5,0.35) n256, mse:2.4@pooled", ["--recipe", "ptq4dm"]),
+    ("single-ex-temb", "single, with the resnets' time_emb_proj layers kept in FP (is their clipping the failure?)",
+     ["--recipe", "ptq4dm", "--timesteps", "single", "--exclude", *DEFAULT_EXCLUDE, "*time_emb_proj"]),
+    ("minmean-ex-temb", "max@min-mean, with the resnets' time_emb_proj layers kept in FP",
+     ["--recipe", "minmean", "--exclude", *DEFAULT_EXCLUDE, "*time_emb_proj"]),
+    ("w4a8-wmse", "W4A8, weight ranges by ModelOpt's data-free MSE search (--weight-calib mse)",
+     ["--recipe", "ptq4dm", "--weight-bits", "4", "--weight-calib", "mse"]),
+    ("w4a8", "W4A8, abs-max weight ranges (the full row's setting, at the screening size)",
+     ["--recipe", "ptq4dm", "--weight-bits", "4"]),
+    ("g2", "mse:2.4@groups=2 (two range sets: fewer engines than the groups=4 row)", ["--recipe", "mse:2.4@groups=2"]),
+    ("uniform-g4", "uniform timesteps and mse:2.4@groups=4", ["--recipe", "ptq4dm-g4", "--timesteps", "uniform"]),
+    ("percentile-g4", "percentile:99.99@groups=4", ["--recipe", "percentile:99.99@groups=4"]),
+    ("g4", "mse:2.4@groups=4 (the full row's recipe, at the screening size)", ["--recipe", "ptq4dm-g4"]),
     ("ndtc-0.4-0.4", "ndtc mu=0.4 sigma=0.4 (PTQ4DM's published script)",
      ["--recipe", "ptq4dm", "--timesteps", "ndtc:0.4,0.4"]),
     ("ex-d0r0c1", "also keep down_blocks.0.resnets.0.conv1 in FP (most sensitive quantized layer)",

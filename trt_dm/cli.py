@@ -183,7 +183,7 @@ def cmd_eval(args) -> int:
                 q_runner = stack.enter_context(TorchRunner(qunet, device="cpu", dtype=torch.float32, name="fakequant"))
                 test = grouped_denoiser(qunet, calib.ranges) if grouped else as_denoiser(q_runner)
                 result.update({"recipe": args.recipe, "ranges": str(calib.ranges_path), "weight_bits": args.weight_bits,
-                               "shortcut_split": args.shortcut_split, "calibration": args.timesteps,
+                               "weight_calib": args.weight_calib, "shortcut_split": args.shortcut_split, "calibration": args.timesteps,
                                "calib_n": args.calib_n})
             fp_runner = stack.enter_context(TorchRunner(loaded.unet, device=args.device))
             schedule = Schedule.from_config(loaded.scheduler_config)
@@ -221,6 +221,9 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-steps", type=int, default=100)
     p.add_argument("--calib-seed", type=int, default=0)
     p.add_argument("--weight-bits", type=int, default=8, choices=(8, 4), help="4 = W4A8 fake-quant study")
+    p.add_argument("--weight-calib", default="max", choices=("max", "mse"),
+                   help="weight ranges per output channel: max = abs-max; mse = ModelOpt's data-free search for the "
+                        "clip with the least squared weight error (matters for --weight-bits 4)")
     p.add_argument("--shortcut-split", action="store_true",
                    help="Q-Diffusion's split: separate ranges for the h / skip halves of up-path concatenations "
                         "(fake-quant only)")
@@ -239,7 +242,7 @@ def _calib_spec(args):
 
 def _quant_config(args):
     from .quant import DEFAULT_EXCLUDE, QuantConfig
-    return QuantConfig(weight_bits=args.weight_bits, shortcut_split=args.shortcut_split,
+    return QuantConfig(weight_bits=args.weight_bits, weight_calib=args.weight_calib, shortcut_split=args.shortcut_split,
                        quantize_attention=args.quantize_attention,
                        exclude=tuple(args.exclude) if args.exclude is not None else DEFAULT_EXCLUDE)
 

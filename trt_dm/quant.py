@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 DEFAULT_EXCLUDE: tuple[str, ...] = ("time_embedding.*", "conv_in", "conv_out")
 
 
+WEIGHT_CALIBS = ("max", "mse")
+# candidates 0.30, 0.31, ..., 1.00 x the channel's abs-max (a clip above the abs-max only loses resolution)
+WEIGHT_MSE_SEARCH = {"method": "mse", "start_multiplier": 0.3, "stop_multiplier": 1.0, "step_size": 0.01}
+
+
 class UncalibratedQuantizerError(RuntimeError):
     """An enabled quantizer has no usable range: it would quantize with a dynamic per-batch range."""
 
@@ -45,16 +50,22 @@ class QuantConfig:
     # Also quantize the attention matmul inputs (Q, K, V: int8 per tensor) through modelopt's diffusers
     # attention plugin; the softmax output stays in high precision.
     quantize_attention: bool = False
+    # Weight ranges (per output channel, no data needed): "max" = abs-max; "mse" = modelopt's search for the
+    # clip (WEIGHT_MSE_SEARCH multiples of the abs-max) minimising the weights' squared quantization error.
+    weight_calib: str = "max"
 
     def __post_init__(self) -> None:
         if self.weight_bits not in (4, 8):
             raise ValueError(f"weight_bits must be 4 or 8, got {self.weight_bits}")
+        if self.weight_calib not in WEIGHT_CALIBS:
+            raise ValueError(f"weight_calib must be one of {', '.join(WEIGHT_CALIBS)}, got {self.weight_calib!r}")
         if self.act_bits != 8:
             raise ValueError(f"act_bits must be 8 (int8 activations), got {self.act_bits}")
 
     def to_dict(self) -> dict:
         return {"weight_bits": self.weight_bits, "act_bits": self.act_bits, "exclude": list(self.exclude),
-                "shortcut_split": self.shortcut_split, "quantize_attention": self.quantize_attention}
+                "shortcut_split": self.shortcut_split, "quantize_attention": self.quantize_attention,
+                "weight_calib": self.weight_calib}
 
 
 SPLIT_SUFFIXES = ("#h", "#skip")  # range names of the two halves of a split layer's input
@@ -113,9 +124,11 @@ def quantize_model(unet: nn.Module, qcfg: QuantConfig = QuantConfig()) -> nn.Mod
     if qcfg.quantize_attention:
         quant_cfg += [{"quantizer_name": f"*{m}_bmm_quantizer", "cfg": {"num_bits": qcfg.act_bits, "axis": None}}
                       for m in "qkv"]
-    cfg = {"quant_cfg": quant_cfg, "algorithm": "max"}  # with no forward loop, "max" calibrates weights only
+    # with no forward loop, both algorithms calibrate the weights only ("mse" starts from "max")
+    cfg = {"quant_cfg": quant_cfg, "algorithm": "max" if qcfg.weight_calib == "max" else dict(WEIGHT_MSE_SEARCH)}
     unet.eval()
-    with contextlib.redirect_stdout(io.StringIO()):  # modelopt prints "Inserted N quantizers"
+    # modelopt prints "Inserted N quantizers" and draws a progress bar for the weight search
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         quantized = mtq.quantize(unet, cfg, forward_loop=None)
     for name, mod in quantized.named_modules():
         wq = getattr(mod, "weight_quantizer", None)
