@@ -46,6 +46,8 @@ ROWS: list[tuple[str, str, list[str]]] = [
     ("w4a8-ndtc-ptq4dm-split", "W4A8 ndtc, mse@pooled, abs-max weights, shortcut split",
      ["--recipe", "ptq4dm", "--weight-bits", "4", "--shortcut-split"]),
     ("w8a8-ndtc-percentile", "W8A8 ndtc, percentile 99.99@pooled", ["--recipe", "percentile"]),
+    ("w4a8-ndtc-ptq4dm-wmse", "W4A8 ndtc, mse@pooled, MSE-searched weights (--weight-calib mse)",
+     ["--recipe", "ptq4dm", "--weight-bits", "4", "--weight-calib", "mse"]),
     ("w8a8-uniform-percentile", "W8A8 uniform, percentile 99.99@pooled",
      ["--recipe", "percentile", "--timesteps", "uniform"]),
     ("w8a8-ndtc-max-minmean", "W8A8 ndtc, max@min-mean (ModelOpt's merge; defined for max only)",
@@ -57,8 +59,9 @@ ROWS: list[tuple[str, str, list[str]]] = [
 ]
 # Workers take pending rows in this order (the rows the issue asks for first, the longest of them first);
 # rows not named here follow in table order.
-RUN_FIRST = ["ddpm250-w8a8-ndtc-ptq4dm", "w8a8-uniform-percentile", "w8a8-ndtc-max", "w8a8-ndtc-percentile",
-             "w8a8-ndtc-max-minmean", "w8a8-ndtc-mse-g4", "w4a8-ndtc-ptq4dm", "w4a8-ndtc-ptq4dm-split"]
+RUN_FIRST = ["ddpm250-w8a8-ndtc-ptq4dm", "w4a8-ndtc-ptq4dm-wmse", "w8a8-uniform-percentile", "w8a8-ndtc-max",
+             "w8a8-ndtc-percentile", "w8a8-ndtc-max-minmean", "w8a8-ndtc-mse-g4", "w4a8-ndtc-ptq4dm",
+             "w4a8-ndtc-ptq4dm-split"]
 
 
 # (variant id, label, extra `trt-dm eval` arguments) for `screen`: one change at a time from the default,

@@ -183,8 +183,8 @@ def cmd_eval(args) -> int:
                 q_runner = stack.enter_context(TorchRunner(qunet, device="cpu", dtype=torch.float32, name="fakequant"))
                 test = grouped_denoiser(qunet, calib.ranges) if grouped else as_denoiser(q_runner)
                 result.update({"recipe": args.recipe, "ranges": str(calib.ranges_path), "weight_bits": args.weight_bits,
-                               "weight_calib": args.weight_calib, "shortcut_split": args.shortcut_split, "calibration": args.timesteps,
-                               "calib_n": args.calib_n})
+                               "weight_calib": args.weight_calib, "shortcut_split": args.shortcut_split,
+                               "calibration": args.timesteps, "calib_n": args.calib_n})
             fp_runner = stack.enter_context(TorchRunner(loaded.unet, device=args.device))
             schedule = Schedule.from_config(loaded.scheduler_config)
             t0 = time.perf_counter()
@@ -242,8 +242,8 @@ def _calib_spec(args):
 
 def _quant_config(args):
     from .quant import DEFAULT_EXCLUDE, QuantConfig
-    return QuantConfig(weight_bits=args.weight_bits, weight_calib=args.weight_calib, shortcut_split=args.shortcut_split,
-                       quantize_attention=args.quantize_attention,
+    return QuantConfig(weight_bits=args.weight_bits, weight_calib=args.weight_calib,
+                       shortcut_split=args.shortcut_split, quantize_attention=args.quantize_attention,
                        exclude=tuple(args.exclude) if args.exclude is not None else DEFAULT_EXCLUDE)
 
 
