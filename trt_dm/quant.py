@@ -1,8 +1,9 @@
 """NVIDIA fake-quant modules (modelopt TensorQuantizer) in the UNet: insertion, statistics hooks, ranges.
 
 Layout (TensorRT explicit quantization): int8 weights per output channel (axis 0), int8 activations per
-tensor on the inputs of every Conv2d and Linear not excluded by name. Weight ranges are the exact
-per-channel abs-max of the weights (set by modelopt's "max" algorithm without data); activation ranges
+tensor on the inputs of every Conv2d and Linear not excluded by name. Weight ranges need no data: the exact
+per-channel abs-max (modelopt's "max" algorithm) or, with ``weight_calib="mse"``, modelopt's search for the
+per-channel clip with the least squared weight error (matters at 4 bits); activation ranges
 come from the timestep-stratified statistics (``trt_dm.calib``) and are applied with ``apply_ranges``.
 
 Pitfall handled here: an enabled modelopt quantizer without amax silently quantizes with a dynamic
