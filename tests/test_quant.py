@@ -107,11 +107,11 @@ def test_weight_mse_search_matches_brute_force_and_beats_abs_max():
     q_mse = quantize_model(tiny_unet2d(seed=0), QuantConfig(weight_bits=4, weight_calib="mse"))
     again = quantize_model(tiny_unet2d(seed=0), QuantConfig(weight_bits=4, weight_calib="mse"))
     grid = torch.arange(30, 101, dtype=torch.float64) / 100  # WEIGHT_MSE_SEARCH: 0.30 ... 1.00
-    mods_max, mods_again = dict(q_max.named_modules()), dict(again.named_modules())
+    mods, mods_max, mods_again = (dict(q.named_modules()) for q in (q_mse, q_max, again))
     total_max = total_mse = 0.0
     with torch.no_grad():
         for name in quantized_layers(q_mse):
-            m = dict(q_mse.named_modules())[name]
+            m = mods[name]
             w, wq, wq_max = m.weight, m.weight_quantizer, mods_max[name].weight_quantizer
             absmax = w.abs().flatten(1).amax(1)
             assert torch.equal(wq.amax, mods_again[name].weight_quantizer.amax)

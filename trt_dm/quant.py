@@ -128,8 +128,9 @@ def quantize_model(unet: nn.Module, qcfg: QuantConfig = QuantConfig()) -> nn.Mod
     # with no forward loop, both algorithms calibrate the weights only ("mse" starts from "max")
     cfg = {"quant_cfg": quant_cfg, "algorithm": "max" if qcfg.weight_calib == "max" else dict(WEIGHT_MSE_SEARCH)}
     unet.eval()
-    # modelopt prints "Inserted N quantizers" and draws a progress bar for the weight search
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    # modelopt prints "Inserted N quantizers"; its weight search also draws a progress bar on stderr
+    quiet_search = contextlib.redirect_stderr(io.StringIO()) if qcfg.weight_calib == "mse" else contextlib.nullcontext()
+    with contextlib.redirect_stdout(io.StringIO()), quiet_search:
         quantized = mtq.quantize(unet, cfg, forward_loop=None)
     for name, mod in quantized.named_modules():
         wq = getattr(mod, "weight_quantizer", None)
