@@ -19,13 +19,14 @@ def test_calibrate_caches_and_reuses(tiny_pipeline_dir, tmp_path):
     loaded = load_model(tiny_pipeline_dir)
     a = calibrate(loaded, SPEC, QuantConfig(), "ptq4dm", cache_root=tmp_path, batch_size=4, progress=False)
     assert not a.stats_reused and a.ranges_path.exists() and a.unet_calls > 0
-    assert a.stats_dir.parent.name == loaded.fingerprint()[:16]
+    assert a.stats_dir.parent.name == loaded.data_key()[:16]
     saved = json.loads(a.ranges_path.read_text())
     assert saved["provenance"]["recipe"] == "ptq4dm"
     b = calibrate(loaded, SPEC, QuantConfig(), "max", cache_root=tmp_path, batch_size=4, progress=False)
     assert b.stats_reused and b.stats_dir == a.stats_dir
     # max >= mse-clipped ranges, layer by layer
-    assert all(b.ranges[n] >= a.ranges[n] * (1 - 1e-9) for n in a.ranges)
+    ra, rb = a.ranges.amax(), b.ranges.amax()
+    assert all(rb[n] >= ra[n] * (1 - 1e-9) for n in ra)
     # bit-identical rerun from scratch
     c = calibrate(loaded, SPEC, QuantConfig(), "ptq4dm", cache_root=tmp_path / "other", batch_size=4, progress=False)
     assert c.ranges == a.ranges
@@ -59,16 +60,35 @@ def test_fake_quant_and_grouped_ranges(tiny_pipeline_dir, tmp_path):
     assert 0 < (fp - fq).abs().max() < 0.5
     spec = CalibSpec(TimestepSpec("all"), n=10, steps=5, seed=0)
     g = calibrate(loaded, spec, QuantConfig(), "mse:2.4@groups=2", cache_root=tmp_path, batch_size=5, progress=False)
-    groups = next(iter(g.ranges.values()))
-    assert len(groups) == 2 and groups[0]["t_min"] > groups[1]["t_max"]
+    groups = g.ranges.groups
+    assert len(groups) == 2 and groups[0].t_min > groups[1].t_max
     qg = fake_quant_unet(loaded, QuantConfig(), g.ranges)
     den = grouped_denoiser(qg, g.ranges)
-    name = next(iter(g.ranges))
+    name = g.ranges.names[0]
     quantizer = dict(qg.named_modules())[name].input_quantizer
-    den(x, torch.full((2,), groups[1]["t_min"]))
-    assert quantizer.amax.item() == pytest.approx(g.ranges[name][1]["amax"])
-    den(x, torch.full((2,), groups[0]["t_max"]))
-    assert quantizer.amax.item() == pytest.approx(g.ranges[name][0]["amax"])
+    lo, hi = groups[1].t_min, groups[0].t_max
+    out_lo = den(x, torch.full((2,), lo))
+    assert quantizer.amax.item() == pytest.approx(g.ranges.amax(1)[name])
+    out_hi = den(x, torch.full((2,), hi))
+    assert quantizer.amax.item() == pytest.approx(g.ranges.amax(0)[name])
+    # a batch whose rows sit in different groups: each row gets its own group's ranges
+    mixed = den(x, torch.tensor([hi, lo]))
+    assert torch.equal(mixed[:1], den(x[:1], torch.tensor([hi]))) and torch.equal(mixed[1:], den(x[1:], torch.tensor([lo])))
+    assert not torch.equal(out_lo[1], out_hi[1])  # the two groups' ranges really differ
+
+
+def test_pipeline_and_its_unet_dir_do_not_share_a_cache(tiny_pipeline_dir, tmp_path):
+    """The same UNet under another noise schedule (the pipeline's scheduler/ vs the DDPM default of its bare
+    unet/ folder) draws other trajectories: its statistics must be collected, not reused."""
+    pipe = calibrate(load_model(tiny_pipeline_dir), SPEC, QuantConfig(), "max", cache_root=tmp_path, batch_size=8,
+                     progress=False)
+    bare = calibrate(load_model(tiny_pipeline_dir / "unet"), SPEC, QuantConfig(), "max", cache_root=tmp_path,
+                     batch_size=8, progress=False)
+    assert not pipe.stats_reused and not bare.stats_reused and pipe.stats_dir != bare.stats_dir
+    assert pipe.ranges.amax() != bare.ranges.amax()
+    again = calibrate(load_model(tiny_pipeline_dir), SPEC, QuantConfig(), "max", cache_root=tmp_path, batch_size=8,
+                      progress=False)
+    assert again.stats_reused and again.ranges == pipe.ranges
 
 
 @pytest.mark.parametrize("weight_bits", [8, 4])
@@ -106,12 +126,13 @@ def test_shortcut_split_end_to_end(tiny_pipeline_dir, tmp_path):
     loaded = load_model(tiny_pipeline_dir)
     qcfg = QuantConfig(weight_bits=4, shortcut_split=True)
     res = calibrate(loaded, SPEC, qcfg, "max", cache_root=tmp_path, batch_size=8, progress=False)
-    halves = [n for n in res.ranges if n.endswith("#h")]
-    assert halves and all(n[:-2] + "#skip" in res.ranges for n in halves)
+    r = res.ranges.amax()
+    halves = [n for n in r if n.endswith("#h")]
+    assert halves and all(n[:-2] + "#skip" in r for n in halves)
     plain = calibrate(loaded, SPEC, QuantConfig(weight_bits=4), "max", cache_root=tmp_path, batch_size=8,
                       progress=False)
     for n in halves:  # the max over the whole input is the larger of the two halves' maxima
-        assert plain.ranges[n[:-2]] == pytest.approx(max(res.ranges[n], res.ranges[n[:-2] + "#skip"]))
+        assert plain.ranges.amax()[n[:-2]] == pytest.approx(max(r[n], r[n[:-2] + "#skip"]))
     q = fake_quant_unet(loaded, qcfg, res.ranges)
     check_calibrated(q)
 
@@ -120,11 +141,11 @@ def test_attention_matmul_quantization(tiny_pipeline_dir, tmp_path):
     loaded = load_model(tiny_pipeline_dir)
     qcfg = QuantConfig(quantize_attention=True)
     res = calibrate(loaded, SPEC, qcfg, "max", cache_root=tmp_path, batch_size=8, progress=False)
-    bmm = sorted(n for n in res.ranges if n.endswith("_bmm"))
+    bmm = sorted(n for n in res.ranges.names if n.endswith("_bmm"))
     attn = [n for n, m in loaded.unet.named_modules() if type(m).__name__ == "Attention"]
     assert bmm == sorted(f"{a}.{x}_bmm" for a in attn for x in "qkv")
     base = calibrate(loaded, SPEC, QuantConfig(), "max", cache_root=tmp_path, batch_size=8, progress=False)
-    assert set(res.ranges) - set(base.ranges) == set(bmm)
+    assert set(res.ranges.names) - set(base.ranges.names) == set(bmm)
     x, t = torch.randn(2, 1, 16, 16), torch.tensor([60, 60])
     with torch.no_grad():
         a = fake_quant_unet(loaded, qcfg, res.ranges)(x, t).sample

@@ -35,14 +35,14 @@ def test_rtx_builds_int8_engine_with_sidecar(built):
     tmp, onnx_path, side = built
     assert rep_ok(onnx_path)
     plan = tmp / "tiny.plan"
-    assert plan.stat().st_size == side["plan_bytes"] > 0
-    assert load_sidecar(plan) == json.loads(json.dumps(side))
-    assert side["flavour"] == "tensorrt_rtx" and side["trt_version"] == trt.__version__
-    assert side["rtx_targets"] == ["SM89"] and side["recipe"] == "ptq4dm" and side["calibration"] == "abc/def"
-    assert side["inputs"]["sample"] == {"min": [1, 1, 16, 16], "opt": [2, 1, 16, 16], "max": [4, 1, 16, 16],
+    assert plan.stat().st_size == side.plan_bytes > 0
+    assert load_sidecar(plan) == side and load_sidecar(plan).to_dict() == json.loads(json.dumps(side.to_dict()))
+    assert side.flavour == "tensorrt_rtx" and side.trt_version == trt.__version__
+    assert side.rtx_targets == ["SM89"] and side.recipe == "ptq4dm" and side.calibration == "abc/def"
+    assert side.inputs["sample"] == {"min": [1, 1, 16, 16], "opt": [2, 1, 16, 16], "max": [4, 1, 16, 16],
                                         "dtype": "FLOAT"}
     # the builder's own layer report: quantized convolutions run in int8 (conv_in / conv_out are excluded)
-    conv = side["layer_precisions"]["correlation"]
+    conv = side.layer_precisions["correlation"]
     assert conv.get("Int8", 0) >= 20 and conv.get("Half", 0) >= 2
     assert not [p for p in tmp.iterdir() if ".tmp" in p.name]
 
@@ -56,7 +56,7 @@ def test_sidecar_accepts_its_engine_and_names_both_sides_of_a_mismatch(built):
     tmp, _, side = built
     plan = tmp / "tiny.plan"
     assert check_sidecar(plan, flavour="tensorrt_rtx", trt_version=trt.__version__, compute_capability="8.9")
-    with pytest.raises(EngineError, match=rf"built by tensorrt_rtx {side['trt_version']}, this runtime is 9\.9"):
+    with pytest.raises(EngineError, match=rf"built by tensorrt_rtx {side.trt_version}, this runtime is 9\.9"):
         check_sidecar(plan, flavour="tensorrt_rtx", trt_version="9.9", compute_capability=None)
     with pytest.raises(EngineError, match=r"built with tensorrt_rtx, loaded with tensorrt"):
         check_sidecar(plan, flavour="tensorrt", trt_version=trt.__version__, compute_capability=None)
@@ -129,10 +129,10 @@ def test_conditional_unet_int8_and_fp16_build(tmp_path):
     q = _qdq(tiny_unet2d_condition(seed=0), tmp_path, "cond-int8")
     for path, precision in ((fp, "fp32"), (q, "int8")):
         side = build_engine(path, path.with_suffix(".plan"), SMALL, flavour="tensorrt_rtx", precision=precision)
-        ehs = side["inputs"]["encoder_hidden_states"]
+        ehs = side.inputs["encoder_hidden_states"]
         assert ehs["min"] == [1, 4, 16] and ehs["max"] == [4, 16, 16]
-    assert "Int8" in json.dumps(load_sidecar(q.with_suffix(".plan"))["layer_precisions"])
-    assert "Int8" not in json.dumps(load_sidecar(fp.with_suffix(".plan"))["layer_precisions"])
+    assert "Int8" in json.dumps(load_sidecar(q.with_suffix(".plan")).layer_precisions)
+    assert "Int8" not in json.dumps(load_sidecar(fp.with_suffix(".plan")).layer_precisions)
 
 
 @pytest.mark.slow
@@ -148,9 +148,9 @@ def test_trt_dm_engine_on_the_default_model(tmp_path, capsys):
     assert "statistics collected" in out
     eng = tmp_path / "engines"
     int8, fp16 = load_sidecar(eng / "default-ptq4dm.plan"), load_sidecar(eng / "default-fp16.plan")
-    assert int8["precision"] == "int8" and int8["recipe"] == "ptq4dm" and fp16["precision"] == "fp16"
-    assert int8["layer_precisions"]["correlation"]["Int8"] == 33  # all but conv_in / conv_out
-    assert "Int8" not in fp16["layer_precisions"]["correlation"]
+    assert int8.precision == "int8" and int8.recipe == "ptq4dm" and fp16.precision == "fp16"
+    assert int8.layer_precisions["correlation"]["Int8"] == 33  # all but conv_in / conv_out
+    assert "Int8" not in fp16.layer_precisions["correlation"]
     report = json.loads((eng / "default-ptq4dm.onnx.json").read_text())
     assert report["violations"] == [] and report["layer_comparison_fp32"]["max_code_diff"] <= 1
     assert main(args + ["--no-baseline"]) == 0
@@ -158,12 +158,12 @@ def test_trt_dm_engine_on_the_default_model(tmp_path, capsys):
 
 
 def test_engine_stops_after_checked_onnx_without_tensorrt(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
-    import trt_dm.engine as E
+    import trt_dm.core.artifacts as A
     from trt_dm.cli import main
 
     def none(flavour=None):
         raise EngineError("no TensorRT found (tensorrt or tensorrt_rtx not importable): pip install tensorrt-rtx-cu13")
-    monkeypatch.setattr(E, "trt_module", none)
+    monkeypatch.setattr(A, "trt_module", none)
     rc = main(["engine", "--model", str(tiny_pipeline_dir), "--out-dir", str(tmp_path), "--cache-dir",
                str(tmp_path / "cc"), "--calib-n", "4", "--calib-steps", "4", "--batch", "4", "--no-progress",
                "--no-baseline", "--precision", "fp32"])
@@ -182,7 +182,7 @@ def test_groups_recipe_exports_and_builds_one_engine_per_timestep_group(tiny_pip
                  "--max-batch", "4", "--opt-batch", "2"]) == 0
     name = f"{tiny_pipeline_dir.name}-max_groups2"
     sides = [load_sidecar(tmp_path / f"{name}.g{k}.plan") for k in range(2)]
-    assert [s["group"] for s in sides] == [0, 1] and all(s["groups"] == 2 for s in sides)
-    (hi_max, hi_min), (lo_max, lo_min) = (s["t_range"] for s in sides)
+    assert [s.group for s in sides] == [0, 1] and all(s.groups == 2 for s in sides)
+    (hi_max, hi_min), (lo_max, lo_min) = (s.t_range for s in sides)
     assert hi_max >= hi_min > lo_max >= lo_min  # group 0 holds the noisy end, group 1 the data end
     assert f"{name}.g0.plan" in capsys.readouterr().out

@@ -151,8 +151,14 @@ def test_eps_error_tracker_against_manual_values():
     assert s["n"] == 4
     assert s["mse"] == pytest.approx((0 + 4 + 4 + 0.25) / 4)
     assert s["cosine"] == pytest.approx((1 - 1 + 1 + 2 ** -0.5) / 4)
-    with pytest.raises(ValueError, match="one integer timestep"):
+    with pytest.raises(ValueError, match="one integer per row"):
         tr.update(torch.tensor([3, 4]), ref5, ref5)
+    # rows at different timesteps: each row counts at its own t, as if added alone
+    per_row, alone = evaluate.EpsErrorTracker(), evaluate.EpsErrorTracker()
+    b = torch.stack([ones[0], -ones[1], 3 * ones[0]])
+    per_row.update(torch.tensor([7, 9, 7]), torch.cat([ones, ones[:1]]), b)
+    alone.update(7, ones[:1], b[:1]), alone.update(9, ones[1:2], b[1:2]), alone.update(7, ones[:1], b[2:])
+    assert per_row.summary() == alone.summary()
     with pytest.raises(ValueError, match="share a shape"):
         tr.update(3, ones, ref5)
     assert math.isnan(evaluate.EpsErrorTracker().summary()["mse"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from trt_dm.export import check_layers, check_qdq, export_onnx
+from trt_dm.export import check_layers, check_qdq, compare_layers, export_onnx
 from trt_dm.models import tiny_unet2d
 from trt_dm.quant import QuantConfig, activation_quantizers, apply_ranges, quantize_model, quantized_layers
 from trt_dm.runners import OUTPUT_NAME, OrtRunner, TorchRunner
@@ -40,13 +40,17 @@ def test_export_is_conformant_and_matches_fake_quant(qdq):
     x = torch.randn(3, 1, 16, 16, generator=g)  # another batch size than the export's
     t = torch.tensor([5, 500, 999])
     with OrtRunner(path) as r, TorchRunner(q, device="cpu") as tr:
-        assert r.input_metadata["sample"].shape == (-1, 1, 16, 16)
+        assert r.signature["sample"].shape == ("batch", 1, 16, 16) and r.signature == tr.signature
         a = r.infer({"sample": x, "timestep": t})[OUTPUT_NAME]
         b = tr.infer({"sample": x, "timestep": t})[OUTPUT_NAME]
-    # Float rounding can flip an int8 code at one of ~47 successive quantizations (ORT and torch order sums
-    # differently); a flip moves a few outputs by ~1e-3. Most outputs agree to float precision.
-    d = (a - b).abs()
-    assert d.median() < 1e-5 and d.max() < 2e-2
+    # Layer by layer, from the same quantized inputs, the int8 codes agree except rare rounding flips of one code
+    # (ORT and torch order sums differently). End to end, a flip early in the network moves the next layer's
+    # input by a quantization step and spreads: how often that happens depends on the CPU's kernels (none on an
+    # AVX-512 VNNI machine, one in ~47 layers on an AVX2 one), so the end-to-end check is a loose one.
+    rows = compare_layers(q, path, {"sample": x, "timestep": t})
+    assert len(rows) == n_layers
+    assert sum(r["flips"] for r in rows) <= 1e-3 * sum(r["n"] for r in rows) and max(r["max_diff"] for r in rows) <= 1
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
 
 
 def _mutate(path, tmp_path, fn):

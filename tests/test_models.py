@@ -10,7 +10,8 @@ from conftest import TINY_SCHEDULER_CONFIG, TINY_SEED
 from safetensors.torch import load_file, save_file
 
 from trt_dm import models
-from trt_dm.models import InputSpec, ModelLoadError, load_model
+from trt_dm.core.signature import Signature, TensorSpec
+from trt_dm.models import ModelLoadError, load_model
 
 
 def _copy(src, tmp_path, name="model"):
@@ -62,8 +63,9 @@ def test_load_unet_dir_matches_saved_model(tiny_unet_dir):
     assert lm.kind == "UNet2DModel" and lm.name == "tiny_unet" and lm.source == tiny_unet_dir.resolve()
     assert not lm.unet.training and lm.dtype == torch.float32
     assert lm.scheduler_source == "default" and lm.scheduler_config == dict(models.DEFAULT_SCHEDULER_CONFIG)
-    assert lm.inputs == [InputSpec("sample", (-1, 1, 16, 16), torch.float32),
-                         InputSpec("timestep", (-1,), torch.float32)]
+    assert lm.signature == Signature((TensorSpec("sample", torch.float32, ("batch", 1, 16, 16)),
+                                      TensorSpec("timestep", torch.int64, ("batch",))))
+    assert lm.signature.conditioning == []
     x, t = _x((2, 1, 16, 16)), torch.tensor([3.0, 700.0])
     assert torch.equal(_out(lm.unet, x, t), _out(models.tiny_unet2d(TINY_SEED), x, t))
 
@@ -81,10 +83,10 @@ def test_load_pipeline_dir_uses_its_scheduler(tiny_pipeline_dir):
 def test_load_condition_model_describes_inputs(tiny_cond_unet_dir):
     lm = load_model(tiny_cond_unet_dir)
     assert lm.kind == "UNet2DConditionModel"
-    assert [(s.name, s.shape) for s in lm.inputs] == [
-        ("sample", (-1, 1, 8, 8)), ("timestep", (-1,)), ("encoder_hidden_states", (-1, 77, 16))]
-    lm.seq_len = 5
-    assert lm.inputs[2] == InputSpec("encoder_hidden_states", (-1, 5, 16), torch.float32)
+    assert [(s.name, s.shape) for s in lm.signature.inputs] == [
+        ("sample", ("batch", 1, 8, 8)), ("timestep", ("batch",)), ("encoder_hidden_states", ("batch", "sequence", 16))]
+    assert lm.signature.conditioning == ["encoder_hidden_states"]
+    assert lm.signature.dynamic_axes()["encoder_hidden_states"] == {0: "batch", 1: "sequence"}
     x, t, ehs = _x((2, 1, 8, 8)), torch.tensor([1.0, 999.0]), _x((2, 5, 16), seed=2)
     ref = models.tiny_unet2d_condition(TINY_SEED)
     assert torch.equal(_out(lm.unet, x, t, encoder_hidden_states=ehs), _out(ref, x, t, encoder_hidden_states=ehs))
@@ -93,7 +95,10 @@ def test_load_condition_model_describes_inputs(tiny_cond_unet_dir):
 def test_class_conditional_model_has_class_labels_input(tmp_path):
     models.tiny_unet2d(0, num_class_embeds=10).save_pretrained(tmp_path / "m")
     lm = load_model(tmp_path / "m")
-    assert lm.inputs[-1] == InputSpec("class_labels", (-1,), torch.int64)
+    assert lm.signature.inputs[-1] == TensorSpec("class_labels", torch.int64, ("batch",), True, 10)
+    feed = lm.signature.example(3, seed=1)
+    assert feed["class_labels"].dtype == torch.int64 and 0 <= int(feed["class_labels"].min()) <= int(feed["class_labels"].max()) < 10
+    assert Signature.from_dict(lm.signature.to_dict()) == lm.signature
     assert _out(lm.unet, _x((2, 1, 16, 16)), torch.tensor([5, 6]), class_labels=torch.tensor([0, 9])).shape == (2, 1, 16, 16)
 
 
@@ -272,3 +277,17 @@ def test_legacy_attention_key_names_are_renamed(tiny_unet_dir, tmp_path):
     _edit_weights(d, rename)
     assert any(".proj_attn." in k for k in load_file(str(d / models.SAFE_WEIGHTS)))
     assert load_model(d).fingerprint() == load_model(tiny_unet_dir).fingerprint()
+
+
+def test_schedule_fingerprint_and_data_key(tiny_pipeline_dir):
+    """The pipeline's scheduler and its bare unet/ (DDPM default) share the UNet fingerprint but not the data key."""
+    pipe, bare = load_model(tiny_pipeline_dir), load_model(tiny_pipeline_dir / "unet")
+    assert pipe.fingerprint() == bare.fingerprint()
+    assert pipe.schedule_fingerprint() != bare.schedule_fingerprint() and pipe.data_key() != bare.data_key()
+    # diffusers' bookkeeping keys do not move it; an option the steps read does
+    same = dict(bare.scheduler_config, _class_name="DDIMScheduler", _diffusers_version="0.0")
+    bare2 = load_model(tiny_pipeline_dir / "unet")
+    bare2.scheduler_config = same
+    assert bare2.schedule_fingerprint() == bare.schedule_fingerprint()
+    bare2.scheduler_config = dict(bare.scheduler_config, timestep_spacing="trailing")
+    assert bare2.schedule_fingerprint() != bare.schedule_fingerprint()

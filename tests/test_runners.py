@@ -21,10 +21,10 @@ def test_torch_runner_equals_direct_call():
 def test_conditional_runner_metadata_and_infer():
     unet = tiny_unet2d_condition(seed=0).eval()
     r = TorchRunner(unet, device="cpu")
-    meta = r.input_metadata
-    assert set(meta) == {"sample", "timestep", "encoder_hidden_states"}
+    sig = r.signature
+    assert sig.names == ["sample", "timestep", "encoder_hidden_states"]
     dim = unet.config.cross_attention_dim
-    assert meta["encoder_hidden_states"].shape == (-1, -1, dim)
+    assert sig["encoder_hidden_states"].dims == (-1, -1, dim) and sig.conditioning == ["encoder_hidden_states"]
     x = torch.randn(2, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     ehs = torch.randn(2, 5, dim)
     with r:
@@ -47,3 +47,15 @@ def test_runner_errors():
             r.infer({"sample": torch.randn(1, 3, 8, 8), "timestep": torch.tensor([1])})
     with pytest.raises(ValueError, match="fp16 on CPU"):
         TorchRunner(unet, device="cpu", dtype=torch.float16)
+
+
+def test_runtime_imports_neither_the_builder_nor_modelopt():
+    """Loading engines or graphs (the runtime, and the library API that opens them) must not pull in the engine
+    builder, the exporters, the deployment targets, calibration or modelopt."""
+    import subprocess
+    import sys
+    code = ("import sys, trt_dm.runners, trt_dm.api; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('modelopt', 'tensorrt', 'tensorrt_rtx') or m in ('trt_dm.engine', 'trt_dm.export', 'trt_dm.ortcpu', "
+            "'trt_dm.quant', 'trt_dm.calibrate') or m.startswith(('trt_dm.targets', 'trt_dm.calib'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -3,10 +3,12 @@ compute ranges for MANY recipes as pure functions of them.
 
 Cache layout (all writes atomic; a damaged file raises ``CalibCacheError``, never half-used)::
 
-    calib_cache/<model fingerprint[:16]>/<stats key>/stats.safetensors + stats.json   # statistics
-    calib_cache/<model fingerprint[:16]>/<stats key>/<recipe>.json                     # ranges + provenance
+    calib_cache/<data key[:16]>/<stats key>/stats.safetensors + stats.json   # statistics
+    calib_cache/<data key[:16]>/<stats key>/<recipe>.json                     # ranges + provenance
 
-The stats key hashes the calibration-set spec (timestep sampler, size, sampler, steps, seed), the
+The data key (``LoadedModel.data_key``) hashes the UNet (config and weights) AND its noise schedule: the
+same UNet under another scheduler config (a pipeline's v-prediction scheduler vs the DDPM default of its
+bare unet/ folder, another timestep spacing) draws other trajectories and gets its own entry. The stats key hashes the calibration-set spec (timestep sampler, size, sampler, steps, seed), the
 quantizer layout (which layers are quantized) and the histogram binning: change any of them and a new
 entry is made; rerun with the same inputs and the entry is reused.
 """
@@ -25,10 +27,10 @@ import torch
 from .calib import ranges as R
 from .calib.stats import DEFAULT_BINS, CalibCacheError, CalibStats
 from .calib.trajectories import CalibSpec, collect
+from .core.artifacts import RangeSet, group_index, split_by_group
 from .models import LoadedModel
 from .quant import QuantConfig, apply_ranges, concat_splits, observing, quantize_model, quantized_layers, range_names
-from .runners import TorchRunner, as_denoiser, group_of
-from .sampling import Schedule
+from .sampling import Schedule, unet_denoiser
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE_ROOT = Path("calib_cache")
@@ -36,7 +38,7 @@ DEFAULT_CACHE_ROOT = Path("calib_cache")
 
 @dataclass
 class CalibrationResult:
-    ranges: dict
+    ranges: RangeSet
     ranges_path: Path
     stats_dir: Path
     stats_reused: bool
@@ -56,11 +58,13 @@ def collect_stats(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, *, ca
                   batch_size: int = 64, progress: bool = True, bins: int = DEFAULT_BINS
                   ) -> tuple[CalibStats, Path, bool, dict]:
     """Statistics of every quantized layer's input per timestep, from the cache or collected now."""
-    if loaded.kind != "UNet2DModel":
-        raise ValueError(f"calibration of {loaded.kind} needs conditioning inputs; supported: UNet2DModel")
+    cond = loaded.signature.conditioning
+    if cond:
+        raise ValueError(f"calibration of {loaded.kind} {loaded.name!r} needs its conditioning inputs {cond}, which "
+                         "trt_dm cannot feed yet; supported: unconditional UNet2DModel (sample, timestep)")
     qunet = quantize_model(copy.deepcopy(loaded.unet), qcfg)
     layers = range_names(qunet, qcfg)
-    directory = Path(cache_root) / loaded.fingerprint()[:16] / stats_key(spec, layers, bins)
+    directory = Path(cache_root) / loaded.data_key()[:16] / stats_key(spec, layers, bins)
     if (directory / "stats.json").exists():
         stats = CalibStats.load(directory)  # raises CalibCacheError when damaged
         if sorted(stats.names) != layers:
@@ -70,12 +74,12 @@ def collect_stats(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, *, ca
         return stats, directory, True, {}
     schedule = Schedule.from_config(loaded.scheduler_config)
     t0 = time.perf_counter()
-    with TorchRunner(loaded.unet, device="cpu", dtype=torch.float32) as fp:
-        calib = collect(as_denoiser(fp), schedule, loaded.sample_shape, spec, batch_size=batch_size, progress=progress)
+    calib = collect(unet_denoiser(loaded.unet), schedule, loaded.sample_shape, spec, batch_size=batch_size,
+                    progress=progress)
     t1 = time.perf_counter()
     stats = CalibStats(bins, sampler_timesteps=schedule.timesteps(spec.steps),
-                       meta={"calib": json.dumps(spec.to_dict(), sort_keys=True),
-                             "model": loaded.fingerprint(), "quant": json.dumps(qcfg.to_dict())})
+                       meta={"calib": json.dumps(spec.to_dict(), sort_keys=True), "model": loaded.fingerprint(),
+                             "schedule": loaded.schedule_fingerprint(), "quant": json.dumps(qcfg.to_dict())})
     current_t: list[torch.Tensor] = []
     from tqdm.auto import tqdm
     splits = concat_splits(qunet) if qcfg.shortcut_split else None
@@ -97,12 +101,12 @@ def calibrate(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, recipe: s
     stats, directory, reused, timings = collect_stats(loaded, spec, qcfg, cache_root=cache_root,
                                                       batch_size=batch_size, progress=progress)
     t0 = time.perf_counter()
-    ranges = R.compute_ranges(stats, rec)
+    ranges = RangeSet.from_dict(R.compute_ranges(stats, rec))
     seconds_ranges = time.perf_counter() - t0
     path = directory / f"{rec.name}.json"
-    R.save_ranges(path, ranges, {"recipe": rec.name, "recipe_spec": rec.spec, "model": loaded.fingerprint(),
-                                 "model_source": str(loaded.source), "calib": spec.to_dict(),
-                                 "quant": qcfg.to_dict(), "stats": str(directory)})
+    R.save_ranges(path, ranges.to_dict(), {"recipe": rec.name, "recipe_spec": rec.spec, "model": loaded.fingerprint(),
+                                           "schedule": loaded.schedule_fingerprint(), "model_source": str(loaded.source),
+                                           "calib": spec.to_dict(), "quant": qcfg.to_dict(), "stats": str(directory)})
     return CalibrationResult(ranges=ranges, ranges_path=path, stats_dir=directory, stats_reused=reused,
                              seconds_collect=timings.get("seconds_trajectories", 0) + timings.get("seconds_statistics", 0),
                              seconds_ranges=seconds_ranges,
@@ -110,12 +114,7 @@ def calibrate(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, recipe: s
                              unet_calls=timings.get("unet_calls", 0))
 
 
-def group_ranges(ranges: dict, k: int) -> dict[str, float]:
-    """{quantizer: amax} of timestep group ``k`` (ranges without groups are the same for every k)."""
-    return {n: (v[k]["amax"] if isinstance(v, list) else v) for n, v in ranges.items()}
-
-
-def fake_quant_unet(loaded: LoadedModel, qcfg: QuantConfig, ranges: dict, *,
+def fake_quant_unet(loaded: LoadedModel, qcfg: QuantConfig, ranges: RangeSet, *,
                     fold_weights: bool = False) -> torch.nn.Module:
     """A fake-quant copy of the UNet with ``ranges`` applied and checked. For groups=K ranges the first
     group's values are applied; ``grouped_denoiser`` switches groups by timestep.
@@ -125,28 +124,31 @@ def fake_quant_unet(loaded: LoadedModel, qcfg: QuantConfig, ranges: dict, *,
     outputs are bit-identical; the model can then no longer be exported (the weight Q/DQ are gone), so
     evaluation uses it and export does not."""
     qunet = quantize_model(copy.deepcopy(loaded.unet), qcfg)
-    apply_ranges(qunet, group_ranges(ranges, 0))
+    apply_ranges(qunet, ranges.amax(0))
     if fold_weights:
         import modelopt.torch.quantization as mtq
         mtq.fold_weight(qunet)
     return qunet
 
 
-def grouped_denoiser(qunet: torch.nn.Module, ranges: dict):
-    """Denoiser over a fake-quant UNet whose ranges are per timestep group (groups=K): before each call
-    the range set of the group containing t is applied (the torch analogue of K engines switched by t)."""
-    groups = next(v for v in ranges.values() if isinstance(v, list))
-    bounds = [(g["t_max"], g["t_min"]) for g in groups]
-    per_group = [group_ranges(ranges, k) for k in range(len(groups))]
+def grouped_denoiser(qunet: torch.nn.Module, ranges: RangeSet):
+    """Denoiser over a fake-quant UNet whose ranges are per timestep group (groups=K): each row is run with the
+    range set of the group holding its timestep (the torch analogue of K engines switched by t; a batch with
+    rows in several groups is split by group)."""
+    bounds = ranges.t_ranges
+    if bounds is None:
+        raise ValueError("grouped_denoiser needs groups=K ranges; pooled ranges are one fake-quant model")
     current: list[int] = [-1]
 
-    def denoiser(x: torch.Tensor, t: torch.Tensor, **extra) -> torch.Tensor:
-        k = group_of(t, bounds)
+    def run(k: int, x: torch.Tensor, t: torch.Tensor, **extra) -> torch.Tensor:
         if k != current[0]:
-            apply_ranges(qunet, per_group[k])
+            apply_ranges(qunet, ranges.amax(k))
             current[0] = k
         with torch.no_grad():
             return qunet(x, t, **extra).sample
+
+    def denoiser(x: torch.Tensor, t: torch.Tensor, **extra) -> torch.Tensor:
+        return split_by_group(x, t, extra, group_index(t, bounds), run)
 
     return denoiser
 
@@ -163,10 +165,10 @@ def layer_sensitivity(loaded: LoadedModel, spec: CalibSpec, recipe: str, *, cach
     schedule = Schedule.from_config(loaded.scheduler_config)
     small = CalibSpec(spec.timesteps, n=min(n, spec.n), sampler=spec.sampler, steps=spec.steps, eta=spec.eta,
                       seed=spec.seed + 1)  # held-out trajectories
-    with TorchRunner(loaded.unet, device="cpu", dtype=torch.float32) as fp:
-        calib = collect(as_denoiser(fp), schedule, loaded.sample_shape, small, batch_size=batch_size, progress=False)
-        with torch.no_grad():
-            ref = torch.cat([loaded.unet(x, t).sample for x, t in calib.batches(batch_size)])
+    calib = collect(unet_denoiser(loaded.unet), schedule, loaded.sample_shape, small, batch_size=batch_size,
+                    progress=False)
+    with torch.no_grad():
+        ref = torch.cat([loaded.unet(x, t).sample for x, t in calib.batches(batch_size)])
     for m in layers.values():
         m.input_quantizer.disable()
         m.weight_quantizer.disable()

@@ -1,15 +1,18 @@
-"""The `trt-dm` command.
+"""The `trt-dm` command: arguments -> the settings of ``trt_dm.api`` -> printed results. No pipeline logic
+lives here.
 
     trt-dm sample --model default --sampler ddim --steps 50 --n 64 --seed 0 --out grid.png
     trt-dm eval   --model default --steps 100 --n 2000 --out-dir reports/fp-ddim100
     trt-dm info   --model default
+
+Exit codes: 0 success; 1 the work failed (a check found violations, an engine does not fit, a damaged cache);
+2 a usage error (a bad argument, a model or file that cannot be used as given), reported in one line.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -17,6 +20,17 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("trt_dm")
+
+
+class UsageError(ValueError):
+    """A bad command line: exit code 2, one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors in one line (exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -40,69 +54,44 @@ def _add_sampling_args(p: argparse.ArgumentParser, steps: int, n: int) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _positive(name: str, value: int) -> None:
-    if value < 1:
-        raise SystemExit(f"error: --{name} must be >= 1, got {value}")
-
-
 def _load(args):
-    from .models import load_model
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    return load_model(args.model, allow_pickle=args.allow_pickle)
+    from . import api
+    return api.load(args.model, allow_pickle=args.allow_pickle, threads=args.threads)
 
 
-def _draw(args, loaded, runners):
-    """Sample with one runner, or with K runners switched by timestep (engines of a groups=K recipe)."""
-    import contextlib
-
-    from .runners import as_denoiser, switched_denoiser
-    from .sampling import Schedule, sample_many
-    if loaded.kind != "UNet2DModel":
-        raise SystemExit(f"error: sampling {loaded.kind} needs conditioning inputs, which `trt-dm sample` "
-                         "does not provide yet; unconditional UNet2DModel only")
-    _positive("n", args.n)
-    _positive("steps", args.steps)
-    _positive("batch", args.batch)
-    runners, t_ranges = runners if isinstance(runners, tuple) else ([runners], None)
-    schedule = Schedule.from_config(loaded.scheduler_config)
-    seeds = range(args.seed, args.seed + args.n)
-    t0 = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        for r in runners:
-            stack.enter_context(r)
-        denoiser = (switched_denoiser([as_denoiser(r) for r in runners], t_ranges) if t_ranges
-                    else as_denoiser(runners[0]))
-        images = sample_many(denoiser, schedule, seeds, loaded.sample_shape, batch_size=args.batch,
-                             sampler=args.sampler, steps=args.steps, eta=args.eta,
-                             progress=not args.no_progress, device=runners[0].device)
-    return images, time.perf_counter() - t0
+def _settings(args):
+    from .api import SampleSettings
+    try:
+        return SampleSettings(sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed, n=args.n,
+                              batch=args.batch)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
-def _runner(args, loaded):
-    """A runner, or for several --engine plans (one per timestep group) a (runners, t_ranges) pair."""
-    from .engine import load_sidecar
-    from .runners import OrtRunner, TorchRunner, TrtRunner
-    if getattr(args, "engine", None):
-        runners = [TrtRunner(p, cuda_graph=args.cuda_graph) for p in args.engine]
-        if len(runners) == 1:
-            return runners[0]
-        ranges = [load_sidecar(p).get("t_range") for p in args.engine]
-        if any(r is None for r in ranges):
-            raise ValueError("several --engine plans must be the timestep groups of one groups=K recipe "
-                             "(their sidecars carry t_range); got plans without one")
-        return runners, [tuple(r) for r in ranges]
-    if getattr(args, "onnx", None):
-        if not Path(args.onnx).is_file():
-            raise FileNotFoundError(f"--onnx {args.onnx}: no such file")
-        return OrtRunner(args.onnx, threads=args.threads)
-    return TorchRunner(loaded.unet, device=args.device)
+def _quant(args):
+    from .api import QuantSettings
+    from .calib.timesteps import parse
+    from .calib.trajectories import CalibSpec
+    from .quant import DEFAULT_EXCLUDE, QuantConfig
+    spec = CalibSpec(parse(args.timesteps), n=args.calib_n, sampler=args.calib_sampler, steps=args.calib_steps,
+                     seed=args.calib_seed)
+    qcfg = QuantConfig(weight_bits=args.weight_bits, weight_calib=args.weight_calib, shortcut_split=args.shortcut_split,
+                       quantize_attention=args.quantize_attention,
+                       exclude=tuple(args.exclude) if args.exclude is not None else DEFAULT_EXCLUDE)
+    return QuantSettings(recipe=args.recipe, spec=spec, qcfg=qcfg, cache_root=Path(args.cache_dir),
+                         batch=args.batch).resolved()
 
 
 def cmd_sample(args) -> int:
+    from . import api
     from .images import save_grid, save_samples
+    settings = _settings(args)
+    if Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise UsageError(f"--out must end in .png, .jpg or .jpeg, got {args.out!r}")
     loaded = _load(args)
-    images, secs = _draw(args, loaded, _runner(args, loaded))
+    with api.open_denoiser(loaded, engines=args.engine or (), onnx=args.onnx or (), device=args.device,
+                           threads=args.threads, cuda_graph=args.cuda_graph) as den:
+        images, secs = api.draw(loaded, den, settings, progress=not args.no_progress)
     grid = save_grid(images, args.out, nrow=args.nrow)
     print(f"{len(images)} images ({args.sampler}, {args.steps} steps, seeds {args.seed}..{args.seed + args.n - 1}) "
           f"in {secs:.1f} s -> {grid}")
@@ -113,102 +102,24 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def _fp_samples(args, loaded):
-    """FP samples for (model, sampler, steps, eta, seeds), cached so that every recipe row of a
-    comparison reuses the same FP images instead of sampling them again."""
-    from safetensors.torch import load_file
-
-    from .images import save_samples
-    path = (Path(args.cache_dir) / loaded.fingerprint()[:16] / "samples" /
-            f"{args.sampler}{args.steps}-eta{args.eta:g}-s{args.seed}-n{args.n}.safetensors")
-    if path.exists():
-        log.info("reusing FP samples %s", path)
-        return load_file(str(path))["samples"], 0.0
-    images, secs = _draw(args, loaded, _runner(args, loaded))
-    save_samples(images, path, {"sampler": args.sampler, "steps": str(args.steps), "seed": str(args.seed)})
-    return images, secs
-
-
 def cmd_eval(args) -> int:
-    from . import evaluate
+    from . import api, evaluate
+    from .core.artifacts import write_json
     from .images import save_grid
     # Everything that can fail on bad input is checked before the (long) sampling run.
-    if args.inception_weights:
-        extractor, label = evaluate.InceptionFeatures(args.inception_weights), "FID (Inception)"
-    else:
-        extractor, label = evaluate.get_extractor("effnet"), "FD-EffNet"
+    settings = _settings(args)
+    extractor = evaluate.InceptionFeatures(args.inception_weights) if args.inception_weights else None
     if args.recipe and args.onnx:
-        raise ValueError("--recipe evaluates the torch fake-quant model, --onnx an exported graph: give one")
-    if args.onnx and not Path(args.onnx).is_file():
-        raise FileNotFoundError(f"--onnx {args.onnx}: no such file")
-    if args.recipe:
-        from .calib.ranges import get_recipe
-        get_recipe(args.recipe)
+        raise UsageError("--recipe evaluates the torch fake-quant model, --onnx an exported graph: give one")
+    quant = _quant(args) if args.recipe else None
     loaded = _load(args)
-    disable = True if args.no_progress else None
+    res = api.evaluate(loaded, settings, quant=quant, onnx=args.onnx, extractor=extractor, ref=args.ref,
+                       ref_limit=args.ref_limit, eps_n=args.eps_n, cache_root=Path(args.cache_dir), device=args.device,
+                       threads=args.threads, progress=not args.no_progress)
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ref = evaluate.reference_features(args.ref, extractor, limit=args.ref_limit, disable=disable)
-    kid_size = min(1000, args.n, len(ref))
-    result = {"model": str(loaded.source), "fingerprint": loaded.fingerprint(), "sampler": args.sampler,
-              "steps": args.steps, "eta": args.eta, "n": args.n, "seed": args.seed,
-              "reference": f"fashion-mnist-{args.ref}", "reference_n": len(ref), "metric": label,
-              "kid_subset_size": kid_size, "threads": torch.get_num_threads()}
-
-    def score(images, prefix: str) -> None:
-        feats = evaluate.extract_features(images, extractor, disable=disable)
-        result[f"{prefix}fd"] = evaluate.frechet_distance(feats, ref)
-        result[f"{prefix}kid_mean"], result[f"{prefix}kid_std"] = evaluate.kid(feats, ref, subset_size=kid_size)
-
-    if not args.recipe and not args.onnx:
-        images, secs = _fp_samples(args, loaded)
-        result["sampling_seconds"] = round(secs, 1)
-        score(images, "")
-        line = f"{label}: {result['fd']:.3f}   KID: {result['kid_mean'] * 1e3:.3f} ± {result['kid_std'] * 1e3:.3f} (x1e-3)"
-    else:  # a quantized model (fake-quant from --recipe, or an exported --onnx graph) against FP, same seeds
-        import contextlib
-
-        from .calibrate import fake_quant_unet, grouped_denoiser
-        from .runners import OrtRunner, TorchRunner, as_denoiser
-        from .sampling import Schedule, sample_many
-        fp_images, _ = _fp_samples(args, loaded)
-        with contextlib.ExitStack() as stack:
-            if args.onnx:
-                test = as_denoiser(stack.enter_context(OrtRunner(args.onnx, threads=args.threads)))
-                result.update({"onnx": str(args.onnx), "recipe": args.recipe})
-            else:
-                calib, qcfg = _calibration(args, loaded, args.recipe, progress=not args.no_progress)
-                qunet = fake_quant_unet(loaded, qcfg, calib.ranges, fold_weights=True)
-                grouped = any(isinstance(v, list) for v in calib.ranges.values())
-                q_runner = stack.enter_context(TorchRunner(qunet, device="cpu", dtype=torch.float32, name="fakequant"))
-                test = grouped_denoiser(qunet, calib.ranges) if grouped else as_denoiser(q_runner)
-                result.update({"recipe": args.recipe, "ranges": str(calib.ranges_path), "weight_bits": args.weight_bits,
-                               "weight_calib": args.weight_calib, "shortcut_split": args.shortcut_split,
-                               "calibration": args.timesteps, "calib_n": args.calib_n})
-            fp_runner = stack.enter_context(TorchRunner(loaded.unet, device=args.device))
-            schedule = Schedule.from_config(loaded.scheduler_config)
-            t0 = time.perf_counter()
-            images = sample_many(test, schedule, range(args.seed, args.seed + args.n), loaded.sample_shape,
-                                 batch_size=args.batch, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                                 progress=not args.no_progress)
-            result["sampling_seconds"] = round(time.perf_counter() - t0, 1)
-            n_eps = min(args.n, args.eps_n)
-            cmp = evaluate.compare_denoisers(as_denoiser(fp_runner), test, schedule,
-                                             range(args.seed, args.seed + n_eps), loaded.sample_shape,
-                                             sampler=args.sampler, steps=args.steps, eta=args.eta,
-                                             batch_size=args.batch, progress=not args.no_progress)
-        score(images, "")
-        score(fp_images, "fp_")
-        result.update({"psnr_vs_fp": evaluate.psnr(fp_images, images), "eps_n": n_eps, "eps": cmp["eps"]})
-        result["fd_change_vs_fp_pct"] = 100 * (result["fd"] - result["fp_fd"]) / result["fp_fd"]
-        line = (f"{label}: {result['fd']:.3f} (FP {result['fp_fd']:.3f}, {result['fd_change_vs_fp_pct']:+.1f}%)   "
-                f"PSNR vs FP: {result['psnr_vs_fp']:.2f} dB   eps MSE {cmp['eps']['mse']:.2e} cos {cmp['eps']['cosine']:.5f}   "
-                f"KID: {result['kid_mean'] * 1e3:.3f} (x1e-3)")
-    save_grid(images[:64], out_dir / "grid.png")
-    tmp = out_dir / ".result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out_dir / "result.json")
-    print(f"{line}   N={args.n} {args.sampler}-{args.steps} vs Fashion-MNIST {args.ref}   -> {out_dir}")
+    save_grid(res.images[:64], out_dir / "grid.png")
+    write_json(out_dir / "result.json", res.to_dict(), indent=2)
+    print(f"{res.line()}   N={args.n} {args.sampler}-{args.steps} vs Fashion-MNIST {args.ref}   -> {out_dir}")
     return 0
 
 
@@ -233,37 +144,19 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default="calib_cache")
 
 
-def _calib_spec(args):
-    from .calib.timesteps import parse
-    from .calib.trajectories import CalibSpec
-    return CalibSpec(parse(args.timesteps), n=args.calib_n, sampler=args.calib_sampler, steps=args.calib_steps,
-                     seed=args.calib_seed)
-
-
-def _quant_config(args):
-    from .quant import DEFAULT_EXCLUDE, QuantConfig
-    return QuantConfig(weight_bits=args.weight_bits, weight_calib=args.weight_calib,
-                       shortcut_split=args.shortcut_split, quantize_attention=args.quantize_attention,
-                       exclude=tuple(args.exclude) if args.exclude is not None else DEFAULT_EXCLUDE)
-
-
-def _calibration(args, loaded, recipe: str, progress: bool):
-    from .calibrate import calibrate
-    qcfg = _quant_config(args)
-    return calibrate(loaded, _calib_spec(args), qcfg, recipe, cache_root=Path(args.cache_dir), batch_size=args.batch,
-                     progress=progress), qcfg
-
-
 def cmd_calibrate(args) -> int:
     import statistics
+
+    from . import api
+    quant = _quant(args)
     loaded = _load(args)
     if args.sensitivity:
         import fnmatch
 
         from .calibrate import layer_sensitivity
         from .quant import DEFAULT_EXCLUDE
-        rows = layer_sensitivity(loaded, _calib_spec(args), args.recipe, cache_root=Path(args.cache_dir), weight_bits=args.weight_bits,
-                                 batch_size=args.batch, progress=not args.no_progress)
+        rows = layer_sensitivity(loaded, quant.spec, quant.recipe, cache_root=quant.cache_root,
+                                 weight_bits=quant.qcfg.weight_bits, batch_size=quant.batch, progress=not args.no_progress)
         print(f"per-layer sensitivity (W{args.weight_bits}A8, recipe {args.recipe}, one layer quantized at a time; "
               "relative MSE of the predicted noise vs FP):")
         print(f"{'layer':48s} {'type':8s} {'rel MSE':>10s}  default")
@@ -271,8 +164,8 @@ def cmd_calibrate(args) -> int:
             ex = "excluded" if any(fnmatch.fnmatchcase(r["layer"], p) for p in DEFAULT_EXCLUDE) else ""
             print(f"{r['layer']:48s} {r['type']:8s} {r['rel_mse']:10.3e}  {ex}")
         return 0
-    res, _ = _calibration(args, loaded, args.recipe, progress=not args.no_progress)
-    vals = [g["amax"] for v in res.ranges.values() for g in (v if isinstance(v, list) else [{"amax": v}])]
+    res = api.calibrate(loaded, quant, progress=not args.no_progress)
+    vals = [v for g in res.ranges.groups for v in g.amax.values()]
     print(f"recipe {args.recipe}: {len(res.ranges)} quantized layers (activation ranges), amax min "
           f"{min(vals):.4g} / median {statistics.median(vals):.4g} / max {max(vals):.4g}")
     if res.stats_reused:
@@ -284,27 +177,20 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-def _exported(args, loaded, progress=print):
-    """calibrate (cached) -> checked Q/DQ ONNX: the shared first half of `export` and `engine`."""
-    from .deploy import check_target, export_checked
-    check_target(_quant_config(args), args.recipe, args.target)  # before calibrating: no work on what can't export
-    res, qcfg = _calibration(args, loaded, args.recipe, progress=not args.no_progress)
-    how = ("reused from cache" if res.stats_reused else
-           f"collected in {res.seconds_collect:.1f} s: FP trajectories {res.seconds_trajectories:.1f} s + statistics "
-           f"pass {res.seconds_collect - res.seconds_trajectories:.1f} s")
-    progress(f"calibration: recipe {args.recipe}, {len(res.ranges)} activation ranges -> {res.ranges_path} "
-             f"(statistics {how})")
-    if args.target == "ort-cpu":
-        from .deploy import export_ort_cpu
-        return export_ort_cpu(loaded, qcfg, res, args.recipe, _calib_spec(args), Path(args.out_dir),
-                              batch_size=args.batch, ops=args.ort_ops, progress=progress)
-    return export_checked(loaded, qcfg, res, args.recipe, Path(args.out_dir), precision=args.precision,
-                          progress=progress)
+def _deploy(args, build: bool):
+    from . import api
+    quant = _quant(args)
+    loaded = _load(args)
+    if build:
+        print(f"model {loaded.name} ({loaded.kind}, {loaded.source}); fingerprint {loaded.fingerprint()[:16]}")
+    return api.deploy(loaded, quant, target=args.target, out_dir=Path(args.out_dir), precision=args.precision,
+                      options={"ops": args.ort_ops}, build=build, baseline=not getattr(args, "no_baseline", True),
+                      build_options=_build_options(args) if build else None, flavour=getattr(args, "flavour", None),
+                      show_progress=not args.no_progress)
 
 
 def cmd_export(args) -> int:
-    loaded = _load(args)
-    _exported(args, loaded)
+    _deploy(args, build=False)
     return 0
 
 
@@ -316,39 +202,24 @@ def _build_options(args):
 
 
 def cmd_build(args) -> int:
-    from .deploy import ExportedModel, build_all
+    from .core.artifacts import ExportReport
+    from .targets import Exported, get_target
     path = Path(args.onnx)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such ONNX file")
-    report_path = Path(f"{path}.json")
-    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    build_all([ExportedModel(path, report)], _build_options(args), flavour=args.flavour)
+    report = ExportReport.load(path) or ExportReport(onnx=path.name, target="tensorrt", int8=True)
+    get_target("tensorrt").build([Exported(path, report)], _build_options(args), flavour=args.flavour)
     return 0
 
 
 def cmd_engine(args) -> int:
     """make engine: calibrate (cached) -> export -> check -> build (TensorRT, else TensorRT-RTX, else stop)."""
-    from .deploy import build_all, export_baseline
-    from .engine import EngineError, trt_module
     t0 = time.perf_counter()
-    loaded = _load(args)
-    print(f"model {loaded.name} ({loaded.kind}, {loaded.source}); fingerprint {loaded.fingerprint()[:16]}")
-    models = _exported(args, loaded)
-    if args.target == "ort-cpu":
-        print(f"done in {time.perf_counter() - t0:.0f} s; sample on CPU with: trt-dm sample --onnx {models}")
+    made = _deploy(args, build=True)
+    if made.not_built:
+        print(f"stopping after the checked ONNX: {made.not_built}")
         return 0
-    if not args.no_baseline:
-        base = export_baseline(loaded, Path(args.out_dir), precision=args.precision)
-        print(f"  {base.onnx}: unquantized baseline, checked")
-        models.append(base)
-    try:
-        _, flavour = trt_module(args.flavour)
-    except EngineError as e:
-        print(f"stopping after the checked ONNX: {e}")
-        return 0
-    build_all(models, _build_options(args), flavour=flavour)
-    print(f"done in {time.perf_counter() - t0:.0f} s; sample with: trt-dm sample --engine "
-          f"{' '.join(str(m.onnx.with_suffix('.plan')) for m in models if m.report.get('recipe'))} (needs a GPU)")
+    print(f"done in {time.perf_counter() - t0:.0f} s; {made.usage}")
     return 0
 
 
@@ -367,10 +238,14 @@ def cmd_profile(args) -> int:
 
 def cmd_check(args) -> int:
     import onnx
+
     from .export import check_qdq
     if not Path(args.onnx).is_file():
         raise FileNotFoundError(f"{args.onnx}: no such file")
-    onnx.checker.check_model(args.onnx)
+    try:
+        onnx.checker.check_model(args.onnx)
+    except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError) as e:  # type: ignore[attr-defined]
+        raise UsageError(f"{args.onnx} is not a valid ONNX model: {str(e).splitlines()[0]}") from None
     rep = check_qdq(args.onnx)
     print(f"{args.onnx}: ONNX checker OK; {rep.quantize} Q / {rep.dequantize} DQ, {rep.per_channel} per-channel")
     for v in rep.violations:
@@ -383,17 +258,17 @@ def cmd_info(args) -> int:
     n_params = sum(p.numel() for p in loaded.unet.parameters())
     print(json.dumps({"name": loaded.name, "kind": loaded.kind, "source": str(loaded.source),
                       "parameters": n_params, "fingerprint": loaded.fingerprint(),
-                      "scheduler_source": loaded.scheduler_source,
-                      "inputs": [dict(name=i.name, shape=list(i.shape), dtype=str(i.dtype)) for i in loaded.inputs]},
+                      "schedule_fingerprint": loaded.schedule_fingerprint(),
+                      "scheduler_source": loaded.scheduler_source, "signature": loaded.signature.to_dict()},
                      indent=2))
     return 0
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default="ptq4dm", help="calibration recipe (see `trt-dm calibrate --help`)")
-    p.add_argument("--target", choices=("tensorrt", "ort-cpu"), default="tensorrt",
-                   help="tensorrt: symmetric Q/DQ on layer inputs (TensorRT / TensorRT-RTX); ort-cpu: ONNX "
-                        "Runtime's fast int8 CPU layout (uint8 activations, Q/DQ around inputs and outputs)")
+    from .targets import targets
+    p.add_argument("--target", choices=list(targets()), default="tensorrt",
+                   help="; ".join(f"{n}: {t.help}" for n, t in targets().items()))
     p.add_argument("--ort-ops", choices=("layers", "all"), default="layers",
                    help="ort-cpu: quantize the recipe's Conv/Linear layers only (as TensorRT; default), or every "
                         "operator ONNX Runtime can (SiLU, residual adds, concat, softmax too): a study option, "
@@ -422,10 +297,10 @@ def _build_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trt-dm", description="Post-training int8 quantization for "
+    parser = _Parser(prog="trt-dm", description="Post-training int8 quantization for "
                                      "diffusion UNets (PTQ4DM), deployed as TensorRT engines.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO) and show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("sample", help="draw images and write a grid")
     _add_model_args(p)
@@ -433,8 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="grid.png", help="grid image path (.png/.jpg)")
     p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: square)")
     p.add_argument("--save-samples", default=None, help="also write raw samples to this .safetensors file")
-    p.add_argument("--onnx", default=None, help="run this exported ONNX UNet in ONNX Runtime (CPU) instead of torch; "
-                   "--model still supplies the noise schedule and image shape")
+    p.add_argument("--onnx", nargs="+", default=None,
+                   help="run this exported ONNX UNet in ONNX Runtime (CPU) instead of torch (K graphs of a groups=K "
+                        "recipe are switched by timestep); --model still supplies the noise schedule and image shape")
     p.add_argument("--engine", nargs="+", default=None,
                    help="run this TensorRT / TensorRT-RTX engine (GPU); K plans of a groups=K recipe are "
                         "switched by timestep")
@@ -516,14 +392,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from .engine import EngineError
+    from .calib.stats import CalibCacheError
+    from .core.artifacts import EngineError
     from .models import ModelLoadError
     try:
         return args.func(args)
-    except (ModelLoadError, FileNotFoundError, ValueError, EngineError) as e:
+    except (CalibCacheError, EngineError, RuntimeError) as e:  # the work failed: exit 1
         if args.verbose:
             raise
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (UsageError, ModelLoadError, FileNotFoundError, ValueError) as e:  # bad input: exit 2, one line
+        if args.verbose:
+            raise
+        print("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
         return 2
 
 

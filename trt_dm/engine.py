@@ -17,7 +17,6 @@ temporary names and renamed, sidecar first: a ``.plan`` exists only when its bui
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -27,37 +26,11 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .calib.stats import atomic_write
+from .core.artifacts import (FLAVOURS, EngineError, Sidecar, atomic_write, check_sidecar, sha256_file,  # noqa: F401
+                             sidecar_path, trt_module)
+from .core.signature import Signature
 
 log = logging.getLogger(__name__)
-
-FLAVOURS = ("tensorrt", "tensorrt_rtx")
-SIDECAR_VERSION = 1
-
-
-class EngineError(RuntimeError):
-    """An engine cannot be built, or a built engine does not fit this runtime / GPU / file."""
-
-
-def trt_module(flavour: str | None = None):
-    """(module, flavour): ``flavour`` if given, else full TensorRT if importable, else TensorRT-RTX."""
-    for name in ([flavour] if flavour else FLAVOURS):
-        if name not in FLAVOURS:
-            raise ValueError(f"unknown TensorRT flavour {name!r}; expected one of {FLAVOURS}")
-        try:
-            return importlib.import_module(name), name
-        except ImportError as e:  # the tensorrt meta-package can exist without loadable libraries
-            log.info("%s not usable: %s", name, e)
-    raise EngineError(f"no TensorRT found ({' or '.join([flavour] if flavour else FLAVOURS)} not importable): "
-                      "pip install tensorrt-rtx-cu13 (builds without a GPU), or install TensorRT 10/11 on a GPU machine")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -127,19 +100,44 @@ def _gpu() -> dict:
     return {"gpu": None, "compute_capability": None}
 
 
-def sidecar_path(plan: str | os.PathLike) -> Path:
-    return Path(f"{plan}.json")
+def profile_shapes(signature: Signature, options: BuildOptions) -> dict[str, tuple[list, list, list]]:
+    """(min, opt, max) shape per input from the signature's named axes: "batch" takes the batch profile,
+    "sequence" the sequence-length profile; any other dynamic axis is refused."""
+    sizes = {"batch": (options.min_batch, options.opt_batch, options.max_batch), "sequence": options.seq_len}
+    out = {}
+    for spec in signature.inputs:
+        lo, mid, hi = [], [], []
+        for axis, d in enumerate(spec.shape):
+            if isinstance(d, int):
+                trio = (d, d, d)
+            elif d in sizes:
+                trio = sizes[d]
+            else:
+                raise EngineError(f"input {spec.name!r} has dynamic axis {axis} ({d!r}, shape {list(spec.shape)}); "
+                                  f"only {sorted(sizes)} may be dynamic in an engine (give the model a sample_size)")
+            for lst, v in zip((lo, mid, hi), trio):
+                lst.append(int(v))
+        out[spec.name] = (lo, mid, hi)
+    return out
 
 
 def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, options: BuildOptions | None = None, *,
                  flavour: str | None = None, recipe: str | None = None, calibration: str | None = None,
-                 precision: str = "int8", extra: dict | None = None, verbose: bool = False) -> dict:
-    """Parse ``onnx_path``, build, write ``plan_path`` and its sidecar atomically; return the sidecar dict."""
+                 precision: str = "int8", signature: Signature | None = None, extra: dict | None = None,
+                 verbose: bool = False) -> Sidecar:
+    """Parse ``onnx_path``, build, write ``plan_path`` and its sidecar atomically; return the sidecar.
+    Profiles come from ``signature`` (default: read from the ONNX graph's inputs and dim names)."""
     options = options or BuildOptions()
     options.validate()
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"{onnx_path}: no such ONNX file")
+    if signature is None:
+        try:
+            signature = Signature.from_onnx(onnx_path)
+        except Exception as e:  # protobuf raises DecodeError, onnx others: the file is not an ONNX model
+            raise EngineError(f"could not parse {onnx_path} as an ONNX model ({type(e).__name__}: {e})") from None
+    wanted = profile_shapes(signature, options)
     trt, flavour = trt_module(flavour)
     logger = _Logger.make(trt, verbose)
     logger.min_severity = trt.ILogger.Severity.VERBOSE
@@ -181,18 +179,9 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, opt
     shapes = {}
     for i in range(network.num_inputs):
         inp = network.get_input(i)
-        dims = list(inp.shape)
-        lo, mid, hi = list(dims), list(dims), list(dims)
-        for axis, d in enumerate(dims):
-            if d != -1:
-                continue
-            if axis == 0:
-                lo[axis], mid[axis], hi[axis] = options.min_batch, options.opt_batch, options.max_batch
-            elif axis == 1 and inp.name == "encoder_hidden_states":
-                lo[axis], mid[axis], hi[axis] = options.seq_len
-            else:
-                raise EngineError(f"input {inp.name!r} has dynamic axis {axis} ({dims}); only batch and "
-                                  "encoder_hidden_states' sequence may be dynamic")
+        if inp.name not in wanted:
+            raise EngineError(f"{onnx_path}: network input {inp.name!r} is not in the signature {signature.names}")
+        lo, mid, hi = wanted[inp.name]
         if inp.is_shape_tensor:
             raise EngineError(f"input {inp.name!r} is a shape tensor, which this builder does not support")
         profile.set_shape(inp.name, lo, mid, hi)
@@ -207,18 +196,17 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, opt
         raise EngineError(f"{flavour} failed to build {onnx_path}:\n  " + "\n  ".join(errors))
     blob = memoryview(serialized).tobytes()
 
-    sidecar = {"sidecar_version": SIDECAR_VERSION, "flavour": flavour, "trt_version": trt.__version__,
-               **(_gpu() if flavour == "tensorrt" else {"gpu": None, "compute_capability": None}),
-               "rtx_targets": targets, "onnx": onnx_path.name, "onnx_sha256": sha256_file(onnx_path),
-               "plan_sha256": hashlib.sha256(blob).hexdigest(), "plan_bytes": len(blob), "precision": precision,
-               "recipe": recipe, "calibration": calibration, "inputs": shapes, "build_options": asdict(options),
-               "strongly_typed": strongly_typed, "build_seconds": round(seconds, 2),
-               "layer_precisions": layer_precisions(logger.messages),
-               # TensorRT-RTX prints one layer report, for its first target
-               "layer_precisions_for": targets[0] if targets else "this GPU", **(extra or {})}
-    plan_path.parent.mkdir(parents=True, exist_ok=True)
+    sidecar = Sidecar(flavour=flavour, trt_version=trt.__version__,
+                      **(_gpu() if flavour == "tensorrt" else {"gpu": None, "compute_capability": None}),
+                      rtx_targets=targets, onnx=onnx_path.name, onnx_sha256=sha256_file(onnx_path),
+                      plan_sha256=hashlib.sha256(blob).hexdigest(), plan_bytes=len(blob), precision=precision,
+                      recipe=recipe, calibration=calibration, inputs=shapes, signature=signature.to_dict(),
+                      build_options=json.loads(json.dumps(asdict(options))), strongly_typed=strongly_typed, build_seconds=round(seconds, 2),
+                      layer_precisions=layer_precisions(logger.messages),
+                      # TensorRT-RTX prints one layer report, for its first target
+                      layer_precisions_for=targets[0] if targets else "this GPU", **(extra or {}))
     # sidecar first: a .plan appears only complete, and a stale sidecar never vouches for it (plan sha256)
-    atomic_write(sidecar_path(plan_path), (json.dumps(sidecar, indent=2) + "\n").encode())
+    sidecar.save(plan_path)
     atomic_write(plan_path, blob)
     if cache is not None:
         atomic_write(Path(options.timing_cache), memoryview(config.get_timing_cache().serialize()).tobytes())
@@ -226,44 +214,5 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, opt
     return sidecar
 
 
-def load_sidecar(plan_path: str | os.PathLike) -> dict:
-    side = sidecar_path(plan_path)
-    if not Path(plan_path).is_file():
-        raise FileNotFoundError(f"{plan_path}: no such engine file")
-    if not side.is_file():
-        raise EngineError(f"{plan_path} has no sidecar {side.name}: build engines with `trt-dm build` so their "
-                          "TensorRT version, GPU and inputs are recorded")
-    try:
-        return json.loads(side.read_text())
-    except json.JSONDecodeError as e:
-        raise EngineError(f"{side}: not valid JSON ({e})") from None
-
-
-def check_sidecar(plan_path: str | os.PathLike, *, flavour: str, trt_version: str,
-                  compute_capability: str | None, check_hash: bool = True) -> dict:
-    """Raise ``EngineError`` naming both sides when the engine does not fit this runtime and GPU
-    (``compute_capability`` like "8.9"; None = no GPU check) or its plan file is not the one built."""
-    meta = load_sidecar(plan_path)
-    problems = []
-    if meta.get("flavour") != flavour:
-        problems.append(f"built with {meta.get('flavour')}, loaded with {flavour}")
-    if meta.get("trt_version") != trt_version:
-        problems.append(f"built by {meta.get('flavour')} {meta.get('trt_version')}, this runtime is {trt_version} "
-                        "(engines are not portable across versions: rebuild)")
-    if compute_capability is not None:
-        if flavour == "tensorrt" and meta.get("compute_capability") not in (None, compute_capability):
-            problems.append(f"built for {meta.get('gpu')} (compute capability {meta.get('compute_capability')}), "
-                            f"this GPU has compute capability {compute_capability}")
-        if flavour == "tensorrt_rtx":
-            sm = "SM" + compute_capability.replace(".", "")
-            if meta.get("rtx_targets") and sm not in meta["rtx_targets"]:
-                problems.append(f"built for TensorRT-RTX targets {meta['rtx_targets']}, this GPU is {sm}")
-    if check_hash:
-        actual = sha256_file(plan_path)
-        if actual != meta.get("plan_sha256"):
-            problems.append(f"plan file sha256 {actual[:16]}… does not match the sidecar's "
-                            f"{str(meta.get('plan_sha256'))[:16]}… (file replaced or damaged)")
-    if problems:
-        raise EngineError(f"{plan_path}: " + "; ".join(problems))
-    return meta
-
+def load_sidecar(plan_path: str | os.PathLike) -> Sidecar:
+    return Sidecar.load(plan_path)

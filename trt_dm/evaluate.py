@@ -385,15 +385,23 @@ class EpsErrorTracker:
         self._sums: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])  # t -> [mse, cos, n]
 
     def update(self, t: int | torch.Tensor, eps_ref: torch.Tensor, eps_test: torch.Tensor) -> None:
-        if isinstance(t, torch.Tensor):
-            if t.numel() == 0 or t.is_floating_point() or not (t == t.flatten()[0]).all():
-                raise ValueError(f"t must be one integer timestep; got tensor {t.tolist()}")
-            t = t.flatten()[0].item()
-        if not isinstance(t, (int, np.integer)) or isinstance(t, bool):
-            raise ValueError(f"t must be an int timestep; got {t!r}")
+        """Add a batch: ``t`` one int timestep for every row, or an integer tensor (N,) with each row's own."""
         if eps_ref.shape != eps_test.shape or eps_ref.ndim < 2:
             raise ValueError(f"eps_ref and eps_test must share a shape (N, ...); got {tuple(eps_ref.shape)} "
                              f"and {tuple(eps_test.shape)}")
+        if isinstance(t, torch.Tensor):
+            t = t.detach().cpu()
+            if t.dim() == 1 and t.numel() == eps_ref.shape[0] and not t.is_floating_point():
+                for v in torch.unique(t).tolist():  # rows at different timesteps: each row counts at its own t
+                    rows = torch.nonzero(t == v).flatten()
+                    self.update(int(v), eps_ref[rows.to(eps_ref.device)], eps_test[rows.to(eps_test.device)])
+                return
+            if t.numel() != 1 or t.is_floating_point():
+                raise ValueError(f"t must be an int timestep or one integer per row ({eps_ref.shape[0]}); got "
+                                 f"tensor {t.tolist()}")
+            t = t.item()
+        if not isinstance(t, (int, np.integer)) or isinstance(t, bool):
+            raise ValueError(f"t must be an int timestep; got {t!r}")
         r, s = eps_ref.detach().double().flatten(1), eps_test.detach().double().flatten(1)
         acc = self._sums[int(t)]
         acc[0] += float((r - s).square().mean(1).sum())

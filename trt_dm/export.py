@@ -19,43 +19,38 @@ import numpy as np
 import torch
 from torch import nn
 
+from .core.signature import OUTPUT_NAME, Signature
+
 log = logging.getLogger(__name__)
 OPSET = 17
 
 
 class _Wrapper(nn.Module):
-    """diffusers UNets return a dataclass; ONNX wants plain tensors with stable names."""
+    """diffusers UNets return a dataclass; ONNX wants plain tensors with stable names, in signature order."""
 
-    def __init__(self, unet: nn.Module) -> None:
+    def __init__(self, unet: nn.Module, names: list[str]) -> None:
         super().__init__()
         self.unet = unet
+        self.names = names
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
-        kwargs = {"encoder_hidden_states": extra[0]} if extra else {}
-        return self.unet(sample, timestep, **kwargs).sample
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.unet(**dict(zip(self.names, inputs))).sample
 
 
 def export_onnx(unet: nn.Module, path: str | os.PathLike, *, batch: int = 2, seq_len: int = 8) -> Path:
-    """Export ``unet`` (FP or fake-quant, fp32) with a dynamic batch axis (and sequence axis for
-    ``encoder_hidden_states``) to ``path`` atomically."""
+    """Export ``unet`` (FP or fake-quant, fp32) to ``path`` atomically, with every input of its signature
+    (``trt_dm.core.signature``: conditioning included) as a graph input and its named dynamic axes."""
     path = Path(path)
-    cfg = unet.config
-    s = cfg.sample_size
-    h, w = (s, s) if isinstance(s, int) else tuple(s)
-    sample = torch.randn(batch, cfg.in_channels, h, w)
-    timestep = torch.full((batch,), 10, dtype=torch.int64)
-    args: tuple = (sample, timestep)
-    names = ["sample", "timestep"]
-    dyn = {"sample": {0: "batch"}, "timestep": {0: "batch"}, "out_sample": {0: "batch"}}
-    if type(unet).__name__ == "UNet2DConditionModel":
-        args += (torch.randn(batch, seq_len, cfg.cross_attention_dim),)
-        names.append("encoder_hidden_states")
-        dyn["encoder_hidden_states"] = {0: "batch", 1: "sequence"}
+    signature = Signature.from_unet(unet)
+    example = signature.example(batch, seq_len=seq_len, timestep=10)
+    names = signature.names
+    args = tuple(example[n] for n in names)
+    dyn = signature.dynamic_axes()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with torch.no_grad():
-            torch.onnx.export(_Wrapper(unet).eval(), args, str(tmp), input_names=names, output_names=["out_sample"],
+            torch.onnx.export(_Wrapper(unet, names).eval(), args, str(tmp), input_names=names, output_names=[OUTPUT_NAME],
                               dynamic_axes=dyn, opset_version=OPSET, do_constant_folding=True, dynamo=False)
         os.replace(tmp, path)
     finally:
@@ -76,7 +71,8 @@ class QdqReport:
         return not self.violations
 
 
-def _constants(model) -> dict[str, np.ndarray]:
+def constants(model) -> dict[str, np.ndarray]:
+    """{tensor name: value} of every initializer and Constant node output of an ONNX model."""
     from onnx import numpy_helper
     out = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     for n in model.graph.node:
@@ -91,7 +87,7 @@ def check_qdq(model_or_path) -> QdqReport:
     """Check every QuantizeLinear / DequantizeLinear against TensorRT's explicit-quantization rules."""
     import onnx
     model = onnx.load(str(model_or_path)) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
-    consts = _constants(model)
+    consts = constants(model)
     consumers: dict[str, list] = {}
     for n in model.graph.node:
         for i in n.input:
@@ -146,7 +142,7 @@ def check_layers(model_or_path, quantized: set[str] | list[str]) -> list[str]:
     import onnx
     model = onnx.load(str(model_or_path)) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
     producer = {o: n for n in model.graph.node for o in n.output}
-    consts = _constants(model)
+    consts = constants(model)
     quantized = set(quantized)
     seen, problems = set(), []
     for n in model.graph.node:
@@ -175,7 +171,7 @@ def check_layers(model_or_path, quantized: set[str] | list[str]) -> list[str]:
 
 def _activation_q_nodes(model) -> dict[str, str]:
     """{layer name: output of the QuantizeLinear on that layer's input} (weights' Q/DQ excluded)."""
-    consts = _constants(model)
+    consts = constants(model)
     consumers: dict[str, list] = {}
     for n in model.graph.node:
         for i in n.input:
@@ -248,8 +244,7 @@ def compare_layers(qunet: nn.Module, onnx_path: str | os.PathLike, feed: dict[st
             handles.append(quantizer.register_forward_hook(hook))
         try:
             with torch.no_grad():
-                extra = {"encoder_hidden_states": feed["encoder_hidden_states"]} if "encoder_hidden_states" in feed else {}
-                qunet(feed["sample"], feed["timestep"], **extra)
+                qunet(**feed)
         finally:
             for h in handles:
                 h.remove()

@@ -5,6 +5,9 @@ pipeline directory (unet/ [+ scheduler/]). It reads and validates config.json it
 from the config and loads the weights with safetensors; pickled `.bin` weights only on opt-in, and then
 with `torch.load(weights_only=True)`. Every failure is a `ModelLoadError` naming the path and what is
 accepted. `tiny_unet2d` / `tiny_unet2d_condition` build tiny random models for tests and tools.
+
+A loaded model carries its input ``signature`` (``trt_dm.core.signature``: the one description of the UNet's
+inputs every stage reads) and two fingerprints: of the UNet (config + weights) and of its noise schedule.
 """
 from __future__ import annotations
 
@@ -21,6 +24,9 @@ import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 from safetensors.torch import load_file
 from torch import nn
+
+from .core.schedule import Schedule
+from .core.signature import Signature
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +52,6 @@ class ModelLoadError(ValueError):
     """A model that cannot be loaded; the message names the path and what is accepted."""
 
 
-@dataclass(frozen=True)
-class InputSpec:
-    """One UNet input: name as in the diffusers forward, shape with -1 for the batch dimension."""
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-
 @dataclass
 class LoadedModel:
     unet: nn.Module
@@ -65,7 +63,6 @@ class LoadedModel:
     scheduler_source: str        # "dir" (pipeline's scheduler/scheduler_config.json) or "default" (DDPM)
     weight_files: tuple[Path, ...] = ()
     weight_names: tuple[str, ...] = ()  # state_dict keys at load; fingerprint() hashes exactly these
-    seq_len: int = 77            # encoder_hidden_states length (CLIP's 77); override for other encoders
 
     @property
     def dtype(self) -> torch.dtype:
@@ -80,25 +77,9 @@ class LoadedModel:
         return (c.in_channels, h, w)
 
     @property
-    def inputs(self) -> list[InputSpec]:
-        """The forward inputs, in diffusers' argument order; -1 marks the (dynamic) batch dimension."""
-        c, dt = self.unet.config, self.dtype
-        size = c.sample_size
-        hw = (-1, -1) if size is None else (size, size) if isinstance(size, int) else tuple(size)
-        # The timestep stays fp32 whatever the model dtype: fp16 is too coarse for t ~ 1000.
-        specs = [InputSpec("sample", (-1, c.in_channels, *hw), dt), InputSpec("timestep", (-1,), torch.float32)]
-        if self.kind == "UNet2DConditionModel":
-            dim = c.cross_attention_dim
-            dim = dim[0] if isinstance(dim, (list, tuple)) else dim
-            specs.append(InputSpec("encoder_hidden_states", (-1, self.seq_len, dim), dt))
-        cet = c.get("class_embed_type")
-        if cet == "timestep":
-            specs.append(InputSpec("class_labels", (-1,), torch.float32))
-        elif cet == "projection":
-            specs.append(InputSpec("class_labels", (-1, c.projection_class_embeddings_input_dim), dt))
-        elif c.get("num_class_embeds") is not None:
-            specs.append(InputSpec("class_labels", (-1,), torch.int64))
-        return specs
+    def signature(self) -> Signature:
+        """The UNet's inputs (names, interface dtypes, named dynamic axes, which are conditioning)."""
+        return Signature.from_config(self.kind, self.config)
 
     def fingerprint(self) -> str:
         """sha256 of the canonical config JSON and every weight's name, dtype, shape and bytes (sorted).
@@ -117,6 +98,16 @@ class LoadedModel:
             h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy())
         return h.hexdigest()
+
+    def schedule_fingerprint(self) -> str:
+        """sha256 of the noise schedule as the samplers use it (see ``Schedule.fingerprint``):
+        two scheduler configs that sample alike share it, any change that moves a trajectory does not."""
+        return Schedule.from_config(self.scheduler_config).fingerprint()
+
+    def data_key(self) -> str:
+        """What every cache of data drawn from this model is keyed by: the UNet AND its noise schedule (the same
+        UNet under another scheduler config draws other trajectories, so it must not share their cache)."""
+        return hashlib.sha256(f"{self.fingerprint()}\0{self.schedule_fingerprint()}".encode()).hexdigest()
 
 
 def _canonical_config(config: dict[str, Any]) -> str:

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .calib.stats import CalibStats, atomic_write
-from .export import _constants, export_onnx, layer_of
+from .calib.stats import CalibStats
+from .core.artifacts import RangeSet, atomic_write
+from .export import constants, export_onnx, layer_of
 
 log = logging.getLogger(__name__)
 INT8_OPS = ("QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
@@ -31,7 +32,7 @@ INT8_OPS = ("QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "Mat
 
 def layer_inputs(model) -> dict[str, tuple[str, str]]:
     """{layer name: (node name, activation input tensor)} for every Conv/Gemm/MatMul with a constant weight."""
-    consts = _constants(model)
+    consts = constants(model)
     producer = {o: n for n in model.graph.node for o in n.output}
     out = {}
     for n in model.graph.node:
@@ -45,14 +46,13 @@ def layer_inputs(model) -> dict[str, tuple[str, str]]:
     return out
 
 
-def range_overrides(stats: CalibStats, ranges: dict, inputs: dict[str, tuple[str, str]]) -> dict[str, list[dict]]:
+def range_overrides(stats: CalibStats, ranges: RangeSet, inputs: dict[str, tuple[str, str]]) -> dict[str, list[dict]]:
     """ONNX Runtime TensorQuantOverrides: asymmetric [rmin, rmax] per quantized layer input, from the signed
     extremes in ``stats`` clipped to the recipe's ``ranges`` (amax; for groups=K, the widest group's)."""
     out = {}
-    for layer, amax in ranges.items():
+    for layer, amax in ranges.widest().items():
         if layer not in inputs:
             raise ValueError(f"quantized layer {layer!r} has no Conv/Gemm/MatMul in the exported graph")
-        amax = max(g["amax"] for g in amax) if isinstance(amax, list) else float(amax)
         hists = stats.for_quantizer(layer).values()
         lo, hi = min(h.min for h in hists), max(h.max for h in hists)
         rmin, rmax = max(lo, -amax), min(hi, amax)
@@ -81,7 +81,7 @@ OPS = ("layers", "all")
 
 
 def export_ort_int8(unet: torch.nn.Module, out_path: str | os.PathLike, feeds: list[dict[str, torch.Tensor]], *,
-                    layers: set[str] | None = None, stats: CalibStats | None = None, ranges: dict | None = None,
+                    layers: set[str] | None = None, stats: CalibStats | None = None, ranges: RangeSet | None = None,
                     ops: str = "layers") -> Path:
     """Quantize ``unet`` for ONNX Runtime on CPU: export FP32 ONNX, then ONNX Runtime's static QDQ quantizer.
     ``ops="layers"``: the Conv/Gemm/MatMul nodes of ``layers`` only (default: every one with a constant

@@ -30,6 +30,8 @@ from typing import Callable
 
 import torch
 
+from .core.artifacts import atomic_write
+from .core.signature import Signature
 from .runners import OUTPUT_NAME, OrtRunner, Runner, TorchRunner, TrtRunner, as_denoiser
 
 PROFILE_VERSION = 1
@@ -105,15 +107,8 @@ def _rss_now_mb() -> float | None:
 
 
 def feed_for(unet, batch: int, seed: int = 0, seq_len: int = 77) -> dict[str, torch.Tensor]:
-    cfg = unet.config
-    s = cfg.sample_size
-    h, w = (s, s) if isinstance(s, int) else tuple(s)
-    g = torch.Generator().manual_seed(seed)
-    feed = {"sample": torch.randn(batch, cfg.in_channels, h, w, generator=g),
-            "timestep": torch.full((batch,), 500, dtype=torch.int64)}
-    if type(unet).__name__ == "UNet2DConditionModel":
-        feed["encoder_hidden_states"] = torch.randn(batch, seq_len, cfg.cross_attention_dim, generator=g)
-    return feed
+    """A seeded feed of ``batch`` rows from the UNet's signature, every row at t = 500."""
+    return Signature.from_unet(unet).example(batch, seed=seed, seq_len=seq_len, timestep=500)
 
 
 class CudaGraphTorchRunner(TorchRunner):
@@ -124,8 +119,7 @@ class CudaGraphTorchRunner(TorchRunner):
         self._graphs: dict = {}
 
     @torch.no_grad()
-    def infer(self, feed):
-        self._check_feed(feed)
+    def infer_impl(self, feed):
         key = tuple((k, tuple(v.shape)) for k, v in sorted(feed.items()))
         if key not in self._graphs:
             static = {k: (v.to("cuda", torch.float16) if v.is_floating_point() else v.to("cuda")).clone()
@@ -340,7 +334,6 @@ def plot(results: list[dict], path: Path) -> Path:
 
 
 def write_report(results: list[dict], out_dir: Path) -> dict[str, Path]:
-    from .calib.stats import atomic_write
     out_dir.mkdir(parents=True, exist_ok=True)
     mach = machine()
     doc = {"profile_version": PROFILE_VERSION, "machine": mach, "results": results}

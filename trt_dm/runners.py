@@ -1,36 +1,37 @@
-"""Runners: one small interface over every way to evaluate the UNet (Polygraphy's shape).
+"""Runners: one small interface over every way to evaluate the UNet (Polygraphy's runner shape).
 
     with TorchRunner(unet) as r:
         out = r.infer({"sample": x, "timestep": t})["out_sample"]
 
-``as_denoiser(runner)`` turns a runner into the callable the samplers take, so a sampler cannot tell
-torch FP, torch fake-quant, ONNX Runtime or TensorRT apart. Inputs and outputs are torch tensors;
-a runner casts to the precision it computes in and returns float32.
+``Runner.infer`` is a template method: it checks that the runner is active and that the feed fits the
+runner's input ``signature`` (``trt_dm.core.signature``), then calls the subclass's ``infer_impl``, so no
+backend can forget the checks. ``as_denoiser(runner)`` turns a runner into the callable the samplers take,
+so a sampler cannot tell torch FP, torch fake-quant, ONNX Runtime or TensorRT apart; ``switched_denoiser``
+puts K runners of a ``groups=K`` recipe behind one callable, splitting a batch by each row's timestep.
+Inputs and outputs are torch tensors; a runner casts to the precision it computes in and returns float32.
+
+This is the runtime: it imports only ``trt_dm.core`` (never the engine builder, the exporters or modelopt),
+so a process that only runs engines or graphs does not load them.
 """
 from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from .core.artifacts import EngineError, check_sidecar, group_index, split_by_group, trt_module  # noqa: F401
+from .core.signature import OUTPUT_NAME, Signature, TensorSpec
+
 log = logging.getLogger(__name__)
-
-INPUT_NAMES = ("sample", "timestep", "encoder_hidden_states", "class_labels")
-OUTPUT_NAME = "out_sample"
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    dtype: torch.dtype
-    shape: tuple[int, ...]  # -1 marks a dynamic dimension (batch, sequence length)
 
 
 class Runner(ABC):
     """Base class: ``activate``/``deactivate`` allocate and free; ``infer`` maps input dict -> output dict."""
 
     name: str = "runner"
+    device: torch.device = torch.device("cpu")
 
     def __init__(self) -> None:
         self.is_active = False
@@ -54,25 +55,18 @@ class Runner(ABC):
 
     @property
     @abstractmethod
-    def input_metadata(self) -> dict[str, TensorMeta]: ...
+    def signature(self) -> Signature:
+        """The inputs this runner takes (available once active for file-backed runners)."""
 
-    @abstractmethod
-    def infer(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
-
-    def _check_feed(self, feed: dict[str, torch.Tensor]) -> None:
+    def infer(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Check the feed against ``signature``, then run ``infer_impl``."""
         if not self.is_active:
             raise RuntimeError(f"{self.name} is not active: use it as `with runner:` before infer()")
-        meta = self.input_metadata
-        missing = [k for k in meta if k not in feed]
-        extra = [k for k in feed if k not in meta]
-        if missing or extra:
-            raise ValueError(f"{self.name}: inputs {sorted(feed)} do not match the model's "
-                             f"{sorted(meta)} (missing {missing}, unexpected {extra})")
-        for k, m in meta.items():
-            shape = tuple(feed[k].shape)
-            if len(shape) != len(m.shape) or any(e not in (-1, s) for e, s in zip(m.shape, shape)):
-                raise ValueError(f"{self.name}: input {k!r} has shape {shape}, expected {m.shape} "
-                                 f"(-1 = any)")
+        self.signature.check(feed, self.name)
+        return self.infer_impl(feed)
+
+    @abstractmethod
+    def infer_impl(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
 
 class TorchRunner(Runner):
@@ -87,28 +81,18 @@ class TorchRunner(Runner):
             raise ValueError("fp16 on CPU is not supported by TorchRunner; use float32 (or bfloat16)")
         self.unet = unet
         self.name = f"{name}-{self.device.type}-{str(self.dtype).removeprefix('torch.')}"
-        cfg = getattr(unet, "config", {})
-        c, h = cfg.get("in_channels", -1), cfg.get("sample_size", -1)
-        h, w = (h, h) if isinstance(h, int) else tuple(h)
-        meta = {"sample": TensorMeta(torch.float32, (-1, c, h, w)),
-                "timestep": TensorMeta(torch.int64, (-1,))}
-        if cfg.get("cross_attention_dim") is not None and type(unet).__name__ == "UNet2DConditionModel":
-            meta["encoder_hidden_states"] = TensorMeta(torch.float32, (-1, -1, cfg["cross_attention_dim"]))
-        if cfg.get("num_class_embeds") is not None:
-            meta["class_labels"] = TensorMeta(torch.int64, (-1,))
-        self._meta = meta
+        self._signature = Signature.from_unet(unet)
 
     @property
-    def input_metadata(self) -> dict[str, TensorMeta]:
-        return self._meta
+    def signature(self) -> Signature:
+        return self._signature
 
     def activate(self) -> None:
         # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast even when nothing must stay fp32
         torch.nn.Module.to(self.unet, self.device, self.dtype).eval()
 
     @torch.no_grad()
-    def infer(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        self._check_feed(feed)
+    def infer_impl(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         kwargs = {}
         for k, v in feed.items():
             v = v.to(self.device)
@@ -157,22 +141,26 @@ class OrtRunner(Runner):
         if self.threads:
             opts.intra_op_num_threads = self.threads
         self.session = ort.InferenceSession(self.path, opts, providers=self.providers)
-        self._meta = {i.name: TensorMeta(self._DTYPES.get(i.type, torch.float32),
-                                         tuple(d if isinstance(d, int) else -1 for d in i.shape))
-                      for i in self.session.get_inputs()}
+        unknown = [i for i in self.session.get_inputs() if i.type not in self._DTYPES]
+        if unknown:
+            raise ValueError(f"{self.path}: inputs {[(i.name, i.type) for i in unknown]} have types this runner "
+                             f"does not feed; accepted: {sorted(self._DTYPES)}")
+        self._signature = Signature(tuple(
+            TensorSpec(i.name, self._DTYPES[i.type], tuple(d if isinstance(d, int) else (d or "dynamic") for d in i.shape),
+                       i.name not in ("sample", "timestep"))
+            for i in self.session.get_inputs()))
 
     def deactivate(self) -> None:
         self.session = None
 
     @property
-    def input_metadata(self) -> dict[str, TensorMeta]:
+    def signature(self) -> Signature:
         if self.session is None:
             raise RuntimeError(f"{self.name} is not active: use it as `with runner:`")
-        return self._meta
+        return self._signature
 
-    def infer(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        self._check_feed(feed)
-        arrays = {k: feed[k].detach().cpu().to(self._meta[k].dtype).numpy() for k in self._meta}
+    def infer_impl(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        arrays = {s.name: feed[s.name].detach().cpu().to(s.dtype).numpy() for s in self._signature.inputs}
         out = self.session.run([OUTPUT_NAME], arrays)[0]
         return {OUTPUT_NAME: torch.from_numpy(out).float()}
 
@@ -198,12 +186,10 @@ class TrtRunner(Runner):
         self.engine = self.context = self.stream = None
 
     def activate(self) -> None:
-        from pathlib import Path
-
-        from .engine import EngineError, check_sidecar, load_sidecar, trt_module
+        from .core.artifacts import Sidecar
         if not torch.cuda.is_available():
             raise RuntimeError(f"{self.name}: a TensorRT engine needs a CUDA GPU; none is visible to torch")
-        trt, flavour = trt_module(load_sidecar(self.plan)["flavour"])
+        trt, flavour = trt_module(Sidecar.load(self.plan).flavour)
         major, minor = torch.cuda.get_device_capability()
         self.sidecar = check_sidecar(self.plan, flavour=flavour, trt_version=trt.__version__,
                                      compute_capability=f"{major}.{minor}")
@@ -220,8 +206,11 @@ class TrtRunner(Runner):
         self._outputs = [n for n in names if n not in self._inputs]
         if OUTPUT_NAME not in self._outputs:
             raise EngineError(f"{self.plan}: engine outputs {self._outputs}, expected {OUTPUT_NAME!r}")
-        self._meta = {n: TensorMeta(self._dtype(self.engine.get_tensor_dtype(n)), tuple(self.engine.get_tensor_shape(n)))
-                      for n in self._inputs}
+        self._signature = Signature(tuple(
+            TensorSpec(n, self._dtype(self.engine.get_tensor_dtype(n)),
+                       tuple(d if d >= 0 else "dynamic" for d in self.engine.get_tensor_shape(n)),
+                       n not in ("sample", "timestep"))
+            for n in self._inputs))
         self._shapes: dict | None = None
         self._buffers: dict[str, torch.Tensor] = {}
         self._graph = None
@@ -243,21 +232,21 @@ class TrtRunner(Runner):
         self.context = self.engine = self.runtime = None
 
     @property
-    def input_metadata(self) -> dict[str, TensorMeta]:
+    def signature(self) -> Signature:
         if self.engine is None:
             raise RuntimeError(f"{self.name} is not active: use it as `with runner:`")
-        return self._meta
+        return self._signature
 
     def _bind(self, shapes: dict[str, tuple[int, ...]]) -> None:
         """(Re)allocate static buffers for these input shapes and bind every tensor address."""
         self.stream.synchronize()
         self._graph, self._eager_calls = None, 0
-        self._buffers = {}
+        self._buffers, self._shapes = {}, None  # a refused shape leaves nothing bound: the next call rebinds
         for n in self._inputs:
             if not self.context.set_input_shape(n, shapes[n]):
                 raise ValueError(f"{self.name}: input {n!r} shape {shapes[n]} is outside the engine's "
-                                 f"optimization profile {self.sidecar.get('inputs', {}).get(n)}")
-            self._buffers[n] = torch.empty(shapes[n], dtype=self._meta[n].dtype, device=self.device)
+                                 f"optimization profile {self.sidecar.inputs.get(n)}")
+            self._buffers[n] = torch.empty(shapes[n], dtype=self._signature[n].dtype, device=self.device)
         for n in self._outputs:
             shape = tuple(self.context.get_tensor_shape(n))
             self._buffers[n] = torch.empty(shape, dtype=self._dtype(self.engine.get_tensor_dtype(n)), device=self.device)
@@ -266,8 +255,7 @@ class TrtRunner(Runner):
         self._shapes = shapes
 
     @torch.no_grad()
-    def infer(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        self._check_feed(feed)
+    def infer_impl(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         shapes = {n: tuple(feed[n].shape) for n in self._inputs}
         if shapes != self._shapes:
             self._bind(shapes)
@@ -296,20 +284,13 @@ class TrtRunner(Runner):
 
 
 def switched_denoiser(denoisers: list, t_ranges: list[tuple[int, int]]):
-    """One denoiser over K (runners for K timestep groups, groups=K recipes): each call goes to the group
-    whose [t_min, t_max] contains t, else the nearest one. ``t_ranges`` holds (t_max, t_min) per group."""
+    """One denoiser over K runners of a ``groups=K`` recipe (``t_ranges``: (t_max, t_min) per group): each row
+    goes to the group whose [t_min, t_max] holds its timestep, else the nearest one. A batch whose rows all
+    belong to one group is one call; rows of several groups are split, called per group and put back in order."""
     if len(denoisers) != len(t_ranges) or not denoisers:
         raise ValueError(f"{len(denoisers)} denoisers for {len(t_ranges)} timestep groups")
 
     def denoiser(x: torch.Tensor, t: torch.Tensor, **extra) -> torch.Tensor:
-        return denoisers[group_of(t, t_ranges)](x, t, **extra)
+        return split_by_group(x, t, extra, group_index(t, t_ranges), lambda k, *a, **kw: denoisers[k](*a, **kw))
 
     return denoiser
-
-
-def group_of(t: torch.Tensor, t_ranges: list[tuple[int, int]]) -> int:
-    """Index of the (t_max, t_min) group holding the batch's timestep (one timestep per batch), else the nearest."""
-    t0 = int(t.flatten()[0])
-    if not bool((t == t0).all()):
-        raise ValueError("timestep groups need one timestep per batch")
-    return min(range(len(t_ranges)), key=lambda i: max(t_ranges[i][1] - t0, t0 - t_ranges[i][0], 0))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy.stats import entropy as scipy_kl
 
+from trt_dm.core.artifacts import RangeSet
 from trt_dm.calib import ranges as R
 from trt_dm.calib.stats import CalibCacheError, CalibStats, RunningHistogram
 
@@ -241,11 +242,19 @@ def test_save_and_load_ranges(tmp_path):
     st = _stats(1)
     recipe = R.get_recipe("ptq4dm-g4")
     ranges = R.compute_ranges(st, recipe)
-    ranges["solo"] = 0.1 + 0.2  # a float that needs all 17 digits
     prov = {"recipe": recipe.to_dict(), "stats": "calib_cache/x"}
     p1, p2 = R.save_ranges(tmp_path / "r1.json", ranges, prov), R.save_ranges(tmp_path / "r2.json", ranges, prov)
     assert p1.read_bytes() == p2.read_bytes()
-    assert R.load_ranges(p1) == (ranges, prov)
+    loaded, prov1 = R.load_ranges(p1)
+    assert prov1 == prov and loaded.is_grouped and len(loaded.groups) == 4 and loaded.to_dict() == ranges
+    assert loaded.amax(2) == {n: v[2]["amax"] for n, v in ranges.items()}
+    pooled = {"solo": 0.1 + 0.2, "other": 3.0}  # a float that needs all 17 digits
+    rs, _ = R.load_ranges(R.save_ranges(tmp_path / "r4.json", RangeSet.pooled(pooled), prov))
+    assert not rs.is_grouped and rs.t_ranges is None and rs.amax() == pooled and rs.widest() == pooled
+    mixed = dict(ranges, solo=1.0)  # one quantizer pooled, the others grouped: refused, not guessed
+    R.save_ranges(tmp_path / "r5.json", mixed, prov)
+    with pytest.raises(CalibCacheError, match="mix pooled values and timestep groups"):
+        R.load_ranges(tmp_path / "r5.json")
     with pytest.raises(ValueError, match="'bad' must be finite and > 0"):
         R.save_ranges(tmp_path / "r3.json", {"bad": 0.0}, prov)
     p1.write_text(p1.read_text()[:-30])

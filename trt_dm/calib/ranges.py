@@ -47,7 +47,8 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
-from .stats import CalibCacheError, CalibStats, RunningHistogram, atomic_write, merge
+from ..core.artifacts import RangeSet, atomic_write
+from .stats import CalibCacheError, CalibStats, RunningHistogram, merge
 
 log = logging.getLogger(__name__)
 
@@ -470,8 +471,10 @@ def _clean(ranges: Mapping[str, Any]) -> Ranges:
     return out
 
 
-def save_ranges(path: str | os.PathLike, ranges: Mapping[str, Any], provenance: Mapping[str, Any]) -> Path:
+def save_ranges(path: str | os.PathLike, ranges: Mapping[str, Any] | RangeSet, provenance: Mapping[str, Any]) -> Path:
     """Write {format, format_version, provenance, ranges} as JSON, atomically (floats round-trip exactly)."""
+    if isinstance(ranges, RangeSet):
+        ranges = ranges.to_dict()
     doc = {"format": RANGES_FORMAT, "format_version": 1, "provenance": dict(provenance), "ranges": _clean(ranges)}
     text = json.dumps(doc, sort_keys=True, indent=1, allow_nan=False) + "\n"
     path = Path(path)
@@ -480,14 +483,14 @@ def save_ranges(path: str | os.PathLike, ranges: Mapping[str, Any], provenance: 
     return path
 
 
-def load_ranges(path: str | os.PathLike) -> tuple[Ranges, dict[str, Any]]:
+def load_ranges(path: str | os.PathLike) -> tuple[RangeSet, dict[str, Any]]:
     """(ranges, provenance) from ``save_ranges``; CalibCacheError if the file is damaged."""
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
         if doc.get("format") != RANGES_FORMAT or doc.get("format_version") != 1:
             raise ValueError(f"format {doc.get('format')!r} version {doc.get('format_version')!r}")
-        return _clean(doc["ranges"]), dict(doc["provenance"])
+        return RangeSet.from_dict(_clean(doc["ranges"])), dict(doc["provenance"])
     except FileNotFoundError:
         raise
     except (UnicodeDecodeError, AttributeError, KeyError, TypeError, ValueError) as e:

@@ -40,6 +40,8 @@ import torch
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
+from ..core.artifacts import atomic_write
+
 log = logging.getLogger(__name__)
 
 DEFAULT_BINS = 4096  # |x| half has 2048 bins, as TensorRT's entropy calibrator (Migacz 2017)
@@ -370,18 +372,3 @@ def _manifest_hash(manifest: Mapping[str, Any]) -> str:
     canon = json.dumps({k: v for k, v in manifest.items() if k != "manifest_sha256"}, sort_keys=True,
                        allow_nan=False, separators=(",", ":"))
     return hashlib.sha256(canon.encode()).hexdigest()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path``, fsync, then os.replace it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -1,0 +1,352 @@
+"""The library API under the CLI: what `trt-dm` does, as functions with typed results that the CLI, the tools
+and a server call. The CLI only turns arguments into these settings and prints.
+
+    from trt_dm import api
+    loaded = api.load("default")
+    settings = api.SampleSettings(sampler="ddim", steps=50, n=16)
+    with api.open_denoiser(loaded, engines=["engines/default-ptq4dm.plan"]) as den:   # or onnx=..., ranges=...
+        images, seconds = api.draw(loaded, den, settings)
+    result = api.evaluate(loaded, settings, quant=api.QuantSettings(recipe="ptq4dm"))  # EvalResult
+    made = api.deploy(loaded, api.QuantSettings(recipe="ptq4dm"), target="tensorrt")   # DeployResult
+
+Loading a denoiser from artifacts (``open_denoiser``): torch FP, torch fake-quant (``ranges`` + ``qcfg``,
+``groups=K`` ranges switched by timestep per row), one ONNX graph or TensorRT engine, or K of them for the K
+timestep groups of a ``groups=K`` recipe (their reports / sidecars carry each group's t range).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from .core.artifacts import ExportReport, RangeSet, Sidecar
+from .models import LoadedModel, load_model
+from .runners import OrtRunner, TorchRunner, TrtRunner, as_denoiser, switched_denoiser
+from .sampling import SAMPLERS, Schedule, sample_many
+
+log = logging.getLogger(__name__)
+DEFAULT_CACHE_ROOT = Path("calib_cache")
+
+
+def load(spec: str = "default", *, allow_pickle: bool = False, threads: int | None = None) -> LoadedModel:
+    """``trt_dm.models.load_model`` (see there), optionally setting torch's CPU threads first."""
+    if threads:
+        torch.set_num_threads(threads)
+    return load_model(spec, allow_pickle=allow_pickle)
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """How images are drawn: image i uses seed ``seed + i``; ``batch`` images per UNet call."""
+    sampler: str = "ddim"
+    steps: int = 50
+    eta: float = 0.0  # DDIM only; 0 = deterministic
+    seed: int = 0
+    n: int = 64
+    batch: int = 64
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; accepted: {SAMPLERS}")
+        for name in ("n", "steps", "batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if not self.eta >= 0:
+            raise ValueError(f"--eta must be >= 0, got {self.eta}")
+
+    @property
+    def seeds(self) -> range:
+        return range(self.seed, self.seed + self.n)
+
+    def key(self) -> str:
+        return f"{self.sampler}{self.steps}-eta{self.eta:g}-s{self.seed}-n{self.n}"
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """How the model is quantized and calibrated (``trt-dm calibrate`` / ``export`` / ``engine`` / ``eval --recipe``)."""
+    recipe: str = "ptq4dm"
+    spec: Any = None        # trt_dm.calib.trajectories.CalibSpec (default: CalibSpec())
+    qcfg: Any = None        # trt_dm.quant.QuantConfig (default: QuantConfig())
+    cache_root: Path = DEFAULT_CACHE_ROOT
+    batch: int = 64         # images per UNet call while calibrating
+
+    def resolved(self) -> QuantSettings:
+        from .calib.ranges import get_recipe
+        from .calib.trajectories import CalibSpec
+        from .quant import QuantConfig
+        get_recipe(self.recipe)  # validate before any work
+        return dataclasses.replace(self, spec=self.spec or CalibSpec(), qcfg=self.qcfg or QuantConfig(),
+                                   cache_root=Path(self.cache_root))
+
+
+def calibrate(loaded: LoadedModel, quant: QuantSettings, *, progress: bool = True):
+    """Statistics (cached per model, schedule and calibration set) -> ranges of ``quant.recipe``: a
+    ``trt_dm.calibrate.CalibrationResult`` whose ``ranges`` is a ``RangeSet``."""
+    from .calibrate import calibrate as _calibrate
+    q = quant.resolved()
+    return _calibrate(loaded, q.spec, q.qcfg, q.recipe, cache_root=q.cache_root, batch_size=q.batch, progress=progress)
+
+
+# ---- denoisers from artifacts -------------------------------------------------------------------------------
+
+class Denoiser:
+    """An open denoiser: call it as ``den(x, t, **conditioning)``; ``device`` is where its inputs should live;
+    ``describe`` says what runs (for reports and a server's /v1/models)."""
+
+    def __init__(self, fn: Callable, device: torch.device, describe: dict) -> None:
+        self._fn, self.device, self.describe = fn, device, describe
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
+        return self._fn(x, t, **extra)
+
+
+def _t_range(path: Path) -> tuple[int, int] | None:
+    meta = Sidecar.load(path) if path.suffix == ".plan" else ExportReport.load(path)
+    return tuple(meta.t_range) if meta is not None and meta.t_range else None
+
+
+@contextlib.contextmanager
+def open_denoiser(loaded: LoadedModel, *, engines: Sequence[str | Path] = (), onnx: Sequence[str | Path] | str | Path = (),
+                  ranges: RangeSet | None = None, qcfg=None, device: str | None = None, threads: int | None = None,
+                  cuda_graph: bool = False) -> Iterator[Denoiser]:
+    """The denoiser of one deployment: TensorRT ``engines``, ONNX Runtime ``onnx`` graphs, torch fake-quant
+    (``ranges`` [+ ``qcfg``]), or the torch FP model (none given). Several engines / graphs must be the timestep
+    groups of one ``groups=K`` recipe. Runners are active inside the ``with`` block and freed after it."""
+    onnx = [onnx] if isinstance(onnx, (str, Path)) else list(onnx)
+    engines = list(engines)
+    given = [k for k, v in (("engines", engines), ("onnx", onnx), ("ranges", ranges)) if v]
+    if len(given) > 1:
+        raise ValueError(f"give one of engines, onnx or ranges, not {' and '.join(given)}")
+    paths = [Path(p) for p in engines or onnx]
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no such {'engine' if p in map(Path, engines) else 'ONNX'} file")
+    with contextlib.ExitStack() as stack:
+        if paths:
+            make = ((lambda p: TrtRunner(p, cuda_graph=cuda_graph)) if engines
+                    else (lambda p: OrtRunner(p, threads=threads)))
+            runners = [stack.enter_context(make(p)) for p in paths]
+            describe = {"runner": runners[0].name, "files": [str(p) for p in paths]}
+            if len(runners) == 1:
+                fn = as_denoiser(runners[0])
+            else:
+                t_ranges = [_t_range(p) for p in paths]
+                if any(r is None for r in t_ranges):
+                    raise ValueError("several engines / graphs must be the timestep groups of one groups=K recipe "
+                                     "(their sidecars / reports carry t_range); got files without one")
+                fn = switched_denoiser([as_denoiser(r) for r in runners], t_ranges)
+                describe["t_ranges"] = t_ranges
+            yield Denoiser(fn, runners[0].device, describe)
+        elif ranges is not None:
+            from .calibrate import fake_quant_unet, grouped_denoiser
+            from .quant import QuantConfig
+            qunet = fake_quant_unet(loaded, qcfg or QuantConfig(), ranges, fold_weights=True)
+            runner = stack.enter_context(TorchRunner(qunet, device="cpu", dtype=torch.float32, name="fakequant"))
+            fn = grouped_denoiser(qunet, ranges) if ranges.is_grouped else as_denoiser(runner)
+            yield Denoiser(fn, runner.device, {"runner": runner.name, "groups": len(ranges.groups)})
+        else:
+            runner = stack.enter_context(TorchRunner(loaded.unet, device=device))
+            yield Denoiser(as_denoiser(runner), runner.device, {"runner": runner.name})
+
+
+def schedule(loaded: LoadedModel) -> Schedule:
+    return Schedule.from_config(loaded.scheduler_config)
+
+
+def draw(loaded: LoadedModel, denoiser: Denoiser, settings: SampleSettings, *, progress: bool = True,
+         seeds: Sequence[int] | None = None) -> tuple[torch.Tensor, float]:
+    """(images (N, C, H, W) float32 on CPU in the model's range, seconds) for ``settings`` (or other ``seeds``)."""
+    cond = loaded.signature.conditioning
+    if cond:
+        raise ValueError(f"sampling {loaded.kind} {loaded.name!r} needs its conditioning inputs {cond}, which "
+                         "trt_dm cannot feed yet; supported: unconditional UNet2DModel")
+    t0 = time.perf_counter()
+    images = sample_many(denoiser, schedule(loaded), settings.seeds if seeds is None else seeds, loaded.sample_shape,
+                         batch_size=settings.batch, sampler=settings.sampler, steps=settings.steps, eta=settings.eta,
+                         progress=progress, device=denoiser.device)
+    return images, time.perf_counter() - t0
+
+
+def fp_samples(loaded: LoadedModel, settings: SampleSettings, *, cache_root: Path = DEFAULT_CACHE_ROOT,
+               device: str | None = None, progress: bool = True) -> tuple[torch.Tensor, float, Path, bool]:
+    """FP images for (model, schedule, sampler settings, seeds), cached under ``cache_root/<data key>/samples`` so
+    every quantized run compared with them reuses the same images: (images, seconds, path, reused)."""
+    from safetensors.torch import load_file
+
+    from .images import save_samples
+    path = Path(cache_root) / loaded.data_key()[:16] / "samples" / f"{settings.key()}.safetensors"
+    if path.exists():
+        log.info("reusing FP samples %s", path)
+        return load_file(str(path))["samples"], 0.0, path, True
+    with open_denoiser(loaded, device=device) as den:
+        images, secs = draw(loaded, den, settings, progress=progress)
+    save_samples(images, path, {"sampler": settings.sampler, "steps": str(settings.steps), "seed": str(settings.seed),
+                                "model": loaded.fingerprint(), "schedule": loaded.schedule_fingerprint()})
+    return images, secs, path, False
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------------
+
+@dataclass
+class EvalResult:
+    """What `trt-dm eval` measures (``result.json``). FP runs fill the first block; a quantized run (fake-quant
+    recipe or exported graph) adds the same-seed comparison with FP."""
+    model: str
+    fingerprint: str
+    schedule_fingerprint: str
+    sampler: str
+    steps: int
+    eta: float
+    n: int
+    seed: int
+    reference: str
+    reference_n: int
+    metric: str
+    kid_subset_size: int
+    threads: int
+    sampling_seconds: float = 0.0
+    fd: float = float("nan")
+    kid_mean: float = float("nan")
+    kid_std: float = float("nan")
+    # quantized runs
+    recipe: str | None = None
+    onnx: str | None = None
+    ranges: str | None = None
+    weight_bits: int | None = None
+    weight_calib: str | None = None
+    shortcut_split: bool | None = None
+    calibration: str | None = None
+    calib_n: int | None = None
+    fp_fd: float | None = None
+    fp_kid_mean: float | None = None
+    fp_kid_std: float | None = None
+    psnr_vs_fp: float | None = None
+    eps_n: int | None = None
+    eps: dict | None = None
+    fd_change_vs_fp_pct: float | None = None
+    images: torch.Tensor | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "images" and getattr(self, f.name) is not None}
+
+    def line(self) -> str:
+        if self.fp_fd is None:
+            return (f"{self.metric}: {self.fd:.3f}   KID: {self.kid_mean * 1e3:.3f} ± {self.kid_std * 1e3:.3f} (x1e-3)")
+        return (f"{self.metric}: {self.fd:.3f} (FP {self.fp_fd:.3f}, {self.fd_change_vs_fp_pct:+.1f}%)   "
+                f"PSNR vs FP: {self.psnr_vs_fp:.2f} dB   eps MSE {self.eps['mse']:.2e} cos {self.eps['cosine']:.5f}   "
+                f"KID: {self.kid_mean * 1e3:.3f} (x1e-3)")
+
+
+def evaluate(loaded: LoadedModel, settings: SampleSettings, *, quant: QuantSettings | None = None,
+             onnx: str | Path | None = None, extractor=None, ref: str = "test", ref_limit: int | None = None,
+             eps_n: int = 256, cache_root: Path = DEFAULT_CACHE_ROOT, device: str | None = None,
+             threads: int | None = None, progress: bool = True) -> EvalResult:
+    """FD (FD-EffNet by default, or the given feature ``extractor``) and KID against Fashion-MNIST ``ref``; with
+    ``quant`` (a fake-quant recipe) or ``onnx`` (an exported graph) also the same-seed fidelity to FP: FD change,
+    PSNR of the images, per-timestep noise-prediction error on ``eps_n`` images."""
+    from . import evaluate as E
+    if quant is not None and onnx is not None:
+        raise ValueError("--recipe evaluates the torch fake-quant model, --onnx an exported graph: give one")
+    if onnx is not None and not Path(onnx).is_file():
+        raise FileNotFoundError(f"--onnx {onnx}: no such file")
+    quant = quant.resolved() if quant is not None else None
+    extractor = extractor if extractor is not None else E.get_extractor("effnet")
+    label = "FD-EffNet" if isinstance(extractor, E.EffNetFeatures) else "FID (Inception)"
+    disable = None if progress else True
+    reference = E.reference_features(ref, extractor, limit=ref_limit, disable=disable)
+    kid_size = min(1000, settings.n, len(reference))
+    res = EvalResult(model=str(loaded.source), fingerprint=loaded.fingerprint(),
+                     schedule_fingerprint=loaded.schedule_fingerprint(), sampler=settings.sampler, steps=settings.steps,
+                     eta=settings.eta, n=settings.n, seed=settings.seed, reference=f"fashion-mnist-{ref}",
+                     reference_n=len(reference), metric=label, kid_subset_size=kid_size, threads=torch.get_num_threads())
+
+    def score(images: torch.Tensor) -> tuple[float, float, float]:
+        feats = E.extract_features(images, extractor, disable=disable)
+        return (E.frechet_distance(feats, reference), *E.kid(feats, reference, subset_size=kid_size))
+
+    fp_images, fp_secs, _, _ = fp_samples(loaded, settings, cache_root=cache_root, device=device, progress=progress)
+    if quant is None and onnx is None:
+        res.images, res.sampling_seconds = fp_images, round(fp_secs, 1)
+        res.fd, res.kid_mean, res.kid_std = score(fp_images)
+        return res
+    if onnx is not None:
+        res.onnx = str(onnx)
+        den_ctx = open_denoiser(loaded, onnx=onnx, threads=threads)
+    else:
+        calib = calibrate(loaded, quant, progress=progress)
+        q = quant.qcfg
+        res.recipe, res.ranges, res.weight_bits, res.weight_calib = quant.recipe, str(calib.ranges_path), q.weight_bits, q.weight_calib
+        res.shortcut_split, res.calibration, res.calib_n = q.shortcut_split, quant.spec.timesteps.describe(), quant.spec.n
+        den_ctx = open_denoiser(loaded, ranges=calib.ranges, qcfg=q)
+    with den_ctx as test, open_denoiser(loaded, device=device) as fp:
+        images, secs = draw(loaded, test, settings, progress=progress)
+        res.images, res.sampling_seconds = images, round(secs, 1)
+        res.eps_n = min(settings.n, eps_n)
+        cmp = E.compare_denoisers(fp, test, schedule(loaded), range(settings.seed, settings.seed + res.eps_n),
+                                  loaded.sample_shape, sampler=settings.sampler, steps=settings.steps, eta=settings.eta,
+                                  batch_size=settings.batch, progress=progress)
+    res.fd, res.kid_mean, res.kid_std = score(images)
+    res.fp_fd, res.fp_kid_mean, res.fp_kid_std = score(fp_images)
+    res.psnr_vs_fp, res.eps = E.psnr(fp_images, images), cmp["eps"]
+    res.fd_change_vs_fp_pct = 100 * (res.fd - res.fp_fd) / res.fp_fd
+    return res
+
+
+# ---- deployment ---------------------------------------------------------------------------------------------
+
+@dataclass
+class DeployResult:
+    """What `trt-dm export` / `trt-dm engine` produced: the calibration, the checked graphs, and (engine) the
+    engines' sidecars, or why no engine was built."""
+    calibration: Any
+    graphs: list            # trt_dm.targets.Exported
+    sidecars: list = field(default_factory=list)
+    not_built: str | None = None  # why no engine was built (no TensorRT here), when build was asked for
+    usage: str = ""
+
+
+def deploy(loaded: LoadedModel, quant: QuantSettings, *, target: str = "tensorrt", out_dir: Path = Path("engines"),
+           precision: str = "fp16", options: dict | None = None, build: bool = False, baseline: bool = True,
+           build_options=None, flavour: str | None = None, progress: Callable[[str], None] = print,
+           show_progress: bool = True) -> DeployResult:
+    """Calibrate (cached) -> the target's checked graphs -> with ``build``, the target's engines (plus the
+    unquantized baseline when the target has one). The target refuses what it cannot express before any work."""
+    from .calib.ranges import get_recipe
+    from .core.artifacts import EngineError, trt_module
+    from .targets import ExportJob, get_target
+    tgt = get_target(target)
+    quant = quant.resolved()
+    tgt.check(quant.qcfg, get_recipe(quant.recipe))
+    calib = calibrate(loaded, quant, progress=show_progress)
+    how = ("reused from cache" if calib.stats_reused else
+           f"collected in {calib.seconds_collect:.1f} s: FP trajectories {calib.seconds_trajectories:.1f} s + "
+           f"statistics pass {calib.seconds_collect - calib.seconds_trajectories:.1f} s")
+    progress(f"calibration: recipe {quant.recipe}, {len(calib.ranges)} activation ranges -> {calib.ranges_path} "
+             f"(statistics {how})")
+    job = ExportJob(loaded=loaded, qcfg=quant.qcfg, calib=calib, recipe=quant.recipe, spec=quant.spec,
+                    out_dir=Path(out_dir), batch_size=quant.batch, precision=precision, options=options)
+    graphs = tgt.export(job, progress)
+    result = DeployResult(calib, graphs, usage=tgt.usage([g.onnx for g in graphs]))
+    if not (build and tgt.builds):
+        return result
+    all_graphs = list(graphs)
+    if baseline and hasattr(tgt, "export_baseline"):
+        base = tgt.export_baseline(loaded, Path(out_dir), precision=precision)
+        progress(f"  {base.onnx}: unquantized baseline, checked")
+        all_graphs.append(base)
+    try:
+        _, flavour = trt_module(flavour)
+    except EngineError as e:
+        result.not_built = str(e)
+        return result
+    result.sidecars = tgt.build(all_graphs, build_options, flavour=flavour, progress=progress)
+    result.usage = tgt.usage([g.onnx.with_suffix(".plan") for g in graphs])
+    return result

@@ -1,0 +1,228 @@
+"""The noise schedule and the per-image sampler steps: the arithmetic every sampling loop and server drives.
+
+A step is stateless and works per image: the rows of one batch may be at different timesteps (a server
+batches images of different requests), and the noise an ancestral step adds is passed in, drawn by the
+caller from each image's own generator (as diffusers' ``variance_noise``), so an image depends on its seed
+only, never on the batch it shares. The arithmetic follows diffusers' ``DDPMScheduler`` / ``DDIMScheduler``
+(timestep spacing "leading"/"trailing"/"linspace", ``steps_offset``, ``clip_sample``, ``set_alpha_to_one``)
+and is tested step by step against them. Coefficients are computed per row in float64 and cast to the
+sample's dtype once, which is what a Python-float coefficient times a float32 tensor did when the loops
+stepped one timestep at a time: results are bit-identical to that.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+SAMPLERS = ("ddim", "ddpm")
+SPACINGS = ("leading", "trailing", "linspace")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def _rows(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-row values (B,) (or one value) shaped to broadcast over x (B, ...), in x's dtype and device."""
+    v = v.to(x.device, x.dtype)
+    return v.reshape(-1, *([1] * (x.dim() - 1))) if v.dim() else v
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The noise schedule of a diffusion model (a diffusers scheduler config, as data)."""
+
+    alphas_cumprod: torch.Tensor  # float32 (T,), alpha-bar_t of DDPM (Ho et al. 2020, eq. 4)
+    prediction_type: str = "epsilon"
+    clip_sample: bool = True  # clamp the predicted x0 to +-clip_sample_range (diffusers' default: on)
+    clip_sample_range: float = 1.0
+    timestep_spacing: str = "leading"  # diffusers' default for DDPM/DDIM
+    steps_offset: int = 0
+    set_alpha_to_one: bool = True  # DDIM: alpha-bar of the step after t=0 is 1 (not alpha-bar_0)
+    variance_type: str = "fixed_small"  # DDPM posterior variance beta-tilde_t (Ho et al. eq. 7)
+    config: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Schedule":
+        """Build from a diffusers scheduler config dict (DDPMScheduler/DDIMScheduler keys)."""
+        cfg = dict(config)
+        T = int(cfg.get("num_train_timesteps", 1000))
+        if cfg.get("trained_betas") is not None:
+            betas = torch.tensor(cfg["trained_betas"], dtype=torch.float32)
+        else:
+            kind = cfg.get("beta_schedule", "linear")
+            b0, b1 = float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02))
+            if kind == "linear":
+                betas = torch.linspace(b0, b1, T, dtype=torch.float32)
+            elif kind == "scaled_linear":  # latent diffusion: linear in sqrt(beta)
+                betas = torch.linspace(b0 ** 0.5, b1 ** 0.5, T, dtype=torch.float32) ** 2
+            elif kind == "squaredcos_cap_v2":  # Nichol & Dhariwal 2021, eq. 17, betas capped at 0.999
+                f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+                betas = torch.tensor([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)],
+                                     dtype=torch.float32)
+            else:
+                raise ValueError(f"unsupported beta_schedule {kind!r}; accepted: {BETA_SCHEDULES}")
+        for key in ("thresholding", "rescale_betas_zero_snr"):
+            if cfg.get(key):
+                raise ValueError(f"scheduler option {key}=True is not supported by trt_dm's samplers")
+        pred = cfg.get("prediction_type", "epsilon")
+        if pred not in PREDICTION_TYPES:
+            raise ValueError(f"unsupported prediction_type {pred!r}; accepted: {PREDICTION_TYPES}")
+        spacing = cfg.get("timestep_spacing", "leading")
+        if spacing not in SPACINGS:
+            raise ValueError(f"unsupported timestep_spacing {spacing!r}; accepted: {SPACINGS}")
+        variance = cfg.get("variance_type", "fixed_small")
+        if variance not in ("fixed_small", "fixed_large"):
+            raise ValueError(f"unsupported variance_type {variance!r}; accepted: ('fixed_small', 'fixed_large')")
+        return cls(alphas_cumprod=torch.cumprod(1.0 - betas, dim=0), prediction_type=pred,
+                   clip_sample=bool(cfg.get("clip_sample", True)),
+                   clip_sample_range=float(cfg.get("clip_sample_range", 1.0)),
+                   timestep_spacing=spacing, steps_offset=int(cfg.get("steps_offset", 0)),
+                   set_alpha_to_one=bool(cfg.get("set_alpha_to_one", True)), variance_type=variance,
+                   config=cfg)
+
+    def timesteps(self, num_steps: int) -> list[int]:
+        """The training timesteps visited by an ``num_steps``-step sampler, first (noisiest) to last."""
+        T = self.num_train_timesteps
+        if not 1 <= num_steps <= T:
+            raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
+        if self.timestep_spacing == "linspace":
+            ts = np.linspace(0, T - 1, num_steps).round()[::-1]
+        elif self.timestep_spacing == "leading":
+            ts = (np.arange(0, num_steps) * (T // num_steps)).round()[::-1] + self.steps_offset
+        else:  # trailing
+            ts = np.round(np.arange(T, 0, -T / num_steps)) - 1
+        return [int(t) for t in ts]
+
+    def fingerprint(self) -> str:
+        """sha256 of everything that makes two schedules sample differently (alpha-bar bytes and the options
+        the steps read); diffusers' bookkeeping keys (class name, version) do not enter it."""
+        h = hashlib.sha256(self.alphas_cumprod.contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(json.dumps([self.prediction_type, self.clip_sample, self.clip_sample_range, self.timestep_spacing,
+                             self.steps_offset, self.set_alpha_to_one, self.variance_type]).encode())
+        return h.hexdigest()
+
+    def prev_timesteps(self, sampler: str, timesteps: Sequence[int]) -> list[int]:
+        """The timestep each listed one steps to (-1: the end, x0): DDPM goes to the next listed timestep;
+        DDIM, as diffusers' DDIMScheduler, to t - T // num_steps (not always the next listed one)."""
+        ts = [int(t) for t in timesteps]
+        if sampler == "ddpm":
+            return ts[1:] + [-1]
+        if sampler == "ddim":
+            stride = self.num_train_timesteps // len(ts)
+            return [max(t - stride, -1) for t in ts]
+        raise ValueError(f"unknown sampler {sampler!r}; accepted: {SAMPLERS}")
+
+    def alpha_bar(self, t: torch.Tensor, final: float = 1.0) -> torch.Tensor:
+        """alpha-bar per row of ``t`` (B,) in float64, ``final`` where t < 0 (the step past t = 0)."""
+        t = torch.as_tensor(t).reshape(-1).cpu()
+        a = self.alphas_cumprod[t.clamp(min=0)].to(torch.float64)
+        return torch.where(t >= 0, a, torch.full_like(a, float(final)))
+
+    def split_output(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model output at timesteps t (one per row, or one int) -> (x0 prediction, epsilon prediction),
+        before any clipping."""
+        a = _rows(self.alphas_cumprod[torch.as_tensor(t).cpu()], x)
+        b = 1 - a
+        if self.prediction_type == "epsilon":
+            return (x - b.sqrt() * out) / a.sqrt(), out
+        if self.prediction_type == "v_prediction":  # Salimans & Ho 2022: v = sqrt(a) eps - sqrt(1-a) x0
+            return a.sqrt() * x - b.sqrt() * out, a.sqrt() * out + b.sqrt() * x
+        return out, (x - a.sqrt() * out) / b.sqrt()
+
+
+def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image: image i's noise depends on seeds[i] only."""
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
+def randn_per_sample(generators: Sequence[torch.Generator], shape: Sequence[int],
+                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Gaussian noise of shape (len(generators), *shape), drawn on CPU (identical on every device)."""
+    noise = torch.stack([torch.randn(tuple(shape), generator=g, dtype=torch.float32) for g in generators])
+    return noise.to(device=device, dtype=dtype)
+
+
+class StepOutput(NamedTuple):
+    prev_sample: torch.Tensor  # x at the previous timestep (or x0 after the last step)
+    denoised: torch.Tensor     # the x0 prediction, before clipping
+    eps: torch.Tensor          # the epsilon prediction
+
+
+def _clip(x0: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    r = schedule.clip_sample_range
+    return x0.clamp(-r, r) if schedule.clip_sample else x0
+
+
+def _check_rows(x: torch.Tensor, *ts: torch.Tensor) -> None:
+    for t in ts:
+        if t.dim() != 1 or t.shape[0] != x.shape[0] or t.is_floating_point():
+            raise ValueError(f"timesteps must be an integer tensor (B,) with B = {x.shape[0]} rows of x, got "
+                             f"{t.dtype} {tuple(t.shape)}")
+
+
+def ddpm_step(schedule: Schedule, model_output: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
+              prev_t: torch.Tensor, noise: torch.Tensor | None = None) -> StepOutput:
+    """One ancestral DDPM step per row, x_t -> x_{prev_t} (Ho et al. 2020, Algorithm 2; posterior eqs. 6-7).
+
+    ``t``, ``prev_t``: (B,) int64; prev_t = -1 after the last step. prev_t need not be t - 1 (skipped steps:
+    alpha_t = alpha-bar_t / alpha-bar_prev, as diffusers' DDPMScheduler). ``noise`` (B, ...) is z for the rows
+    with t > 0 (rows with t = 0 add none; their noise rows are ignored); required when any t > 0.
+    """
+    t, prev_t = torch.as_tensor(t).cpu(), torch.as_tensor(prev_t).cpu()
+    _check_rows(x, t, prev_t)
+    x0, eps = schedule.split_output(model_output, x, t)
+    clipped = _clip(x0, schedule)
+    # 1-3. alpha-bar_t, alpha-bar_{t_prev}, and the one-step alpha_t / beta_t between them (float64, per row)
+    a_t = schedule.alpha_bar(t)
+    a_prev = schedule.alpha_bar(prev_t, final=1.0)
+    alpha_t = a_t / a_prev
+    beta_t = 1 - alpha_t
+    # 4. posterior mean mu-tilde_t(x_t, x0) (Ho et al. eq. 7)
+    mean = _rows(a_prev ** 0.5 * beta_t / (1 - a_t), x) * clipped + _rows(alpha_t ** 0.5 * (1 - a_prev) / (1 - a_t), x) * x
+    # 5. add sigma_t z, sigma_t^2 = beta-tilde_t (fixed_small) or beta_t (fixed_large); no noise at t = 0
+    noisy = t > 0
+    if bool(noisy.any()):
+        if noise is None or noise.shape != x.shape:
+            raise ValueError(f"ddpm_step needs noise of shape {tuple(x.shape)} for rows with t > 0, got "
+                             f"{None if noise is None else tuple(noise.shape)}")
+        var = (1 - a_prev) / (1 - a_t) * beta_t if schedule.variance_type == "fixed_small" else beta_t
+        var = var.clamp(min=1e-20)
+        added = mean + _rows(var ** 0.5, x) * noise.to(x.device, x.dtype)
+        mean = added if bool(noisy.all()) else torch.where(_rows(noisy, x).bool(), added, mean)
+    return StepOutput(mean, x0, eps)
+
+
+def ddim_step(schedule: Schedule, model_output: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
+              prev_t: torch.Tensor, *, eta: float = 0.0, noise: torch.Tensor | None = None) -> StepOutput:
+    """One DDIM step per row, x_t -> x_{prev_t} (Song et al. 2021, eq. 12; sigma_t(eta) from eq. 16).
+
+    ``prev_t`` = -1 steps to x0 with alpha-bar 1 (``set_alpha_to_one``) or alpha-bar_0. eta = 0 is
+    deterministic; eta > 0 needs ``noise`` (B, ...).
+    """
+    if not eta >= 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    t, prev_t = torch.as_tensor(t).cpu(), torch.as_tensor(prev_t).cpu()
+    _check_rows(x, t, prev_t)
+    x0, eps = schedule.split_output(model_output, x, t)
+    clipped = _clip(x0, schedule)
+    final = 1.0 if schedule.set_alpha_to_one else schedule.alphas_cumprod[0].item()
+    a_t = schedule.alpha_bar(t)
+    a_prev = schedule.alpha_bar(prev_t, final=final)
+    # sigma_t(eta)^2 = eta^2 (1 - a_prev)/(1 - a_t) (1 - a_t/a_prev)   (eq. 16)
+    sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+    # x_{t-1} = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z   (eq. 12)
+    prev = _rows(a_prev ** 0.5, x) * clipped + _rows((1 - a_prev - sigma ** 2) ** 0.5, x) * eps
+    if eta > 0:
+        if noise is None or noise.shape != x.shape:
+            raise ValueError(f"ddim_step with eta > 0 needs noise of shape {tuple(x.shape)}")
+        prev = prev + _rows(sigma, x) * noise.to(x.device, x.dtype)
+    return StepOutput(prev, x0, eps)

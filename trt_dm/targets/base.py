@@ -1,0 +1,59 @@
+"""The deployment-target interface: one small class per target (``trt_dm/targets/<name>.py``)."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..core.artifacts import ExportReport
+
+
+@dataclass
+class Exported:
+    """One deployable graph (one per timestep group) and its report."""
+    onnx: Path
+    report: ExportReport
+
+
+@dataclass
+class ExportJob:
+    """Everything an export needs: the model, its quantization and calibration, and where files go."""
+    loaded: object        # trt_dm.models.LoadedModel
+    qcfg: object          # trt_dm.quant.QuantConfig
+    calib: object         # trt_dm.calibrate.CalibrationResult
+    recipe: str
+    spec: object          # trt_dm.calib.trajectories.CalibSpec (targets that draw more calibration data)
+    out_dir: Path
+    batch_size: int = 64
+    precision: str = "fp16"   # non-quantized math of the deployed graph (targets that have the choice)
+    options: dict | None = None  # target-specific options (e.g. ort-cpu's "ops")
+
+
+class Target(ABC):
+    """A deployment target. ``check`` runs before any calibration work; ``export`` writes checked graphs and
+    reports; ``build`` turns them into what the target runs (engines), when it has a build step."""
+
+    name: str = ""
+    help: str = ""
+    order: int = 50  # position in listings (the default target first)
+    builds: bool = False  # has a build step (engines) after export
+
+    def check(self, qcfg, recipe) -> None:
+        """Raise ValueError, before any work, for what this target cannot express (``recipe``: a Recipe)."""
+
+    @abstractmethod
+    def export(self, job: ExportJob, progress: Callable[[str], None] = print) -> list[Exported]: ...
+
+    def build(self, graphs: list[Exported], options=None, *, flavour: str | None = None,
+              progress: Callable[[str], None] = print) -> list:
+        return []
+
+    def usage(self, paths: list[Path]) -> str:
+        """One line telling the user how to run what was produced."""
+        return ""
+
+
+def recipe_slug(recipe: str) -> str:
+    """A recipe spec as a file-name part: 'mse:2.4@groups=4' -> 'mse2.4_groups4'."""
+    return recipe.replace("@", "_").replace(":", "").replace("=", "")

@@ -1,0 +1,70 @@
+"""The ONNX Runtime CPU int8 target (``--target ort-cpu``): ONNX Runtime's fast int8 layout (``trt_dm.ortcpu``:
+uint8 asymmetric activations, Q/DQ around inputs and outputs) from the same calibration statistics as the
+TensorRT graph. Nothing to build: ONNX Runtime runs the graph as it is (``trt-dm sample --onnx``)."""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+from ..core.artifacts import ExportReport
+from .base import ExportJob, Exported, Target, recipe_slug
+
+OPS = ("layers", "all")
+
+
+class OrtCpuTarget(Target):
+    name = "ort-cpu"
+    help = ("ONNX Runtime's fast int8 CPU layout (uint8 activations, Q/DQ around inputs and outputs of the recipe's "
+            "layers), from the same statistics")
+    order = 10
+
+    def check(self, qcfg, recipe) -> None:
+        if qcfg.weight_bits != 8 or qcfg.shortcut_split or qcfg.quantize_attention:
+            raise ValueError("the ort-cpu target supports W8A8 on Conv/Linear inputs only (no --weight-bits 4, "
+                             "--shortcut-split or --quantize-attention)")
+        if recipe.merge.startswith("groups"):
+            raise ValueError("the ort-cpu target takes one range set; groups=K recipes are for K TensorRT engines")
+
+    def export(self, job: ExportJob, progress: Callable[[str], None] = print, *, n_outputs: int = 64) -> list[Exported]:
+        """Layer-input ranges from the statistics; conv/matmul output ranges measured by ONNX Runtime on
+        ``n_outputs`` calibration samples drawn with the same spec (another seed)."""
+        from ..calib.ranges import get_recipe
+        from ..calib.stats import CalibStats
+        from ..calib.trajectories import collect
+        from ..ortcpu import INT8_OPS, export_ort_int8, optimized_op_types
+        from ..sampling import Schedule, unet_denoiser
+        ops = (job.options or {}).get("ops", "layers")
+        if ops not in OPS:
+            raise ValueError(f"ort-cpu ops must be one of {OPS}, got {ops!r}")
+        self.check(job.qcfg, get_recipe(job.recipe))
+        loaded, calib = job.loaded, job.calib
+        t0 = time.perf_counter()
+        stats = CalibStats.load(calib.stats_dir)
+        small = replace(job.spec, n=min(n_outputs, job.spec.n), seed=job.spec.seed + 1)
+        cs = collect(unet_denoiser(loaded.unet), Schedule.from_config(loaded.scheduler_config), loaded.sample_shape,
+                     small, batch_size=job.batch_size, progress=False)
+        feeds = [{"sample": x, "timestep": t} for x, t in cs.batches(16)]
+        out = job.out_dir / f"{loaded.name}-{recipe_slug(job.recipe)}.ort-int8{'' if ops == 'layers' else '-' + ops}.onnx"
+        export_ort_int8(loaded.unet, out, feeds, layers=set(calib.ranges.names), stats=stats, ranges=calib.ranges, ops=ops)
+        op_counts = optimized_op_types(out)
+        int8 = {k: v for k, v in op_counts.items() if k in INT8_OPS}
+        report = ExportReport(onnx=out.name, target=self.name, int8=True, precision="fp32", model=str(loaded.source),
+                              model_fingerprint=loaded.fingerprint(), schedule_fingerprint=loaded.schedule_fingerprint(),
+                              recipe=job.recipe, ranges=str(calib.ranges_path), signature=loaded.signature.to_dict(),
+                              quantized_layers=len(calib.ranges), export_seconds=round(time.perf_counter() - t0, 1),
+                              extra={"ops": ops, "input_ranges_from_statistics": len(calib.ranges),
+                                     "output_range_samples": len(cs.t), "optimized_int8_ops": int8})
+        report.save(out)
+        if not int8:
+            raise RuntimeError(f"{out}: ONNX Runtime fused no int8 kernels (optimised op types {op_counts})")
+        progress(f"  {out} ({report.export_seconds} s): ONNX Runtime CPU int8 layout; after ONNX Runtime's "
+                 "optimisation: " + ", ".join(f"{k} {v}" for k, v in sorted(int8.items())))
+        return [Exported(out, report)]
+
+    def usage(self, paths: list[Path]) -> str:
+        return f"sample on CPU with: trt-dm sample --onnx {' '.join(str(p) for p in paths)}"
+
+
+TARGET = OrtCpuTarget()

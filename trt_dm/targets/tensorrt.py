@@ -1,0 +1,175 @@
+"""The TensorRT target (TensorRT 10/11 and TensorRT-RTX): calibrated model -> checked Q/DQ ONNX -> engines.
+
+Files, for model M and recipe R (``groups=K`` recipes give K of each, ``.g0`` .. ``.g<K-1>``)::
+
+    engines/M-R.fp32.onnx   Q/DQ, all math FP32: ONNX Runtime on CPU, the layer-by-layer comparison
+    engines/M-R.onnx        Q/DQ, non-quantized math FP16 (strongly typed TensorRT / TensorRT-RTX input)
+    engines/M-R.onnx.json   export report: checks, int8-code flip rates vs torch, recipe, calibration, signature
+    engines/M-R.plan(.json) the engine and its sidecar
+    engines/M-fp16.onnx / .plan   the unquantized FP16 baseline
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..core.artifacts import ExportReport
+from .base import ExportJob, Exported, Target, recipe_slug
+
+
+class ExportCheckError(RuntimeError):
+    """An exported graph fails a TensorRT conformance or coverage check (the files stay for inspection)."""
+
+
+def probe_inputs(loaded, batch: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded inputs for the layer-by-layer comparison: x_t at timesteps spread over the schedule, made by
+    noising seeded smooth images (so low-t inputs look like images, not like noise); conditioning inputs
+    drawn from the signature (valid labels, normal embeddings of 8 tokens)."""
+    from ..sampling import Schedule
+    sched = Schedule.from_config(loaded.scheduler_config)
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, *loaded.sample_shape)
+    x0 = torch.nn.functional.avg_pool2d(torch.rand(shape, generator=g) * 2 - 1, 3, 1, 1).clamp(-1, 1)
+    noise = torch.randn(shape, generator=g)
+    T = sched.num_train_timesteps
+    t = torch.linspace(T - 1, 0, batch).round().long()
+    ab = sched.alphas_cumprod[t].view(-1, 1, 1, 1).float()
+    feed = {"sample": ab.sqrt() * x0 + (1 - ab).sqrt() * noise, "timestep": t}
+    extra = loaded.signature.example(batch, seed=seed + 1, seq_len=8)
+    feed.update({k: v for k, v in extra.items() if k not in feed})
+    return feed
+
+
+def _flip_summary(rows: list[dict]) -> dict:
+    """Totals of ``compare_layers``: per-layer flips (each layer from identical quantized inputs) and
+    end-to-end flips (free runs, flips spread downstream), with the worst layer of each."""
+    n = sum(r["n"] for r in rows)
+    out = {"layers": len(rows), "codes": n}
+    for key in ("", "_e2e"):
+        flips = sum(r[f"flips{key}"] for r in rows)
+        worst = max(rows, key=lambda r: r[f"flip_rate{key}"]) if rows else None
+        out.update({f"flips{key}": flips, f"flip_rate{key}": flips / n if n else 0.0,
+                    f"max_code_diff{key}": max((r[f"max_diff{key}"] for r in rows), default=0),
+                    f"worst_layer{key}": worst and {k: worst[k] for k in ("layer", f"flip_rate{key}", f"max_diff{key}")}})
+    return out
+
+
+def _check(path: Path, quantized: set[str]) -> list[str]:
+    import onnx
+
+    from ..export import check_layers, check_qdq
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    return check_qdq(model).violations + check_layers(model, quantized)
+
+
+def _report(job: ExportJob, onnx_name: str, int8: bool, **kw) -> ExportReport:
+    loaded = job.loaded
+    return ExportReport(onnx=onnx_name, target="tensorrt", int8=int8, model=str(loaded.source),
+                        model_fingerprint=loaded.fingerprint(), schedule_fingerprint=loaded.schedule_fingerprint(),
+                        signature=loaded.signature.to_dict(), **kw)
+
+
+class TensorRTTarget(Target):
+    name = "tensorrt"
+    help = "symmetric int8 Q/DQ on layer inputs, FP16 elsewhere: TensorRT 10/11 and TensorRT-RTX engines"
+    order = 0
+    builds = True
+
+    def check(self, qcfg, recipe) -> None:
+        if qcfg.shortcut_split:
+            raise ValueError("--shortcut-split uses per-channel activation ranges, which TensorRT does not accept; "
+                             "it is a fake-quant study only")
+
+    def export(self, job: ExportJob, progress: Callable[[str], None] = print) -> list[Exported]:
+        """Export the calibrated fake-quant UNet (one graph per timestep group), run every check, write reports.
+        Raises ``ExportCheckError`` listing the violations when a check fails (the ONNX files stay)."""
+        from ..calib.ranges import get_recipe
+        from ..calibrate import fake_quant_unet
+        from ..export import compare_layers, export_onnx, to_fp16
+        from ..quant import apply_ranges, quantized_layers
+        if job.precision not in ("fp16", "fp32"):
+            raise ValueError(f"precision must be fp16 or fp32, got {job.precision!r}")
+        self.check(job.qcfg, get_recipe(job.recipe))
+        loaded, calib, ranges = job.loaded, job.calib, job.calib.ranges
+        qunet = fake_quant_unet(loaded, job.qcfg, ranges)
+        quantized = set(quantized_layers(qunet))
+        feed = probe_inputs(loaded)
+        stem = f"{loaded.name}-{recipe_slug(job.recipe)}"
+        out = []
+        for k, group in enumerate(ranges.groups):
+            suffix = f".g{k}" if ranges.is_grouped else ""
+            if ranges.is_grouped:
+                apply_ranges(qunet, ranges.amax(k))
+            t0 = time.perf_counter()
+            fp32 = export_onnx(qunet, job.out_dir / f"{stem}{suffix}.fp32.onnx")
+            problems = _check(fp32, quantized)
+            rows = compare_layers(qunet, fp32, feed)
+            report = _report(job, fp32.name, True, recipe=job.recipe, ranges=str(calib.ranges_path),
+                             calibration=f"{loaded.data_key()[:16]}/{calib.stats_dir.name}", quant=job.qcfg.to_dict(),
+                             quantized_layers=len(quantized), precision=job.precision, fp32_onnx=fp32.name,
+                             layer_comparison_fp32=_flip_summary(rows), layer_comparison_rows=rows)
+            if ranges.is_grouped:
+                report.group, report.groups, report.t_range = k, len(ranges.groups), [group.t_max, group.t_min]
+            target = fp32
+            if job.precision == "fp16":
+                target = to_fp16(fp32, job.out_dir / f"{stem}{suffix}.onnx")
+                problems += _check(target, quantized)
+                report.layer_comparison_fp16 = _flip_summary(compare_layers(qunet, target, feed))
+            report.onnx, report.violations = target.name, problems
+            report.export_seconds = round(time.perf_counter() - t0, 1)
+            report.save(target)
+            if problems:
+                raise ExportCheckError(f"{target}: {len(problems)} TensorRT conformance problems:\n  "
+                                       + "\n  ".join(problems[:20]))
+            fl = report.layer_comparison_fp32
+            progress(f"  {target} ({report.export_seconds} s): ONNX checker, Q/DQ conformance and per-layer coverage "
+                     f"OK; int8 codes vs torch fake-quant, layer by layer: {fl['flip_rate']:.1e} flipped (max diff "
+                     f"{fl['max_code_diff']}; end to end {fl['flip_rate_e2e']:.1e})"
+                     + (f", FP16 graph {report.layer_comparison_fp16['flip_rate']:.1e}" if job.precision == "fp16" else ""))
+            out.append(Exported(target, report))
+        return out
+
+    def export_baseline(self, loaded, out_dir: Path, *, precision: str = "fp16") -> Exported:
+        """The unquantized model as ONNX (FP16 math, FP32 I/O): the baseline engine's input."""
+        from ..export import export_onnx, to_fp16
+        fp32 = export_onnx(loaded.unet, out_dir / f"{loaded.name}-fp.fp32.onnx")
+        problems = _check(fp32, set())
+        target = to_fp16(fp32, out_dir / f"{loaded.name}-fp16.onnx") if precision == "fp16" else fp32
+        problems += _check(target, set())
+        if problems:
+            raise ExportCheckError(f"{target}: unexpected Q/DQ in the unquantized export: {problems[:5]}")
+        report = ExportReport(onnx=target.name, target=self.name, int8=False, precision=precision,
+                              model=str(loaded.source), model_fingerprint=loaded.fingerprint(),
+                              schedule_fingerprint=loaded.schedule_fingerprint(), signature=loaded.signature.to_dict())
+        report.save(target)
+        return Exported(target, report)
+
+    def build(self, graphs: list[Exported], options=None, *, flavour: str | None = None,
+              progress: Callable[[str], None] = print) -> list:
+        """One engine per exported graph (``<onnx stem>.plan``), sidecars included; returns the sidecars."""
+        from ..core.signature import Signature
+        from ..engine import BuildOptions, build_engine
+        sidecars = []
+        for m in graphs:
+            plan = m.onnx.with_suffix(".plan")
+            r = m.report
+            extra = {k: getattr(r, k) for k in ("group", "groups", "t_range") if getattr(r, k) is not None}
+            extra["model_fingerprint"] = r.model_fingerprint or None
+            side = build_engine(m.onnx, plan, options or BuildOptions(), flavour=flavour, recipe=r.recipe,
+                                calibration=r.calibration, precision="int8" if r.int8 else "fp16",
+                                signature=Signature.from_dict(r.signature) if r.signature else None, extra=extra)
+            prec = ", ".join(f"{t} {dict(c)}" for t, c in side.layer_precisions.items()) or "not reported"
+            progress(f"  {plan} ({side.plan_bytes / 1e6:.1f} MB, {side.flavour} {side.trt_version}, "
+                     f"{side.build_seconds} s): layer input precisions {prec}")
+            sidecars.append(side)
+        return sidecars
+
+    def usage(self, paths: list[Path]) -> str:
+        return f"sample with: trt-dm sample --engine {' '.join(str(p) for p in paths)} (needs a GPU)"
+
+
+TARGET = TensorRTTarget()
