@@ -135,6 +135,18 @@ def test_conditional_unet_int8_and_fp16_build(tmp_path):
     assert "Int8" not in json.dumps(load_sidecar(fp.with_suffix(".plan")).layer_precisions)
 
 
+def test_class_conditional_unet_builds_with_its_class_labels_input(tmp_path):
+    """The signature's conditioning input reaches the engine: a graph input with the batch profile, recorded in
+    the sidecar with the signature; the quantized convolutions still run in int8."""
+    q = _qdq(tiny_unet2d(seed=0, num_class_embeds=10), tmp_path, "cls")
+    side = build_engine(q, tmp_path / "cls.plan", SMALL, flavour="tensorrt_rtx", recipe="fixed")
+    assert side.inputs["class_labels"]["min"] == [1] and side.inputs["class_labels"]["max"] == [4]
+    assert side.inputs["class_labels"]["dtype"] == "INT64"
+    labels = next(i for i in side.signature["inputs"] if i["name"] == "class_labels")
+    assert labels["conditioning"] and labels["shape"] == ["batch"]
+    assert side.layer_precisions["correlation"].get("Int8", 0) >= 20
+
+
 @pytest.mark.slow
 def test_trt_dm_engine_on_the_default_model(tmp_path, capsys):
     """What `make engine` runs, with a small calibration set: checked Q/DQ ONNX + int8 and FP16 engines;

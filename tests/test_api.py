@@ -1,0 +1,64 @@
+"""The library API under the CLI: denoisers from artifacts (one graph, K timestep-group graphs), deployment
+results as types, and refusals of ambiguous requests."""
+import pytest
+import torch
+
+from trt_dm import api
+from trt_dm.calib.timesteps import TimestepSpec
+from trt_dm.calib.trajectories import CalibSpec
+
+SPEC = CalibSpec(TimestepSpec("uniform"), n=8, steps=4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def grouped_graphs(tiny_pipeline_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("api")
+    loaded = api.load(str(tiny_pipeline_dir))
+    quant = api.QuantSettings(recipe="max@groups=2", spec=SPEC, cache_root=tmp / "cc", batch=4)
+    made = api.deploy(loaded, quant, target="tensorrt", out_dir=tmp, precision="fp32", progress=lambda _: None,
+                      show_progress=False)
+    return loaded, made
+
+
+def test_deploy_result_is_typed(grouped_graphs):
+    loaded, made = grouped_graphs
+    assert [g.report.group for g in made.graphs] == [0, 1] and all(g.report.int8 for g in made.graphs)
+    assert made.calibration.ranges.is_grouped and made.sidecars == [] and made.not_built is None
+    assert made.graphs[0].report.signature == loaded.signature.to_dict()
+    assert made.graphs[0].report.schedule_fingerprint == loaded.schedule_fingerprint()
+    assert "trt-dm sample --engine" in made.usage
+
+
+def test_group_graphs_are_switched_per_row(grouped_graphs):
+    """K graphs of a groups=K recipe behind one denoiser: a batch whose rows belong to different groups is split
+    by group, and each row gets exactly what its own group's graph gives it alone."""
+    loaded, made = grouped_graphs
+    (hi, _), (_, lo) = made.calibration.ranges.t_ranges
+    paths = [g.onnx for g in made.graphs]
+    feed = loaded.signature.example(2, seed=3)
+    x, t = feed["sample"], torch.tensor([hi, lo])
+    with api.open_denoiser(loaded, onnx=paths) as den:
+        assert den.describe["t_ranges"] == made.calibration.ranges.t_ranges
+        both = den(x, t)
+    for k in range(2):
+        with api.open_denoiser(loaded, onnx=paths[k]) as alone:
+            assert torch.equal(both[k:k + 1], alone(x[k:k + 1], t[k:k + 1]))
+    with api.open_denoiser(loaded, onnx=paths[0]) as g0:
+        assert not torch.equal(both[1:], g0(x[1:], t[1:]))  # row 1 really went to group 1's graph
+
+
+def test_open_denoiser_refuses_ambiguous_requests(grouped_graphs, tmp_path):
+    loaded, made = grouped_graphs
+    with pytest.raises(ValueError, match="give one of engines, onnx or ranges"):
+        with api.open_denoiser(loaded, onnx=made.graphs[0].onnx, ranges=made.calibration.ranges):
+            pass
+    plain = tmp_path / "plain.onnx"
+    plain.write_bytes(made.graphs[0].onnx.read_bytes())  # a graph without an export report: no t_range
+    with pytest.raises(ValueError, match="timestep groups of one groups=K recipe"):
+        with api.open_denoiser(loaded, onnx=[plain, made.graphs[1].onnx]):
+            pass
+    with pytest.raises(FileNotFoundError, match="no such ONNX file"):
+        with api.open_denoiser(loaded, onnx=tmp_path / "none.onnx"):
+            pass
+    with pytest.raises(ValueError, match="--steps must be >= 1"):
+        api.SampleSettings(steps=0)
