@@ -207,7 +207,10 @@ def cmd_build(args) -> int:
     path = Path(args.onnx)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such ONNX file")
-    report = ExportReport.load(path) or ExportReport(onnx=path.name, target="tensorrt", int8=True)
+    report = ExportReport.load(path)
+    if report is None:  # a graph trt-dm did not export: int8 exactly when it has Q/DQ nodes
+        from .export import check_qdq
+        report = ExportReport(onnx=path.name, target="tensorrt", int8=check_qdq(path).quantize > 0)
     get_target("tensorrt").build([Exported(path, report)], _build_options(args), flavour=args.flavour)
     return 0
 
