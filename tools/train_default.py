@@ -1,7 +1,14 @@
-"""Train the embedded default model: a DDPM on Fashion-MNIST (32x32, 1 channel).
+"""Train the embedded default models: a DDPM on Fashion-MNIST (32x32, 1 channel), unconditional or
+class-conditional.
 
 Reproduce with (CPU, 2 threads, bf16 autocast):
     python tools/train_default.py --out models/default --work .train_default --steps 8000
+The class-conditional model (`--model default-cond`; classifier-free guidance by label dropout):
+    python tools/train_default.py --out models/default-cond --work .train_default_cond --classes 10 \
+        --label-dropout 0.1 --no-bf16 --steps 8000
+It has num_class_embeds = classes + 1: labels 0..classes-1 are the data's classes, label `classes` is the null
+(unconditional) label that replaces a training label with probability --label-dropout (Ho & Salimans 2021,
+"Classifier-Free Diffusion Guidance", Algorithm 1); the null label is written to <out>/trt_dm.json.
 
 Deterministic for a given seed and thread count; resumable (rerun the same command: it continues from
 the newest checkpoint in --work); keeps EMA weights; logs the loss to <work>/loss.csv. The EMA weights
@@ -63,6 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--no-bf16", action="store_true", help="train in fp32 instead of bf16 autocast")
+    p.add_argument("--classes", type=int, default=0, help="class-conditional with this many classes (0: unconditional)")
+    p.add_argument("--label-dropout", type=float, default=0.1,
+                   help="class-conditional: probability of training on the null label instead (for CFG)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop (after a checkpoint) once this much wall time has passed in this run")
     args = p.parse_args(argv)
@@ -70,9 +80,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     args.work.mkdir(parents=True, exist_ok=True)
-    x_train, _ = data.load("train")
-    model = UNet2DModel(**UNET_CONFIG)
-    ema = UNet2DModel(**UNET_CONFIG)
+    x_train, y_train = data.load("train")
+    config = dict(UNET_CONFIG, num_class_embeds=args.classes + 1) if args.classes else dict(UNET_CONFIG)
+    if args.classes and not 0 < args.label_dropout < 1:
+        p.error(f"--label-dropout must be in (0, 1) for a class-conditional model, got {args.label_dropout}")
+    model = UNet2DModel(**config)
+    ema = UNet2DModel(**config)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     sched = DDPMScheduler(**SCHEDULER_CONFIG)
@@ -116,8 +129,12 @@ def main(argv: list[str] | None = None) -> None:
         x_t = sched.add_noise(x0, noise, t)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
+        cond = {}
+        if args.classes:  # the null label (index `classes`) replaces the true label with probability p
+            drop = torch.rand(args.batch) < args.label_dropout
+            cond["class_labels"] = torch.where(drop, torch.full_like(y_train[idx], args.classes), y_train[idx])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
-            pred = model(x_t, t).sample
+            pred = model(x_t, t, **cond).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -148,7 +165,12 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "unet").mkdir(parents=True, exist_ok=True)
     ema.save_pretrained(args.out / "unet", safe_serialization=True)
     sched.save_pretrained(args.out / "scheduler")
-    record = dict(steps=step, batch=args.batch, lr=args.lr, warmup=args.warmup, ema=args.ema,
+    if args.classes:
+        (args.out / "trt_dm.json").write_text(json.dumps(
+            {"null_class_label": args.classes, "num_classes": args.classes, "label_dropout": args.label_dropout,
+             "class_names": list(data.CLASS_NAMES)}, indent=2) + "\n")
+    record = dict(steps=step, batch=args.batch, classes=args.classes or None,
+                  label_dropout=args.label_dropout if args.classes else None, lr=args.lr, warmup=args.warmup, ema=args.ema,
                   seed=args.seed, threads=args.threads, bf16_autocast=not args.no_bf16,
                   wall_time_s=round(elapsed, 1), params=sum(p.numel() for p in ema.parameters()),
                   final_loss_mean_last_200=None, cpu=platform.processor() or platform.machine(),

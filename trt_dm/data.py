@@ -23,6 +23,10 @@ CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
 
+# Fashion-MNIST's ten classes, in label order (Xiao et al. 2017).
+CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+               "Ankle boot")
+
 def dataset_dir() -> Path:
     return Path(os.environ.get(ENV_VAR, DEFAULT_DIR))
 
