@@ -66,6 +66,21 @@ def tiny_pipeline_dir(tmp_path_factory) -> Path:
     return path
 
 
+TINY_CLASSES = 10  # the tiny class-conditional model: labels 0..9, null label 10 (num_class_embeds 11)
+
+
+@pytest.fixture(scope="session")
+def tiny_cls_pipeline_dir(tmp_path_factory) -> Path:
+    """A class-conditional DDPM pipeline: tiny UNet2DModel with num_class_embeds = 11 in unet/, the tiny
+    scheduler, and trt_dm.json naming label 10 as the null label (for classifier-free guidance)."""
+    path = tmp_path_factory.mktemp("tiny_cls") / "tiny_cls"
+    models.tiny_unet2d(TINY_SEED, num_class_embeds=TINY_CLASSES + 1).save_pretrained(path / "unet",
+                                                                                     safe_serialization=True)
+    DDPMScheduler(**TINY_SCHEDULER_CONFIG).save_pretrained(path / "scheduler")
+    (path / "trt_dm.json").write_text(json.dumps({"null_class_label": TINY_CLASSES, "num_classes": TINY_CLASSES}))
+    return path
+
+
 @pytest.fixture
 def tiny_model(tiny_pipeline_dir) -> models.LoadedModel:
     """A fresh LoadedModel of the tiny pipeline (function scope: tests may modify it in place)."""

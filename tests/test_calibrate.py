@@ -151,3 +151,28 @@ def test_attention_matmul_quantization(tiny_pipeline_dir, tmp_path):
         a = fake_quant_unet(loaded, qcfg, res.ranges)(x, t).sample
         b = fake_quant_unet(loaded, QuantConfig(), base.ranges)(x, t).sample
     assert not torch.equal(a, b)  # the matmul inputs are really quantized
+
+
+def test_conditional_calibration_sees_both_halves_of_every_guided_call(tiny_cls_pipeline_dir, tmp_path):
+    """A class-conditional model calibrates on every class in turn, with the guidance it will sample with: the
+    statistics see both halves of each 2B call, and guidance and labels key the cache."""
+    import dataclasses
+
+    from trt_dm import api
+    from trt_dm.calib.stats import CalibStats
+    loaded = api.load(str(tiny_cls_pipeline_dir))
+    q1 = api.QuantSettings(recipe="max", spec=SPEC, cache_root=tmp_path, batch=4)
+    assert q1.resolved(loaded).spec.labels == "all"
+    plain = api.calibrate(loaded, q1, progress=False)
+    q3 = dataclasses.replace(q1, spec=dataclasses.replace(SPEC, guidance_scale=3.0))
+    guided = api.calibrate(loaded, q3, progress=False)
+    assert not guided.stats_reused and guided.stats_dir != plain.stats_dir
+    s1, s3 = CalibStats.load(plain.stats_dir), CalibStats.load(guided.stats_dir)
+    assert sum(s1.counts.values()) == SPEC.n and sum(s3.counts.values()) == 2 * SPEC.n
+    assert guided.ranges.amax() != plain.ranges.amax()
+    only3 = api.calibrate(loaded, dataclasses.replace(q3, spec=dataclasses.replace(SPEC, guidance_scale=3.0, labels="3")),
+                          progress=False)
+    assert only3.stats_dir not in (plain.stats_dir, guided.stats_dir)
+    assert api.calibrate(loaded, q3, progress=False).stats_reused
+    with pytest.raises(ValueError, match="out of range"):
+        api.calibrate(loaded, dataclasses.replace(q1, spec=dataclasses.replace(SPEC, labels="11")), progress=False)

@@ -137,3 +137,71 @@ def test_export_check_and_sample_onnx(tiny_pipeline_dir, tmp_path, capsys):
     with TorchRunner(q, device="cpu") as r, api.open_denoiser(loaded, onnx=onnx_path) as den:
         ref, got = as_denoiser(r)(feed["sample"], feed["timestep"]), den(feed["sample"], feed["timestep"])
     assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.99
+
+
+def test_class_conditional_sample_with_guidance(tiny_cls_pipeline_dir, tmp_path, capsys):
+    """`trt-dm sample --class-labels ... --guidance-scale W` on a class-conditional pipeline: the images are the
+    library's for the same seeds, labels and guidance; --classes all cycles every class."""
+    raw = tmp_path / "raw.safetensors"
+    base = ["sample", "--model", str(tiny_cls_pipeline_dir), "--steps", "3", "--n", "4", "--batch", "3",
+            "--no-progress", "--out", str(tmp_path / "g.png")]
+    assert main([*base, "--class-labels", "3", "7", "--guidance-scale", "3", "--save-samples", str(raw)]) == 0
+    from trt_dm import api
+    loaded = api.load(str(tiny_cls_pipeline_dir))
+    with api.open_denoiser(loaded, device="cpu") as den:
+        ref, _ = api.draw(loaded, den, api.SampleSettings(steps=3, n=4, batch=4, labels=(3, 7), guidance_scale=3.0),
+                          progress=False)
+        unguided, _ = api.draw(loaded, den, api.SampleSettings(steps=3, n=4, labels=(3, 7)), progress=False)
+    got = load_file(str(raw))["samples"]
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)  # other batch split: float rounding only (x w)
+    assert not torch.allclose(got, unguided, atol=1e-3)
+    assert main([*base, "--classes", "all"]) == 0
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--class-labels", "10"], "class labels [10] are out of range"),
+    (["--class-labels", "-1"], "class labels [-1] are out of range"),
+    ([], "is class-conditional: give --class-labels"),
+    (["--classes", "all", "--guidance-scale", "0.5"], "--guidance-scale must be a finite number >= 1"),
+    (["--classes", "all", "--guidance-scale", "nan"], "--guidance-scale must be a finite number >= 1"),
+    (["--classes", "all", "--guidance-rescale", "2"], "--guidance-rescale must be in [0, 1]"),
+])
+def test_class_conditional_bad_input(argv, msg, tiny_cls_pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["sample", "--model", str(tiny_cls_pipeline_dir), "--steps", "2", "--n", "2", "--no-progress",
+               "--out", str(out / "g.png"), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # nothing written
+
+
+def test_labels_for_an_unconditional_model_and_guidance_without_null_label(tiny_pipeline_dir, tmp_path, capsys):
+    cls_dir = tmp_path / "cls"
+    from trt_dm.models import tiny_unet2d
+    tiny_unet2d(0, num_class_embeds=5).save_pretrained(cls_dir)  # no trt_dm.json: no null label known
+    common = ["--steps", "2", "--n", "2", "--no-progress", "--out", str(tmp_path / "o" / "g.png")]
+    assert main(["sample", "--model", str(tiny_pipeline_dir), "--class-labels", "1", *common]) == 2
+    assert "is an unconditional model" in capsys.readouterr().err
+    assert main(["sample", "--model", str(cls_dir), "--class-labels", "1", "--guidance-scale", "2", *common]) == 2
+    assert "needs the null class label" in capsys.readouterr().err
+    assert main(["sample", "--model", str(cls_dir), "--class-labels", "1", "--guidance-scale", "2", "--null-label",
+                 "4", *common]) == 0
+    assert not (tmp_path / "cc").exists()
+
+
+def test_eval_a_class_conditional_recipe_with_guidance(tiny_cls_pipeline_dir, tmp_path, monkeypatch, capsys):
+    """`trt-dm eval --recipe` on a class-conditional model with guidance: calibration and both samplings run with
+    the labels and guidance; result.json records them and the guided noise-prediction error per timestep."""
+    monkeypatch.setenv("TRT_DM_CACHE", str(tmp_path / "cache"))
+    rc = main(["eval", "--model", str(tiny_cls_pipeline_dir), "--classes", "all", "--guidance-scale", "2",
+               "--recipe", "ptq4dm", "--steps", "3", "--n", "6", "--eps-n", "3", "--ref-limit", "16", "--batch", "4",
+               "--calib-n", "8", "--calib-steps", "4", "--cache-dir", str(tmp_path / "cc"),
+               "--out-dir", str(tmp_path / "rep"), "--no-progress"])
+    assert rc == 0
+    res = json.loads((tmp_path / "rep" / "result.json").read_text())
+    assert res["labels"] == "all" and res["guidance_scale"] == 2.0 and res["recipe"] == "ptq4dm"
+    assert len(res["eps"]["per_timestep"]) == 3 and 0 < res["psnr_vs_fp"] < 200
+    assert "class_accuracy" not in res  # 16 px tiny model: the Fashion-MNIST classifier does not apply
+    # the FP samples are cached per labels and guidance: another guidance scale is another entry
+    samples = sorted(p.name for p in (tmp_path / "cc").rglob("samples/*.safetensors"))
+    assert samples == ["ddim3-eta0-s0-n6-call-w2.safetensors"]

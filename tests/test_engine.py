@@ -198,3 +198,23 @@ def test_groups_recipe_exports_and_builds_one_engine_per_timestep_group(tiny_pip
     (hi_max, hi_min), (lo_max, lo_min) = (s.t_range for s in sides)
     assert hi_max >= hi_min > lo_max >= lo_min  # group 0 holds the noisy end, group 1 the data end
     assert f"{name}.g0.plan" in capsys.readouterr().out
+
+
+def test_class_conditional_engine_with_guidance(tiny_cls_pipeline_dir, tmp_path, capsys):
+    """`trt-dm engine` on a class-conditional pipeline with guidance 3: calibration on every class with guidance,
+    a checked graph with its class_labels input, and an engine whose profiles hold 2 UNet rows per image."""
+    from trt_dm.cli import main
+    assert main(["engine", "--model", str(tiny_cls_pipeline_dir), "--guidance-scale", "3", "--out-dir", str(tmp_path),
+                 "--cache-dir", str(tmp_path / "cc"), "--calib-n", "8", "--calib-steps", "4", "--batch", "4",
+                 "--no-progress", "--no-baseline", "--rtx-targets", "SM89", "--opt-level", "0", "--min-batch", "1",
+                 "--max-batch", "4", "--opt-batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "profiles sized for 2 UNet rows per image (batch 2..8)" in out
+    name = f"{tiny_cls_pipeline_dir.name}-ptq4dm"
+    report = json.loads((tmp_path / f"{name}.onnx.json").read_text())
+    assert report["guidance_scale"] == 3.0 and report["violations"] == []
+    assert [i["name"] for i in report["signature"]["inputs"]] == ["sample", "timestep", "class_labels"]
+    assert report["layer_comparison_fp32"]["max_code_diff"] <= 1  # probe inputs carry class labels too
+    side = load_sidecar(tmp_path / f"{name}.plan")
+    assert side.guidance_scale == 3.0 and side.inputs["class_labels"]["max"] == [8]
+    assert side.inputs["sample"]["min"][0] == 2 and side.inputs["sample"]["opt"][0] == 4

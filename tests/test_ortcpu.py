@@ -93,3 +93,16 @@ def test_ort_cpu_refuses_w4_and_groups(tiny_pipeline_dir, tmp_path, capsys):
     assert "supports W8A8" in capsys.readouterr().err
     assert main(base + ["--recipe", "ptq4dm-g4"]) == 2
     assert "groups=K recipes are for K TensorRT engines" in capsys.readouterr().err
+
+
+def test_ort_cpu_target_on_a_class_conditional_model(tiny_cls_pipeline_dir, tmp_path, capsys):
+    """The ONNX Runtime int8 layout of a class-conditional model: class_labels is a graph input, the output
+    ranges are measured on guided calls (both halves), and the graph samples with labels and guidance."""
+    from trt_dm.cli import main
+    assert main(["export", "--target", "ort-cpu", "--model", str(tiny_cls_pipeline_dir), "--guidance-scale", "2",
+                 "--out-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cc"), "--calib-n", "8", "--calib-steps",
+                 "4", "--batch", "4", "--no-progress"]) == 0
+    path = tmp_path / f"{tiny_cls_pipeline_dir.name}-ptq4dm.ort-int8.onnx"
+    assert [i.name for i in onnx.load(str(path)).graph.input] == ["sample", "timestep", "class_labels"]
+    assert main(["sample", "--model", str(tiny_cls_pipeline_dir), "--onnx", str(path), "--class-labels", "1", "2",
+                 "--guidance-scale", "2", "--steps", "3", "--n", "2", "--no-progress", "--out", str(tmp_path / "g.png")]) == 0

@@ -1,4 +1,4 @@
-"""The README's quantization quality table: run its rows (resumable, in parts) and print it.
+"""The quantization quality table (docs/quality.md): run its rows (resumable, in parts) and print it.
 
     python tools/quality_table.py list                     # rows, their commands, which are done
     python tools/quality_table.py run [--only ROW ...] [--threads 1]   # start one per core
@@ -206,13 +206,13 @@ def _fmt(v, spec):
 
 
 def cmd_table(args) -> int:
-    if args.readme:  # rewrite the block between the markers in README.md
+    if args.readme:  # rewrite the block between the markers in docs/quality.md
         import contextlib
         import io
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
             _print_table()
-        readme = ROOT / "README.md"
+        readme = ROOT / "docs" / "quality.md"
         text = readme.read_text()
         a, b = "<!-- quality-table:begin -->\n", "<!-- quality-table:end -->"
         i, j = text.index(a) + len(a), text.index(b)
@@ -258,7 +258,7 @@ def main() -> int:
     p.add_argument("--table", action="store_true", help="only print what is done")
     p.set_defaults(func=cmd_screen)
     p = sub.add_parser("table")
-    p.add_argument("--readme", action="store_true", help="write the table into README.md between its markers")
+    p.add_argument("--readme", action="store_true", help="write the table into docs/quality.md between its markers")
     p.set_defaults(func=cmd_table)
     args = ap.parse_args()
     return args.func(args)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .core.artifacts import ExportReport, RangeSet, Sidecar
+from .core.guidance import cfg_denoiser, check_scale
 from .models import LoadedModel, load_model
 from .runners import OrtRunner, TorchRunner, TrtRunner, as_denoiser, switched_denoiser
 from .sampling import SAMPLERS, Schedule, sample_many
@@ -49,9 +51,15 @@ class SampleSettings:
     eta: float = 0.0  # DDIM only; 0 = deterministic
     seed: int = 0
     n: int = 64
-    batch: int = 64
+    batch: int = 64  # images per batch (a guided UNet call takes 2 rows per image)
+    labels: tuple[int, ...] | str | None = None  # class-conditional models: labels cycled over the images, or "all"
+    guidance_scale: float = 1.0  # classifier-free guidance w (1 = none)
+    guidance_rescale: float = 0.0
 
     def __post_init__(self) -> None:
+        check_scale(self.guidance_scale)
+        if isinstance(self.labels, list):
+            object.__setattr__(self, "labels", tuple(self.labels))
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; accepted: {SAMPLERS}")
         for name in ("n", "steps", "batch"):
@@ -65,7 +73,13 @@ class SampleSettings:
         return range(self.seed, self.seed + self.n)
 
     def key(self) -> str:
-        return f"{self.sampler}{self.steps}-eta{self.eta:g}-s{self.seed}-n{self.n}"
+        key = f"{self.sampler}{self.steps}-eta{self.eta:g}-s{self.seed}-n{self.n}"
+        if self.labels is not None:
+            labels = self.labels if isinstance(self.labels, str) else ",".join(map(str, self.labels))
+            key += f"-c{labels if len(labels) <= 24 else hashlib.sha256(labels.encode()).hexdigest()[:12]}"
+        if self.guidance_scale != 1.0 or self.guidance_rescale:
+            key += f"-w{self.guidance_scale:g}" + (f"r{self.guidance_rescale:g}" if self.guidance_rescale else "")
+        return key
 
 
 @dataclass(frozen=True)
@@ -77,20 +91,24 @@ class QuantSettings:
     cache_root: Path = DEFAULT_CACHE_ROOT
     batch: int = 64         # images per UNet call while calibrating
 
-    def resolved(self) -> QuantSettings:
+    def resolved(self, loaded: LoadedModel | None = None) -> QuantSettings:
+        """Defaults filled in; with ``loaded``, a class-conditional model calibrates on every class in turn
+        (balanced) unless the spec names labels."""
         from .calib.ranges import get_recipe
         from .calib.trajectories import CalibSpec
         from .quant import QuantConfig
         get_recipe(self.recipe)  # validate before any work
-        return dataclasses.replace(self, spec=self.spec or CalibSpec(), qcfg=self.qcfg or QuantConfig(),
-                                   cache_root=Path(self.cache_root))
+        spec = self.spec or CalibSpec()
+        if loaded is not None and loaded.class_labels_spec is not None and spec.labels is None:
+            spec = dataclasses.replace(spec, labels="all")
+        return dataclasses.replace(self, spec=spec, qcfg=self.qcfg or QuantConfig(), cache_root=Path(self.cache_root))
 
 
 def calibrate(loaded: LoadedModel, quant: QuantSettings, *, progress: bool = True):
     """Statistics (cached per model, schedule and calibration set) -> ranges of ``quant.recipe``: a
     ``trt_dm.calibrate.CalibrationResult`` whose ``ranges`` is a ``RangeSet``."""
     from .calibrate import calibrate as _calibrate
-    q = quant.resolved()
+    q = quant.resolved(loaded)
     return _calibrate(loaded, q.spec, q.qcfg, q.recipe, cache_root=q.cache_root, batch_size=q.batch, progress=progress)
 
 
@@ -162,16 +180,23 @@ def schedule(loaded: LoadedModel) -> Schedule:
 
 def draw(loaded: LoadedModel, denoiser: Denoiser, settings: SampleSettings, *, progress: bool = True,
          seeds: Sequence[int] | None = None) -> tuple[torch.Tensor, float]:
-    """(images (N, C, H, W) float32 on CPU in the model's range, seconds) for ``settings`` (or other ``seeds``)."""
-    cond = loaded.signature.conditioning
-    if cond:
-        raise ValueError(f"sampling {loaded.kind} {loaded.name!r} needs its conditioning inputs {cond}, which "
-                         "trt_dm cannot feed yet; supported: unconditional UNet2DModel")
+    """(images (N, C, H, W) float32 on CPU in the model's range, seconds) for ``settings`` (or other ``seeds``):
+    class labels and classifier-free guidance from the settings (one UNet call of 2B rows per step with guidance)."""
+    seeds = settings.seeds if seeds is None else seeds
+    cond, guidance = conditioning(loaded, settings, len(seeds))
     t0 = time.perf_counter()
-    images = sample_many(denoiser, schedule(loaded), settings.seeds if seeds is None else seeds, loaded.sample_shape,
+    images = sample_many(cfg_denoiser(denoiser, guidance), schedule(loaded), seeds, loaded.sample_shape,
                          batch_size=settings.batch, sampler=settings.sampler, steps=settings.steps, eta=settings.eta,
-                         progress=progress, device=denoiser.device)
+                         progress=progress, device=denoiser.device, conditioning=cond)
     return images, time.perf_counter() - t0
+
+
+def conditioning(loaded: LoadedModel, settings: SampleSettings, n: int | None = None):
+    """(per-image conditioning {input: (n, ...)}, Guidance) of ``settings`` for this model; ValueError naming what
+    is accepted for a label out of range, labels for an unconditional model, none for a conditional one, or
+    guidance a model without a null label cannot do."""
+    guidance = loaded.guidance(settings.guidance_scale, settings.guidance_rescale)
+    return loaded.conditioning_for(settings.n if n is None else n, settings.labels), guidance
 
 
 def fp_samples(loaded: LoadedModel, settings: SampleSettings, *, cache_root: Path = DEFAULT_CACHE_ROOT,
@@ -215,6 +240,12 @@ class EvalResult:
     fd: float = float("nan")
     kid_mean: float = float("nan")
     kid_std: float = float("nan")
+    # conditional models: what the images were asked to show, and whether they do
+    labels: str | None = None
+    guidance_scale: float | None = None
+    guidance_rescale: float | None = None
+    class_accuracy: float | None = None  # share of images the project's classifier assigns the requested class
+    fp_class_accuracy: float | None = None
     # quantized runs
     recipe: str | None = None
     onnx: str | None = None
@@ -238,11 +269,14 @@ class EvalResult:
                 if f.name != "images" and getattr(self, f.name) is not None}
 
     def line(self) -> str:
+        acc = "" if self.class_accuracy is None else f"   class accuracy: {100 * self.class_accuracy:.1f}%" + (
+            "" if self.fp_class_accuracy is None else f" (FP {100 * self.fp_class_accuracy:.1f}%)")
         if self.fp_fd is None:
-            return (f"{self.metric}: {self.fd:.3f}   KID: {self.kid_mean * 1e3:.3f} ± {self.kid_std * 1e3:.3f} (x1e-3)")
+            return (f"{self.metric}: {self.fd:.3f}   KID: {self.kid_mean * 1e3:.3f} ± {self.kid_std * 1e3:.3f} (x1e-3)"
+                    + acc)
         return (f"{self.metric}: {self.fd:.3f} (FP {self.fp_fd:.3f}, {self.fd_change_vs_fp_pct:+.1f}%)   "
                 f"PSNR vs FP: {self.psnr_vs_fp:.2f} dB   eps MSE {self.eps['mse']:.2e} cos {self.eps['cosine']:.5f}   "
-                f"KID: {self.kid_mean * 1e3:.3f} (x1e-3)")
+                f"KID: {self.kid_mean * 1e3:.3f} (x1e-3)" + acc)
 
 
 def evaluate(loaded: LoadedModel, settings: SampleSettings, *, quant: QuantSettings | None = None,
@@ -257,7 +291,17 @@ def evaluate(loaded: LoadedModel, settings: SampleSettings, *, quant: QuantSetti
         raise ValueError("--recipe evaluates the torch fake-quant model, --onnx an exported graph: give one")
     if onnx is not None and not Path(onnx).is_file():
         raise FileNotFoundError(f"--onnx {onnx}: no such file")
-    quant = quant.resolved() if quant is not None else None
+    quant = quant.resolved(loaded) if quant is not None else None
+    if quant is not None and quant.spec.guidance_scale != settings.guidance_scale:
+        log.info("calibrating with guidance %g, sampling with %g", quant.spec.guidance_scale, settings.guidance_scale)
+    cond, _ = conditioning(loaded, settings)  # bad labels / guidance fail before any work
+    classifier = None
+    if cond and tuple(loaded.sample_shape) == (1, 32, 32) and (loaded.num_classes or 0) <= 10:
+        from .classify import load_classifier
+        classifier = load_classifier()  # before any work: a missing classifier is said at once
+    elif cond:
+        log.warning("class accuracy is not available for %s: the project's classifier takes Fashion-MNIST-shaped "
+                    "(1, 32, 32) images of its 10 classes, the model makes %s", loaded.name, loaded.sample_shape)
     extractor = extractor if extractor is not None else E.get_extractor("effnet")
     label = "FD-EffNet" if isinstance(extractor, E.EffNetFeatures) else "FID (Inception)"
     disable = None if progress else True
@@ -267,6 +311,15 @@ def evaluate(loaded: LoadedModel, settings: SampleSettings, *, quant: QuantSetti
                      schedule_fingerprint=loaded.schedule_fingerprint(), sampler=settings.sampler, steps=settings.steps,
                      eta=settings.eta, n=settings.n, seed=settings.seed, reference=f"fashion-mnist-{ref}",
                      reference_n=len(reference), metric=label, kid_subset_size=kid_size, threads=torch.get_num_threads())
+    if cond:
+        res.labels = settings.labels if isinstance(settings.labels, str) else ",".join(map(str, settings.labels))
+        res.guidance_scale, res.guidance_rescale = settings.guidance_scale, settings.guidance_rescale
+
+    def accuracy(images: torch.Tensor) -> float | None:
+        if classifier is None:
+            return None
+        from .classify import class_accuracy
+        return class_accuracy(images, cond["class_labels"], classifier)
 
     def score(images: torch.Tensor) -> tuple[float, float, float]:
         feats = E.extract_features(images, extractor, disable=disable)
@@ -276,6 +329,7 @@ def evaluate(loaded: LoadedModel, settings: SampleSettings, *, quant: QuantSetti
     if quant is None and onnx is None:
         res.images, res.sampling_seconds = fp_images, round(fp_secs, 1)
         res.fd, res.kid_mean, res.kid_std = score(fp_images)
+        res.class_accuracy = accuracy(fp_images)
         return res
     if onnx is not None:
         res.onnx = str(onnx)
@@ -290,13 +344,16 @@ def evaluate(loaded: LoadedModel, settings: SampleSettings, *, quant: QuantSetti
         images, secs = draw(loaded, test, settings, progress=progress)
         res.images, res.sampling_seconds = images, round(secs, 1)
         res.eps_n = min(settings.n, eps_n)
-        cmp = E.compare_denoisers(fp, test, schedule(loaded), range(settings.seed, settings.seed + res.eps_n),
-                                  loaded.sample_shape, sampler=settings.sampler, steps=settings.steps, eta=settings.eta,
-                                  batch_size=settings.batch, progress=progress)
+        cond, guidance = conditioning(loaded, settings, res.eps_n)
+        cmp = E.compare_denoisers(cfg_denoiser(fp, guidance), cfg_denoiser(test, guidance), schedule(loaded),
+                                  range(settings.seed, settings.seed + res.eps_n), loaded.sample_shape,
+                                  sampler=settings.sampler, steps=settings.steps, eta=settings.eta,
+                                  batch_size=settings.batch, progress=progress, conditioning=cond)
     res.fd, res.kid_mean, res.kid_std = score(images)
     res.fp_fd, res.fp_kid_mean, res.fp_kid_std = score(fp_images)
     res.psnr_vs_fp, res.eps = E.psnr(fp_images, images), cmp["eps"]
     res.fd_change_vs_fp_pct = 100 * (res.fd - res.fp_fd) / res.fp_fd
+    res.class_accuracy, res.fp_class_accuracy = accuracy(images), accuracy(fp_images)
     return res
 
 
@@ -323,8 +380,15 @@ def deploy(loaded: LoadedModel, quant: QuantSettings, *, target: str = "tensorrt
     from .core.artifacts import EngineError, trt_module
     from .targets import ExportJob, get_target
     tgt = get_target(target)
-    quant = quant.resolved()
+    quant = quant.resolved(loaded)
     tgt.check(quant.qcfg, get_recipe(quant.recipe))
+    guidance = loaded.guidance(quant.spec.guidance_scale, quant.spec.guidance_rescale)  # refuse before any work
+    loaded.conditioning_for(quant.spec.n, quant.spec.label_list)
+    if build_options is not None and guidance.active:  # a guided step is one UNet call of 2 rows per image
+        build_options = dataclasses.replace(build_options, min_batch=2 * build_options.min_batch,
+                                            opt_batch=2 * build_options.opt_batch, max_batch=2 * build_options.max_batch)
+        progress(f"guidance {guidance.scale:g}: engine profiles sized for 2 UNet rows per image "
+                 f"(batch {build_options.min_batch}..{build_options.max_batch})")
     calib = calibrate(loaded, quant, progress=show_progress)
     how = ("reused from cache" if calib.stats_reused else
            f"collected in {calib.seconds_collect:.1f} s: FP trajectories {calib.seconds_trajectories:.1f} s + "

@@ -15,6 +15,7 @@ entry is made; rerun with the same inputs and the entry is reused.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ from .calib import ranges as R
 from .calib.stats import DEFAULT_BINS, CalibCacheError, CalibStats
 from .calib.trajectories import CalibSpec, collect
 from .core.artifacts import RangeSet, group_index, split_by_group
+from .core.guidance import cfg_denoiser, pack
 from .models import LoadedModel
 from .quant import QuantConfig, apply_ranges, concat_splits, observing, quantize_model, quantized_layers, range_names
 from .sampling import Schedule, unet_denoiser
@@ -57,11 +59,12 @@ def stats_key(spec: CalibSpec, layers: list[str], bins: int = DEFAULT_BINS) -> s
 def collect_stats(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, *, cache_root: Path = DEFAULT_CACHE_ROOT,
                   batch_size: int = 64, progress: bool = True, bins: int = DEFAULT_BINS
                   ) -> tuple[CalibStats, Path, bool, dict]:
-    """Statistics of every quantized layer's input per timestep, from the cache or collected now."""
-    cond = loaded.signature.conditioning
-    if cond:
-        raise ValueError(f"calibration of {loaded.kind} {loaded.name!r} needs its conditioning inputs {cond}, which "
-                         "trt_dm cannot feed yet; supported: unconditional UNet2DModel (sample, timestep)")
+    """Statistics of every quantized layer's input per timestep, from the cache or collected now.
+
+    Conditional models: the trajectories run with the spec's class labels and classifier-free guidance, and
+    the statistics pass feeds the UNet exactly what a guided sampler does, both halves of every 2B call."""
+    cond = loaded.conditioning_for(spec.n, spec.label_list)  # validates labels before any work
+    guidance = loaded.guidance(spec.guidance_scale, spec.guidance_rescale)
     qunet = quantize_model(copy.deepcopy(loaded.unet), qcfg)
     layers = range_names(qunet, qcfg)
     directory = Path(cache_root) / loaded.data_key()[:16] / stats_key(spec, layers, bins)
@@ -74,8 +77,8 @@ def collect_stats(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, *, ca
         return stats, directory, True, {}
     schedule = Schedule.from_config(loaded.scheduler_config)
     t0 = time.perf_counter()
-    calib = collect(unet_denoiser(loaded.unet), schedule, loaded.sample_shape, spec, batch_size=batch_size,
-                    progress=progress)
+    calib = collect(cfg_denoiser(unet_denoiser(loaded.unet), guidance), schedule, loaded.sample_shape, spec,
+                    batch_size=batch_size, conditioning=cond, progress=progress)
     t1 = time.perf_counter()
     stats = CalibStats(bins, sampler_timesteps=schedule.timesteps(spec.steps),
                        meta={"calib": json.dumps(spec.to_dict(), sort_keys=True), "model": loaded.fingerprint(),
@@ -84,10 +87,12 @@ def collect_stats(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, *, ca
     from tqdm.auto import tqdm
     splits = concat_splits(qunet) if qcfg.shortcut_split else None
     with observing(qunet, lambda name, x: stats.observe_batch(name, current_t[0], x), splits), torch.no_grad():
-        for x, t in tqdm(list(calib.batches(batch_size)), desc="statistics", unit="batch", disable=not progress):
+        for x, t, c in tqdm(list(calib.batches(batch_size)), desc="statistics", unit="batch", disable=not progress):
+            if guidance.active:  # what the guided sampler's UNet call sees: conditional and unconditional rows
+                x, t, c = pack(x, t, c, guidance.null)
             current_t[:] = [t]
             stats.add_samples(t)
-            qunet(x, t)
+            qunet(x, t, **c)
     t2 = time.perf_counter()
     stats.save(directory)
     timings = {"seconds_trajectories": t1 - t0, "seconds_statistics": t2 - t1, "unet_calls": calib.unet_calls}
@@ -163,12 +168,12 @@ def layer_sensitivity(loaded: LoadedModel, spec: CalibSpec, recipe: str, *, cach
     qunet = fake_quant_unet(loaded, qcfg, res.ranges)
     layers = quantized_layers(qunet)
     schedule = Schedule.from_config(loaded.scheduler_config)
-    small = CalibSpec(spec.timesteps, n=min(n, spec.n), sampler=spec.sampler, steps=spec.steps, eta=spec.eta,
-                      seed=spec.seed + 1)  # held-out trajectories
-    calib = collect(unet_denoiser(loaded.unet), schedule, loaded.sample_shape, small, batch_size=batch_size,
-                    progress=False)
+    small = dataclasses.replace(spec, n=min(n, spec.n), seed=spec.seed + 1)  # held-out trajectories
+    guided = cfg_denoiser(unet_denoiser(loaded.unet), loaded.guidance(spec.guidance_scale, spec.guidance_rescale))
+    calib = collect(guided, schedule, loaded.sample_shape, small, batch_size=batch_size,
+                    conditioning=loaded.conditioning_for(small.n, small.label_list), progress=False)
     with torch.no_grad():
-        ref = torch.cat([loaded.unet(x, t).sample for x, t in calib.batches(batch_size)])
+        ref = torch.cat([loaded.unet(x, t, **c).sample for x, t, c in calib.batches(batch_size)])
     for m in layers.values():
         m.input_quantizer.disable()
         m.weight_quantizer.disable()
@@ -178,7 +183,7 @@ def layer_sensitivity(loaded: LoadedModel, spec: CalibSpec, recipe: str, *, cach
         for name, m in tqdm(layers.items(), desc="sensitivity", unit="layer", disable=not progress):
             m.input_quantizer.enable()
             m.weight_quantizer.enable()
-            out = torch.cat([qunet(x, t).sample for x, t in calib.batches(batch_size)])
+            out = torch.cat([qunet(x, t, **c).sample for x, t, c in calib.batches(batch_size)])
             m.input_quantizer.disable()
             m.weight_quantizer.disable()
             rel = float((out - ref).double().square().mean() / ref.double().square().mean())

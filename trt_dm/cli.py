@@ -54,16 +54,41 @@ def _add_sampling_args(p: argparse.ArgumentParser, steps: int, n: int) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _add_cond_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--class-labels", type=int, nargs="+", default=None, metavar="L",
+                   help="class-conditional models: the class labels, cycled over the images (image i gets L[i %% len])")
+    g.add_argument("--classes", choices=["all"], default=None,
+                   help="class-conditional models: every class in turn (calibration defaults to this)")
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="classifier-free guidance w (1 = none); needs the null class label the model was trained with")
+    p.add_argument("--guidance-rescale", type=float, default=0.0,
+                   help="guidance rescale phi in [0, 1] (Lin et al. 2024); 0 = off")
+    p.add_argument("--null-label", type=int, default=None,
+                   help="the model's null (unconditional) class label, when its directory does not name one")
+
+
+def _labels(args):
+    """--class-labels / --classes as the API takes them: a tuple, "all", or None."""
+    if getattr(args, "class_labels", None) is not None:
+        return tuple(args.class_labels)
+    return getattr(args, "classes", None)
+
+
 def _load(args):
     from . import api
-    return api.load(args.model, allow_pickle=args.allow_pickle, threads=args.threads)
+    loaded = api.load(args.model, allow_pickle=args.allow_pickle, threads=args.threads)
+    if getattr(args, "null_label", None) is not None:
+        loaded.set_null_label(args.null_label)
+    return loaded
 
 
 def _settings(args):
     from .api import SampleSettings
     try:
         return SampleSettings(sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed, n=args.n,
-                              batch=args.batch)
+                              batch=args.batch, labels=_labels(args), guidance_scale=args.guidance_scale,
+                              guidance_rescale=args.guidance_rescale)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -73,8 +98,15 @@ def _quant(args):
     from .calib.timesteps import parse
     from .calib.trajectories import CalibSpec
     from .quant import DEFAULT_EXCLUDE, QuantConfig
+    from .core.guidance import check_scale
+    labels = _labels(args)
+    try:
+        check_scale(args.guidance_scale)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     spec = CalibSpec(parse(args.timesteps), n=args.calib_n, sampler=args.calib_sampler, steps=args.calib_steps,
-                     seed=args.calib_seed)
+                     seed=args.calib_seed, labels=labels if labels is None or labels == "all" else ",".join(map(str, labels)),
+                     guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale)
     qcfg = QuantConfig(weight_bits=args.weight_bits, weight_calib=args.weight_calib, shortcut_split=args.shortcut_split,
                        quantize_attention=args.quantize_attention,
                        exclude=tuple(args.exclude) if args.exclude is not None else DEFAULT_EXCLUDE)
@@ -93,7 +125,9 @@ def cmd_sample(args) -> int:
                            threads=args.threads, cuda_graph=args.cuda_graph) as den:
         images, secs = api.draw(loaded, den, settings, progress=not args.no_progress)
     grid = save_grid(images, args.out, nrow=args.nrow)
-    print(f"{len(images)} images ({args.sampler}, {args.steps} steps, seeds {args.seed}..{args.seed + args.n - 1}) "
+    cond = "" if settings.labels is None else f", classes {settings.labels if isinstance(settings.labels, str) else list(settings.labels)}"
+    cond += f", guidance {settings.guidance_scale:g}" if settings.guidance_scale != 1 else ""
+    print(f"{len(images)} images ({args.sampler}, {args.steps} steps, seeds {args.seed}..{args.seed + args.n - 1}{cond}) "
           f"in {secs:.1f} s -> {grid}")
     if args.save_samples:
         meta = {"model": str(loaded.source), "sampler": args.sampler, "steps": str(args.steps),
@@ -275,7 +309,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ort-ops", choices=("layers", "all"), default="layers",
                    help="ort-cpu: quantize the recipe's Conv/Linear layers only (as TensorRT; default), or every "
                         "operator ONNX Runtime can (SiLU, residual adds, concat, softmax too): a study option, "
-                        "measured no faster here and less accurate (see README)")
+                        "measured no faster here and less accurate (see docs/performance.md)")
     p.add_argument("--out-dir", default="engines", help="where ONNX files, reports and engines go")
     p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16",
                    help="precision of the non-quantized math in the deployed graph (fp16 for strongly typed "
@@ -308,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="draw images and write a grid")
     _add_model_args(p)
     _add_sampling_args(p, steps=50, n=64)
+    _add_cond_args(p)
     p.add_argument("--out", default="grid.png", help="grid image path (.png/.jpg)")
     p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: square)")
     p.add_argument("--save-samples", default=None, help="also write raw samples to this .safetensors file")
@@ -323,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="FD-EffNet and KID of samples against Fashion-MNIST")
     _add_model_args(p)
     _add_sampling_args(p, steps=100, n=2000)
+    _add_cond_args(p)
     p.add_argument("--ref", choices=("test", "train"), default="test", help="reference split")
     p.add_argument("--ref-limit", type=int, default=None, help="use only the first N reference images")
     p.add_argument("--inception-weights", default=None,
@@ -347,11 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sensitivity", action="store_true",
                    help="print the per-layer sensitivity report (decides the default exclusion list)")
     _calib_args(p)
+    _add_cond_args(p)
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("export", help="calibrate (cached) and export the fake-quant UNet to Q/DQ ONNX, checked")
     _add_model_args(p)
     _export_args(p)
+    _add_cond_args(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("build", help="build a TensorRT / TensorRT-RTX engine (+ sidecar) from an exported ONNX")
@@ -362,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("engine", help="calibrate -> export -> check -> build (what `make engine` runs)")
     _add_model_args(p)
     _export_args(p)
+    _add_cond_args(p)
     _build_args(p)
     p.add_argument("--no-baseline", action="store_true", help="skip the unquantized FP16 baseline engine")
     p.set_defaults(func=cmd_engine)

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
@@ -33,6 +33,11 @@ logger = logging.getLogger(__name__)
 SUPPORTED_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
 DEFAULT_MODEL_ENV = "TRT_DM_DEFAULT_MODEL"
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
+# Embedded models by name, under models/ ("default" can be redirected with TRT_DM_DEFAULT_MODEL).
+EMBEDDED = {"default": "default", "default-cond": "default-cond"}
+# Conditioning facts a UNet config cannot hold, next to it: {"null_class_label": int, "num_classes": int,
+# "class_names": [...]} (written by tools/train_default.py; the model card says how it was trained).
+CONDITIONING_FILE = "trt_dm.json"
 # DDPM (Ho et al. 2020, Sec. 4): linear betas 1e-4..0.02 over T=1000, epsilon prediction. Used when the
 # model directory carries no scheduler/scheduler_config.json.
 DEFAULT_SCHEDULER_CONFIG = MappingProxyType(dict(
@@ -63,6 +68,9 @@ class LoadedModel:
     scheduler_source: str        # "dir" (pipeline's scheduler/scheduler_config.json) or "default" (DDPM)
     weight_files: tuple[Path, ...] = ()
     weight_names: tuple[str, ...] = ()  # state_dict keys at load; fingerprint() hashes exactly these
+    null_class_label: int | None = None  # the class label the model was trained with as "no class" (for CFG)
+    num_classes: int | None = None       # labels 0 .. num_classes - 1 are real classes
+    class_names: tuple[str, ...] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -99,6 +107,71 @@ class LoadedModel:
             h.update(t.reshape(-1).view(torch.uint8).numpy())
         return h.hexdigest()
 
+    @property
+    def class_labels_spec(self):
+        """The class_labels input of the signature, or None for models without class conditioning."""
+        sig = self.signature
+        return sig["class_labels"] if "class_labels" in sig else None
+
+    def conditioning_for(self, n: int, labels: Sequence[int] | str | None) -> dict[str, torch.Tensor]:
+        """The conditioning of ``n`` images: ``labels`` cycled over them (image i gets labels[i % len]), "all"
+        for every class in turn, None for an unconditional model. Raises ValueError naming what is accepted."""
+        spec = self.class_labels_spec
+        other = [c for c in self.signature.conditioning if c != "class_labels"]
+        if other:
+            raise ValueError(f"{self.kind} {self.name!r} is conditioned on {other}, which trt_dm cannot feed yet "
+                             "(text conditioning); supported: class labels")
+        if spec is None:
+            if labels is not None:
+                raise ValueError(f"class labels were given, but {self.name!r} is an unconditional model (no "
+                                 "class_labels input); drop --class-labels / --classes")
+            return {}
+        if spec.dtype != torch.int64:
+            raise ValueError(f"{self.name!r} takes class_labels of shape {list(spec.shape)} ({spec.dtype}: "
+                             "class_embed_type 'projection'), which trt_dm cannot build from labels")
+        k = self.num_classes or spec.num_values
+        if labels is None:
+            raise ValueError(f"{self.name!r} is class-conditional: give --class-labels L [L ...] (0..{k - 1}) or "
+                             "--classes all")
+        if isinstance(labels, str):
+            if labels != "all":
+                raise ValueError(f"--classes takes 'all', got {labels!r}; or give --class-labels L [L ...]")
+            labels = list(range(k))
+        labels = [int(v) for v in labels]
+        bad = [v for v in labels if not 0 <= v < k or v == self.null_class_label]
+        if bad:
+            raise ValueError(f"class labels {bad} are out of range for {self.name!r}: accepted 0..{k - 1}"
+                             + (f" (label {self.null_class_label} is its null label)" if self.null_class_label
+                                is not None and self.null_class_label < k else ""))
+        from .core.guidance import class_labels_for
+        return {"class_labels": class_labels_for(n, labels)}
+
+    def guidance(self, scale: float = 1.0, rescale: float = 0.0):
+        """Classifier-free guidance for this model (``trt_dm.core.guidance.Guidance``); scale 1 needs nothing,
+        another scale needs the null class label the model was trained with."""
+        from .core.guidance import Guidance, check_scale
+        check_scale(scale)
+        if scale == 1.0:
+            return Guidance(1.0, rescale)
+        if self.class_labels_spec is None:
+            raise ValueError(f"--guidance-scale {scale:g} needs a conditional model; {self.name!r} is unconditional")
+        if self.null_class_label is None:
+            raise ValueError(f"--guidance-scale {scale:g} needs the null class label {self.name!r} was trained with "
+                             f"(classifier-free guidance); it has no {CONDITIONING_FILE} naming one. Give "
+                             "--null-label N if you know it, or sample with --guidance-scale 1")
+        return Guidance(scale, rescale, {"class_labels": torch.tensor([self.null_class_label], dtype=torch.int64)})
+
+    def set_null_label(self, label: int) -> None:
+        """Declare the null class label (when the model directory does not): checked against the embedding."""
+        spec = self.class_labels_spec
+        if spec is None or spec.num_values is None:
+            raise ValueError(f"--null-label: {self.name!r} has no class-label embedding")
+        if not 0 <= int(label) < spec.num_values:
+            raise ValueError(f"--null-label {label} is outside the model's {spec.num_values} class embeddings")
+        self.null_class_label = int(label)
+        if self.num_classes is None and label == spec.num_values - 1:
+            self.num_classes = int(label)
+
     def schedule_fingerprint(self) -> str:
         """sha256 of the noise schedule as the samplers use it (see ``Schedule.fingerprint``):
         two scheduler configs that sample alike share it, any change that moves a trajectory does not."""
@@ -130,18 +203,18 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 def _resolve(spec: str | os.PathLike) -> tuple[Path, str]:
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"model spec must be a str or os.PathLike, got {type(spec).__name__}: {spec!r}")
-    if os.fspath(spec) == "default":
-        env = os.environ.get(DEFAULT_MODEL_ENV)
-        root = Path(env).expanduser() if env else DEFAULT_MODEL_DIR
+    if os.fspath(spec) in EMBEDDED:
+        name = os.fspath(spec)
+        env = os.environ.get(DEFAULT_MODEL_ENV) if name == "default" else None
+        root = Path(env).expanduser() if env else DEFAULT_MODEL_DIR.parent / EMBEDDED[name]
         if not root.exists():
             if env:
                 raise ModelLoadError(f"{DEFAULT_MODEL_ENV}={env!r} names a path that does not exist; point it "
                                      f"at {_ACCEPTED}, or unset it to use {DEFAULT_MODEL_DIR}")
             raise ModelLoadError(
-                f"the embedded default model is missing: {root} does not exist. Produce it with "
-                f"`python tools/train_default.py` (writes models/default), or set {DEFAULT_MODEL_ENV} "
-                "to a model directory")
-        return root.resolve(), "default"
+                f"the embedded {name} model is missing: {root} does not exist. Produce it with "
+                f"`python tools/train_default.py` (see the model card in models/), or give a model directory")
+        return root.resolve(), name
     path = Path(spec).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model path {str(path)!r} does not exist; accepted: {_ACCEPTED}")
@@ -273,9 +346,35 @@ def load_model(spec: str | os.PathLike, *, allow_pickle: bool = False,
     loaded = LoadedModel(unet=unet, kind=kind, source=root, name=name, config=config,
                          scheduler_config=scheduler_config, scheduler_source=scheduler_source,
                          weight_files=tuple(files), weight_names=tuple(unet.state_dict()))
+    _read_conditioning(loaded, [root, unet_dir])
     logger.info("loaded %s %r from %s (%.3fM params, %s, schedule: %s)", kind, name, root,
                 sum(p.numel() for p in unet.parameters()) / 1e6, dtype, scheduler_source)
     return loaded
+
+
+def _read_conditioning(loaded: LoadedModel, dirs: list[Path]) -> None:
+    """Null class label, class count and names from trt_dm.json (pipeline root first, then unet/), checked
+    against the model's class embedding."""
+    path = next((d / CONDITIONING_FILE for d in dirs if (d / CONDITIONING_FILE).is_file()), None)
+    if path is None:
+        return
+    doc = _read_json(path, "conditioning description")
+    spec = loaded.class_labels_spec
+    n = None if spec is None else spec.num_values
+    null, k, names = doc.get("null_class_label"), doc.get("num_classes"), doc.get("class_names")
+    if n is None:
+        if null is not None or k is not None:
+            raise ModelLoadError(f"{path}: names class labels, but the model has no class-label embedding")
+        return
+    if null is not None and not (isinstance(null, int) and 0 <= null < n):
+        raise ModelLoadError(f"{path}: null_class_label {null!r} must be an integer in 0..{n - 1} (the model has "
+                             f"{n} class embeddings)")
+    if k is not None and not (isinstance(k, int) and 1 <= k <= n and (null is None or null >= k)):
+        raise ModelLoadError(f"{path}: num_classes {k!r} must be an integer in 1..{n}, below the null label")
+    if names is not None and (not isinstance(names, list) or (k is not None and len(names) != k)):
+        raise ModelLoadError(f"{path}: class_names must be a list of num_classes names")
+    loaded.null_class_label, loaded.num_classes = null, k
+    loaded.class_names = tuple(names) if names else None
 
 
 # Tiny models for tests and tools: ~45k / ~52k parameters, one attention level (+ mid block), 1 channel.

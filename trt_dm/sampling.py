@@ -12,7 +12,7 @@ image, so an image depends on its seed only, never on the batch it was drawn in.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -109,14 +109,19 @@ def sample(denoiser: Denoiser, schedule: Schedule, seeds: Sequence[int], shape: 
 
 def sample_many(denoiser: Denoiser, schedule: Schedule, seeds: Sequence[int], shape: Sequence[int], *,
                 batch_size: int = 64, progress: bool = True, callback: Callback | None = None,
-                **kwargs) -> torch.Tensor:
+                conditioning: Mapping[str, torch.Tensor] | None = None, **kwargs) -> torch.Tensor:
     """``sample`` over many seeds in batches, with one progress bar over images; returns CPU float32.
 
+    ``conditioning``: {input name: (N, ...) tensor}, one row per seed, passed to the denoiser batch by batch.
     The callback additionally receives "batch" (the batch index) and "seeds" (that batch's seeds).
     """
+    bad = {k: tuple(v.shape) for k, v in (conditioning or {}).items() if v.shape[0] != len(seeds)}
+    if bad:
+        raise ValueError(f"conditioning rows {bad} do not match the {len(seeds)} seeds")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     seeds = list(seeds)
+    fixed_extra = kwargs.pop("extra_args", None)
     outs = []
     with tqdm(total=len(seeds), desc=f"{kwargs.get('sampler', 'ddim')} {kwargs.get('steps', 50)} steps",
               unit="img", disable=not progress) as bar:
@@ -125,6 +130,8 @@ def sample_many(denoiser: Denoiser, schedule: Schedule, seeds: Sequence[int], sh
             cb = None
             if callback is not None:
                 cb = lambda d, b=b, chunk=chunk: callback({**d, "batch": b, "seeds": chunk})  # noqa: E731
-            outs.append(sample(denoiser, schedule, chunk, shape, callback=cb, disable=True, **kwargs).float().cpu())
+            extra = {k: v[start:start + batch_size] for k, v in (conditioning or {}).items()} or fixed_extra
+            outs.append(sample(denoiser, schedule, chunk, shape, callback=cb, disable=True, extra_args=extra,
+                               **kwargs).float().cpu())
             bar.update(len(chunk))
     return torch.cat(outs) if outs else torch.empty(0, *shape)

@@ -36,6 +36,12 @@ class CalibSpec:
     steps: int = 100  # its number of steps; calibration timesteps are among its timesteps
     eta: float = 0.0
     seed: int = 0  # seeds both the timestep draws and the trajectories' noise (seed * 1_000_003 + j)
+    # Conditional models: the class labels of the trajectories ("all": every class in turn over the samples,
+    # balanced; or "3,7": those, cycled) and the classifier-free guidance the FP sampler runs with. None / 1.0
+    # for unconditional models (then they are left out of the cache key, which stays as it was).
+    labels: str | None = None
+    guidance_scale: float = 1.0
+    guidance_rescale: float = 0.0
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -43,8 +49,18 @@ class CalibSpec:
         if self.n < 1 or self.steps < 1:
             raise ValueError(f"n and steps must be >= 1, got n={self.n}, steps={self.steps}")
 
+    @property
+    def label_list(self) -> list[int] | str | None:
+        """``labels`` as the models' ``conditioning_for`` takes them."""
+        if self.labels is None or self.labels == "all":
+            return self.labels
+        return [int(v) for v in self.labels.split(",")]
+
     def to_dict(self) -> dict:
         d = asdict(self)
+        for key, default in (("labels", None), ("guidance_scale", 1.0), ("guidance_rescale", 0.0)):
+            if d[key] == default:
+                del d[key]
         d["timesteps"] = {"kind": self.timesteps.kind, "mu": self.timesteps.mu, "sigma": self.timesteps.sigma,
                           "step": self.timesteps.step, "describe": self.timesteps.describe()}
         return d
@@ -56,22 +72,26 @@ class CalibSet:
     t: torch.Tensor  # (n,) int64: their true timesteps
     spec: CalibSpec
     unet_calls: int = 0  # UNet batch calls spent collecting it
+    cond: dict = field(default_factory=dict)  # {input: (n, ...)}: each x_t's conditioning (class labels)
 
     def batches(self, batch_size: int):
-        """(x, t) batches in a fixed order (grouped by timestep, for per-timestep statistics)."""
+        """(x, t, conditioning) batches in a fixed order (grouped by timestep, for per-timestep statistics)."""
         for i in range(0, len(self.t), batch_size):
-            yield self.x[i:i + batch_size], self.t[i:i + batch_size]
+            yield self.x[i:i + batch_size], self.t[i:i + batch_size], {k: v[i:i + batch_size] for k, v in self.cond.items()}
 
 
 def collect(denoiser: Denoiser, schedule: Schedule, shape: Sequence[int], spec: CalibSpec, *,
-            batch_size: int = 64, extra_args: dict | None = None, progress: bool = True) -> CalibSet:
-    """Run the FP sampler and keep x_t at the drawn timesteps; the result is sorted by t (descending)."""
+            batch_size: int = 64, conditioning: dict | None = None, progress: bool = True) -> CalibSet:
+    """Run the FP sampler and keep x_t at the drawn timesteps; the result is sorted by t (descending).
+    ``conditioning``: {input: (n, ...)}, the conditioning of calibration sample j in row j (the denoiser given
+    applies any guidance)."""
     sampler_ts = schedule.timesteps(spec.steps)
     draws = draw_timesteps(spec.timesteps, sampler_ts, spec.n, schedule.num_train_timesteps, seed=spec.seed)
     n = len(draws)
     order = np.argsort(-draws, kind="stable")  # largest t first: each batch stops early at its min t
     seeds = [spec.seed * 1_000_003 + int(j) for j in order]
     keep_t = draws[order]
+    cond = {k: v[torch.as_tensor(order)] for k, v in (conditioning or {}).items()}
     xs = torch.empty((n, *shape), dtype=torch.float32)
     calls = 0
     bar = tqdm(total=n, desc=f"calibration set ({spec.timesteps.describe()})", unit="x_t", disable=not progress)
@@ -90,7 +110,8 @@ def collect(denoiser: Denoiser, schedule: Schedule, shape: Sequence[int], spec: 
             if kept.all():
                 raise _Done
 
-        kwargs = dict(generators=gens, extra_args=extra_args, callback=cb, disable=True)
+        extra = {k: v[start:start + batch_size] for k, v in cond.items()} or None
+        kwargs = dict(generators=gens, extra_args=extra, callback=cb, disable=True)
         try:
             if spec.sampler == "ddpm":
                 sample_ddpm(denoiser, x, schedule, sampler_ts, **kwargs)
@@ -103,4 +124,4 @@ def collect(denoiser: Denoiser, schedule: Schedule, shape: Sequence[int], spec: 
         bar.update(len(b_seeds))
     bar.close()
     log.info("calibration set: %d x_t at %d distinct timesteps, %d UNet calls", n, len(set(draws.tolist())), calls)
-    return CalibSet(x=xs, t=torch.as_tensor(keep_t, dtype=torch.int64), spec=spec, unet_calls=calls)
+    return CalibSet(x=xs, t=torch.as_tensor(keep_t, dtype=torch.int64), spec=spec, unet_calls=calls, cond=cond)

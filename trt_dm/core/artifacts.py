@@ -230,6 +230,7 @@ class ExportReport:
     group: int | None = None
     groups: int | None = None
     t_range: list | None = None    # [t_max, t_min] of the group
+    guidance_scale: float | None = None  # the classifier-free guidance it was calibrated with (conditional models)
     violations: list = field(default_factory=list)
     export_seconds: float = 0.0
     extra: dict = field(default_factory=dict)  # target-specific facts (e.g. ONNX Runtime's fused int8 ops)
@@ -289,6 +290,7 @@ class Sidecar:
     group: int | None = None
     groups: int | None = None
     t_range: list | None = None
+    guidance_scale: float | None = None  # guided sampling: each image takes 2 rows of the batch profile
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -34,6 +34,7 @@ class OrtCpuTarget(Target):
         from ..calib.stats import CalibStats
         from ..calib.trajectories import collect
         from ..ortcpu import INT8_OPS, export_ort_int8, optimized_op_types
+        from ..core.guidance import cfg_denoiser, pack
         from ..sampling import Schedule, unet_denoiser
         ops = (job.options or {}).get("ops", "layers")
         if ops not in OPS:
@@ -43,9 +44,15 @@ class OrtCpuTarget(Target):
         t0 = time.perf_counter()
         stats = CalibStats.load(calib.stats_dir)
         small = replace(job.spec, n=min(n_outputs, job.spec.n), seed=job.spec.seed + 1)
-        cs = collect(unet_denoiser(loaded.unet), Schedule.from_config(loaded.scheduler_config), loaded.sample_shape,
-                     small, batch_size=job.batch_size, progress=False)
-        feeds = [{"sample": x, "timestep": t} for x, t in cs.batches(16)]
+        guidance = loaded.guidance(small.guidance_scale, small.guidance_rescale)
+        cs = collect(cfg_denoiser(unet_denoiser(loaded.unet), guidance), Schedule.from_config(loaded.scheduler_config),
+                     loaded.sample_shape, small, batch_size=job.batch_size,
+                     conditioning=loaded.conditioning_for(small.n, small.label_list), progress=False)
+        feeds = []  # what the UNet sees: with guidance, both halves of every call
+        for x, t, c in cs.batches(16):
+            if guidance.active:
+                x, t, c = pack(x, t, c, guidance.null)
+            feeds.append({"sample": x, "timestep": t, **c})
         out = job.out_dir / f"{loaded.name}-{recipe_slug(job.recipe)}.ort-int8{'' if ops == 'layers' else '-' + ops}.onnx"
         export_ort_int8(loaded.unet, out, feeds, layers=set(calib.ranges.names), stats=stats, ranges=calib.ranges, ops=ops)
         op_counts = optimized_op_types(out)
