@@ -201,6 +201,7 @@ def test_eval_a_class_conditional_recipe_with_guidance(tiny_cls_pipeline_dir, tm
     res = json.loads((tmp_path / "rep" / "result.json").read_text())
     assert res["labels"] == "all" and res["guidance_scale"] == 2.0 and res["recipe"] == "ptq4dm"
     assert len(res["eps"]["per_timestep"]) == 3 and 0 < res["psnr_vs_fp"] < 200
+    assert len(res["eps_conditional"]["per_timestep"]) == 3  # the unguided part of the same calls, for comparison
     assert "class_accuracy" not in res  # 16 px tiny model: the Fashion-MNIST classifier does not apply
     # the FP samples are cached per labels and guidance: another guidance scale is another entry
     samples = sorted(p.name for p in (tmp_path / "cc").rglob("samples/*.safetensors"))

@@ -68,3 +68,14 @@ def test_interleaved_timing_rounds_rotate_and_settle(tiny_unet_dir):
     assert body[0:12] == ["a"] * 4 + ["b"] * 4 + ["c"] * 4
     assert body[12:24] == ["b"] * 4 + ["c"] * 4 + ["a"] * 4
     assert body[24:] == ["c", "c", "a", "a", "b", "b"]
+
+
+def test_profile_a_class_conditional_model_with_guidance(tiny_cls_pipeline_dir, tmp_path):
+    """Every runner (the int8 graphs included) takes the class_labels input; the sampling run is guided."""
+    out = tmp_path / "prof"
+    assert main(["profile", "--arch", str(tiny_cls_pipeline_dir), "--batches", "2", "--threads", "1", "--steps", "2",
+                 "--warmup", "1", "--iters", "2", "--guidance-scale", "2", "--runners", "torch-fp32", "ort-int8",
+                 "--out-dir", str(out)]) == 0
+    (res,) = json.loads((out / "profile.json").read_text())["results"]
+    assert set(res["runners"]) == {"torch-fp32", "ort-int8"}
+    assert all(r["sampling"]["guidance_scale"] == 2.0 for r in res["runners"].values())

@@ -57,6 +57,19 @@ ROWS: list[tuple[str, str, list[str]]] = [
     ("ddpm250-w8a8-ndtc-ptq4dm", "W8A8 ndtc, mse@pooled (ptq4dm), DDPM 250",
      ["--sampler", "ddpm", "--steps", "250", "--recipe", "ptq4dm"]),
 ]
+# The class-conditional default model (issue #12): same seeds, every class in turn, guidance 1 and 3.
+_COND = ["--model", "default-cond", "--classes", "all"]
+COND_ROWS: list[tuple[str, str, list[str]]] = [
+    ("cond-fp-w1", "default-cond FP32, guidance 1", _COND),
+    ("cond-fp-w3", "default-cond FP32, guidance 3", [*_COND, "--guidance-scale", "3"]),
+    ("cond-w8a8-ptq4dm-w1", "default-cond W8A8 ptq4dm, guidance 1", [*_COND, "--recipe", "ptq4dm"]),
+    ("cond-w8a8-ptq4dm-w3", "default-cond W8A8 ptq4dm, guidance 3", [*_COND, "--recipe", "ptq4dm", "--guidance-scale", "3"]),
+    ("cond-w8a8-g4-w1", "default-cond W8A8 ptq4dm-g4 (4 range sets), guidance 1", [*_COND, "--recipe", "ptq4dm-g4"]),
+    ("cond-w8a8-g4-w3", "default-cond W8A8 ptq4dm-g4 (4 range sets), guidance 3",
+     [*_COND, "--recipe", "ptq4dm-g4", "--guidance-scale", "3"]),
+]
+ALL_ROWS = ROWS + COND_ROWS
+
 # Workers take pending rows in this order (the rows the issue asks for first, the longest of them first);
 # rows not named here follow in table order.
 RUN_FIRST = ["ddpm250-w8a8-ndtc-ptq4dm", "w4a8-ndtc-ptq4dm-wmse", "w8a8-uniform-percentile", "w8a8-ndtc-max",
@@ -105,7 +118,7 @@ def done(row: str) -> dict | None:
 
 
 def cmd_list(args) -> int:
-    for row, label, extra in ROWS:
+    for row, label, extra in ALL_ROWS:
         print(f"{'done ' if done(row) else '     '} {row:28s} {label}\n        {' '.join(command(row, extra, 1)[1:])}")
     return 0
 
@@ -151,7 +164,7 @@ def prepare(extra: list[str], threads: int) -> None:
 
 def cmd_run(args) -> int:
     while True:
-        todo = [r for r in ROWS if not done(r[0]) and (not args.only or r[0] in args.only)]
+        todo = [r for r in ALL_ROWS if not done(r[0]) and (not args.only or r[0] in args.only)]
         todo.sort(key=lambda r: RUN_FIRST.index(r[0]) if r[0] in RUN_FIRST else len(RUN_FIRST))
         row = next((r for r in todo if claim(r[0])), None)
         if row is None:
@@ -209,17 +222,40 @@ def cmd_table(args) -> int:
     if args.readme:  # rewrite the block between the markers in docs/quality.md
         import contextlib
         import io
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            _print_table()
         readme = ROOT / "docs" / "quality.md"
         text = readme.read_text()
-        a, b = "<!-- quality-table:begin -->\n", "<!-- quality-table:end -->"
-        i, j = text.index(a) + len(a), text.index(b)
-        readme.write_text(text[:i] + buf.getvalue() + text[j:])
+        for marker, printer in (("quality-table", _print_table), ("cond-table", _print_cond_table)):
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                printer()
+            a, b = f"<!-- {marker}:begin -->\n", f"<!-- {marker}:end -->"
+            i, j = text.index(a) + len(a), text.index(b)
+            text = text[:i] + buf.getvalue() + text[j:]
+        readme.write_text(text)
         return 0
     _print_table()
+    print()
+    _print_cond_table()
     return 0
+
+
+def _print_cond_table() -> None:
+    """The conditional model's rows: FD-EffNet and class accuracy vs FP at each guidance scale, and the noise-
+    prediction error of the guided prediction next to that of its conditional part (same x_t)."""
+    print("| Configuration | FD-EffNet | vs FP | class accuracy (FP) | PSNR vs FP (dB) | eps MSE, guided | eps MSE, conditional part |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for row, label, _ in COND_ROWS:
+        r = done(row)
+        if r is None:
+            print(f"| {label} | pending | | | | | |")
+            continue
+        acc = _fmt(100 * r["class_accuracy"], ".1f") + "%" if r.get("class_accuracy") is not None else ""
+        if r.get("fp_class_accuracy") is not None:
+            acc += f" ({100 * r['fp_class_accuracy']:.1f}%)"
+        change = r.get("fd_change_vs_fp_pct")
+        print(f"| {label} | {r['fd']:.2f} | {_fmt(change, '+.1f')}{'%' if change is not None else ''} | {acc} "
+              f"| {_fmt(r.get('psnr_vs_fp'), '.2f')} | {_fmt(r.get('eps', {}).get('mse'), '.2e')} "
+              f"| {_fmt((r.get('eps_conditional') or {}).get('mse'), '.2e')} |")
 
 
 def _print_table() -> None:

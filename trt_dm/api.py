@@ -261,6 +261,7 @@ class EvalResult:
     psnr_vs_fp: float | None = None
     eps_n: int | None = None
     eps: dict | None = None
+    eps_conditional: dict | None = None  # guided runs: the conditional prediction's own error on the same x_t
     fd_change_vs_fp_pct: float | None = None
     images: torch.Tensor | None = field(default=None, repr=False)
 
@@ -345,10 +346,14 @@ def evaluate(loaded: LoadedModel, settings: SampleSettings, *, quant: QuantSetti
         res.images, res.sampling_seconds = images, round(secs, 1)
         res.eps_n = min(settings.n, eps_n)
         cond, guidance = conditioning(loaded, settings, res.eps_n)
+        # with guidance, also the error of the conditional prediction alone on the same x_t: what guidance does to
+        # the quantization error is the difference between the two
+        also = {"conditional": (fp, test)} if guidance.active else None
         cmp = E.compare_denoisers(cfg_denoiser(fp, guidance), cfg_denoiser(test, guidance), schedule(loaded),
                                   range(settings.seed, settings.seed + res.eps_n), loaded.sample_shape,
                                   sampler=settings.sampler, steps=settings.steps, eta=settings.eta,
-                                  batch_size=settings.batch, progress=progress, conditioning=cond)
+                                  batch_size=settings.batch, progress=progress, conditioning=cond, also=also)
+        res.eps_conditional = cmp.get("eps_conditional")
     res.fd, res.kid_mean, res.kid_std = score(images)
     res.fp_fd, res.fp_kid_mean, res.fp_kid_std = score(fp_images)
     res.psnr_vs_fp, res.eps = E.psnr(fp_images, images), cmp["eps"]

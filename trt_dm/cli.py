@@ -232,7 +232,7 @@ def _build_options(args):
     from .engine import BuildOptions
     return BuildOptions(min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch,
                         opt_level=args.opt_level, timing_cache=args.timing_cache,
-                        rtx_targets=tuple(args.rtx_targets))
+                        rtx_targets=tuple(args.rtx_targets), workspace_mib=args.workspace_mib)
 
 
 def cmd_build(args) -> int:
@@ -266,7 +266,8 @@ def cmd_profile(args) -> int:
     for arch in args.arch or ["default"]:
         print(f"profiling {arch} ({args.threads} threads)")
         results.append(profile(arch, args.batches, threads=args.threads, steps=args.steps, warmup=args.warmup,
-                               iters=args.iters, runners=args.runners, engines=args.engine))
+                               iters=args.iters, runners=args.runners, engines=args.engine,
+                               guidance_scale=args.guidance_scale))
     paths = write_report(results, Path(args.out_dir))
     print(paths["md"].read_text())
     print("->", ", ".join(str(p) for p in paths.values()))
@@ -331,6 +332,8 @@ def _build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timing-cache", default="engines/timing.cache", help="TensorRT timing cache file (not RTX)")
     p.add_argument("--rtx-targets", nargs="+", default=list(d.rtx_targets),
                    help="TensorRT-RTX compute-capability targets, e.g. SM86 SM89 SM120")
+    p.add_argument("--workspace-mib", type=int, default=None,
+                   help="builder workspace memory-pool limit in MiB (Jetson: its GPU shares the system memory)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -415,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--runners", nargs="*", default=None, help="only these runners (names as in the report)")
     p.add_argument("--engine", nargs="*", default=[], help="TensorRT engines to time too (GPU)")
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="class-conditional architectures: the sampling run uses classifier-free guidance (2 rows per "
+                        "image per call); latency rows time UNet calls of the given batch")
     p.add_argument("--out-dir", default="reports/profile")
     p.set_defaults(func=cmd_profile)
 
@@ -434,6 +440,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # the libraries' tracing and conversion chatter: shown with -v only
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", module=r"modelopt\..*")
+        logging.getLogger("onnxscript").setLevel(logging.ERROR)
     from .calib.stats import CalibCacheError
     from .core.artifacts import EngineError
     from .models import ModelLoadError

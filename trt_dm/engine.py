@@ -54,6 +54,8 @@ class BuildOptions:
             raise ValueError(f"sequence profile must satisfy 1 <= min <= opt <= max, got {self.seq_len}")
         if not 0 <= self.opt_level <= 5:
             raise ValueError(f"builder optimization level must be 0..5, got {self.opt_level}")
+        if self.workspace_mib is not None and self.workspace_mib < 1:
+            raise ValueError(f"--workspace-mib must be >= 1, got {self.workspace_mib}")
 
 
 class _Logger:

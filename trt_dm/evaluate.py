@@ -421,10 +421,13 @@ class EpsErrorTracker:
 
 def compare_denoisers(ref: Callable, test: Callable, schedule, seeds: Sequence[int], shape: Sequence[int], *,
                       sampler: str = "ddim", steps: int = 100, eta: float = 0.0, batch_size: int = 64,
-                      progress: bool = True, conditioning: dict | None = None) -> dict[str, Any]:
+                      progress: bool = True, conditioning: dict | None = None,
+                      also: dict[str, tuple[Callable, Callable]] | None = None) -> dict[str, Any]:
     """Same-seed fidelity of a test denoiser (fake-quant, ONNX, TensorRT...) to a reference (FP).
     ``conditioning``: {input: (N, ...)} per seed (class labels); with guided denoisers the error measured is
-    that of the guided prediction.
+    that of the guided prediction. ``also``: {name: (ref, test)} more denoiser pairs whose noise-prediction
+    error is measured on the same x_t (e.g. the unguided conditional prediction of a guided run); their
+    summaries come back under "eps_<name>".
 
     Two measurements: (1) per-timestep noise-prediction error on the SAME inputs, the reference
     trajectory's x_t, so errors do not compound; (2) PSNR of the final images of two full sampling runs
@@ -434,6 +437,7 @@ def compare_denoisers(ref: Callable, test: Callable, schedule, seeds: Sequence[i
     from .sampling import sample_many
 
     tracker = EpsErrorTracker()
+    others = {name: EpsErrorTracker() for name in (also or {})}
 
     def on_step(d: dict) -> None:
         t = torch.full((d["x"].shape[0],), d["t"], dtype=torch.int64, device=d["x"].device)
@@ -441,9 +445,13 @@ def compare_denoisers(ref: Callable, test: Callable, schedule, seeds: Sequence[i
         extra = {k: v[start:start + d["x"].shape[0]] for k, v in (conditioning or {}).items()}
         out = test(d["x"], t, **extra).to(d["x"].dtype)
         tracker.update(d["t"], d["eps"], schedule.split_output(out, d["x"], d["t"])[1])
+        for name, (r, s) in (also or {}).items():
+            er, es = (schedule.split_output(f(d["x"], t, **extra).to(d["x"].dtype), d["x"], d["t"])[1] for f in (r, s))
+            others[name].update(d["t"], er, es)
 
     kw = dict(sampler=sampler, steps=steps, eta=eta, batch_size=batch_size, progress=progress, conditioning=conditioning)
     ref_images = sample_many(ref, schedule, seeds, shape, callback=on_step, **kw)
     test_images = sample_many(test, schedule, seeds, shape, **kw)
     return {"psnr": psnr(ref_images, test_images), "eps": tracker.summary(),
+            **{f"eps_{name}": t.summary() for name, t in others.items()},
             "ref_images": ref_images, "test_images": test_images}

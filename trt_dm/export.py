@@ -271,9 +271,12 @@ def to_fp16(src: str | os.PathLike, dst: str | os.PathLike, keep_fp32: tuple[str
     sinusoidal timestep projection stays FP32 (sin/cos of t * frequency with t up to 1000 needs it)."""
     import onnx
     from modelopt.onnx.autocast import convert_to_mixed_precision
-    for name in list(logging.root.manager.loggerDict):  # modelopt sets INFO on each of its ONNX loggers
-        if name.startswith("modelopt.onnx"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    # modelopt sets INFO on each of its ONNX loggers; its warnings (opset raised to 19, shared constants
+    # duplicated) are expected here: shown in verbose runs (root logger at INFO) only
+    quiet = logging.WARNING if logging.getLogger().level <= logging.INFO else logging.ERROR
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("modelopt.onnx", "onnxscript")):
+            logging.getLogger(name).setLevel(quiet)
     dst = Path(dst)
     model = convert_to_mixed_precision(str(src), low_precision_type="fp16", keep_io_types=True,
                                        nodes_to_exclude=list(keep_fp32))

@@ -170,12 +170,15 @@ def cpu_runners(unet, tmp: Path, threads: int, calib_batches: int = 2) -> dict[s
 
 
 def gpu_runners(unet, engines: list[str]) -> dict[str, Callable[[], Runner]]:
+    """GPU runners; each torch one gets its own copy of the UNet (a TorchRunner moves its module to its device
+    and dtype, and the CPU fp32 row must keep the original)."""
+    import copy
     out: dict[str, Callable[[], Runner]] = {
-        "torch-fp16": lambda: TorchRunner(unet, device="cuda", dtype=torch.float16),
-        "torch-fp16-graph": lambda: CudaGraphTorchRunner(unet),
+        "torch-fp16": lambda: TorchRunner(copy.deepcopy(unet), device="cuda", dtype=torch.float16),
+        "torch-fp16-graph": lambda: CudaGraphTorchRunner(copy.deepcopy(unet)),
     }
     for plan in engines:
-        out[f"trt-{Path(plan).stem}"] = lambda plan=plan: TrtRunner(plan, cuda_graph=True)
+        out[f"trt-{Path(plan).stem}"] = lambda plan=plan: TrtRunner(plan, cuda_graph=True, eager_kernels=True)
     return out
 
 
@@ -210,7 +213,11 @@ def _time_interleaved(active: dict[str, Runner], feed: dict, warmup: int, iters:
     return times
 
 
-def _sampling_run(runner: Runner, unet, schedule_config: dict, batch: int, steps: int) -> dict:
+def _sampling_run(runner: Runner, unet, schedule_config: dict, batch: int, steps: int, guidance_scale: float = 1.0
+                  ) -> dict:
+    """One DDIM run of ``batch`` images; with ``guidance_scale`` > 1 (class-conditional UNets) every step is one
+    guided call of 2 x batch rows (the null label: the last class embedding, as tools/train_default.py trains)."""
+    from .core.guidance import Guidance, cfg_denoiser
     from .sampling import Schedule, sample
     den = as_denoiser(runner)
     unet_time = [0.0]
@@ -225,17 +232,25 @@ def _sampling_run(runner: Runner, unet, schedule_config: dict, batch: int, steps
         unet_time[0] += time.perf_counter() - t0
         return out
 
+    guided = timed
+    if guidance_scale != 1.0:
+        spec = Signature.from_unet(unet)
+        if "class_labels" not in spec or spec["class_labels"].num_values is None:
+            raise ValueError(f"--guidance-scale {guidance_scale:g} needs a class-conditional architecture")
+        null = torch.tensor([spec["class_labels"].num_values - 1])
+        guided = cfg_denoiser(timed, Guidance(guidance_scale, null={"class_labels": null}))
     shape = tuple(feed_for(unet, 1)["sample"].shape[1:])
     t0 = time.perf_counter()
-    sample(timed, Schedule.from_config(schedule_config), range(batch), shape, steps=steps, extra_args=extra,
+    sample(guided, Schedule.from_config(schedule_config), range(batch), shape, steps=steps, extra_args=extra,
            disable=True, device=runner.device)
     total = time.perf_counter() - t0
     return {"batch": batch, "steps": steps, "seconds": total, "images_per_s": batch / total,
-            "outside_unet_share": max(0.0, 1 - unet_time[0] / total)}
+            "outside_unet_share": max(0.0, 1 - unet_time[0] / total), "guidance_scale": guidance_scale}
 
 
 def profile(arch: str, batches: list[int], *, threads: int, steps: int, warmup: int, iters: int,
-            runners: list[str] | None = None, engines: list[str] | None = None, progress=print) -> dict:
+            runners: list[str] | None = None, engines: list[str] | None = None, guidance_scale: float = 1.0,
+            progress=print) -> dict:
     """Profile one architecture: {arch, params, runners: {name: {latency: [...], sampling, peak_rss_mb}}}."""
     torch.set_num_threads(threads)
     unet, sched_cfg = build_arch(arch)
@@ -266,10 +281,11 @@ def profile(arch: str, batches: list[int], *, threads: int, steps: int, warmup: 
                 if torch.cuda.is_available():
                     torch.cuda.reset_peak_memory_stats()
                 if steps:
-                    rows[name]["sampling"] = _sampling_run(r, unet, sched_cfg, max(batches), steps)
+                    rows[name]["sampling"] = _sampling_run(r, unet, sched_cfg, max(batches), steps, guidance_scale)
                 rows[name]["peak_rss_mb"] = _rss_peak_mb()
-                if torch.cuda.is_available():
-                    rows[name]["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+                if torch.cuda.is_available():  # torch's allocator, plus what a TensorRT context holds itself
+                    rows[name]["peak_gpu_mb"] = (torch.cuda.max_memory_allocated()
+                                                 + getattr(r, "device_memory_bytes", 0)) / 2**20
         res["runners"] = rows
     return res
 

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from pathlib import Path
 
 import torch
 
-from .core.artifacts import EngineError, check_sidecar, group_index, split_by_group, trt_module  # noqa: F401
+from .core.artifacts import group_index, split_by_group  # noqa: F401
 from .core.signature import OUTPUT_NAME, Signature, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -165,122 +164,12 @@ class OrtRunner(Runner):
         return {OUTPUT_NAME: torch.from_numpy(out).float()}
 
 
-class TrtRunner(Runner):
-    """A TensorRT or TensorRT-RTX engine (``engines/X.plan`` + its sidecar) on one CUDA stream.
-
-    The sidecar is checked first: an engine built by another TensorRT version, for another GPU, or whose
-    plan file is not the one built is refused with both sides named. Inputs and outputs live in static
-    torch CUDA buffers bound once per shape; each call copies the feed in, runs ``execute_async_v3`` and
-    returns a copy of the output. With ``cuda_graph=True`` the enqueue is captured into a CUDA graph after
-    ``warmup`` eager calls and replayed; a new shape reallocates the buffers and drops the graph, so a graph
-    never replays against freed or moved memory.
-    """
-
-    def __init__(self, plan, *, cuda_graph: bool = False, warmup: int = 1, name: str | None = None) -> None:
-        super().__init__()
-        self.plan = str(plan)
-        self.cuda_graph = cuda_graph
-        self.warmup = warmup
-        self.name = name or ("tensorrt-graph" if cuda_graph else "tensorrt")
-        self.device = torch.device("cuda")
-        self.engine = self.context = self.stream = None
-
-    def activate(self) -> None:
-        from .core.artifacts import Sidecar
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"{self.name}: a TensorRT engine needs a CUDA GPU; none is visible to torch")
-        trt, flavour = trt_module(Sidecar.load(self.plan).flavour)
-        major, minor = torch.cuda.get_device_capability()
-        self.sidecar = check_sidecar(self.plan, flavour=flavour, trt_version=trt.__version__,
-                                     compute_capability=f"{major}.{minor}")
-        self._trt = trt
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self._logger)
-        self.engine = self.runtime.deserialize_cuda_engine(Path(self.plan).read_bytes())
-        if self.engine is None:
-            raise EngineError(f"{self.plan}: {flavour} {trt.__version__} could not deserialize the engine")
-        self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self._inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self._outputs = [n for n in names if n not in self._inputs]
-        if OUTPUT_NAME not in self._outputs:
-            raise EngineError(f"{self.plan}: engine outputs {self._outputs}, expected {OUTPUT_NAME!r}")
-        self._signature = Signature(tuple(
-            TensorSpec(n, self._dtype(self.engine.get_tensor_dtype(n)),
-                       tuple(d if d >= 0 else "dynamic" for d in self.engine.get_tensor_shape(n)),
-                       n not in ("sample", "timestep"))
-            for n in self._inputs))
-        self._shapes: dict | None = None
-        self._buffers: dict[str, torch.Tensor] = {}
-        self._graph = None
-        self._eager_calls = 0
-
-    def _dtype(self, dt) -> torch.dtype:
-        D = self._trt.DataType
-        table = {D.FLOAT: torch.float32, D.HALF: torch.float16, D.INT32: torch.int32, D.INT64: torch.int64,
-                 D.INT8: torch.int8, D.BOOL: torch.bool, D.BF16: torch.bfloat16}
-        if dt not in table:
-            raise TypeError(f"engine tensor type {dt} has no torch equivalent here")
-        return table[dt]
-
-    def deactivate(self) -> None:
-        if self.stream is not None:
-            self.stream.synchronize()
-        self._graph = None
-        self._buffers = {}
-        self.context = self.engine = self.runtime = None
-
-    @property
-    def signature(self) -> Signature:
-        if self.engine is None:
-            raise RuntimeError(f"{self.name} is not active: use it as `with runner:`")
-        return self._signature
-
-    def _bind(self, shapes: dict[str, tuple[int, ...]]) -> None:
-        """(Re)allocate static buffers for these input shapes and bind every tensor address."""
-        self.stream.synchronize()
-        self._graph, self._eager_calls = None, 0
-        self._buffers, self._shapes = {}, None  # a refused shape leaves nothing bound: the next call rebinds
-        for n in self._inputs:
-            if not self.context.set_input_shape(n, shapes[n]):
-                raise ValueError(f"{self.name}: input {n!r} shape {shapes[n]} is outside the engine's "
-                                 f"optimization profile {self.sidecar.inputs.get(n)}")
-            self._buffers[n] = torch.empty(shapes[n], dtype=self._signature[n].dtype, device=self.device)
-        for n in self._outputs:
-            shape = tuple(self.context.get_tensor_shape(n))
-            self._buffers[n] = torch.empty(shape, dtype=self._dtype(self.engine.get_tensor_dtype(n)), device=self.device)
-        for n, buf in self._buffers.items():
-            self.context.set_tensor_address(n, buf.data_ptr())
-        self._shapes = shapes
-
-    @torch.no_grad()
-    def infer_impl(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        shapes = {n: tuple(feed[n].shape) for n in self._inputs}
-        if shapes != self._shapes:
-            self._bind(shapes)
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            for n in self._inputs:
-                self._buffers[n].copy_(feed[n], non_blocking=True)
-            if self._graph is not None:
-                self._graph.replay()
-            elif self.cuda_graph and self._eager_calls >= self.warmup:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=self.stream):
-                    self._enqueue()
-                self._graph = graph
-                graph.replay()
-            else:
-                self._enqueue()
-                self._eager_calls += 1
-            out = self._buffers[OUTPUT_NAME].float().clone()
-        torch.cuda.current_stream().wait_stream(self.stream)
-        return {OUTPUT_NAME: out}
-
-    def _enqueue(self) -> None:
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise RuntimeError(f"{self.name}: execute_async_v3 failed (see the TensorRT log above)")
+def __getattr__(name: str):
+    # TrtRunner lives in trt_runner.py (its CUDA calls and bookkeeping); importing it lazily keeps this module light
+    if name in ("TrtRunner", "BindingState"):
+        from . import trt_runner
+        return getattr(trt_runner, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def switched_denoiser(denoisers: list, t_ranges: list[tuple[int, int]]):
