@@ -239,23 +239,29 @@ def cmd_table(args) -> int:
     return 0
 
 
+def _table(columns: list[str], rows, cells, left: int = 1) -> None:
+    """A Markdown table: one line per row, ``cells(row id, result)`` filling the columns after the label; the
+    first ``left`` columns are left-aligned, the numbers right-aligned."""
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * left + "---:|" * (len(columns) - left))
+    for row, label, _ in rows:
+        r = done(row)
+        print(f"| {label} | " + (" | ".join(cells(row, r)) if r else "pending" + " |" * (len(columns) - 2)) + " |")
+
+
 def _print_cond_table() -> None:
     """The conditional model's rows: FD-EffNet and class accuracy vs FP at each guidance scale, and the noise-
     prediction error of the guided prediction next to that of its conditional part (same x_t)."""
-    print("| Configuration | FD-EffNet | vs FP | class accuracy (FP) | PSNR vs FP (dB) | eps MSE, guided | eps MSE, conditional part |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for row, label, _ in COND_ROWS:
-        r = done(row)
-        if r is None:
-            print(f"| {label} | pending | | | | | |")
-            continue
-        acc = _fmt(100 * r["class_accuracy"], ".1f") + "%" if r.get("class_accuracy") is not None else ""
+    def cells(row, r):
+        acc = "" if r.get("class_accuracy") is None else f"{100 * r['class_accuracy']:.1f}%"
         if r.get("fp_class_accuracy") is not None:
             acc += f" ({100 * r['fp_class_accuracy']:.1f}%)"
         change = r.get("fd_change_vs_fp_pct")
-        print(f"| {label} | {r['fd']:.2f} | {_fmt(change, '+.1f')}{'%' if change is not None else ''} | {acc} "
-              f"| {_fmt(r.get('psnr_vs_fp'), '.2f')} | {_fmt(r.get('eps', {}).get('mse'), '.2e')} "
-              f"| {_fmt((r.get('eps_conditional') or {}).get('mse'), '.2e')} |")
+        return [f"{r['fd']:.2f}", _fmt(change, "+.1f") + ("%" if change is not None else ""), acc,
+                _fmt(r.get("psnr_vs_fp"), ".2f"), _fmt(r.get("eps", {}).get("mse"), ".2e"),
+                _fmt((r.get("eps_conditional") or {}).get("mse"), ".2e")]
+    _table(["Configuration", "FD-EffNet", "vs FP", "class accuracy (FP)", "PSNR vs FP (dB)", "eps MSE, guided",
+            "eps MSE, conditional part"], COND_ROWS, cells)
 
 
 def _print_table() -> None:
@@ -264,19 +270,15 @@ def _print_table() -> None:
         r = done(key)
         if r:
             fp[(r["sampler"], r["steps"])] = r["fd"]
-    print(f"| Configuration | Sampler | FD-EffNet | vs FP | PSNR vs FP (dB) | eps MSE vs FP | KID (x1e-3) |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for row, label, _ in ROWS:
-        r = done(row)
-        if r is None:
-            print(f"| {label} | | pending | | | | |")
-            continue
+
+    def cells(row, r):
         ref = fp.get((r["sampler"], r["steps"]))
         change = None if ref is None or row in ("fp", "ddpm250-fp") else 100 * (r["fd"] - ref) / ref
-        eps = r.get("eps", {})
-        rel = eps.get("mse")
-        print(f"| {label} | {r['sampler'].upper()} {r['steps']} | {r['fd']:.2f} | {_fmt(change, '+.1f')}{'%' if change is not None else ''} "
-              f"| {_fmt(r.get('psnr_vs_fp'), '.2f')} | {_fmt(rel, '.2e')} | {r['kid_mean'] * 1e3:.2f} ± {r['kid_std'] * 1e3:.2f} |")
+        return [f"{r['sampler'].upper()} {r['steps']}", f"{r['fd']:.2f}",
+                _fmt(change, "+.1f") + ("%" if change is not None else ""), _fmt(r.get("psnr_vs_fp"), ".2f"),
+                _fmt(r.get("eps", {}).get("mse"), ".2e"), f"{r['kid_mean'] * 1e3:.2f} ± {r['kid_std'] * 1e3:.2f}"]
+    _table(["Configuration", "Sampler", "FD-EffNet", "vs FP", "PSNR vs FP (dB)", "eps MSE vs FP", "KID (x1e-3)"],
+           ROWS, cells, left=2)
 
 
 def main() -> int:
