@@ -16,6 +16,7 @@ timestep groups of a ``groups=K`` recipe (their reports / sidecars carry each gr
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -146,19 +147,19 @@ def open_denoiser(loaded: LoadedModel, *, engines: Sequence[str | Path] = (), on
     for p in paths:
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no such {'engine' if p in map(Path, engines) else 'ONNX'} file")
+    t_ranges = [_t_range(p) for p in paths] if len(paths) > 1 else None
+    if t_ranges is not None and any(r is None for r in t_ranges):
+        raise ValueError("several engines / graphs must be the timestep groups of one groups=K recipe "
+                         "(their sidecars / reports carry t_range); got files without one")
     with contextlib.ExitStack() as stack:
         if paths:
             make = ((lambda p: TrtRunner(p, cuda_graph=cuda_graph)) if engines
                     else (lambda p: OrtRunner(p, threads=threads)))
             runners = [stack.enter_context(make(p)) for p in paths]
             describe = {"runner": runners[0].name, "files": [str(p) for p in paths]}
-            if len(runners) == 1:
+            if t_ranges is None:
                 fn = as_denoiser(runners[0])
             else:
-                t_ranges = [_t_range(p) for p in paths]
-                if any(r is None for r in t_ranges):
-                    raise ValueError("several engines / graphs must be the timestep groups of one groups=K recipe "
-                                     "(their sidecars / reports carry t_range); got files without one")
                 fn = switched_denoiser([as_denoiser(r) for r in runners], t_ranges)
                 describe["t_ranges"] = t_ranges
             yield Denoiser(fn, runners[0].device, describe)
@@ -170,7 +171,11 @@ def open_denoiser(loaded: LoadedModel, *, engines: Sequence[str | Path] = (), on
             fn = grouped_denoiser(qunet, ranges) if ranges.is_grouped else as_denoiser(runner)
             yield Denoiser(fn, runner.device, {"runner": runner.name, "groups": len(ranges.groups)})
         else:
-            runner = stack.enter_context(TorchRunner(loaded.unet, device=device))
+            # a runner moves its module to its device and dtype: off the CPU it gets a copy, so that the loaded
+            # model (which calibration and export copy from) stays fp32 on the CPU
+            dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            unet = loaded.unet if dev.type == "cpu" else copy.deepcopy(loaded.unet)
+            runner = stack.enter_context(TorchRunner(unet, device=dev))
             yield Denoiser(as_denoiser(runner), runner.device, {"runner": runner.name})
 
 

@@ -129,6 +129,7 @@ class TrtRunner(Runner):
             log.warning("%s was built on %s, this GPU is %s (same compute capability): TensorRT engines are tuned "
                         "for the GPU model they were built on; rebuild for best speed", self.plan, self.sidecar.gpu, gpu)
         self._trt, self._flavour = trt, flavour
+        torch.zeros(1, device="cuda")  # a current CUDA context: RTX's runtime cache checks the environment against it
         self._logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self._logger)
         blob = Path(self.plan).read_bytes()
