@@ -218,3 +218,18 @@ def test_class_conditional_engine_with_guidance(tiny_cls_pipeline_dir, tmp_path,
     side = load_sidecar(tmp_path / f"{name}.plan")
     assert side.guidance_scale == 3.0 and side.inputs["class_labels"]["max"] == [8]
     assert side.inputs["sample"]["min"][0] == 2 and side.inputs["sample"]["opt"][0] == 4
+
+
+def test_inspector_precisions_reads_the_engine_inspector_json():
+    """Full TensorRT's layer report comes from its engine inspector (it needs the GPU the engine was built for);
+    the parse, on the JSON layout that ProfilingVerbosity.DETAILED gives ({"Layers": [{"LayerType", "Inputs":
+    [{"Format/Datatype"}]}]}), runs here."""
+    from trt_dm.engine import inspector_precisions
+    info = {"Layers": [
+        {"Name": "conv1", "LayerType": "CaskConvolution", "Inputs": [{"Name": "x", "Format/Datatype": "Int8 NC/32HW32"}]},
+        {"Name": "conv2", "LayerType": "CaskConvolution", "Inputs": [{"Format/Datatype": "Channel major FP16 format"}]},
+        {"Name": "gemm", "LayerType": "CaskGemmMatrixMultiply", "Inputs": [{"Format/Datatype": "Int8 NC/32HW32"}]},
+        {"Name": "act", "LayerType": "PointWiseV2", "Inputs": [{"Format/Datatype": "Row major linear FP32"}]},
+        "only-a-name"]}
+    assert inspector_precisions(info) == {"convolution": {"Int8": 1, "Half": 1}, "gemm": {"Int8": 1}}
+    assert inspector_precisions({"Layers": ["a", "b"]}) == {}

@@ -60,6 +60,14 @@ def test_a_failed_capture_falls_back_to_eager_once_and_says_so(caplog):
         BindingState(cuda_graph=True, warmup=0)
 
 
+def test_a_moved_shared_memory_block_drops_the_graph():
+    """K group engines share one device-memory block; when it grows (moves), a graph captured on it is dropped."""
+    s = BindingState(cuda_graph=True)
+    assert [_call(s, (2,)) for _ in range(3)] == ["bind+eager", "capture", "replay"]
+    s.memory_moved()
+    assert [_call(s, (2,)) for _ in range(3)] == ["eager", "capture", "replay"]
+
+
 def test_rtx_targets_exclude_hopper():
     trt = pytest.importorskip("tensorrt_rtx")
     ok, known = rtx_supports(trt, (9, 0))

@@ -153,8 +153,12 @@ def open_denoiser(loaded: LoadedModel, *, engines: Sequence[str | Path] = (), on
                          "(their sidecars / reports carry t_range); got files without one")
     with contextlib.ExitStack() as stack:
         if paths:
-            make = ((lambda p: TrtRunner(p, cuda_graph=cuda_graph)) if engines
-                    else (lambda p: OrtRunner(p, threads=threads)))
+            if engines:  # K group engines never run at once: one device-memory block for all of them
+                from .trt_runner import SharedDeviceMemory
+                shared = SharedDeviceMemory() if len(paths) > 1 else None
+                make = lambda p: TrtRunner(p, cuda_graph=cuda_graph, shared_memory=shared)  # noqa: E731
+            else:
+                make = lambda p: OrtRunner(p, threads=threads)  # noqa: E731
             runners = [stack.enter_context(make(p)) for p in paths]
             describe = {"runner": runners[0].name, "files": [str(p) for p in paths]}
             if t_ranges is None:

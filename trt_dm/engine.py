@@ -91,6 +91,37 @@ def layer_precisions(messages: list[str]) -> dict[str, dict[str, int]]:
     return {k: dict(v) for k, v in sorted(out.items())}
 
 
+def inspector_precisions(info: dict) -> dict[str, dict[str, int]]:
+    """From full TensorRT's engine-inspector JSON (``get_engine_information(LayerInformationFormat.JSON)`` of an
+    engine built with ProfilingVerbosity.DETAILED: {"Layers": [{"LayerType", "Inputs": [{"Format/Datatype"}]}]}):
+    {layer type: {input datatype: count}} for convolutions and matrix multiplies, like ``layer_precisions``."""
+    out: dict[str, Counter] = {}
+    for layer in info.get("Layers", []):
+        if not isinstance(layer, dict) or not layer.get("Inputs"):
+            continue  # LAYER_NAMES_ONLY engines list names only
+        ltype = str(layer.get("LayerType", ""))
+        kind = ("convolution" if "Convolution" in ltype else
+                "gemm" if any(k in ltype for k in ("Gemm", "MatrixMultiply", "MatMul")) else None)
+        if kind is None:
+            continue
+        fmt = str(layer["Inputs"][0].get("Format/Datatype", ""))
+        dtype = next((name for key, name in (("Int8", "Int8"), ("FP8", "FP8"), ("BF16", "BFloat16"), ("FP16", "Half"),
+                                             ("Half", "Half"), ("FP32", "Float"), ("Float", "Float")) if key in fmt), fmt)
+        out.setdefault(kind, Counter())[dtype] += 1
+    return {k: dict(v) for k, v in sorted(out.items())}
+
+
+def _inspect(trt, blob: bytes, logger) -> dict[str, dict[str, int]] | None:
+    """Full TensorRT, on the GPU it built for: the engine inspector's layer precisions (None if unavailable)."""
+    try:
+        engine = trt.Runtime(logger).deserialize_cuda_engine(blob)
+        text = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+        return inspector_precisions(json.loads(text))
+    except Exception as e:  # no GPU, an older TensorRT: the build log's report is used instead
+        log.info("engine inspector not available (%s: %s); layer precisions from the build log", type(e).__name__, e)
+        return None
+
+
 def _gpu() -> dict:
     try:
         import torch
@@ -204,7 +235,7 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, opt
                       plan_sha256=hashlib.sha256(blob).hexdigest(), plan_bytes=len(blob), precision=precision,
                       recipe=recipe, calibration=calibration, inputs=shapes, signature=signature.to_dict(),
                       build_options=json.loads(json.dumps(asdict(options))), strongly_typed=strongly_typed, build_seconds=round(seconds, 2),
-                      layer_precisions=layer_precisions(logger.messages),
+                      layer_precisions=(flavour == "tensorrt" and _inspect(trt, blob, logger)) or layer_precisions(logger.messages),
                       # TensorRT-RTX prints one layer report, for its first target
                       layer_precisions_for=targets[0] if targets else "this GPU", **(extra or {}))
     # sidecar first: a .plan appears only complete, and a stale sidecar never vouches for it (plan sha256)

@@ -70,10 +70,35 @@ class BindingState:
     def captured(self) -> None:
         self.graph_ready = True
 
+    def memory_moved(self) -> None:
+        """The context's device memory moved (a shared block grew): a graph captured on the old block is dropped."""
+        self.eager_calls, self.graph_ready = 0, False
+
     def failed_capture(self, why: str) -> None:
         if self.capture_failed is None:
             log.warning("CUDA graph capture failed, running eagerly from now on: %s", why)
         self.capture_failed, self.graph_ready = why, False
+
+
+class SharedDeviceMemory:
+    """One device-memory block for engines that never run at the same time (the K timestep-group engines of a
+    ``groups=K`` recipe): each context uses it for its activations instead of holding its own, so K engines cost
+    the memory of the largest. It grows to the largest need; ``version`` tells runners when it moved."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+        self.version = 0
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.buffer is None else self.buffer.numel()
+
+    def ensure(self, nbytes: int) -> tuple[int, int]:
+        """(address, version) of a block of at least ``nbytes`` (torch allocations are 512-byte aligned)."""
+        if self.buffer is None or self.buffer.numel() < nbytes:
+            self.buffer = torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device="cuda")
+            self.version += 1
+        return self.buffer.data_ptr(), self.version
 
 
 def rtx_supports(trt, compute_capability: tuple[int, int]) -> tuple[bool, list[str]]:
@@ -95,8 +120,11 @@ class TrtRunner(Runner):
     """
 
     def __init__(self, plan, *, cuda_graph: bool = False, warmup: int = 1, name: str | None = None,
-                 eager_kernels: bool = False, runtime_cache: bool = True) -> None:
+                 eager_kernels: bool = False, runtime_cache: bool = True,
+                 shared_memory: SharedDeviceMemory | None = None) -> None:
         super().__init__()
+        self.shared_memory = shared_memory
+        self._mem_version: int | None = None
         self.plan = str(plan)
         self.cuda_graph = cuda_graph
         self.eager_kernels = eager_kernels
@@ -140,8 +168,12 @@ class TrtRunner(Runner):
                 validity, diagnostics = self.runtime.get_engine_validity(blob)
                 why = f" (engine validity {validity}: {diagnostics})"
             raise EngineError(f"{self.plan}: {flavour} {trt.__version__} could not deserialize the engine{why}")
-        self.context = self.engine.create_execution_context(self._runtime_config()) if flavour == "tensorrt_rtx" \
-            else self.engine.create_execution_context()
+        if flavour == "tensorrt_rtx":
+            self.context = self.engine.create_execution_context(self._runtime_config())
+        elif self.shared_memory is not None:
+            self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        else:
+            self.context = self.engine.create_execution_context()
         if self.context is None:
             raise EngineError(f"{self.plan}: could not create an execution context (out of GPU memory, or the "
                               "kernels failed to compile; see the TensorRT log above)")
@@ -159,6 +191,19 @@ class TrtRunner(Runner):
         self.state.unbound()
         self._buffers: dict[str, torch.Tensor] = {}
         self._graph = None
+        self._mem_version = None
+        if self.shared_memory is not None:  # grow the block now, so the first calls of every runner see its size
+            self.shared_memory.ensure(self.device_memory_bytes)
+
+    def _attach_memory(self) -> None:
+        """Point a user-managed context at the shared block (again, when it moved)."""
+        if self.shared_memory is None:
+            return
+        ptr, version = self.shared_memory.ensure(self.device_memory_bytes)
+        if version != self._mem_version:
+            self.context.set_device_memory(ptr, self.shared_memory.nbytes)
+            self._mem_version, self._graph = version, None
+            self.state.memory_moved()
 
     def _runtime_config(self):
         """TensorRT-RTX's runtime config: kernel specialisation, its own CUDA graphs, the runtime cache."""
@@ -168,6 +213,8 @@ class TrtRunner(Runner):
         cfg.dynamic_shapes_kernel_specialization_strategy = S.EAGER if self.eager_kernels else S.LAZY
         if self.cuda_graph:
             cfg.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+        if self.shared_memory is not None:
+            cfg.set_execution_context_allocation_strategy(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if self.runtime_cache:
             self._rt_cache = cfg.create_runtime_cache()
             if self.cache_path.is_file() and not self._rt_cache.deserialize(self.cache_path.read_bytes()):
@@ -231,6 +278,7 @@ class TrtRunner(Runner):
         shapes = {n: tuple(feed[n].shape) for n in self._inputs}
         if self.state.needs_bind(shapes):
             self._bind(shapes)
+        self._attach_memory()
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             for n in self._inputs:

@@ -84,3 +84,16 @@ def test_sampler_end_to_end(engine):
         b = sample(as_denoiser(ref), sched, [0, 1, 2], (1, 16, 16), steps=10, disable=True)
     assert a.shape == b.shape == (3, 1, 16, 16)
     assert (a.cpu() - b).abs().mean() < 5e-2
+
+
+def test_group_engines_share_one_device_memory_block(engine):
+    """Two contexts on one shared block (the K group engines' layout) compute what a context of its own does."""
+    from trt_dm.trt_runner import SharedDeviceMemory
+    _, plan = engine
+    shared = SharedDeviceMemory()
+    with TrtRunner(plan) as alone, TrtRunner(plan, shared_memory=shared) as a, TrtRunner(plan, shared_memory=shared) as b:
+        feed = _feed(3)
+        ref = alone.infer(feed)[OUTPUT_NAME]
+        assert torch.equal(a.infer(feed)[OUTPUT_NAME], ref) and torch.equal(b.infer(feed)[OUTPUT_NAME], ref)
+        assert torch.equal(a.infer(feed)[OUTPUT_NAME], ref)
+    assert shared.nbytes >= 1
