@@ -274,6 +274,38 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import contextlib
+    import os
+
+    from . import api
+    try:
+        import uvicorn
+
+        from .serve.app import Service, create_app
+    except ImportError as e:
+        raise UsageError(f"trt-dm serve needs the [serve] extra (pip install 'trt_dm[serve]'): {e}") from None
+    if args.max_rows < 2 or args.max_queue < 1 or args.max_n < 1:
+        raise UsageError("--max-rows must be >= 2, --max-queue and --max-n >= 1")
+    api_key = args.api_key or os.environ.get("TRT_DM_API_KEY") or None
+    loaded = _load(args)
+    with contextlib.ExitStack() as stack:
+        ranges, describe = None, {}
+        if args.recipe:
+            res = api.calibrate(loaded, _quant(args), progress=not args.no_progress)
+            ranges, describe = res.ranges, {"recipe": args.recipe, "ranges": str(res.ranges_path)}
+        den = stack.enter_context(api.open_denoiser(loaded, engines=args.engine or (), onnx=args.onnx or (),
+                                                    ranges=ranges, qcfg=_quant(args).qcfg if ranges else None,
+                                                    device=args.device, threads=args.threads))
+        describe.update(den.describe)
+        service = Service(loaded, den, max_rows=args.max_rows, max_queue=args.max_queue, describe=describe)
+        app = create_app(service, api_key=api_key, max_body=args.max_body, max_n=args.max_n, timeout_s=args.timeout)
+        print(f"serving {loaded.name} ({describe.get('runner')}) on http://{args.host}:{args.port} "
+              f"(max {args.max_rows} rows per UNet call, queue {args.max_queue}, API key {'on' if api_key else 'off'})")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    return 0
+
+
 def cmd_check(args) -> int:
     import onnx
 
@@ -423,6 +455,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "image per call); latency rows time UNet calls of the given batch")
     p.add_argument("--out-dir", default="reports/profile")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("serve", help="HTTP sampler service with step-level batching (FastAPI + uvicorn)")
+    _add_model_args(p)
+    p.add_argument("--onnx", nargs="+", default=None, help="serve this ONNX graph (K graphs of a groups=K recipe)")
+    p.add_argument("--engine", nargs="+", default=None, help="serve this TensorRT engine (K plans of a groups=K recipe)")
+    p.add_argument("--recipe", default=None, help="serve the torch fake-quant model of this recipe (calibrated, cached)")
+    p.add_argument("--device", default=None, help="torch device of the FP / fake-quant model")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-rows", type=int, default=64, help="most rows per UNet call (a guided image takes 2)")
+    p.add_argument("--max-queue", type=int, default=256, help="most images waiting; more: 429 with Retry-After")
+    p.add_argument("--max-n", type=int, default=64, help="most images per request")
+    p.add_argument("--max-body", type=int, default=64 * 1024, help="largest request body in bytes (413 above)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds before a request is cancelled (504)")
+    p.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer / X-API-Key); or set "
+                                                    "TRT_DM_API_KEY")
+    p.add_argument("--null-label", type=int, default=None, help="the model's null class label, if not in trt_dm.json")
+    p.add_argument("--no-progress", action="store_true")
+    _calib_args(p)
+    p.set_defaults(func=cmd_serve, guidance_scale=1.0, guidance_rescale=0.0, class_labels=None, classes=None, batch=64)
 
     p = sub.add_parser("check", help="check a Q/DQ ONNX file against TensorRT's explicit-quantization rules")
     p.add_argument("onnx")

@@ -1,0 +1,265 @@
+"""`trt-dm serve`: an HTTP sampler service over the step scheduler (FastAPI; run by uvicorn).
+
+    POST /v1/generate   {"n", "steps", "sampler", "eta", "seed", "class_labels" | "classes", "guidance_scale",
+                         "guidance_rescale", "output": "png" | "json"}  -> a PNG grid, or base64 PNGs in JSON
+    GET  /v1/models     what is served: model, runner, recipe / engine sidecar, signature
+    GET  /health/live   the process answers;  GET /health/ready  ready after a warm-up UNet call
+    GET  /metrics       Prometheus text: requests by status, latency and queue-time histograms, queue depth,
+                        in-flight images, UNet calls, UNet rows per call, images generated
+
+One thread runs the scheduler (``Service``); request handlers submit to it and wait. Backpressure: at most
+``max_queue`` images waiting (then 429 with Retry-After); a request that takes longer than ``timeout_s`` is
+cancelled (504); a runner error fails the requests in that call (500) and the service goes on. Validation
+errors are 422 naming the field and what is accepted; unknown fields are refused. Security defaults: the CLI
+listens on 127.0.0.1 unless told otherwise; an optional API key (``Authorization: Bearer`` or ``X-API-Key``,
+compared in constant time; 401 without it); request bodies over ``max_body`` bytes are refused (413); no
+request field names a file on the server.
+"""
+# (no `from __future__ import annotations`: FastAPI reads the request model from the handler annotation at runtime)
+
+import asyncio
+import base64
+import hmac
+import io
+import logging
+import math
+import sys
+import threading
+import time
+from typing import Literal
+
+import torch
+
+from ..core.guidance import Guidance
+from .scheduler import Handle, Request, StepScheduler
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Service:
+    """The scheduler on its own thread, with the metrics the app exports."""
+
+    def __init__(self, loaded, denoiser, *, max_rows: int = 64, max_queue: int = 256, describe: dict | None = None,
+                 registry=None) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from ..core.schedule import Schedule
+        self.loaded, self.denoiser, self.describe = loaded, denoiser, describe or {}
+        self.max_queue = max_queue
+        self.scheduler = StepScheduler(self._timed, Schedule.from_config(loaded.scheduler_config), loaded.sample_shape,
+                                       max_rows=max_rows, device=getattr(denoiser, "device", "cpu"))
+        self.lock = threading.Condition()
+        self.running = False
+        self.ready = False
+        self.thread: threading.Thread | None = None
+        self._handles: list[Handle] = []
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.m_requests = Counter("trt_dm_requests", "Generate requests by final status", ["status"], registry=r)
+        self.m_latency = Histogram("trt_dm_request_latency_seconds", "Time from submission to the last image",
+                                   registry=r)
+        self.m_queue_time = Histogram("trt_dm_queue_time_seconds", "Time from submission to the first UNet call",
+                                      registry=r)
+        self.m_queue = Gauge("trt_dm_queue_depth", "Images waiting for admission", registry=r)
+        self.m_flight = Gauge("trt_dm_in_flight_images", "Images being denoised", registry=r)
+        self.m_calls = Counter("trt_dm_unet_calls", "UNet calls", registry=r)
+        self.m_rows = Histogram("trt_dm_unet_batch_rows", "Rows per UNet call", registry=r,
+                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.m_images = Counter("trt_dm_images_generated", "Images generated", registry=r)
+
+    def _timed(self, x, t, **cond):
+        out = self.denoiser(x, t, **cond)
+        self.m_calls.inc()
+        self.m_rows.observe(len(t))
+        return out
+
+    # ---- lifecycle ----------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.running = True
+        self.thread = threading.Thread(target=self._loop, name="trt-dm-scheduler", daemon=True)
+        self.thread.start()
+
+    def warmup(self) -> None:
+        """One real UNet call through the scheduler; the service is ready after it."""
+        cond = self.loaded.conditioning_for(1, "all" if self.loaded.class_labels_spec is not None else None)
+        h = self.submit(Request(n=1, steps=1, conditioning=cond))
+        h.event.wait()
+        if h.error:
+            raise RuntimeError(f"warm-up call failed: {h.error}")
+        self.ready = True
+
+    def stop(self, drain: bool = True, timeout: float = 60.0) -> None:
+        """Stop admitting; with ``drain``, finish what is queued or in flight first."""
+        self.ready = False
+        deadline = time.monotonic() + timeout
+        while drain and time.monotonic() < deadline:
+            with self.lock:
+                if self.scheduler.idle:
+                    break
+            time.sleep(0.01)
+        with self.lock:
+            self.running = False
+            self.lock.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while True:
+            with self.lock:
+                while self.running and self.scheduler.idle:
+                    self.lock.wait(0.5)
+                if not self.running:
+                    return
+                started = [h for h in self._handles if h.first_call is None]
+                self.scheduler.tick()
+                now = time.perf_counter()
+                for h in started:
+                    if any(im.handle is h for im in self.scheduler._flight) or h.done:
+                        h.first_call = now
+                        self.m_queue_time.observe(now - h.submitted)
+                for h in [h for h in self._handles if h.done]:
+                    self._handles.remove(h)
+                    if h.error is None and not h.cancelled:
+                        self.m_images.inc(h.request.n)
+                        self.m_latency.observe(now - h.submitted)
+                    h.event.set()
+                self.m_queue.set(self.scheduler.queued)
+                self.m_flight.set(self.scheduler.in_flight)
+
+    def submit(self, request: Request) -> Handle:
+        with self.lock:
+            if not self.running:
+                raise QueueFull("the service is stopping")
+            if self.scheduler.queued + request.n > self.max_queue:
+                raise QueueFull(f"queue full ({self.scheduler.queued} images waiting, limit {self.max_queue})")
+            h = self.scheduler.submit(request)
+            h.event, h.first_call = threading.Event(), None
+            self._handles = [*self._handles, h]
+            self.m_queue.set(self.scheduler.queued)
+            self.lock.notify_all()
+            return h
+
+
+def _png(images: torch.Tensor) -> bytes:
+    from ..images import make_grid
+    buf = io.BytesIO()
+    make_grid(images).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def create_app(service: Service, *, api_key: str | None = None, max_body: int = 64 * 1024, max_n: int = 64,
+               max_steps: int = 1000, timeout_s: float = 300.0, warmup: bool = True):
+    """The FastAPI app over a (not yet started) ``Service``; its lifespan starts, warms up and drains it."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, HTTPException, Request as HttpRequest
+    from fastapi.responses import JSONResponse, Response
+    from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+    loaded = service.loaded
+    T = service.scheduler.schedule.num_train_timesteps
+
+    class Generate(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        n: int = Field(1, ge=1, le=max_n)
+        steps: int = Field(50, ge=1, le=min(max_steps, T))
+        sampler: Literal["ddim", "ddpm"] = "ddim"
+        eta: float = Field(0.0, ge=0.0, le=1.0)
+        seed: int = Field(0, ge=0, lt=2 ** 63)
+        class_labels: list[int] | None = Field(None, min_length=1, max_length=max_n)
+        classes: Literal["all"] | None = None
+        guidance_scale: float = Field(1.0, ge=1.0, le=50.0)
+        guidance_rescale: float = Field(0.0, ge=0.0, le=1.0)
+        output: Literal["png", "json"] = "png"
+
+        @field_validator("guidance_scale", "guidance_rescale", "eta")
+        @classmethod
+        def finite(cls, v: float) -> float:
+            if not math.isfinite(v):
+                raise ValueError("must be a finite number")
+            return v
+
+    @asynccontextmanager
+    async def lifespan(app):
+        service.start()
+        if warmup:
+            await asyncio.to_thread(service.warmup)
+        else:
+            service.ready = True
+        yield
+        await asyncio.to_thread(service.stop, True)  # SIGTERM: stop admitting, finish what is in flight
+        print(f"trt-dm serve: stopped after draining; {service.scheduler.calls} UNet calls served", file=sys.stderr,
+              flush=True)
+
+    app = FastAPI(title="trt_dm sampler service", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def guard(request: HttpRequest, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > max_body):
+            return JSONResponse({"detail": f"request body over {max_body} bytes"}, status_code=413)
+        if api_key is not None and request.url.path.startswith("/v1/"):
+            auth = request.headers.get("authorization", "")
+            given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+            if not hmac.compare_digest(given.encode(), api_key.encode()):
+                return JSONResponse({"detail": "missing or wrong API key"}, status_code=401)
+        return await call_next(request)
+
+    def fail(status: int, detail, label: str, headers=None):
+        service.m_requests.labels(label).inc()
+        raise HTTPException(status_code=status, detail=detail, headers=headers)
+
+    @app.post("/v1/generate")
+    async def generate(body: Generate):
+        labels = tuple(body.class_labels) if body.class_labels is not None else body.classes
+        if body.class_labels is not None and body.classes is not None:
+            fail(422, [{"loc": ["body", "classes"], "msg": "give class_labels or classes, not both"}], "invalid")
+        try:
+            cond = loaded.conditioning_for(body.n, labels)
+            guidance = loaded.guidance(body.guidance_scale, body.guidance_rescale)
+        except ValueError as e:
+            field = "guidance_scale" if "guidance" in str(e) else "class_labels"
+            fail(422, [{"loc": ["body", field], "msg": str(e)}], "invalid")
+        try:
+            h = service.submit(Request(n=body.n, sampler=body.sampler, steps=body.steps, eta=body.eta, seed=body.seed,
+                                       conditioning=cond, guidance=guidance if guidance.active else Guidance()))
+        except QueueFull as e:
+            fail(429, str(e), "rejected", headers={"Retry-After": "1"})
+        finished = await asyncio.to_thread(h.event.wait, timeout_s)
+        if not finished:
+            h.cancel()
+            fail(504, f"not finished within {timeout_s:g} s; cancelled", "timeout")
+        if h.error is not None:
+            fail(500, f"the UNet call failed: {h.error}", "error")
+        service.m_requests.labels("ok").inc()
+        if body.output == "png":
+            return Response(_png(h.images), media_type="image/png")
+        return {"seeds": [body.seed + i for i in range(body.n)],
+                "images": [base64.b64encode(_png(h.images[i:i + 1])).decode() for i in range(body.n)]}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"model": loaded.name, "kind": loaded.kind, "fingerprint": loaded.fingerprint(),
+                "schedule_fingerprint": loaded.schedule_fingerprint(), "signature": loaded.signature.to_dict(),
+                "null_class_label": loaded.null_class_label, "num_classes": loaded.num_classes,
+                "max_rows": service.scheduler.max_rows, **service.describe}
+
+    @app.get("/health/live")
+    async def live():
+        return {"status": "live"}
+
+    @app.get("/health/ready")
+    async def ready():
+        if not service.ready:
+            return JSONResponse({"status": "not ready"}, status_code=503)
+        return {"status": "ready"}
+
+    @app.get("/metrics")
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        return Response(generate_latest(service.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
