@@ -148,6 +148,16 @@ def test_trt_dm_serve_on_loopback_answers_and_drains_on_sigterm(tiny_cls_pipelin
         assert [a.status_code for a in answers] == [200] * 4
         assert [a.json()["seeds"] for a in answers] == [[s, s + 1] for s in range(4)]
         assert "trt_dm_unet_calls_total" in httpx.get(f"{url}/metrics", timeout=5).text
+        # a client that gives up: its request is dropped (counted as disconnected), the service goes on
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{url}/v1/generate", json={"classes": "all", "n": 32, "steps": 100}, timeout=0.3)
+        for _ in range(100):
+            if 'trt_dm_requests_total{status="disconnected"} 1.0' in httpx.get(f"{url}/metrics", timeout=5).text:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the disconnected request was not dropped")
+        assert httpx.post(f"{url}/v1/generate", json=bodies[0], timeout=60).status_code == 200
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

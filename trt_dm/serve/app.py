@@ -9,7 +9,8 @@
 
 One thread runs the scheduler (``Service``); request handlers submit to it and wait. Backpressure: at most
 ``max_queue`` images waiting (then 429 with Retry-After); a request that takes longer than ``timeout_s`` is
-cancelled (504); a runner error fails the requests in that call (500) and the service goes on. Validation
+cancelled (504); a client that disconnects has its images dropped at the next tick; a runner error fails the
+requests in that call (500) and the service goes on. Validation
 errors are 422 naming the field and what is accepted; unknown fields are refused. Security defaults: the CLI
 listens on 127.0.0.1 unless told otherwise; an optional API key (``Authorization: Bearer`` or ``X-API-Key``,
 compared in constant time; 401 without it); request bodies over ``max_body`` bytes are refused (413); no
@@ -196,24 +197,39 @@ def create_app(service: Service, *, api_key: str | None = None, max_body: int = 
 
     app = FastAPI(title="trt_dm sampler service", lifespan=lifespan)
 
-    @app.middleware("http")
-    async def guard(request: HttpRequest, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > max_body):
-            return JSONResponse({"detail": f"request body over {max_body} bytes"}, status_code=413)
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            auth = request.headers.get("authorization", "")
-            given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-            if not hmac.compare_digest(given.encode(), api_key.encode()):
-                return JSONResponse({"detail": "missing or wrong API key"}, status_code=401)
-        return await call_next(request)
+    class Guard:
+        """Pure ASGI middleware (Starlette's BaseHTTPMiddleware would hide client disconnects from the handlers):
+        body-size limit (413; a POST must say its Content-Length, else 411) and the API key on /v1/ (401)."""
+
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] == "http":
+                headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+                size = headers.get("content-length")
+                refusal = None
+                if scope["method"] == "POST" and size is None:
+                    refusal = (411, "a POST needs a Content-Length header")
+                elif size is not None and (not size.isdigit() or int(size) > max_body):
+                    refusal = (413, f"request body over {max_body} bytes")
+                elif api_key is not None and scope["path"].startswith("/v1/"):
+                    auth = headers.get("authorization", "")
+                    given = auth[7:] if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
+                    if not hmac.compare_digest(given.encode(), api_key.encode()):
+                        refusal = (401, "missing or wrong API key")
+                if refusal is not None:
+                    return await JSONResponse({"detail": refusal[1]}, status_code=refusal[0])(scope, receive, send)
+            return await self.inner(scope, receive, send)
+
+    app.add_middleware(Guard)
 
     def fail(status: int, detail, label: str, headers=None):
         service.m_requests.labels(label).inc()
         raise HTTPException(status_code=status, detail=detail, headers=headers)
 
     @app.post("/v1/generate")
-    async def generate(body: Generate):
+    async def generate(body: Generate, http: HttpRequest):
         labels = tuple(body.class_labels) if body.class_labels is not None else body.classes
         if body.class_labels is not None and body.classes is not None:
             fail(422, [{"loc": ["body", "classes"], "msg": "give class_labels or classes, not both"}], "invalid")
@@ -228,10 +244,16 @@ def create_app(service: Service, *, api_key: str | None = None, max_body: int = 
                                        conditioning=cond, guidance=guidance if guidance.active else Guidance()))
         except QueueFull as e:
             fail(429, str(e), "rejected", headers={"Retry-After": "1"})
-        finished = await asyncio.to_thread(h.event.wait, timeout_s)
-        if not finished:
-            h.cancel()
-            fail(504, f"not finished within {timeout_s:g} s; cancelled", "timeout")
+        deadline = time.monotonic() + timeout_s
+        while not h.event.is_set():  # poll: a client that went away frees its rows at the next tick
+            if await http.is_disconnected():
+                h.cancel()
+                service.m_requests.labels("disconnected").inc()
+                return Response(status_code=499)
+            if time.monotonic() > deadline:
+                h.cancel()
+                fail(504, f"not finished within {timeout_s:g} s; cancelled", "timeout")
+            await asyncio.sleep(0.01)
         if h.error is not None:
             fail(500, f"the UNet call failed: {h.error}", "error")
         service.m_requests.labels("ok").inc()
