@@ -3,6 +3,7 @@
 #   make sample    draw a grid of images from the embedded default model -> out/sample_grid.png
 #   make eval      FD-EffNet / KID of the default model (N=$(N)) -> reports/
 #   make bench     CPU benchmark matrix (profile + pipeline cost) -> BENCHMARKS.md, docs/bench/
+#   make serve-bench  trt-dm serve: step-level vs request-level vs no batching -> BENCHMARKS.md
 #   make engine    calibrate -> Q/DQ ONNX -> checks -> int8 + FP16 engines (MODEL=default|<dir>, RECIPE=ptq4dm)
 # Choose your torch build with TORCH_SPEC / TORCH_PIP_ARGS, e.g. on a CUDA machine:
 #   make test TORCH_SPEC='torch==2.11.0' TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cu130'
@@ -21,7 +22,7 @@ MODEL ?= default
 RECIPE ?= ptq4dm
 ENGINE_ARGS ?=
 
-.PHONY: venv test sample eval engine bench data clean-venv
+.PHONY: venv test sample eval engine bench serve-bench data clean-venv
 
 venv: $(STAMP)
 
@@ -55,6 +56,10 @@ engine: venv
 
 bench: venv
 	$(BIN)/python tools/bench.py --threads 2
+
+# step-level vs request-level vs no batching in `trt-dm serve`, loopback, ONNX Runtime int8 -> BENCHMARKS.md
+serve-bench: venv
+	$(BIN)/python tools/serve_bench.py --threads 2
 
 clean-venv:
 	rm -rf $(VENV)

@@ -83,7 +83,10 @@ def main() -> int:
               f"| collection / plain FP sampling | {collect / traj:.2f}x |", "",
               f"Command: `trt-dm engine --model default --threads {args.threads} --cache-dir <fresh folder>` twice. "
               f"Profile run: {t_profile:.0f} s.", ""]
-    Path(args.out).write_text("\n".join(lines))
+    out = Path(args.out)
+    old = out.read_text() if out.exists() else ""
+    keep = old[old.index("## Serving:"):] if "## Serving:" in old else ""  # `make serve-bench`'s section stays
+    out.write_text("\n".join(lines).rstrip() + "\n" + ("\n" + keep if keep else ""))
     print("\n".join(lines))
     return 0
 

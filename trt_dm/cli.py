@@ -298,7 +298,8 @@ def cmd_serve(args) -> int:
                                                     ranges=ranges, qcfg=_quant(args).qcfg if ranges else None,
                                                     device=args.device, threads=args.threads))
         describe.update(den.describe)
-        service = Service(loaded, den, max_rows=args.max_rows, max_queue=args.max_queue, describe=describe)
+        service = Service(loaded, den, max_rows=args.max_rows, max_queue=args.max_queue, describe=describe,
+                          policy=args.batching)
         app = create_app(service, api_key=api_key, max_body=args.max_body, max_n=args.max_n, timeout_s=args.timeout)
         print(f"serving {loaded.name} ({describe.get('runner')}) on http://{args.host}:{args.port} "
               f"(max {args.max_rows} rows per UNet call, queue {args.max_queue}, API key {'on' if api_key else 'off'})")
@@ -466,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-rows", type=int, default=64, help="most rows per UNet call (a guided image takes 2)")
     p.add_argument("--max-queue", type=int, default=256, help="most images waiting; more: 429 with Retry-After")
+    p.add_argument("--batching", choices=("step", "request", "none"), default="step",
+                   help="step: step-level continuous batching; request / none: the serving benchmark's baselines "
+                        "(whole requests batched as they arrive; one request at a time)")
     p.add_argument("--max-n", type=int, default=64, help="most images per request")
     p.add_argument("--max-body", type=int, default=64 * 1024, help="largest request body in bytes (413 above)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a request is cancelled (504)")

@@ -125,3 +125,29 @@ def test_scheduler_over_an_onnx_runtime_graph(model, tmp_path):
         s.run_until_idle()
         for h, x in zip(handles, settings):
             torch.testing.assert_close(h.images, api.draw(model, den, x, progress=False)[0], atol=1e-4, rtol=0)
+
+
+def test_batching_policies_differ_only_in_admission(model):
+    """Request-level batching and no batching (the benchmark's baselines) give the same images; they admit new
+    requests only into an empty batch, so a request arriving mid-batch waits for the whole batch."""
+    results, calls = {}, {}
+    for policy in ("step", "request", "none"):
+        rows = []
+
+        def den(x, t, **c):
+            rows.append(len(t))
+            with torch.no_grad():
+                return model.unet(x, t, **c).sample
+
+        s = StepScheduler(den, api.schedule(model), model.sample_shape, max_rows=8, policy=policy)
+        first = s.submit(_request(model, SETTINGS[1]))  # 3 images, ddpm 4 steps
+        s.tick()
+        late = s.submit(_request(model, api.SampleSettings(steps=2, n=1, seed=3, labels=(5,))))
+        s.run_until_idle()
+        results[policy], calls[policy] = (first.images, late.images), rows
+    for policy in ("request", "none"):
+        for a, b in zip(results[policy], results["step"]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert calls["step"] == [3, 4, 4, 3] and calls["request"] == calls["none"] == [3, 3, 3, 3, 1, 1]
+    with pytest.raises(ValueError, match="unknown batching policy"):
+        StepScheduler(lambda x, t: x, api.schedule(model), model.sample_shape, policy="greedy")

@@ -45,13 +45,13 @@ class Service:
     """The scheduler on its own thread, with the metrics the app exports."""
 
     def __init__(self, loaded, denoiser, *, max_rows: int = 64, max_queue: int = 256, describe: dict | None = None,
-                 registry=None) -> None:
+                 registry=None, policy: str = "step") -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
         from ..core.schedule import Schedule
         self.loaded, self.denoiser, self.describe = loaded, denoiser, describe or {}
         self.max_queue = max_queue
         self.scheduler = StepScheduler(self._timed, Schedule.from_config(loaded.scheduler_config), loaded.sample_shape,
-                                       max_rows=max_rows, device=getattr(denoiser, "device", "cpu"))
+                                       max_rows=max_rows, device=getattr(denoiser, "device", "cpu"), policy=policy)
         self.lock = threading.Condition()
         self.running = False
         self.ready = False
@@ -108,6 +108,8 @@ class Service:
             self.thread.join(timeout=5)
 
     def _loop(self) -> None:
+        """Tick while there is work. The UNet call runs without the lock, so submissions (the HTTP handlers)
+        never wait for it; bookkeeping and metrics are done under the lock."""
         while True:
             with self.lock:
                 while self.running and self.scheduler.idle:
@@ -115,31 +117,36 @@ class Service:
                 if not self.running:
                     return
                 started = [h for h in self._handles if h.first_call is None]
-                self.scheduler.tick()
-                now = time.perf_counter()
+            self.scheduler.tick()
+            now = time.perf_counter()
+            with self.lock:
+                flight = {id(im.handle) for im in self.scheduler._flight}
                 for h in started:
-                    if any(im.handle is h for im in self.scheduler._flight) or h.done:
+                    if id(h) in flight or h.done:
                         h.first_call = now
                         self.m_queue_time.observe(now - h.submitted)
-                for h in [h for h in self._handles if h.done]:
-                    self._handles.remove(h)
-                    if h.error is None and not h.cancelled:
-                        self.m_images.inc(h.request.n)
-                        self.m_latency.observe(now - h.submitted)
-                    h.event.set()
+                done = [h for h in self._handles if h.done]
+                self._handles = [h for h in self._handles if not h.done]
                 self.m_queue.set(self.scheduler.queued)
                 self.m_flight.set(self.scheduler.in_flight)
+            for h in done:
+                if h.error is None and not h.cancelled:
+                    self.m_images.inc(h.request.n)
+                    self.m_latency.observe(now - h.submitted)
+                h.event.set()
+                for callback in list(h.callbacks):
+                    callback()
 
     def submit(self, request: Request) -> Handle:
         with self.lock:
             if not self.running:
                 raise QueueFull("the service is stopping")
-            if self.scheduler.queued + request.n > self.max_queue:
-                raise QueueFull(f"queue full ({self.scheduler.queued} images waiting, limit {self.max_queue})")
+            queued = self.scheduler.queued
+            if queued + request.n > self.max_queue:
+                raise QueueFull(f"queue full ({queued} images waiting, limit {self.max_queue})")
             h = self.scheduler.submit(request)
-            h.event, h.first_call = threading.Event(), None
-            self._handles = [*self._handles, h]
-            self.m_queue.set(self.scheduler.queued)
+            self._handles.append(h)
+            self.m_queue.set(queued + request.n)
             self.lock.notify_all()
             return h
 
@@ -244,16 +251,25 @@ def create_app(service: Service, *, api_key: str | None = None, max_body: int = 
                                        conditioning=cond, guidance=guidance if guidance.active else Guidance()))
         except QueueFull as e:
             fail(429, str(e), "rejected", headers={"Retry-After": "1"})
+        loop, woken = asyncio.get_running_loop(), asyncio.Event()
+        h.callbacks.append(lambda: loop.call_soon_threadsafe(woken.set))
+        if h.event.is_set():
+            woken.set()
         deadline = time.monotonic() + timeout_s
-        while not h.event.is_set():  # poll: a client that went away frees its rows at the next tick
-            if await http.is_disconnected():
+        while not h.event.is_set():  # woken when it ends; every 0.25 s: has the client gone, is time up?
+            try:
+                await asyncio.wait_for(woken.wait(), timeout=0.25)
+            except asyncio.TimeoutError:
+                pass
+            if h.event.is_set():
+                break
+            if await http.is_disconnected():  # a client that went away frees its rows at the next tick
                 h.cancel()
                 service.m_requests.labels("disconnected").inc()
                 return Response(status_code=499)
             if time.monotonic() > deadline:
                 h.cancel()
                 fail(504, f"not finished within {timeout_s:g} s; cancelled", "timeout")
-            await asyncio.sleep(0.01)
         if h.error is not None:
             fail(500, f"the UNet call failed: {h.error}", "error")
         service.m_requests.labels("ok").inc()
@@ -265,6 +281,7 @@ def create_app(service: Service, *, api_key: str | None = None, max_body: int = 
     @app.get("/v1/models")
     async def models():
         return {"model": loaded.name, "kind": loaded.kind, "fingerprint": loaded.fingerprint(),
+                "batching": service.scheduler.policy,
                 "schedule_fingerprint": loaded.schedule_fingerprint(), "signature": loaded.signature.to_dict(),
                 "null_class_label": loaded.null_class_label, "num_classes": loaded.num_classes,
                 "max_rows": service.scheduler.max_rows, **service.describe}

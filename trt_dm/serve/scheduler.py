@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -27,6 +28,9 @@ from ..core.guidance import Guidance, combine
 from ..core.schedule import SAMPLERS, Schedule, ddim_step, ddpm_step, make_generators, randn_per_sample
 
 log = logging.getLogger(__name__)
+# "step": continuous step-level batching (the service's); "request": whole requests batched as they arrive, a new
+# batch only when the previous one is finished; "none": one request at a time. The last two are benchmark baselines.
+POLICIES = ("step", "request", "none")
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,9 @@ class Handle:
         self.cancelled = False
         self.submitted = time.perf_counter()
         self.finished: float | None = None
+        self.first_call: float | None = None  # when its first image joined a UNet call
+        self.event = threading.Event()        # set by the service when the request has ended
+        self.callbacks: list[Callable[[], None]] = []  # run after ``event`` is set (e.g. wake an asyncio waiter)
 
     @property
     def done(self) -> bool:
@@ -96,9 +103,12 @@ class StepScheduler:
     """
 
     def __init__(self, denoiser: Callable, schedule: Schedule, shape, *, max_rows: int = 64,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", policy: str = "step") -> None:
         if max_rows < 2:
             raise ValueError(f"max_rows must be >= 2 (a guided image takes 2 rows), got {max_rows}")
+        if policy not in POLICIES:
+            raise ValueError(f"unknown batching policy {policy!r}; accepted: {POLICIES}")
+        self.policy = policy
         self.denoiser, self.schedule, self.shape = denoiser, schedule, tuple(shape)
         self.max_rows, self.device = max_rows, torch.device(device)
         self._ids = itertools.count()
@@ -128,13 +138,20 @@ class StepScheduler:
     # ---- one tick --------------------------------------------------------------------------------------------
     def _admit(self) -> None:
         """Fill free rows first come, first served: images in flight keep their rows until done, and the oldest
-        waiting request's next image comes first, so no request waits behind later ones."""
+        waiting request's next image comes first, so no request waits behind later ones. Policies "request" and
+        "none" (the baselines of the serving benchmark) admit only into an empty batch: waiting requests as they
+        fit (whole-request batching, as Triton-style servers do), or one request at a time."""
         self._flight = [im for im in self._flight if not im.handle.done]
         while self._waiting and (self._waiting[0][0].done):
             self._waiting.popleft()
+        if self.policy != "step" and self._flight:
+            return
+        first = self._waiting[0][0] if self._waiting else None
         used = sum(im.rows for im in self._flight)
         while self._waiting:
             handle, i = self._waiting[0]
+            if self.policy == "none" and handle is not first:
+                break
             need = 2 if handle.request.guidance.active else 1
             if used + need > self.max_rows:
                 break
