@@ -89,20 +89,24 @@ def test_api_key_body_limit_and_queue_limit(model):
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
 
 
-def test_a_runner_error_is_500_and_the_service_keeps_serving(model):
-    state = {"calls": 0}
-    lock = threading.Lock()
+def _flaky(fails):
+    """A denoiser (zeros) whose n-th call raises when ``fails(n)``; thread-safe call count."""
+    state, lock = {"calls": 0}, threading.Lock()
 
     def flaky(x, t, **c):
         with lock:
             state["calls"] += 1
             n = state["calls"]
-        if n == 2:  # the first call after the warm-up
-            raise RuntimeError("injected fault")
+        if fails(n):
+            raise RuntimeError(f"injected fault {n}")
         return torch.zeros_like(x)
 
     flaky.device = torch.device("cpu")
-    client, _ = _client(model, denoiser=flaky)
+    return flaky
+
+
+def test_a_runner_error_is_500_and_the_service_keeps_serving(model):
+    client, _ = _client(model, denoiser=_flaky(lambda n: n == 2))  # the first call after the warm-up fails
     with client:
         bad = client.post("/v1/generate", json={"classes": "all", "steps": 2})
         good = client.post("/v1/generate", json={"classes": "all", "steps": 2})
@@ -174,19 +178,7 @@ def test_every_accepted_request_ends_with_images_or_an_error_under_concurrent_lo
     """8 concurrent clients, 24 requests of different sizes and steps, a UNet call failing every 5th time: every
     request ends (200 with its images, or 500 naming the fault), none hangs, and the metrics add up."""
     from concurrent.futures import ThreadPoolExecutor
-    state = {"calls": 0}
-    lock = threading.Lock()
-
-    def flaky(x, t, **c):
-        with lock:
-            state["calls"] += 1
-            n = state["calls"]
-        if n > 1 and n % 5 == 0:
-            raise RuntimeError(f"injected fault {n}")
-        return torch.zeros_like(x)
-
-    flaky.device = torch.device("cpu")
-    client, _ = _client(model, denoiser=flaky, max_rows=6)
+    client, _ = _client(model, denoiser=_flaky(lambda n: n > 1 and n % 5 == 0), max_rows=6)
     bodies = [{"classes": "all", "n": 1 + i % 3, "steps": 2 + i % 4, "seed": i, "output": "json",
                "guidance_scale": 1.0 + (i % 2)} for i in range(24)]
     with client:
