@@ -113,11 +113,18 @@ def export_ort_int8(unet: torch.nn.Module, out_path: str | os.PathLike, feeds: l
                  else dict(nodes_to_exclude=excluded + timing))
         data = [{k: v.detach().cpu().numpy() for k, v in f.items()} for f in feeds]
         q_path = Path(tmp) / "int8.onnx"
-        quantize_static(str(fp32), str(q_path), _Reader(data), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                        calibrate_method=CalibrationMethod.MinMax, **which,
-                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
-                                       "TensorQuantOverrides": overrides})
+        root = logging.getLogger()
+        level = root.level
+        if level > logging.INFO:  # its advice to pre-process the model goes to the root logger: verbose runs only
+            root.setLevel(logging.ERROR)
+        try:
+            quantize_static(str(fp32), str(q_path), _Reader(data), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                            calibrate_method=CalibrationMethod.MinMax, **which,
+                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
+                                           "TensorQuantOverrides": overrides})
+        finally:
+            root.setLevel(level)
         atomic_write(out_path, q_path.read_bytes())
     return out_path
 
