@@ -27,9 +27,9 @@ import torch
 
 from .calib import ranges as R
 from .calib.stats import DEFAULT_BINS, CalibCacheError, CalibStats
-from .calib.trajectories import CalibSpec, collect
+from .calib.trajectories import CalibSet, CalibSpec, collect
 from .core.artifacts import RangeSet, group_index, split_by_group
-from .core.guidance import cfg_denoiser, pack
+from .core.guidance import Guidance, cfg_denoiser
 from .models import LoadedModel
 from .quant import QuantConfig, apply_ranges, concat_splits, observing, quantize_model, quantized_layers, range_names
 from .sampling import Schedule, unet_denoiser
@@ -63,8 +63,6 @@ def collect_stats(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, *, ca
 
     Conditional models: the trajectories run with the spec's class labels and classifier-free guidance, and
     the statistics pass feeds the UNet exactly what a guided sampler does, both halves of every 2B call."""
-    cond = loaded.conditioning_for(spec.n, spec.label_list)  # validates labels before any work
-    guidance = loaded.guidance(spec.guidance_scale, spec.guidance_rescale)
     qunet = quantize_model(copy.deepcopy(loaded.unet), qcfg)
     layers = range_names(qunet, qcfg)
     directory = Path(cache_root) / loaded.data_key()[:16] / stats_key(spec, layers, bins)
@@ -77,8 +75,7 @@ def collect_stats(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, *, ca
         return stats, directory, True, {}
     schedule = Schedule.from_config(loaded.scheduler_config)
     t0 = time.perf_counter()
-    calib = collect(cfg_denoiser(unet_denoiser(loaded.unet), guidance), schedule, loaded.sample_shape, spec,
-                    batch_size=batch_size, conditioning=cond, progress=progress)
+    calib, guidance = fp_calibration_set(loaded, spec, batch_size=batch_size, progress=progress)
     t1 = time.perf_counter()
     stats = CalibStats(bins, sampler_timesteps=schedule.timesteps(spec.steps),
                        meta={"calib": json.dumps(spec.to_dict(), sort_keys=True), "model": loaded.fingerprint(),
@@ -87,9 +84,8 @@ def collect_stats(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, *, ca
     from tqdm.auto import tqdm
     splits = concat_splits(qunet) if qcfg.shortcut_split else None
     with observing(qunet, lambda name, x: stats.observe_batch(name, current_t[0], x), splits), torch.no_grad():
-        for x, t, c in tqdm(list(calib.batches(batch_size)), desc="statistics", unit="batch", disable=not progress):
-            if guidance.active:  # what the guided sampler's UNet call sees: conditional and unconditional rows
-                x, t, c = pack(x, t, c, guidance.null)
+        for x, t, c in tqdm(list(calib.unet_batches(batch_size, guidance)), desc="statistics", unit="batch",
+                            disable=not progress):  # with guidance: both halves of every call, as the sampler's
             current_t[:] = [t]
             stats.add_samples(t)
             qunet(x, t, **c)
@@ -97,6 +93,17 @@ def collect_stats(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, *, ca
     stats.save(directory)
     timings = {"seconds_trajectories": t1 - t0, "seconds_statistics": t2 - t1, "unet_calls": calib.unet_calls}
     return stats, directory, False, timings
+
+
+def fp_calibration_set(loaded: LoadedModel, spec: CalibSpec, *, batch_size: int = 64, progress: bool = True
+                       ) -> tuple[CalibSet, Guidance]:
+    """The FP model's calibration set for ``spec``: trajectories sampled with its class labels and classifier-free
+    guidance (labels and guidance are checked first), and that guidance, for feeding the UNet what it sees."""
+    cond = loaded.conditioning_for(spec.n, spec.label_list)
+    guidance = loaded.guidance(spec.guidance_scale, spec.guidance_rescale)
+    calib = collect(cfg_denoiser(unet_denoiser(loaded.unet), guidance), Schedule.from_config(loaded.scheduler_config),
+                    loaded.sample_shape, spec, batch_size=batch_size, conditioning=cond, progress=progress)
+    return calib, guidance
 
 
 def calibrate(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, recipe: str, *,
@@ -169,9 +176,7 @@ def layer_sensitivity(loaded: LoadedModel, spec: CalibSpec, recipe: str, *, cach
     layers = quantized_layers(qunet)
     schedule = Schedule.from_config(loaded.scheduler_config)
     small = dataclasses.replace(spec, n=min(n, spec.n), seed=spec.seed + 1)  # held-out trajectories
-    guided = cfg_denoiser(unet_denoiser(loaded.unet), loaded.guidance(spec.guidance_scale, spec.guidance_rescale))
-    calib = collect(guided, schedule, loaded.sample_shape, small, batch_size=batch_size,
-                    conditioning=loaded.conditioning_for(small.n, small.label_list), progress=False)
+    calib, _ = fp_calibration_set(loaded, small, batch_size=batch_size, progress=False)
     with torch.no_grad():
         ref = torch.cat([loaded.unet(x, t, **c).sample for x, t, c in calib.batches(batch_size)])
     for m in layers.values():

@@ -290,12 +290,13 @@ def cmd_serve(args) -> int:
     api_key = args.api_key or os.environ.get("TRT_DM_API_KEY") or None
     loaded = _load(args)
     with contextlib.ExitStack() as stack:
-        ranges, describe = None, {}
+        ranges, qcfg, describe = None, None, {}
         if args.recipe:
-            res = api.calibrate(loaded, _quant(args), progress=not args.no_progress)
-            ranges, describe = res.ranges, {"recipe": args.recipe, "ranges": str(res.ranges_path)}
+            quant = _quant(args)
+            res = api.calibrate(loaded, quant, progress=not args.no_progress)
+            ranges, qcfg, describe = res.ranges, quant.qcfg, {"recipe": args.recipe, "ranges": str(res.ranges_path)}
         den = stack.enter_context(api.open_denoiser(loaded, engines=args.engine or (), onnx=args.onnx or (),
-                                                    ranges=ranges, qcfg=_quant(args).qcfg if ranges else None,
+                                                    ranges=ranges, qcfg=qcfg,
                                                     device=args.device, threads=args.threads))
         describe.update(den.describe)
         service = Service(loaded, den, max_rows=args.max_rows, max_queue=args.max_queue, describe=describe,

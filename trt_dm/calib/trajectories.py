@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..core.guidance import Guidance, pack
 from ..sampling import SAMPLERS, Denoiser, Schedule, initial_noise, sample_ddim, sample_ddpm
 from .timesteps import TimestepSpec, draw_timesteps
 
@@ -78,6 +79,13 @@ class CalibSet:
         """(x, t, conditioning) batches in a fixed order (grouped by timestep, for per-timestep statistics)."""
         for i in range(0, len(self.t), batch_size):
             yield self.x[i:i + batch_size], self.t[i:i + batch_size], {k: v[i:i + batch_size] for k, v in self.cond.items()}
+
+
+    def unet_batches(self, batch_size: int, guidance: Guidance | None = None):
+        """``batches`` as the sampler's UNet calls see them: with active guidance, each batch's conditional rows
+        then its null rows (2 x batch_size rows)."""
+        for x, t, c in self.batches(batch_size):
+            yield pack(x, t, c, guidance.null) if guidance is not None and guidance.active else (x, t, c)
 
 
 def collect(denoiser: Denoiser, schedule: Schedule, shape: Sequence[int], spec: CalibSpec, *,

@@ -116,20 +116,16 @@ class Service:
                     self.lock.wait(0.5)
                 if not self.running:
                     return
-                started = [h for h in self._handles if h.first_call is None]
             self.scheduler.tick()
             now = time.perf_counter()
             with self.lock:
-                flight = {id(im.handle) for im in self.scheduler._flight}
-                for h in started:
-                    if id(h) in flight or h.done:
-                        h.first_call = now
-                        self.m_queue_time.observe(now - h.submitted)
                 done = [h for h in self._handles if h.done]
                 self._handles = [h for h in self._handles if not h.done]
                 self.m_queue.set(self.scheduler.queued)
                 self.m_flight.set(self.scheduler.in_flight)
             for h in done:
+                if h.first_call is not None:
+                    self.m_queue_time.observe(h.first_call - h.submitted)
                 if h.error is None and not h.cancelled:
                     self.m_images.inc(h.request.n)
                     self.m_latency.observe(now - h.submitted)

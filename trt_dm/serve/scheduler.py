@@ -65,7 +65,7 @@ class Handle:
         self.cancelled = False
         self.submitted = time.perf_counter()
         self.finished: float | None = None
-        self.first_call: float | None = None  # when its first image joined a UNet call
+        self.first_call: float | None = None  # when its first image joined a UNet call (set by the scheduler)
         self.event = threading.Event()        # set by the service when the request has ended
         self.callbacks: list[Callable[[], None]] = []  # run after ``event`` is set (e.g. wake an asyncio waiter)
 
@@ -93,7 +93,7 @@ class _Image:
 
     @property
     def rows(self) -> int:
-        return 2 if self.handle.request.guidance.active else 1
+        return self.handle.request.guidance.calls_per_image
 
 
 class StepScheduler:
@@ -115,7 +115,7 @@ class StepScheduler:
         self._waiting: deque[tuple[Handle, int]] = deque()  # (request, next image index) not yet admitted
         self._flight: list[_Image] = []
         self.calls = 0
-        self.rows_per_call: list[int] = []
+        self.rows_per_call: deque[int] = deque(maxlen=10_000)  # the latest calls' sizes (bounded: servers run long)
 
     # ---- submission ------------------------------------------------------------------------------------------
     def submit(self, request: Request) -> Handle:
@@ -152,7 +152,7 @@ class StepScheduler:
             handle, i = self._waiting[0]
             if self.policy == "none" and handle is not first:
                 break
-            need = 2 if handle.request.guidance.active else 1
+            need = handle.request.guidance.calls_per_image
             if used + need > self.max_rows:
                 break
             self._flight.append(_Image(handle, i, self.schedule, self.shape))
@@ -168,6 +168,10 @@ class StepScheduler:
         batch = list(self._flight)
         if not batch:
             return 0
+        now = time.perf_counter()
+        for im in batch:
+            if im.handle.first_call is None:
+                im.handle.first_call = now
         x = torch.stack([im.x for im in batch]).to(self.device)
         t = torch.tensor([im.ts[im.i] for im in batch], dtype=torch.int64)
         guided = [k for k, im in enumerate(batch) if im.rows == 2]
@@ -206,7 +210,7 @@ class StepScheduler:
             idx = torch.tensor(ks)
             tt = t[idx]
             prev = torch.tensor([batch[k].prev[batch[k].i] for k in ks], dtype=torch.int64)
-            noisy = [k for k in ks if (sampler == "ddpm" and batch[k].ts[batch[k].i] > 0) or (sampler == "ddim" and eta > 0)]
+            noisy = {k for k in ks if (sampler == "ddpm" and batch[k].ts[batch[k].i] > 0) or (sampler == "ddim" and eta > 0)}
             noise = None
             if noisy:  # rows without noise get zeros (ignored by the step); draws only from the noisy images
                 noise = torch.zeros((len(ks), *self.shape), dtype=x.dtype)

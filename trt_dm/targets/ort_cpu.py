@@ -32,10 +32,8 @@ class OrtCpuTarget(Target):
         ``n_outputs`` calibration samples drawn with the same spec (another seed)."""
         from ..calib.ranges import get_recipe
         from ..calib.stats import CalibStats
-        from ..calib.trajectories import collect
+        from ..calibrate import fp_calibration_set
         from ..ortcpu import INT8_OPS, export_ort_int8, optimized_op_types
-        from ..core.guidance import cfg_denoiser, pack
-        from ..sampling import Schedule, unet_denoiser
         ops = (job.options or {}).get("ops", "layers")
         if ops not in OPS:
             raise ValueError(f"ort-cpu ops must be one of {OPS}, got {ops!r}")
@@ -44,15 +42,9 @@ class OrtCpuTarget(Target):
         t0 = time.perf_counter()
         stats = CalibStats.load(calib.stats_dir)
         small = replace(job.spec, n=min(n_outputs, job.spec.n), seed=job.spec.seed + 1)
-        guidance = loaded.guidance(small.guidance_scale, small.guidance_rescale)
-        cs = collect(cfg_denoiser(unet_denoiser(loaded.unet), guidance), Schedule.from_config(loaded.scheduler_config),
-                     loaded.sample_shape, small, batch_size=job.batch_size,
-                     conditioning=loaded.conditioning_for(small.n, small.label_list), progress=False)
-        feeds = []  # what the UNet sees: with guidance, both halves of every call
-        for x, t, c in cs.batches(16):
-            if guidance.active:
-                x, t, c = pack(x, t, c, guidance.null)
-            feeds.append({"sample": x, "timestep": t, **c})
+        cs, guidance = fp_calibration_set(loaded, small, batch_size=job.batch_size, progress=False)
+        # what the UNet sees: with guidance, both halves of every call
+        feeds = [{"sample": x, "timestep": t, **c} for x, t, c in cs.unet_batches(16, guidance)]
         out = job.out_dir / f"{loaded.name}-{recipe_slug(job.recipe)}.ort-int8{'' if ops == 'layers' else '-' + ops}.onnx"
         export_ort_int8(loaded.unet, out, feeds, layers=set(calib.ranges.names), stats=stats, ranges=calib.ranges, ops=ops)
         op_counts = optimized_op_types(out)
