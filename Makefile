@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
-	$(BIN)/python -m pip install -q -e '.[test,rtx,serve]'
+	$(BIN)/python -m pip install -q -e '.[test,rtx,serve,ray]'
 	touch $@
 
 # Real Fashion-MNIST from Debian's dataset-fashion-mnist (or point TRT_DM_FASHION_MNIST at the IDX files).

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -274,35 +275,47 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def open_service(args, stack, *, replica: str | None = None):
+    """The service `trt-dm serve` runs, from its parsed arguments: model, denoiser (engines, ONNX graphs, a recipe's
+    fake-quant model or FP torch), the step scheduler and the FastAPI app. Shared by the uvicorn server and each
+    Ray Serve replica (``trt_dm.serve.ray_app``); the denoiser stays active until ``stack`` closes."""
+    from . import api
+    from .serve.app import Service, create_app
+    api_key = args.api_key or os.environ.get("TRT_DM_API_KEY") or None
+    loaded = _load(args)
+    ranges, qcfg, describe = None, None, {}
+    if args.recipe:
+        quant = _quant(args)
+        res = api.calibrate(loaded, quant, progress=not args.no_progress)
+        ranges, qcfg, describe = res.ranges, quant.qcfg, {"recipe": args.recipe, "ranges": str(res.ranges_path)}
+    den = stack.enter_context(api.open_denoiser(loaded, engines=args.engine or (), onnx=args.onnx or (),
+                                                ranges=ranges, qcfg=qcfg, device=args.device, threads=args.threads))
+    describe.update(den.describe)
+    service = Service(loaded, den, max_rows=args.max_rows, max_queue=args.max_queue, describe=describe,
+                      policy=args.batching)
+    app = create_app(service, api_key=api_key, max_body=args.max_body, max_n=args.max_n, timeout_s=args.timeout,
+                     replica=replica)
+    return service, app, api_key
+
+
 def cmd_serve(args) -> int:
     import contextlib
-    import os
-
-    from . import api
     try:
-        import uvicorn
-
-        from .serve.app import Service, create_app
+        import uvicorn  # noqa: F401
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
     except ImportError as e:
         raise UsageError(f"trt-dm serve needs the [serve] extra (pip install 'trt_dm[serve]'): {e}") from None
     if args.max_rows < 2 or args.max_queue < 1 or args.max_n < 1:
         raise UsageError("--max-rows must be >= 2, --max-queue and --max-n >= 1")
-    api_key = args.api_key or os.environ.get("TRT_DM_API_KEY") or None
-    loaded = _load(args)
+    if args.ray:
+        from .serve.ray_app import run_cli
+        return run_cli(args)
+    if args.replicas != 1 or args.max_replicas is not None or args.ray_address is not None:
+        raise UsageError("--replicas, --max-replicas and --ray-address need --ray")
     with contextlib.ExitStack() as stack:
-        ranges, qcfg, describe = None, None, {}
-        if args.recipe:
-            quant = _quant(args)
-            res = api.calibrate(loaded, quant, progress=not args.no_progress)
-            ranges, qcfg, describe = res.ranges, quant.qcfg, {"recipe": args.recipe, "ranges": str(res.ranges_path)}
-        den = stack.enter_context(api.open_denoiser(loaded, engines=args.engine or (), onnx=args.onnx or (),
-                                                    ranges=ranges, qcfg=qcfg,
-                                                    device=args.device, threads=args.threads))
-        describe.update(den.describe)
-        service = Service(loaded, den, max_rows=args.max_rows, max_queue=args.max_queue, describe=describe,
-                          policy=args.batching)
-        app = create_app(service, api_key=api_key, max_body=args.max_body, max_n=args.max_n, timeout_s=args.timeout)
-        print(f"serving {loaded.name} ({describe.get('runner')}) on http://{args.host}:{args.port} "
+        service, app, api_key = open_service(args, stack)
+        print(f"serving {service.loaded.name} ({service.describe.get('runner')}) on http://{args.host}:{args.port} "
               f"(max {args.max_rows} rows per UNet call, queue {args.max_queue}, API key {'on' if api_key else 'off'})")
         uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
     return 0
@@ -477,6 +490,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer / X-API-Key); or set "
                                                     "TRT_DM_API_KEY")
     p.add_argument("--null-label", type=int, default=None, help="the model's null class label, if not in trt_dm.json")
+    p.add_argument("--ray", action="store_true",
+                   help="deploy with Ray Serve: one step scheduler per replica, Ray's HTTP proxy, routing and "
+                        "autoscaling (needs the [ray] extra)")
+    p.add_argument("--replicas", type=int, default=1, help="with --ray: replicas (the minimum with --max-replicas)")
+    p.add_argument("--max-replicas", type=int, default=None,
+                   help="with --ray: autoscale between --replicas and this many, on ongoing requests per replica")
+    p.add_argument("--replica-cpus", type=float, default=None,
+                   help="with --ray: CPUs Ray reserves per replica (default: --threads, or 1)")
+    p.add_argument("--replica-gpus", type=float, default=None,
+                   help="with --ray: GPUs per replica (default: 1 when serving engines or a CUDA device, else 0)")
+    p.add_argument("--ray-address", default=None,
+                   help="with --ray: the Ray cluster to join (default: start a local Ray instance)")
     p.add_argument("--no-progress", action="store_true")
     _calib_args(p)
     p.set_defaults(func=cmd_serve, guidance_scale=1.0, guidance_rescale=0.0, class_labels=None, classes=None, batch=64)

@@ -155,8 +155,10 @@ def _png(images: torch.Tensor) -> bytes:
 
 
 def create_app(service: Service, *, api_key: str | None = None, max_body: int = 64 * 1024, max_n: int = 64,
-               max_steps: int = 1000, timeout_s: float = 300.0, warmup: bool = True):
-    """The FastAPI app over a (not yet started) ``Service``; its lifespan starts, warms up and drains it."""
+               max_steps: int = 1000, timeout_s: float = 300.0, warmup: bool = True, replica: str | None = None):
+    """The FastAPI app over a (not yet started) ``Service``; its lifespan starts, warms up and drains it.
+    ``replica`` (Ray Serve) names the replica in an ``X-TRT-DM-Replica`` header on every response and in
+    /v1/models."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, HTTPException, Request as HttpRequest
@@ -223,7 +225,18 @@ def create_app(service: Service, *, api_key: str | None = None, max_body: int = 
                         refusal = (401, "missing or wrong API key")
                 if refusal is not None:
                     return await JSONResponse({"detail": refusal[1]}, status_code=refusal[0])(scope, receive, send)
+                if replica is not None:
+                    send = self._tagged(send)
             return await self.inner(scope, receive, send)
+
+        @staticmethod
+        def _tagged(send):
+            async def tagged(message):
+                if message["type"] == "http.response.start":
+                    message = {**message, "headers": [*message.get("headers", []),
+                                                      (b"x-trt-dm-replica", replica.encode("latin-1"))]}
+                await send(message)
+            return tagged
 
     app.add_middleware(Guard)
 
@@ -257,6 +270,10 @@ def create_app(service: Service, *, api_key: str | None = None, max_body: int = 
                 await asyncio.wait_for(woken.wait(), timeout=0.25)
             except asyncio.TimeoutError:
                 pass
+            except asyncio.CancelledError:  # the server cancelled the handler (Ray Serve: the client went away)
+                h.cancel()
+                service.m_requests.labels("disconnected").inc()
+                raise
             if h.event.is_set():
                 break
             if await http.is_disconnected():  # a client that went away frees its rows at the next tick
@@ -280,7 +297,7 @@ def create_app(service: Service, *, api_key: str | None = None, max_body: int = 
                 "batching": service.scheduler.policy,
                 "schedule_fingerprint": loaded.schedule_fingerprint(), "signature": loaded.signature.to_dict(),
                 "null_class_label": loaded.null_class_label, "num_classes": loaded.num_classes,
-                "max_rows": service.scheduler.max_rows, **service.describe}
+                "max_rows": service.scheduler.max_rows, "replica": replica, **service.describe}
 
     @app.get("/health/live")
     async def live():

@@ -1,0 +1,138 @@
+"""`trt-dm serve --ray`: the same service deployed with Ray Serve, one step scheduler per replica.
+
+    trt-dm serve --ray --replicas 2 [--max-replicas 4] [--ray-address ADDRESS] <the usual `trt-dm serve` flags>
+
+On a Ray cluster (KubeRay RayService, `serve run`, `serve deploy`) the application builder is
+``trt_dm.serve.ray_app:build`` with ``args: {serve_args: "<the same flags>"}`` (see deploy/rayservice.yaml).
+
+Each replica (a Ray actor) parses the flags, loads the model and its denoiser, and runs its own ``Service``: the
+FastAPI app of ``trt_dm.serve.app`` with its StepScheduler thread, so step-level batching happens inside each
+replica. Ray's HTTP proxy routes requests between replicas (its router prefers the replica with fewer ongoing
+requests of two it samples) and, with ``--max-replicas``, its autoscaler adds and removes replicas on ongoing
+requests per replica. Ray runs the app's lifespan before it routes to a replica, so a replica takes traffic only
+after its warm-up UNet call; stopping a replica runs the lifespan's shutdown: admission stops and what is in flight
+drains (``graceful_shutdown_timeout_s`` = ``--timeout``). Every response names its replica
+(``X-TRT-DM-Replica``); /metrics is the answering replica's own registry (Ray's metrics export has Ray Serve's
+per-deployment metrics for the whole application).
+
+Backpressure: a replica takes at most ``max_queue + max_rows`` requests at once (``max_ongoing_requests``); its
+``Service`` answers 429 beyond ``--max-queue`` images, as without Ray; Ray queues at most ``--max-queue`` requests
+itself when every replica is full, and answers 503 beyond that.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shlex
+import signal
+import sys
+import time
+
+
+def parse_serve_args(serve_args) -> argparse.Namespace:
+    """`trt-dm serve` flags (a string or a list) -> the parsed arguments, as the CLI parses them."""
+    from ..cli import build_parser
+    argv = shlex.split(serve_args) if isinstance(serve_args, str) else [str(a) for a in serve_args]
+    return build_parser().parse_args(["serve", *argv])
+
+
+class Replica:
+    """One Ray Serve replica: the service `trt-dm serve` runs, built from the parsed flags (a plain dict, so that
+    the deployment's arguments pickle without the CLI's parser)."""
+
+    def __init__(self, options: dict) -> None:
+        from ray import serve
+
+        from ..cli import open_service
+        args = argparse.Namespace(**options)
+        replica = serve.get_replica_context().replica_id.unique_id
+        self._stack = contextlib.ExitStack()
+        self.service, self._app, _ = open_service(args, self._stack, replica=replica)
+
+    def __serve_build_asgi_app__(self):  # Ray Serve asks for the ASGI app after the constructor
+        return self._app
+
+    def check_health(self) -> None:
+        """Ray's periodic health check: a replica whose scheduler thread died is replaced."""
+        thread = self.service.thread
+        if self.service.running and (thread is None or not thread.is_alive()):
+            raise RuntimeError("the step scheduler thread has stopped")
+
+
+def deployment_options(args: argparse.Namespace) -> dict:
+    """Ray Serve deployment options from the flags (replicas, autoscaling, resources, backpressure, drain)."""
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    if args.max_replicas is not None and args.max_replicas < args.replicas:
+        raise ValueError(f"--max-replicas ({args.max_replicas}) must be >= --replicas ({args.replicas})")
+    gpu = bool(args.engine) or str(args.device or "").startswith("cuda")
+    opts = dict(
+        name="trt-dm",
+        ray_actor_options={"num_cpus": args.replica_cpus if args.replica_cpus is not None else (args.threads or 1),
+                           "num_gpus": args.replica_gpus if args.replica_gpus is not None else (1 if gpu else 0)},
+        max_ongoing_requests=args.max_queue + args.max_rows,
+        max_queued_requests=args.max_queue,
+        graceful_shutdown_timeout_s=args.timeout,
+        health_check_period_s=10,
+    )
+    if args.max_replicas is None:
+        opts["num_replicas"] = args.replicas
+    else:  # ongoing requests per replica the autoscaler aims at: a quarter of a full UNet call's rows
+        opts["autoscaling_config"] = {"min_replicas": args.replicas, "max_replicas": args.max_replicas,
+                                      "initial_replicas": args.replicas,
+                                      "target_ongoing_requests": max(1, args.max_rows // 4)}
+    return opts
+
+
+def application(args: argparse.Namespace):
+    """The Ray Serve application (not yet running) for parsed `trt-dm serve` flags."""
+    from ray import serve
+    options = {k: v for k, v in vars(args).items() if k != "func"}
+    deployment = serve.deployment(serve.ingress()(Replica))
+    return deployment.options(**deployment_options(args)).bind(options)
+
+
+def build(args: dict):
+    """Application builder for `serve run` / `serve deploy` / KubeRay: ``args = {"serve_args": "--model ..."}``."""
+    unknown = set(args) - {"serve_args"}
+    if unknown:
+        raise ValueError(f"unknown application args {sorted(unknown)}; accepted: serve_args (the `trt-dm serve` flags)")
+    return application(parse_serve_args(args.get("serve_args", "")))
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """`trt-dm serve --ray`: join (or start) Ray, start Serve's proxy on --host/--port, deploy, wait for SIGINT or
+    SIGTERM, then shut Serve down (each replica drains)."""
+    from ..cli import UsageError, _load, _quant
+    try:
+        import ray
+        from ray import serve
+    except ImportError as e:
+        raise UsageError(f"trt-dm serve --ray needs the [ray] extra (pip install 'trt_dm[ray]'): {e}") from None
+    try:
+        app = application(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.recipe:  # calibrate once here, so that replicas on this machine find the ranges in the cache
+        from .. import api
+        api.calibrate(_load(args), _quant(args), progress=not args.no_progress)
+    ray.init(address=args.ray_address, include_dashboard=False, logging_level="WARNING" if not args.verbose else "INFO")
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(app, name="trt-dm", route_prefix="/")
+        n = f"{args.replicas}-{args.max_replicas} replicas (autoscaled)" if args.max_replicas else \
+            f"{args.replicas} replica{'s' * (args.replicas > 1)}"
+        print(f"serving {args.model} through Ray Serve on http://{args.host}:{args.port} with {n}; Ctrl-C or SIGTERM "
+              f"stops and drains", flush=True)
+        stop = []
+        signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+        try:
+            while not stop:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+        print("trt-dm serve: draining replicas", file=sys.stderr, flush=True)
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+    return 0
