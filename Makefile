@@ -59,7 +59,8 @@ bench: venv
 
 # step-level vs request-level vs no batching in `trt-dm serve`, loopback, ONNX Runtime int8 -> BENCHMARKS.md
 serve-bench: venv
-	$(BIN)/python tools/serve_bench.py --threads 2
+	$(BIN)/python tools/serve_bench.py --threads 2 --section uniform --steps 20 --n 1
+	$(BIN)/python tools/serve_bench.py --threads 2 --section mixed --steps 10 50 20 --n 1 2
 
 clean-venv:
 	rm -rf $(VENV)

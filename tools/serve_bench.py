@@ -7,10 +7,12 @@ whole requests batched as they arrive, Triton-style; none: one request at a time
 model and runner (by default the ONNX Runtime int8 graph of the default model, built with `trt-dm export --target
 ort-cpu` when missing). For each client count, the policies run one after another in a rotating order, each
 under the same bounded load: every client sends --requests requests one after another, the clients starting
---stagger seconds apart (staggered arrivals), each request --n images of --steps DDIM steps with its own seed;
+--stagger seconds apart (staggered arrivals), each request --n images of --steps DDIM steps with its own seed
+(given several values, requests cycle through them: a mixed workload);
 a hard --time-limit ends a run; each server first gets an untimed warm-up load. Reported: images/s (images over the run's wall time), p50 / p99 request latency,
 and the mean rows per UNet call (from the server's Prometheus metrics). Writes a Markdown section into
-BENCHMARKS.md between its markers and the raw numbers to docs/bench/serve.json.
+BENCHMARKS.md between the markers of its --section (`uniform`: every request alike; `mixed`: step counts and
+image counts vary, as they do between real users) and the raw numbers to docs/bench/serve-<section>.json.
 """
 from __future__ import annotations
 
@@ -72,6 +74,7 @@ def load(url: str, clients: int, args) -> dict:
     before = httpx.get(f"{url}/metrics", timeout=10).text
     latencies: list[float] = []
     errors: list[str] = []
+    images: list[int] = []
     lock = threading.Lock()
     t_end = time.monotonic() + args.time_limit
 
@@ -81,7 +84,9 @@ def load(url: str, clients: int, args) -> dict:
             for r in range(args.requests):
                 if time.monotonic() > t_end:
                     return
-                body = {"n": args.n, "steps": args.steps, "seed": 1000 * k + r * args.n, "output": "json"}
+                i = k * args.requests + r
+                n, steps = args.n[i % len(args.n)], args.steps[(i // len(args.n)) % len(args.steps)]
+                body = {"n": n, "steps": steps, "seed": 1000 * k + 10 * r, "output": "json"}
                 t0 = time.perf_counter()
                 try:
                     resp = c.post(f"{url}/v1/generate", json=body)
@@ -89,7 +94,11 @@ def load(url: str, clients: int, args) -> dict:
                 except httpx.HTTPError as e:
                     ok, resp = False, e
                 with lock:
-                    (latencies.append(time.perf_counter() - t0) if ok else errors.append(str(resp)))
+                    if ok:
+                        latencies.append(time.perf_counter() - t0)
+                        images.append(n)
+                    else:
+                        errors.append(str(resp))
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
@@ -104,13 +113,18 @@ def load(url: str, clients: int, args) -> dict:
     lat = sorted(latencies)
     q = (lambda p: lat[min(len(lat) - 1, int(round(p * (len(lat) - 1))))] if lat else float("nan"))  # noqa: E731
     return {"clients": clients, "requests": len(lat), "errors": len(errors), "wall_s": wall,
-            "images_per_s": len(lat) * args.n / wall, "p50_s": statistics.median(lat) if lat else float("nan"),
+            "images_per_s": sum(images) / wall, "p50_s": statistics.median(lat) if lat else float("nan"),
             "p99_s": q(0.99), "mean_rows": rows / calls if calls else 0.0, "unet_calls": calls}
+
+
+def _alts(values: list[int]) -> str:
+    return " / ".join(map(str, values))
 
 
 def markdown(results: dict, args) -> str:
     lines = [f"Model `{args.model}`, runner ONNX Runtime (`{Path(args.onnx).name}`), {args.threads} threads; each client "
-             f"sends {args.requests} requests of {args.n} image(s), DDIM {args.steps} steps, clients {args.stagger} s "
+             f"sends {args.requests} requests of {_alts(args.n)} image(s), DDIM {_alts(args.steps)} steps"
+             f"{' (cycled per request)' if len(args.n) > 1 or len(args.steps) > 1 else ''}, clients {args.stagger} s "
              f"apart; server max {args.max_rows} rows per UNet call. Policies measured one after another per client "
              "count, in a rotating order, in one run.", "",
              "| clients | batching | images/s | p50 latency (s) | p99 latency (s) | mean rows per UNet call | step vs this |",
@@ -131,8 +145,9 @@ def main() -> int:
     ap.add_argument("--onnx", type=Path, default=ROOT / "engines" / "default-ptq4dm.ort-int8.onnx")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--requests", type=int, default=8, help="requests per client")
-    ap.add_argument("--n", type=int, default=1, help="images per request")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--n", type=int, nargs="+", default=[1], help="images per request (several: cycled)")
+    ap.add_argument("--steps", type=int, nargs="+", default=[20], help="DDIM steps per request (several: cycled)")
+    ap.add_argument("--section", default="uniform", help="which BENCHMARKS.md section (and json) to write")
     ap.add_argument("--stagger", type=float, default=0.05, help="seconds between client starts")
     ap.add_argument("--max-rows", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
@@ -166,12 +181,12 @@ def main() -> int:
                 proc.kill()
     md = markdown(results, args)
     print(md)
-    out = ROOT / "docs" / "bench" / "serve.json"
+    out = ROOT / "docs" / "bench" / f"serve-{args.section}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1) + "\n")
     text = args.out.read_text() if args.out.exists() else ""
-    a, b = "<!-- serve-bench:begin -->\n", "<!-- serve-bench:end -->"
-    section = f"## Serving: step-level vs request-level vs no batching (`make serve-bench`)\n\n{a}{md}{b}\n"
+    a, b = f"<!-- serve-bench:{args.section}:begin -->\n", f"<!-- serve-bench:{args.section}:end -->"
+    section = f"### Workload: {args.section}\n\n{a}{md}{b}\n"
     if a in text and b in text:
         text = text[:text.index(a)] + a + md + text[text.index(b):]
     else:
