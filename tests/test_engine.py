@@ -233,3 +233,30 @@ def test_inspector_precisions_reads_the_engine_inspector_json():
         "only-a-name"]}
     assert inspector_precisions(info) == {"convolution": {"Int8": 1, "Half": 1}, "gemm": {"Int8": 1}}
     assert inspector_precisions({"Layers": ["a", "b"]}) == {}
+
+
+def test_other_class_conditional_architecture_through_engine_and_ort_cpu(tmp_path, capsys):
+    """A class-conditional UNet unlike the fixtures' (3 channels, 24 px, channels 16/32, scale-shift time
+    conditioning, 6 classes + a null label 6, guidance 2): `trt-dm engine` (TensorRT-RTX) and
+    `trt-dm export --target ort-cpu`, then sampling from the ONNX Runtime int8 graph with labels and guidance."""
+    from diffusers import DDPMScheduler
+
+    from trt_dm.cli import main
+
+    path = tmp_path / "cls3"
+    tiny_unet2d(3, num_class_embeds=7, in_channels=3, out_channels=3, sample_size=24, block_out_channels=(16, 32),
+                resnet_time_scale_shift="scale_shift").save_pretrained(path / "unet", safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=100, beta_start=1e-3, beta_end=0.2).save_pretrained(path / "scheduler")
+    (path / "trt_dm.json").write_text(json.dumps({"null_class_label": 6, "num_classes": 6}))
+    common = ["--model", str(path), "--guidance-scale", "2", "--out-dir", str(tmp_path / "out"), "--cache-dir",
+              str(tmp_path / "cc"), "--calib-n", "6", "--calib-steps", "3", "--batch", "4", "--no-progress"]
+    assert main(["engine", *common, "--no-baseline", "--rtx-targets", "SM89", "--opt-level", "0", "--min-batch", "1",
+                 "--max-batch", "2", "--opt-batch", "1"]) == 0
+    side = load_sidecar(tmp_path / "out" / "cls3-ptq4dm.plan")
+    assert side.inputs["sample"]["max"] == [4, 3, 24, 24] and side.inputs["class_labels"]["max"] == [4]
+    assert json.loads((tmp_path / "out" / "cls3-ptq4dm.onnx.json").read_text())["violations"] == []
+    assert main(["export", "--target", "ort-cpu", *common]) == 0
+    graph = tmp_path / "out" / "cls3-ptq4dm.ort-int8.onnx"
+    assert main(["sample", "--model", str(path), "--onnx", str(graph), "--class-labels", "0", "5", "--guidance-scale",
+                 "2", "--steps", "3", "--n", "2", "--no-progress", "--out", str(tmp_path / "g.png")]) == 0
+    assert (tmp_path / "g.png").is_file()
