@@ -4,7 +4,8 @@
 #   make eval      FD-EffNet / KID of the default model (N=$(N)) -> reports/
 #   make bench     CPU benchmark matrix (profile + pipeline cost) -> BENCHMARKS.md, docs/bench/
 #   make serve-bench  trt-dm serve: step-level vs request-level vs no batching -> BENCHMARKS.md
-#   make engine    calibrate -> Q/DQ ONNX -> checks -> int8 + FP16 engines (MODEL=default|<dir>, RECIPE=ptq4dm)
+#   make engine    calibrate -> Q/DQ ONNX -> checks -> int8 + FP16 engines (MODEL=default|<dir>, RECIPE=ptq4dm,
+#                  TARGET=tensorrt|ort-cpu|openvino)
 # Choose your torch build with TORCH_SPEC / TORCH_PIP_ARGS, e.g. on a CUDA machine:
 #   make test TORCH_SPEC='torch==2.11.0' TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cu130'
 PYTHON ?= python3
@@ -31,7 +32,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
-	$(BIN)/python -m pip install -q -e '.[test,rtx,serve,ray]'
+	$(BIN)/python -m pip install -q -e '.[test,rtx,serve,ray,openvino]'
 	touch $@
 
 # Real Fashion-MNIST from Debian's dataset-fashion-mnist (or point TRT_DM_FASHION_MNIST at the IDX files).

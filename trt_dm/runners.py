@@ -6,7 +6,7 @@
 ``Runner.infer`` is a template method: it checks that the runner is active and that the feed fits the
 runner's input ``signature`` (``trt_dm.core.signature``), then calls the subclass's ``infer_impl``, so no
 backend can forget the checks. ``as_denoiser(runner)`` turns a runner into the callable the samplers take,
-so a sampler cannot tell torch FP, torch fake-quant, ONNX Runtime or TensorRT apart; ``switched_denoiser``
+so a sampler cannot tell torch FP, torch fake-quant, ONNX Runtime, OpenVINO or TensorRT apart; ``switched_denoiser``
 puts K runners of a ``groups=K`` recipe behind one callable, splitting a batch by each row's timestep.
 Inputs and outputs are torch tensors; a runner casts to the precision it computes in and returns float32.
 
@@ -169,6 +169,9 @@ def __getattr__(name: str):
     if name in ("TrtRunner", "BindingState"):
         from . import trt_runner
         return getattr(trt_runner, name)
+    if name == "OpenVinoRunner":  # ov_runner.py imports OpenVINO only when a runner is activated
+        from . import ov_runner
+        return ov_runner.OpenVinoRunner
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -1,0 +1,153 @@
+"""The OpenVINO runner: an ONNX graph (or OpenVINO IR) compiled by OpenVINO for the CPU.
+
+    with OpenVinoRunner("engines/default-ptq4dm.fp32.onnx", threads=2) as r:
+        out = r.infer({"sample": x, "timestep": t})["out_sample"]
+
+It runs the same Q/DQ graph the TensorRT target exports (symmetric int8 on layer inputs, FP32 math elsewhere):
+OpenVINO's low-precision transformations turn each QuantizeLinear/DequantizeLinear pair around a convolution or
+matmul into an int8 kernel, with no second calibration. What each layer executes is in the target's report
+(``trt-dm export --target openvino``; ``trt_dm.targets.openvino.layer_precisions``).
+
+Options (OpenVINO CPU properties): ``threads`` -> INFERENCE_NUM_THREADS; ``precision`` ("fp32" / "bf16") ->
+INFERENCE_PRECISION_HINT, the precision of the non-quantized math (bf16 needs a CPU with native bf16:
+AVX512_BF16 or AMX; elsewhere OpenVINO keeps f32, which the runner reads back from the compiled model and says);
+``cache_dir`` -> CACHE_DIR, OpenVINO's model cache: compiled blobs keyed by the graph's content and the
+options, so a second start loads instead of compiling (default: ``<graph stem>.ovcache/`` next to the graph;
+``False``: no cache).
+
+Part of the runtime: it imports only ``trt_dm.core`` and ``trt_dm.runners`` (and OpenVINO when activated), and
+``trt_dm.runners`` loads it lazily, so processes that never run OpenVINO never import it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from .core.signature import OUTPUT_NAME, Signature, TensorSpec
+from .runners import Runner
+
+log = logging.getLogger(__name__)
+
+# our precision names -> OpenVINO's INFERENCE_PRECISION_HINT values
+PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+_DTYPES = {"f32": torch.float32, "f16": torch.float16, "i64": torch.int64, "i32": torch.int32}
+INSTALL_HINT = "pip install 'trt_dm[openvino]' (or openvino==2026.4.1)"
+
+
+def import_openvino():
+    """The ``openvino`` module, or ImportError saying how to install it."""
+    try:
+        import openvino
+    except ImportError as e:
+        raise ImportError(f"OpenVINO is not installed ({e}): {INSTALL_HINT}") from None
+    return openvino
+
+
+def default_cache_dir(path: str | Path) -> Path:
+    """``engines/M-R.fp32.onnx`` -> ``engines/M-R.fp32.ovcache`` (one folder per graph, beside it)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.ovcache")
+
+
+def compile_config(*, threads: int | None = None, precision: str = "fp32",
+                   cache_dir: str | Path | None = None) -> dict:
+    """The OpenVINO CPU properties for these options; ValueError naming the accepted precisions."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"OpenVINO precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    cfg = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision]}
+    if threads:
+        cfg["INFERENCE_NUM_THREADS"] = int(threads)
+    if cache_dir:
+        cfg["CACHE_DIR"] = str(cache_dir)
+    return cfg
+
+
+class OpenVinoRunner(Runner):
+    """A graph compiled by OpenVINO for the CPU; one infer request, inputs fed as numpy views of the tensors."""
+
+    def __init__(self, path, *, threads: int | None = None, precision: str = "fp32",
+                 cache_dir: str | Path | bool | None = None, name: str | None = None) -> None:
+        super().__init__()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such graph file (ONNX or OpenVINO IR .xml)")
+        self._default_cache = cache_dir is None or cache_dir is True
+        if self._default_cache:
+            cache_dir = default_cache_dir(self.path)
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.config = compile_config(threads=threads, precision=precision, cache_dir=self.cache_dir)
+        self.threads, self.precision = threads, precision
+        self.name = name or f"openvino-{precision}"
+        self.device = torch.device("cpu")
+        self.compiled = None
+        self._request = None
+        self.effective_precision: str | None = None  # what OpenVINO runs the non-quantized math in
+        self.loaded_from_cache: bool | None = None
+        self.compile_seconds: float | None = None
+
+    def activate(self) -> None:
+        ov = import_openvino()
+        core = ov.Core()
+        if self.cache_dir is not None:
+            try:
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                if not self._default_cache:
+                    raise ValueError(f"OpenVINO cache folder {self.cache_dir} cannot be created: {e}") from None
+                log.warning("%s: no OpenVINO model cache (%s: %s); every start compiles the graph", self.name,
+                            self.cache_dir, e.strerror or e)
+                self.cache_dir = None
+                self.config.pop("CACHE_DIR")
+        t0 = time.perf_counter()
+        try:
+            self.compiled = core.compile_model(str(self.path), "CPU", self.config)
+        except RuntimeError as e:
+            raise RuntimeError(f"{self.path}: OpenVINO could not compile the graph: {str(e).strip().splitlines()[-1]}") from e
+        self.compile_seconds = time.perf_counter() - t0
+        try:
+            self.loaded_from_cache = bool(self.compiled.get_property("LOADED_FROM_CACHE"))
+        except RuntimeError:  # older OpenVINO
+            self.loaded_from_cache = None
+        self.effective_precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string())
+        if self.effective_precision != PRECISIONS[self.precision]:
+            log.warning("%s: asked for %s, OpenVINO runs %s on this CPU (%s; native bf16 needs AVX512_BF16 or AMX)",
+                        self.name, self.precision, self.effective_precision,
+                        "/".join(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")))
+        specs = []
+        for port in self.compiled.inputs:
+            et = port.get_element_type().to_string()
+            if et not in _DTYPES:
+                raise ValueError(f"{self.path}: input {port.get_any_name()!r} has type {et}, which this runner does "
+                                 f"not feed; accepted: {sorted(_DTYPES)}")
+            shape = tuple(d.get_length() if d.is_static else "dynamic" for d in port.get_partial_shape())
+            name = port.get_any_name()
+            specs.append(TensorSpec(name, _DTYPES[et], shape, name not in ("sample", "timestep")))
+        self._signature = Signature(tuple(specs))
+        if OUTPUT_NAME not in {n for o in self.compiled.outputs for n in o.get_names()}:
+            raise ValueError(f"{self.path}: no output named {OUTPUT_NAME!r} (outputs: "
+                             f"{[o.get_any_name() for o in self.compiled.outputs]}); export it with trt-dm")
+        self._request = self.compiled.create_infer_request()
+        log.info("%s: %s compiled in %.2f s (%s), math %s", self.name, self.path,
+                 self.compile_seconds, "from cache" if self.loaded_from_cache else "no cache hit",
+                 self.effective_precision)
+
+    def deactivate(self) -> None:
+        self._request = None
+        self.compiled = None
+
+    @property
+    def signature(self) -> Signature:
+        if self.compiled is None:
+            raise RuntimeError(f"{self.name} is not active: use it as `with runner:`")
+        return self._signature
+
+    def infer_impl(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        arrays = {s.name: feed[s.name].detach().cpu().to(s.dtype).contiguous().numpy() for s in self._signature.inputs}
+        self._request.infer(arrays)
+        out = self._request.get_tensor(OUTPUT_NAME).data
+        return {OUTPUT_NAME: torch.from_numpy(out.copy()).float()}  # the request reuses its output buffer
