@@ -49,7 +49,7 @@ def test_group_graphs_are_switched_per_row(grouped_graphs):
 
 def test_open_denoiser_refuses_ambiguous_requests(grouped_graphs, tmp_path):
     loaded, made = grouped_graphs
-    with pytest.raises(ValueError, match="give one of engines, onnx or ranges"):
+    with pytest.raises(ValueError, match="give one of engines, onnx, openvino or ranges"):
         with api.open_denoiser(loaded, onnx=made.graphs[0].onnx, ranges=made.calibration.ranges):
             pass
     plain = tmp_path / "plain.onnx"

@@ -14,7 +14,9 @@ def test_profile_writes_json_markdown_and_plot(tiny_unet_dir, tmp_path, capsys):
     assert {"cpu", "cpu_count", "torch_threads", "gpu", "torch", "onnxruntime"} <= set(doc["machine"])
     (res,) = doc["results"]
     assert res["params"] > 0 and res["threads"] == 1
-    assert set(res["runners"]) == {"torch-fp32", "ort-fp32", "ort-int8", "ort-int8-all-ops", "ort-int8-trt-layout"}
+    assert set(res["runners"]) == {"torch-fp32", "ort-fp32", "ort-int8", "ort-int8-all-ops", "ort-int8-trt-layout",
+                                   *_openvino_rows()}
+    assert all("ov-" in n or "OpenVINO" in n for n in res["notes"])
     for row in res["runners"].values():
         assert [r["batch"] for r in row["latency"]] == [1, 2]
         for r in row["latency"]:
@@ -26,6 +28,16 @@ def test_profile_writes_json_markdown_and_plot(tiny_unet_dir, tmp_path, capsys):
     md = (out / "profile.md").read_text()
     assert "| ort-int8 | 2 |" in md and "speed-up vs ort-fp32" in md
     assert (out / "profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _openvino_rows() -> set[str]:
+    """The OpenVINO rows `trt-dm profile` has here: none without OpenVINO, bf16 only with native bf16."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return set()
+    bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return {"ov-fp32", "ov-int8"} | ({"ov-bf16"} if bf16 else set())
 
 
 def test_benchmark_architectures_have_the_stated_sizes():

@@ -4,14 +4,14 @@ and a server call. The CLI only turns arguments into these settings and prints.
     from trt_dm import api
     loaded = api.load("default")
     settings = api.SampleSettings(sampler="ddim", steps=50, n=16)
-    with api.open_denoiser(loaded, engines=["engines/default-ptq4dm.plan"]) as den:   # or onnx=..., ranges=...
+    with api.open_denoiser(loaded, engines=["engines/default-ptq4dm.plan"]) as den:   # or onnx=, openvino=, ranges=
         images, seconds = api.draw(loaded, den, settings)
     result = api.evaluate(loaded, settings, quant=api.QuantSettings(recipe="ptq4dm"))  # EvalResult
     made = api.deploy(loaded, api.QuantSettings(recipe="ptq4dm"), target="tensorrt")   # DeployResult
 
 Loading a denoiser from artifacts (``open_denoiser``): torch FP, torch fake-quant (``ranges`` + ``qcfg``,
-``groups=K`` ranges switched by timestep per row), one ONNX graph or TensorRT engine, or K of them for the K
-timestep groups of a ``groups=K`` recipe (their reports / sidecars carry each group's t range).
+``groups=K`` ranges switched by timestep per row), one graph in ONNX Runtime or OpenVINO, one TensorRT engine, or
+K of them for the K timestep groups of a ``groups=K`` recipe (their reports / sidecars carry each group's t range).
 """
 from __future__ import annotations
 
@@ -133,20 +133,27 @@ def _t_range(path: Path) -> tuple[int, int] | None:
 
 @contextlib.contextmanager
 def open_denoiser(loaded: LoadedModel, *, engines: Sequence[str | Path] = (), onnx: Sequence[str | Path] | str | Path = (),
-                  ranges: RangeSet | None = None, qcfg=None, device: str | None = None, threads: int | None = None,
-                  cuda_graph: bool = False) -> Iterator[Denoiser]:
-    """The denoiser of one deployment: TensorRT ``engines``, ONNX Runtime ``onnx`` graphs, torch fake-quant
-    (``ranges`` [+ ``qcfg``]), or the torch FP model (none given). Several engines / graphs must be the timestep
-    groups of one ``groups=K`` recipe. Runners are active inside the ``with`` block and freed after it."""
+                  openvino: Sequence[str | Path] | str | Path = (), ranges: RangeSet | None = None, qcfg=None,
+                  device: str | None = None, threads: int | None = None, cuda_graph: bool = False,
+                  ov_precision: str = "fp32", ov_cache_dir: str | Path | bool | None = None) -> Iterator[Denoiser]:
+    """The denoiser of one deployment: TensorRT ``engines``, ONNX Runtime ``onnx`` graphs, OpenVINO ``openvino``
+    graphs (``ov_precision`` fp32 / bf16 for the non-quantized math, ``ov_cache_dir`` its model cache: default
+    beside the graph, False for none), torch fake-quant (``ranges`` [+ ``qcfg``]), or the torch FP model (none
+    given). Several engines / graphs must be the timestep groups of one ``groups=K`` recipe. Runners are active
+    inside the ``with`` block and freed after it."""
     onnx = [onnx] if isinstance(onnx, (str, Path)) else list(onnx)
+    openvino = [openvino] if isinstance(openvino, (str, Path)) else list(openvino)
     engines = list(engines)
-    given = [k for k, v in (("engines", engines), ("onnx", onnx), ("ranges", ranges)) if v]
+    given = [k for k, v in (("engines", engines), ("onnx", onnx), ("openvino", openvino), ("ranges", ranges)) if v]
     if len(given) > 1:
-        raise ValueError(f"give one of engines, onnx or ranges, not {' and '.join(given)}")
-    paths = [Path(p) for p in engines or onnx]
+        raise ValueError(f"give one of engines, onnx, openvino or ranges, not {' and '.join(given)}")
+    if openvino:
+        from .ov_runner import compile_config
+        compile_config(threads=threads, precision=ov_precision)  # a bad precision fails before any loading
+    paths = [Path(p) for p in engines or onnx or openvino]
     for p in paths:
         if not p.is_file():
-            raise FileNotFoundError(f"{p}: no such {'engine' if p in map(Path, engines) else 'ONNX'} file")
+            raise FileNotFoundError(f"{p}: no such {'engine' if engines else 'ONNX'} file")
     t_ranges = [_t_range(p) for p in paths] if len(paths) > 1 else None
     if t_ranges is not None and any(r is None for r in t_ranges):
         raise ValueError("several engines / graphs must be the timestep groups of one groups=K recipe "
@@ -157,10 +164,16 @@ def open_denoiser(loaded: LoadedModel, *, engines: Sequence[str | Path] = (), on
                 from .trt_runner import SharedDeviceMemory
                 shared = SharedDeviceMemory() if len(paths) > 1 else None
                 make = lambda p: TrtRunner(p, cuda_graph=cuda_graph, shared_memory=shared)  # noqa: E731
+            elif openvino:
+                from .runners import OpenVinoRunner
+                make = lambda p: OpenVinoRunner(p, threads=threads, precision=ov_precision,  # noqa: E731
+                                                cache_dir=ov_cache_dir)
             else:
                 make = lambda p: OrtRunner(p, threads=threads)  # noqa: E731
             runners = [stack.enter_context(make(p)) for p in paths]
             describe = {"runner": runners[0].name, "files": [str(p) for p in paths]}
+            if openvino:  # what OpenVINO runs the non-quantized math in (bf16 only where the CPU has it)
+                describe["precision"] = runners[0].effective_precision
             if t_ranges is None:
                 fn = as_denoiser(runners[0])
             else:
@@ -258,6 +271,8 @@ class EvalResult:
     # quantized runs
     recipe: str | None = None
     onnx: str | None = None
+    openvino: str | None = None  # the graph(s) OpenVINO ran
+    ov_precision: str | None = None  # what OpenVINO ran the non-quantized math in (f32 / bf16)
     ranges: str | None = None
     weight_bits: int | None = None
     weight_calib: str | None = None
@@ -290,17 +305,27 @@ class EvalResult:
 
 
 def evaluate(loaded: LoadedModel, settings: SampleSettings, *, quant: QuantSettings | None = None,
-             onnx: str | Path | None = None, extractor=None, ref: str = "test", ref_limit: int | None = None,
+             onnx: str | Path | None = None, openvino: str | Path | Sequence[str | Path] | None = None,
+             ov_precision: str = "fp32", extractor=None, ref: str = "test", ref_limit: int | None = None,
              eps_n: int = 256, cache_root: Path = DEFAULT_CACHE_ROOT, device: str | None = None,
              threads: int | None = None, progress: bool = True) -> EvalResult:
     """FD (FD-EffNet by default, or the given feature ``extractor``) and KID against Fashion-MNIST ``ref``; with
-    ``quant`` (a fake-quant recipe) or ``onnx`` (an exported graph) also the same-seed fidelity to FP: FD change,
-    PSNR of the images, per-timestep noise-prediction error on ``eps_n`` images."""
+    ``quant`` (a fake-quant recipe), ``onnx`` (an exported graph in ONNX Runtime) or ``openvino`` (exported
+    graphs in OpenVINO, ``ov_precision`` for their non-quantized math) also the same-seed fidelity to FP: FD
+    change, PSNR of the images, per-timestep noise-prediction error on ``eps_n`` images."""
     from . import evaluate as E
-    if quant is not None and onnx is not None:
-        raise ValueError("--recipe evaluates the torch fake-quant model, --onnx an exported graph: give one")
-    if onnx is not None and not Path(onnx).is_file():
-        raise FileNotFoundError(f"--onnx {onnx}: no such file")
+    openvino = [openvino] if isinstance(openvino, (str, Path)) else list(openvino or [])
+    given = [k for k, v in (("--recipe", quant), ("--onnx", onnx), ("--openvino", openvino)) if v]
+    if len(given) > 1:
+        raise ValueError("--recipe evaluates the torch fake-quant model, --onnx / --openvino an exported graph in "
+                         f"ONNX Runtime / OpenVINO: give one, not {' and '.join(given)}")
+    files = ([("--onnx", onnx)] if onnx is not None else []) + [("--openvino", p) for p in openvino]
+    for flag, path in files:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path}: no such file")
+    if openvino:
+        from .ov_runner import compile_config
+        compile_config(threads=threads, precision=ov_precision)  # a bad precision fails before the long run
     quant = quant.resolved(loaded) if quant is not None else None
     if quant is not None and quant.spec.guidance_scale != settings.guidance_scale:
         log.info("calibrating with guidance %g, sampling with %g", quant.spec.guidance_scale, settings.guidance_scale)
@@ -336,7 +361,7 @@ def evaluate(loaded: LoadedModel, settings: SampleSettings, *, quant: QuantSetti
         return (E.frechet_distance(feats, reference), *E.kid(feats, reference, subset_size=kid_size))
 
     fp_images, fp_secs, _, _ = fp_samples(loaded, settings, cache_root=cache_root, device=device, progress=progress)
-    if quant is None and onnx is None:
+    if quant is None and onnx is None and not openvino:
         res.images, res.sampling_seconds = fp_images, round(fp_secs, 1)
         res.fd, res.kid_mean, res.kid_std = score(fp_images)
         res.class_accuracy = accuracy(fp_images)
@@ -344,6 +369,9 @@ def evaluate(loaded: LoadedModel, settings: SampleSettings, *, quant: QuantSetti
     if onnx is not None:
         res.onnx = str(onnx)
         den_ctx = open_denoiser(loaded, onnx=onnx, threads=threads)
+    elif openvino:
+        res.openvino = " ".join(map(str, openvino))
+        den_ctx = open_denoiser(loaded, openvino=openvino, threads=threads, ov_precision=ov_precision)
     else:
         calib = calibrate(loaded, quant, progress=progress)
         q = quant.qcfg
@@ -351,6 +379,7 @@ def evaluate(loaded: LoadedModel, settings: SampleSettings, *, quant: QuantSetti
         res.shortcut_split, res.calibration, res.calib_n = q.shortcut_split, quant.spec.timesteps.describe(), quant.spec.n
         den_ctx = open_denoiser(loaded, ranges=calib.ranges, qcfg=q)
     with den_ctx as test, open_denoiser(loaded, device=device) as fp:
+        res.ov_precision = test.describe.get("precision") if openvino else None
         images, secs = draw(loaded, test, settings, progress=progress)
         res.images, res.sampling_seconds = images, round(secs, 1)
         res.eps_n = min(settings.n, eps_n)
@@ -385,15 +414,17 @@ class DeployResult:
 
 
 def deploy(loaded: LoadedModel, quant: QuantSettings, *, target: str = "tensorrt", out_dir: Path = Path("engines"),
-           precision: str = "fp16", options: dict | None = None, build: bool = False, baseline: bool = True,
+           precision: str | None = None, options: dict | None = None, build: bool = False, baseline: bool = True,
            build_options=None, flavour: str | None = None, progress: Callable[[str], None] = print,
            show_progress: bool = True) -> DeployResult:
     """Calibrate (cached) -> the target's checked graphs -> with ``build``, the target's engines (plus the
-    unquantized baseline when the target has one). The target refuses what it cannot express before any work."""
+    unquantized baseline when the target has one). The target refuses what it cannot express before any work.
+    ``precision``: the graph's non-quantized math (default: the target's, fp16 for TensorRT, fp32 for OpenVINO)."""
     from .calib.ranges import get_recipe
     from .core.artifacts import EngineError, trt_module
     from .targets import ExportJob, get_target
     tgt = get_target(target)
+    precision = precision or getattr(tgt, "default_precision", "fp16")
     quant = quant.resolved(loaded)
     tgt.check(quant.qcfg, get_recipe(quant.recipe))
     guidance = loaded.guidance(quant.spec.guidance_scale, quant.spec.guidance_rescale)  # refuse before any work

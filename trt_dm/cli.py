@@ -122,8 +122,9 @@ def cmd_sample(args) -> int:
     if Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise UsageError(f"--out must end in .png, .jpg or .jpeg, got {args.out!r}")
     loaded = _load(args)
-    with api.open_denoiser(loaded, engines=args.engine or (), onnx=args.onnx or (), device=args.device,
-                           threads=args.threads, cuda_graph=args.cuda_graph) as den:
+    with api.open_denoiser(loaded, engines=args.engine or (), onnx=args.onnx or (), openvino=args.openvino or (),
+                           device=args.device, threads=args.threads, cuda_graph=args.cuda_graph,
+                           ov_precision=args.ov_precision) as den:
         images, secs = api.draw(loaded, den, settings, progress=not args.no_progress)
     grid = save_grid(images, args.out, nrow=args.nrow)
     cond = "" if settings.labels is None else f", classes {settings.labels if isinstance(settings.labels, str) else list(settings.labels)}"
@@ -144,11 +145,14 @@ def cmd_eval(args) -> int:
     # Everything that can fail on bad input is checked before the (long) sampling run.
     settings = _settings(args)
     extractor = evaluate.InceptionFeatures(args.inception_weights) if args.inception_weights else None
-    if args.recipe and args.onnx:
-        raise UsageError("--recipe evaluates the torch fake-quant model, --onnx an exported graph: give one")
+    given = [f for f in ("recipe", "onnx", "openvino") if getattr(args, f)]
+    if len(given) > 1:
+        raise UsageError("--recipe evaluates the torch fake-quant model, --onnx / --openvino an exported graph in "
+                         f"ONNX Runtime / OpenVINO: give one, not {' and '.join('--' + f for f in given)}")
     quant = _quant(args) if args.recipe else None
     loaded = _load(args)
-    res = api.evaluate(loaded, settings, quant=quant, onnx=args.onnx, extractor=extractor, ref=args.ref,
+    res = api.evaluate(loaded, settings, quant=quant, onnx=args.onnx, openvino=args.openvino,
+                       ov_precision=args.ov_precision, extractor=extractor, ref=args.ref,
                        ref_limit=args.ref_limit, eps_n=args.eps_n, cache_root=Path(args.cache_dir), device=args.device,
                        threads=args.threads, progress=not args.no_progress)
     out_dir = Path(args.out_dir)
@@ -349,6 +353,16 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _openvino_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--openvino", nargs="+", default=None, metavar="GRAPH",
+                   help="run this exported graph in OpenVINO on the CPU (e.g. the openvino / tensorrt target's "
+                        "M-R.fp32.onnx: its Q/DQ layers run as int8 kernels; K graphs of a groups=K recipe are "
+                        "switched by timestep); compiled once into a cache beside the graph (<stem>.ovcache/)")
+    p.add_argument("--ov-precision", choices=("fp32", "bf16"), default="fp32",
+                   help="with --openvino: precision of the non-quantized math (bf16 needs a CPU with native bf16, "
+                        "AVX512_BF16 or AMX; elsewhere OpenVINO runs fp32 and says so)")
+
+
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default="ptq4dm", help="calibration recipe (see `trt-dm calibrate --help`)")
     from .targets import targets
@@ -359,9 +373,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                         "operator ONNX Runtime can (SiLU, residual adds, concat, softmax too): a study option, "
                         "measured no faster here and less accurate (see docs/performance.md)")
     p.add_argument("--out-dir", default="engines", help="where ONNX files, reports and engines go")
-    p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16",
-                   help="precision of the non-quantized math in the deployed graph (fp16 for strongly typed "
-                        "TensorRT; the fp32 Q/DQ graph is always written too)")
+    p.add_argument("--precision", choices=("fp16", "fp32"), default=None,
+                   help="precision of the non-quantized math in the deployed graph (default: the target's; fp16 for "
+                        "strongly typed TensorRT, the fp32 Q/DQ graph is always written too; fp32 for openvino)")
     p.add_argument("--batch", type=int, default=64, help="images per UNet call during calibration")
     p.add_argument("--no-progress", action="store_true")
     _calib_args(p)
@@ -403,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run this TensorRT / TensorRT-RTX engine (GPU); K plans of a groups=K recipe are "
                         "switched by timestep")
     p.add_argument("--cuda-graph", action="store_true", help="with --engine: replay the engine call as a CUDA graph")
+    _openvino_args(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="FD-EffNet and KID of samples against Fashion-MNIST")
@@ -420,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate this exported ONNX graph in ONNX Runtime (e.g. the ort-cpu int8 target) against FP")
     p.add_argument("--eps-n", type=int, default=256,
                    help="images whose per-timestep noise-prediction error is measured (recipe runs)")
+    _openvino_args(p)
     _calib_args(p)
     p.set_defaults(func=cmd_eval)
 

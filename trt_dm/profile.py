@@ -5,7 +5,9 @@
 Runners (those the machine has): torch fp32 (CPU); ONNX Runtime fp32, int8 in ONNX Runtime's layout
 (``trt_dm.ortcpu``: uint8 activations, Q/DQ around inputs and outputs; the recipe's layers, or all ops)
 and int8 in the TensorRT layout
-(Q/DQ on inputs only, what `make engine` deploys) on CPU; on a GPU torch fp16, torch fp16 replayed as a
+(Q/DQ on inputs only, what `make engine` deploys) on CPU; with OpenVINO installed, OpenVINO fp32 and bf16
+(the unquantized graph; bf16 only on CPUs with native bf16, else a note says why it is missing) and int8 (the
+same TensorRT-layout graph, FP32 math); on a GPU torch fp16, torch fp16 replayed as a
 CUDA graph, and TensorRT FP16 / int8 engines (``--engine``). Speed does not depend on weight values, so
 the benchmark architectures use random weights, and the int8 graphs get ranges from random inputs.
 
@@ -76,9 +78,23 @@ def machine() -> dict:
         pass
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     import onnxruntime
+    flags = set()
+    with contextlib.suppress(OSError):
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    try:
+        import openvino
+        ov_version = openvino.get_version().split("-")[0]
+    except ImportError:
+        ov_version = None
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "gpu": gpu, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "cpu_flags": sorted(flags & _ISA_FLAGS), "gpu": gpu, "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__, "openvino": ov_version,
             "python": platform.python_version(), "platform": platform.platform()}
+
+
+# what decides int8 / bf16 speed on a CPU: VNNI / AMX int8 dot products, native bf16
+_ISA_FLAGS = {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
+              "amx_int8", "amx_tile"}
 
 
 def _rss_reset() -> None:
@@ -140,9 +156,12 @@ class CudaGraphTorchRunner(TorchRunner):
         return {OUTPUT_NAME: out.float().clone()}
 
 
-def cpu_runners(unet, tmp: Path, threads: int, calib_batches: int = 2) -> dict[str, Callable[[], Runner]]:
+def cpu_runners(unet, tmp: Path, threads: int, calib_batches: int = 2,
+                notes: list[str] | None = None) -> dict[str, Callable[[], Runner]]:
     """Factories of the CPU runners for ``unet``: torch fp32, ORT fp32, ORT int8 (ORT layout), ORT int8
-    (TensorRT layout). The int8 graphs are made here, with ranges from random inputs."""
+    (TensorRT layout), and with OpenVINO installed OpenVINO fp32, bf16 (CPUs with native bf16) and int8 (the
+    TensorRT-layout graph). The int8 graphs are made here, with ranges from random inputs. Why a runner is
+    missing is appended to ``notes``."""
     import copy
 
     from .export import export_onnx
@@ -160,13 +179,36 @@ def cpu_runners(unet, tmp: Path, threads: int, calib_batches: int = 2) -> dict[s
     trt_layout = export_onnx(q, tmp / "int8-trt-layout.onnx")
     ort_layout = export_ort_int8(unet, tmp / "int8-ort.onnx", feeds, layers=set(quantized_layers(q)))
     ort_all = export_ort_int8(unet, tmp / "int8-ort-all.onnx", feeds, layers=set(quantized_layers(q)), ops="all")
-    return {
+    out: dict[str, Callable[[], Runner]] = {
         "torch-fp32": lambda: TorchRunner(unet, device="cpu", dtype=torch.float32, name="torch"),
         "ort-fp32": lambda: OrtRunner(fp32, threads=threads, name="ort-fp32"),
         "ort-int8": lambda: OrtRunner(ort_layout, threads=threads, name="ort-int8"),
         "ort-int8-all-ops": lambda: OrtRunner(ort_all, threads=threads, name="ort-int8-all-ops"),
         "ort-int8-trt-layout": lambda: OrtRunner(trt_layout, threads=threads, name="ort-int8-trt-layout"),
     }
+    out.update(openvino_runners(fp32, trt_layout, threads, notes if notes is not None else []))
+    return out
+
+
+def openvino_runners(fp32: Path, int8: Path, threads: int, notes: list[str]) -> dict[str, Callable[[], Runner]]:
+    """OpenVINO fp32 and bf16 on the unquantized graph ``fp32``, int8 on the TensorRT-layout graph ``int8`` (FP32
+    math), each compiled into a cache beside its graph; none without OpenVINO, no bf16 without native bf16."""
+    try:
+        import openvino as ov
+    except ImportError:
+        notes.append("OpenVINO rows: openvino is not installed (pip install 'trt_dm[openvino]')")
+        return {}
+    from .runners import OpenVinoRunner
+    out: dict[str, Callable[[], Runner]] = {
+        "ov-fp32": lambda: OpenVinoRunner(fp32, threads=threads, precision="fp32", name="ov-fp32")}
+    caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    if "BF16" in caps:
+        out["ov-bf16"] = lambda: OpenVinoRunner(fp32, threads=threads, precision="bf16", name="ov-bf16")
+    else:  # OpenVINO does not emulate bf16: asked for it, it compiles f32, and the row would be ov-fp32 again
+        notes.append(f"ov-bf16: this CPU has no native bf16 (OpenVINO's capabilities: {', '.join(caps)}); OpenVINO "
+                     "runs f32 when asked for bf16, so the row is left out")
+    out["ov-int8"] = lambda: OpenVinoRunner(int8, threads=threads, precision="fp32", name="ov-int8")
+    return out
 
 
 def gpu_runners(unet, engines: list[str]) -> dict[str, Callable[[], Runner]]:
@@ -254,10 +296,11 @@ def profile(arch: str, batches: list[int], *, threads: int, steps: int, warmup: 
     """Profile one architecture: {arch, params, runners: {name: {latency: [...], sampling, peak_rss_mb}}}."""
     torch.set_num_threads(threads)
     unet, sched_cfg = build_arch(arch)
-    res = {"arch": arch, "params": sum(p.numel() for p in unet.parameters()), "threads": threads, "runners": {}}
+    res = {"arch": arch, "params": sum(p.numel() for p in unet.parameters()), "threads": threads, "runners": {},
+           "notes": []}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        factories = cpu_runners(unet, Path(tmp), threads)
+        factories = cpu_runners(unet, Path(tmp), threads, notes=res["notes"])
         res["export_seconds"] = round(time.perf_counter() - t0, 1)
         if torch.cuda.is_available():
             factories.update(gpu_runners(unet, engines or []))
@@ -300,9 +343,11 @@ def ratios(res: dict, base: str = "ort-fp32", key: str = "median_ms") -> dict[st
 
 
 def markdown(results: list[dict], mach: dict) -> str:
-    lines = [f"Machine: {mach['cpu']} ({mach['cpu_count']} CPUs), torch threads {mach['torch_threads']}, "
-             f"GPU: {mach['gpu'] or 'none'}; torch {mach['torch']}, onnxruntime {mach['onnxruntime']}. "
-             "Absolute times are this machine's; ratios are measured side by side in one run.", ""]
+    isa = ", ".join(mach.get("cpu_flags") or []) or "not read"
+    lines = [f"Machine: {mach['cpu']} ({mach['cpu_count']} CPUs; {isa}), torch threads {mach['torch_threads']}, "
+             f"GPU: {mach['gpu'] or 'none'}; torch {mach['torch']}, onnxruntime {mach['onnxruntime']}"
+             + (f", openvino {mach['openvino']}" if mach.get("openvino") else "")
+             + ". Absolute times are this machine's; ratios are measured side by side in one run.", ""]
     for res in results:
         lines += [f"### {res['arch']} ({res['params'] / 1e6:.1f} M parameters, {res['threads']} threads)", "",
                   "| runner | batch | median ms | p90 ms | images/s (UNet call) | speed-up vs ort-fp32 |",
@@ -322,6 +367,7 @@ def markdown(results: list[dict], mach: dict) -> str:
                              f"{100 * s['outside_unet_share']:.1f}% | {row['peak_rss_mb'] or 0:.0f} "
                              f"({row['rss_before_mb'] or 0:.0f}) |")
         lines.append("")
+        lines += [f"Note: {n}" for n in res.get("notes", [])] + ([""] if res.get("notes") else [])
     return "\n".join(lines)
 
 
