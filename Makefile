@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
-	$(BIN)/python -m pip install -q -e '.[test,rtx,serve,ray,openvino]'
+	$(BIN)/python -m pip install -q -e '.[test,rtx,serve,ray,text,openvino]'
 	touch $@
 
 # Real Fashion-MNIST from Debian's dataset-fashion-mnist (or point TRT_DM_FASHION_MNIST at the IDX files).

@@ -102,3 +102,13 @@ def default_model_dir() -> Path:
     if not ((path / "unet" / models.SAFE_WEIGHTS).is_file() and (path / "scheduler").is_dir()):
         pytest.skip(f"default model not found at {path}; produce it with `python tools/train_default.py`")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_pipeline_dir(tmp_path_factory) -> Path:
+    """A tiny text-to-image pipeline in the Stable Diffusion layout (trt_dm.text.write_tiny_sd_pipeline): CLIP
+    tokenizer and text model (width 16, sequence 8), a 2-level VAE (16 px images, 4x8x8 latents), a
+    UNet2DConditionModel on the latents and a DDIM scheduler config as Stable Diffusion's."""
+    pytest.importorskip("transformers")
+    from trt_dm.text import write_tiny_sd_pipeline
+    return write_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny_sd") / "tiny_sd", seed=TINY_SEED)

@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,11 +57,22 @@ class SampleSettings:
     labels: tuple[int, ...] | str | None = None  # class-conditional models: labels cycled over the images, or "all"
     guidance_scale: float = 1.0  # classifier-free guidance w (1 = none)
     guidance_rescale: float = 0.0
+    # text-conditional models: prompts cycled over the images, the negative prompt of guidance, or a safetensors file
+    # of precomputed prompt_embeds (N, S, D) [+ negative_prompt_embeds (1, S, D)]
+    prompts: tuple[str, ...] | None = None
+    negative_prompt: str = ""
+    embeddings: str | None = None
 
     def __post_init__(self) -> None:
         check_scale(self.guidance_scale)
         if isinstance(self.labels, list):
             object.__setattr__(self, "labels", tuple(self.labels))
+        if isinstance(self.prompts, (list, str)):
+            object.__setattr__(self, "prompts", (self.prompts,) if isinstance(self.prompts, str) else tuple(self.prompts))
+        if self.prompts is not None and self.embeddings is not None:
+            raise ValueError("give --prompt / --prompts or --embeddings, not both")
+        if self.prompts is not None and (not self.prompts or not all(isinstance(p, str) for p in self.prompts)):
+            raise ValueError("prompts must be a non-empty list of strings")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; accepted: {SAMPLERS}")
         for name in ("n", "steps", "batch"):
@@ -80,6 +92,12 @@ class SampleSettings:
             key += f"-c{labels if len(labels) <= 24 else hashlib.sha256(labels.encode()).hexdigest()[:12]}"
         if self.guidance_scale != 1.0 or self.guidance_rescale:
             key += f"-w{self.guidance_scale:g}" + (f"r{self.guidance_rescale:g}" if self.guidance_rescale else "")
+        if self.prompts is not None:
+            from .text import prompts_key
+            key += f"-p{prompts_key(self.prompts, self.negative_prompt)[:12]}"
+        if self.embeddings is not None:
+            from .core.artifacts import sha256_file
+            key += f"-e{sha256_file(self.embeddings)[:12]}"
         return key
 
 
@@ -102,6 +120,9 @@ class QuantSettings:
         spec = self.spec or CalibSpec()
         if loaded is not None and loaded.class_labels_spec is not None and spec.labels is None:
             spec = dataclasses.replace(spec, labels="all")
+        if loaded is not None and loaded.text_conditioned and spec.prompts is None:
+            from .text import builtin_prompts
+            spec = dataclasses.replace(spec, prompts=builtin_prompts())  # the project's 141 prompts
         return dataclasses.replace(self, spec=spec, qcfg=self.qcfg or QuantConfig(), cache_root=Path(self.cache_root))
 
 
@@ -210,15 +231,25 @@ def draw(loaded: LoadedModel, denoiser: Denoiser, settings: SampleSettings, *, p
     images = sample_many(cfg_denoiser(denoiser, guidance), schedule(loaded), seeds, loaded.sample_shape,
                          batch_size=settings.batch, sampler=settings.sampler, steps=settings.steps, eta=settings.eta,
                          progress=progress, device=denoiser.device, conditioning=cond)
-    return images, time.perf_counter() - t0
+    return loaded.decode(images), time.perf_counter() - t0  # a latent pipeline's VAE decodes (in torch)
 
 
 def conditioning(loaded: LoadedModel, settings: SampleSettings, n: int | None = None):
     """(per-image conditioning {input: (n, ...)}, Guidance) of ``settings`` for this model; ValueError naming what
-    is accepted for a label out of range, labels for an unconditional model, none for a conditional one, or
-    guidance a model without a null label cannot do."""
-    guidance = loaded.guidance(settings.guidance_scale, settings.guidance_rescale)
-    return loaded.conditioning_for(settings.n if n is None else n, settings.labels), guidance
+    is accepted for a label out of range, labels for an unconditional model, none for a conditional one, a prompt
+    for a model without a text encoder, embeddings of the wrong shape, or guidance the model cannot do."""
+    embeds = negative = None
+    if settings.embeddings is not None:
+        from .text import load_embeddings
+        dim = loaded.config.get("cross_attention_dim")
+        if not loaded.text_conditioned:
+            raise ValueError(f"--embeddings was given, but {loaded.name!r} is not text-conditional")
+        embeds, negative = load_embeddings(settings.embeddings, loaded.seq_len, dim)  # bare UNet: any length
+    cond = loaded.conditioning_for(settings.n if n is None else n, settings.labels, prompts=settings.prompts,
+                                   embeddings=embeds)
+    guidance = loaded.guidance(settings.guidance_scale, settings.guidance_rescale,
+                               negative_prompt=settings.negative_prompt, negative_embeddings=negative)
+    return cond, guidance
 
 
 def fp_samples(loaded: LoadedModel, settings: SampleSettings, *, cache_root: Path = DEFAULT_CACHE_ROOT,
@@ -286,14 +317,21 @@ class EvalResult:
     eps_n: int | None = None
     eps: dict | None = None
     eps_conditional: dict | None = None  # guided runs: the conditional prediction's own error on the same x_t
+    prompts: dict | None = None  # text-to-image: {"n", "sha256", "first"} of the prompts sampled
+    not_available: dict | None = None  # metric -> why it is not reported for this model
     fd_change_vs_fp_pct: float | None = None
     images: torch.Tensor | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name != "images" and getattr(self, f.name) is not None}
+        return {f.name: v for f in dataclasses.fields(self) if f.name != "images"
+                and (v := getattr(self, f.name)) is not None and not (isinstance(v, float) and math.isnan(v))}
 
     def line(self) -> str:
+        if math.isnan(self.fd) and self.psnr_vs_fp is not None:  # text-to-image: fidelity to FP only
+            return (f"PSNR vs FP: {self.psnr_vs_fp:.2f} dB   eps MSE {self.eps['mse']:.2e} cos {self.eps['cosine']:.5f}"
+                    + "".join(f"   {k}: not available ({v})" for k, v in (self.not_available or {}).items()))
+        if math.isnan(self.fd):
+            return "FP samples drawn" + "".join(f"   {k}: not available ({v})" for k, v in (self.not_available or {}).items())
         acc = "" if self.class_accuracy is None else f"   class accuracy: {100 * self.class_accuracy:.1f}%" + (
             "" if self.fp_class_accuracy is None else f" (FP {100 * self.fp_class_accuracy:.1f}%)")
         if self.fp_fd is None:
@@ -331,24 +369,39 @@ def evaluate(loaded: LoadedModel, settings: SampleSettings, *, quant: QuantSetti
         log.info("calibrating with guidance %g, sampling with %g", quant.spec.guidance_scale, settings.guidance_scale)
     cond, _ = conditioning(loaded, settings)  # bad labels / guidance fail before any work
     classifier = None
-    if cond and tuple(loaded.sample_shape) == (1, 32, 32) and (loaded.num_classes or 0) <= 10:
+    if "class_labels" in cond and tuple(loaded.sample_shape) == (1, 32, 32) and (loaded.num_classes or 0) <= 10:
         from .classify import load_classifier
         classifier = load_classifier()  # before any work: a missing classifier is said at once
-    elif cond:
+    elif "class_labels" in cond:
         log.warning("class accuracy is not available for %s: the project's classifier takes Fashion-MNIST-shaped "
                     "(1, 32, 32) images of its 10 classes, the model makes %s", loaded.name, loaded.sample_shape)
-    extractor = extractor if extractor is not None else E.get_extractor("effnet")
-    label = "FD-EffNet" if isinstance(extractor, E.EffNetFeatures) else "FID (Inception)"
     disable = None if progress else True
-    reference = E.reference_features(ref, extractor, limit=ref_limit, disable=disable)
-    kid_size = min(1000, settings.n, len(reference))
+    text = loaded.text is not None
+    if text:  # the Fashion-MNIST reference does not describe a text-to-image pipeline's images
+        label, reference, kid_size = "FD", [], 0
+    else:
+        extractor = extractor if extractor is not None else E.get_extractor("effnet")
+        label = "FD-EffNet" if isinstance(extractor, E.EffNetFeatures) else "FID (Inception)"
+        reference = E.reference_features(ref, extractor, limit=ref_limit, disable=disable)
+        kid_size = min(1000, settings.n, len(reference))
     res = EvalResult(model=str(loaded.source), fingerprint=loaded.fingerprint(),
                      schedule_fingerprint=loaded.schedule_fingerprint(), sampler=settings.sampler, steps=settings.steps,
                      eta=settings.eta, n=settings.n, seed=settings.seed, reference=f"fashion-mnist-{ref}",
                      reference_n=len(reference), metric=label, kid_subset_size=kid_size, threads=torch.get_num_threads())
-    if cond:
+    if cond and settings.labels is not None:
         res.labels = settings.labels if isinstance(settings.labels, str) else ",".join(map(str, settings.labels))
+    if cond:
         res.guidance_scale, res.guidance_rescale = settings.guidance_scale, settings.guidance_rescale
+    if text:
+        from .text import prompts_key
+        if settings.prompts is not None:
+            res.prompts = {"n": len(settings.prompts), "sha256": prompts_key(settings.prompts, settings.negative_prompt),
+                           "first": settings.prompts[0]}
+        res.reference, res.reference_n = "none", 0
+        res.not_available = {
+            "FD / KID": "the reference set is Fashion-MNIST, which says nothing about a text-to-image pipeline's images",
+            "CLIP score": "the pipeline has a text encoder but no matching image encoder (CLIPVisionModelWithProjection "
+                          "of the same CLIP), so text-image agreement cannot be measured with its own encoders"}
 
     def accuracy(images: torch.Tensor) -> float | None:
         if classifier is None:
@@ -357,6 +410,8 @@ def evaluate(loaded: LoadedModel, settings: SampleSettings, *, quant: QuantSetti
         return class_accuracy(images, cond["class_labels"], classifier)
 
     def score(images: torch.Tensor) -> tuple[float, float, float]:
+        if text:
+            return float("nan"), float("nan"), float("nan")
         feats = E.extract_features(images, extractor, disable=disable)
         return (E.frechet_distance(feats, reference), *E.kid(feats, reference, subset_size=kid_size))
 
@@ -395,7 +450,7 @@ def evaluate(loaded: LoadedModel, settings: SampleSettings, *, quant: QuantSetti
     res.fd, res.kid_mean, res.kid_std = score(images)
     res.fp_fd, res.fp_kid_mean, res.fp_kid_std = score(fp_images)
     res.psnr_vs_fp, res.eps = E.psnr(fp_images, images), cmp["eps"]
-    res.fd_change_vs_fp_pct = 100 * (res.fd - res.fp_fd) / res.fp_fd
+    res.fd_change_vs_fp_pct = None if text else 100 * (res.fd - res.fp_fd) / res.fp_fd
     res.class_accuracy, res.fp_class_accuracy = accuracy(images), accuracy(fp_images)
     return res
 
@@ -427,8 +482,15 @@ def deploy(loaded: LoadedModel, quant: QuantSettings, *, target: str = "tensorrt
     precision = precision or getattr(tgt, "default_precision", "fp16")
     quant = quant.resolved(loaded)
     tgt.check(quant.qcfg, get_recipe(quant.recipe))
-    guidance = loaded.guidance(quant.spec.guidance_scale, quant.spec.guidance_rescale)  # refuse before any work
-    loaded.conditioning_for(quant.spec.n, quant.spec.label_list)
+    guidance = loaded.guidance(quant.spec.guidance_scale, quant.spec.guidance_rescale,  # refuse before any work
+                               negative_prompt=quant.spec.negative_prompt)
+    if not loaded.text_conditioned:  # (prompts are encoded once, by the calibration itself)
+        loaded.conditioning_for(quant.spec.n, quant.spec.label_list)
+    elif loaded.text is None:
+        raise ValueError(f"{loaded.name!r} has no text encoder: calibrating a text-conditional UNet needs a Stable "
+                         "Diffusion layout pipeline (text_encoder/, tokenizer/) to encode its prompts")
+    if build_options is not None and loaded.seq_len is not None:  # the text encoder's sequence length
+        build_options = dataclasses.replace(build_options, seq_len=(loaded.seq_len,) * 3)
     if build_options is not None and guidance.active:  # a guided step is one UNet call of 2 rows per image
         build_options = dataclasses.replace(build_options, min_batch=2 * build_options.min_batch,
                                             opt_batch=2 * build_options.opt_batch, max_batch=2 * build_options.max_batch)

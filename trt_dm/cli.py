@@ -61,12 +61,47 @@ def _add_cond_args(p: argparse.ArgumentParser) -> None:
                    help="class-conditional models: the class labels, cycled over the images (image i gets L[i %% len])")
     g.add_argument("--classes", choices=["all"], default=None,
                    help="class-conditional models: every class in turn (calibration defaults to this)")
-    p.add_argument("--guidance-scale", type=float, default=1.0,
-                   help="classifier-free guidance w (1 = none); needs the null class label the model was trained with")
+    t = p.add_mutually_exclusive_group()
+    t.add_argument("--prompt", nargs="+", default=None, metavar="TEXT",
+                   help="text-to-image pipelines: the prompt(s), cycled over the images")
+    t.add_argument("--prompts", default=None, metavar="FILE", help="prompts from a file, one per line, cycled")
+    t.add_argument("--embeddings", default=None, metavar="FILE",
+                   help="precomputed text embeddings (safetensors: prompt_embeds (N, S, D), optionally "
+                        "negative_prompt_embeds (1, S, D)), cycled; any text encoder")
+    p.add_argument("--negative-prompt", default="", help="the prompt of guidance's unconditional half (default: empty)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance w (1 = none; default 7.5 for text-to-image pipelines, else 1); "
+                        "needs the null class label the model was trained with, or a text encoder")
     p.add_argument("--guidance-rescale", type=float, default=0.0,
                    help="guidance rescale phi in [0, 1] (Lin et al. 2024); 0 = off")
     p.add_argument("--null-label", type=int, default=None,
                    help="the model's null (unconditional) class label, when its directory does not name one")
+
+
+TEXT_GUIDANCE_DEFAULT = 7.5  # Stable Diffusion pipelines' default
+
+
+def _is_text_model(spec) -> bool:
+    """A Stable Diffusion layout pipeline directory (a cheap look at the files, before loading anything)."""
+    root = Path(str(spec))
+    return root.is_dir() and (root / "unet").is_dir() and (root / "text_encoder").exists()
+
+
+def _guidance_scale(args) -> float:
+    """--guidance-scale, or its default: 7.5 for text (prompts, embeddings or a text-to-image pipeline), else 1."""
+    if getattr(args, "guidance_scale", None) is not None:
+        return args.guidance_scale
+    texty = any(getattr(args, k, None) for k in ("prompt", "prompts", "embeddings", "calib_prompts"))
+    return TEXT_GUIDANCE_DEFAULT if texty or _is_text_model(getattr(args, "model", "")) else 1.0
+
+
+def _prompts(args) -> tuple[str, ...] | None:
+    from .text import read_prompts
+    if getattr(args, "prompt", None):
+        return tuple(args.prompt)
+    if getattr(args, "prompts", None):
+        return read_prompts(args.prompts)
+    return None
 
 
 def _labels(args):
@@ -88,8 +123,10 @@ def _settings(args):
     from .api import SampleSettings
     try:
         return SampleSettings(sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed, n=args.n,
-                              batch=args.batch, labels=_labels(args), guidance_scale=args.guidance_scale,
-                              guidance_rescale=args.guidance_rescale)
+                              batch=args.batch, labels=_labels(args), guidance_scale=_guidance_scale(args),
+                              guidance_rescale=args.guidance_rescale, prompts=_prompts(args),
+                              negative_prompt=getattr(args, "negative_prompt", ""),
+                              embeddings=getattr(args, "embeddings", None))
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -100,14 +137,18 @@ def _quant(args):
     from .calib.trajectories import CalibSpec
     from .quant import DEFAULT_EXCLUDE, QuantConfig
     from .core.guidance import check_scale
+    from .text import read_prompts
     labels = _labels(args)
+    scale = _guidance_scale(args)
     try:
-        check_scale(args.guidance_scale)
+        check_scale(scale)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    prompts = read_prompts(args.calib_prompts) if getattr(args, "calib_prompts", None) else None
     spec = CalibSpec(parse(args.timesteps), n=args.calib_n, sampler=args.calib_sampler, steps=args.calib_steps,
                      seed=args.calib_seed, labels=labels if labels is None or labels == "all" else ",".join(map(str, labels)),
-                     guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale)
+                     guidance_scale=scale, guidance_rescale=args.guidance_rescale, prompts=prompts,
+                     negative_prompt=getattr(args, "negative_prompt", ""))
     qcfg = QuantConfig(weight_bits=args.weight_bits, weight_calib=args.weight_calib, shortcut_split=args.shortcut_split,
                        quantize_attention=args.quantize_attention,
                        exclude=tuple(args.exclude) if args.exclude is not None else DEFAULT_EXCLUDE)
@@ -128,6 +169,8 @@ def cmd_sample(args) -> int:
         images, secs = api.draw(loaded, den, settings, progress=not args.no_progress)
     grid = save_grid(images, args.out, nrow=args.nrow)
     cond = "" if settings.labels is None else f", classes {settings.labels if isinstance(settings.labels, str) else list(settings.labels)}"
+    cond += f", {len(settings.prompts)} prompt(s)" if settings.prompts else ""
+    cond += f", embeddings {settings.embeddings}" if settings.embeddings else ""
     cond += f", guidance {settings.guidance_scale:g}" if settings.guidance_scale != 1 else ""
     print(f"{len(images)} images ({args.sampler}, {args.steps} steps, seeds {args.seed}..{args.seed + args.n - 1}{cond}) "
           f"in {secs:.1f} s -> {grid}")
@@ -158,7 +201,8 @@ def cmd_eval(args) -> int:
     out_dir = Path(args.out_dir)
     save_grid(res.images[:64], out_dir / "grid.png")
     write_json(out_dir / "result.json", res.to_dict(), indent=2)
-    print(f"{res.line()}   N={args.n} {args.sampler}-{args.steps} vs Fashion-MNIST {args.ref}   -> {out_dir}")
+    ref = "" if res.reference == "none" else f" vs Fashion-MNIST {args.ref}"
+    print(f"{res.line()}   N={args.n} {args.sampler}-{args.steps}{ref}   -> {out_dir}")
     return 0
 
 
@@ -170,6 +214,8 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-sampler", default="ddim", help="FP sampler whose trajectories are recorded")
     p.add_argument("--calib-steps", type=int, default=100)
     p.add_argument("--calib-seed", type=int, default=0)
+    p.add_argument("--calib-prompts", default=None, metavar="FILE",
+                   help="text-to-image pipelines: calibration prompts, one per line (default: trt_dm's built-in 141)")
     p.add_argument("--weight-bits", type=int, default=8, choices=(8, 4), help="4 = W4A8 fake-quant study")
     p.add_argument("--weight-calib", default="max", choices=("max", "mse"),
                    help="weight ranges per output channel: max = abs-max; mse = ModelOpt's data-free search for the "

@@ -71,6 +71,7 @@ class LoadedModel:
     null_class_label: int | None = None  # the class label the model was trained with as "no class" (for CFG)
     num_classes: int | None = None       # labels 0 .. num_classes - 1 are real classes
     class_names: tuple[str, ...] | None = None
+    text: Any = None  # trt_dm.text.TextPipeline of a Stable Diffusion layout pipeline (tokenizer, text encoder, VAE)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -113,14 +114,31 @@ class LoadedModel:
         sig = self.signature
         return sig["class_labels"] if "class_labels" in sig else None
 
-    def conditioning_for(self, n: int, labels: Sequence[int] | str | None) -> dict[str, torch.Tensor]:
+    @property
+    def text_conditioned(self) -> bool:
+        return "encoder_hidden_states" in self.signature.conditioning
+
+    @property
+    def seq_len(self) -> int | None:
+        """The text encoder's sequence length (the tokenizer pads to it), or None without a text encoder."""
+        return self.text.max_length if self.text is not None else None
+
+    def conditioning_for(self, n: int, labels: Sequence[int] | str | None = None, *,
+                         prompts: Sequence[str] | None = None, embeddings: torch.Tensor | None = None
+                         ) -> dict[str, torch.Tensor]:
         """The conditioning of ``n`` images: ``labels`` cycled over them (image i gets labels[i % len]), "all"
-        for every class in turn, None for an unconditional model. Raises ValueError naming what is accepted."""
+        for every class in turn; for text-conditional UNets ``prompts`` (encoded by the pipeline's text encoder)
+        or precomputed ``embeddings`` (N, S, D), cycled likewise; nothing for an unconditional model. Raises
+        ValueError naming what is accepted."""
+        if self.text_conditioned:
+            if labels is not None:
+                raise ValueError(f"{self.name!r} is text-conditional: give --prompt / --prompts / --embeddings, "
+                                 "not class labels")
+            return {"encoder_hidden_states": self._text_rows(n, prompts, embeddings)}
+        if prompts is not None or embeddings is not None:
+            raise ValueError(f"a prompt or embeddings were given, but {self.kind} {self.name!r} is not "
+                             "text-conditional (no encoder_hidden_states input); drop --prompt / --embeddings")
         spec = self.class_labels_spec
-        other = [c for c in self.signature.conditioning if c != "class_labels"]
-        if other:
-            raise ValueError(f"{self.kind} {self.name!r} is conditioned on {other}, which trt_dm cannot feed yet "
-                             "(text conditioning); supported: class labels")
         if spec is None:
             if labels is not None:
                 raise ValueError(f"class labels were given, but {self.name!r} is an unconditional model (no "
@@ -146,13 +164,48 @@ class LoadedModel:
         from .core.guidance import class_labels_for
         return {"class_labels": class_labels_for(n, labels)}
 
-    def guidance(self, scale: float = 1.0, rescale: float = 0.0):
+    def _text_rows(self, n: int, prompts: Sequence[str] | None, embeddings: torch.Tensor | None) -> torch.Tensor:
+        if prompts is not None and embeddings is not None:
+            raise ValueError("give prompts or embeddings, not both")
+        if embeddings is not None:
+            rows = embeddings
+        elif prompts is not None:
+            if isinstance(prompts, str):
+                prompts = [prompts]
+            if not prompts:
+                raise ValueError("no prompts given")
+            if self.text is None:
+                raise ValueError(f"{self.name!r} has no text encoder (not a Stable Diffusion layout pipeline with "
+                                 "text_encoder/ and tokenizer/): prompts cannot be encoded; give --embeddings "
+                                 "FILE.safetensors with prompt_embeds (N, S, D)")
+            unique = list(dict.fromkeys(prompts))
+            enc = self.text.encode(unique)
+            rows = enc[torch.tensor([unique.index(p) for p in prompts])]
+        else:
+            raise ValueError(f"{self.name!r} is text-conditional: give --prompt TEXT, --prompts FILE or --embeddings "
+                             "FILE.safetensors")
+        dim = self.config.get("cross_attention_dim")
+        if rows.ndim != 3 or (isinstance(dim, int) and rows.shape[2] != dim):
+            raise ValueError(f"embeddings of shape {tuple(rows.shape)} do not fit {self.name!r}: it takes "
+                             f"(N, S, {dim}) encoder_hidden_states")
+        return rows[torch.arange(n) % rows.shape[0]].float()
+
+    def guidance(self, scale: float = 1.0, rescale: float = 0.0, *, negative_prompt: str = "",
+                 negative_embeddings: torch.Tensor | None = None):
         """Classifier-free guidance for this model (``trt_dm.core.guidance.Guidance``); scale 1 needs nothing,
-        another scale needs the null class label the model was trained with."""
+        another scale needs the null class label the model was trained with, or for a text-conditional model the
+        embedding of the negative prompt (the empty prompt by default) or precomputed negative embeddings."""
         from .core.guidance import Guidance, check_scale
         check_scale(scale)
         if scale == 1.0:
             return Guidance(1.0, rescale)
+        if self.text_conditioned:
+            if negative_embeddings is None:
+                if self.text is None:
+                    raise ValueError(f"--guidance-scale {scale:g} on {self.name!r} (no text encoder) needs "
+                                     "negative_prompt_embeds (1, S, D) in the --embeddings file")
+                negative_embeddings = self.text.encode([negative_prompt])
+            return Guidance(scale, rescale, {"encoder_hidden_states": negative_embeddings[:1].float()})
         if self.class_labels_spec is None:
             raise ValueError(f"--guidance-scale {scale:g} needs a conditional model; {self.name!r} is unconditional")
         if self.null_class_label is None:
@@ -179,8 +232,16 @@ class LoadedModel:
 
     def data_key(self) -> str:
         """What every cache of data drawn from this model is keyed by: the UNet AND its noise schedule (the same
-        UNet under another scheduler config draws other trajectories, so it must not share their cache)."""
-        return hashlib.sha256(f"{self.fingerprint()}\0{self.schedule_fingerprint()}".encode()).hexdigest()
+        UNet under another scheduler config draws other trajectories, so it must not share their cache), and for a
+        text-to-image pipeline its text encoder (the embeddings) and VAE (the decoded images)."""
+        parts = [self.fingerprint(), self.schedule_fingerprint()]
+        if self.text is not None:
+            parts += [self.text.fingerprints["text_encoder"], self.text.fingerprints["vae"]]
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """What the sampler made -> images: a latent pipeline's VAE decodes its latents; others are images already."""
+        return self.text.decode(samples) if self.text is not None else samples
 
 
 def _canonical_config(config: dict[str, Any]) -> str:
@@ -347,6 +408,15 @@ def load_model(spec: str | os.PathLike, *, allow_pickle: bool = False,
                          scheduler_config=scheduler_config, scheduler_source=scheduler_source,
                          weight_files=tuple(files), weight_names=tuple(unet.state_dict()))
     _read_conditioning(loaded, [root, unet_dir])
+    if unet_dir != root:
+        from .text import is_text_pipeline, load_text_pipeline
+        if is_text_pipeline(root):
+            if kind != "UNet2DConditionModel":
+                raise ModelLoadError(f"{root}: a text encoder / tokenizer comes with a {kind}, which takes no text")
+            loaded.text = load_text_pipeline(root)
+            if loaded.text.hidden_size != config.get("cross_attention_dim"):
+                raise ModelLoadError(f"{root}: the text encoder's width {loaded.text.hidden_size} is not the UNet's "
+                                     f"cross_attention_dim {config.get('cross_attention_dim')}")
     logger.info("loaded %s %r from %s (%.3fM params, %s, schedule: %s)", kind, name, root,
                 sum(p.numel() for p in unet.parameters()) / 1e6, dtype, scheduler_source)
     return loaded

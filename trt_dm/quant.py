@@ -138,6 +138,13 @@ def quantize_model(unet: nn.Module, qcfg: QuantConfig = QuantConfig()) -> nn.Mod
             # an all-zero output channel quantizes to 0 with any scale; 1.0 keeps the scale valid in ONNX
             log.info("%s: %d all-zero weight channels get amax 1.0", name, int((wq.amax == 0).sum()))
             wq.amax = torch.where(wq.amax == 0, torch.ones_like(wq.amax), wq.amax)
+    for name, mod in quantized.named_modules():
+        # Conv2d / Linear only: modelopt also wraps LayerNorm (a text UNet's transformer blocks), whose quantized
+        # input TensorRT's explicit-quantization rules do not place (no Q/DQ before a normalization)
+        if hasattr(mod, "input_quantizer") and not isinstance(mod, (nn.Conv2d, nn.Linear)):
+            mod.input_quantizer.disable()
+            if hasattr(mod, "weight_quantizer"):
+                mod.weight_quantizer.disable()
     excluded = []
     for name, mod in quantized.named_modules():
         if any(fnmatch.fnmatchcase(name, p) for p in qcfg.exclude):

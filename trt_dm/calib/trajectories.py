@@ -43,12 +43,20 @@ class CalibSpec:
     labels: str | None = None
     guidance_scale: float = 1.0
     guidance_rescale: float = 0.0
+    # Text-conditional models: the prompts of the trajectories (cycled over the samples) and the negative prompt of
+    # guidance; the cache key holds their sha256, not the text.
+    prompts: tuple[str, ...] | None = None
+    negative_prompt: str = ""
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; accepted: {SAMPLERS}")
         if self.n < 1 or self.steps < 1:
             raise ValueError(f"n and steps must be >= 1, got n={self.n}, steps={self.steps}")
+        if isinstance(self.prompts, list):
+            object.__setattr__(self, "prompts", tuple(self.prompts))
+        if self.prompts is not None and not self.prompts:
+            raise ValueError("calibration prompts: the list is empty")
 
     @property
     def label_list(self) -> list[int] | str | None:
@@ -59,9 +67,14 @@ class CalibSpec:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for key, default in (("labels", None), ("guidance_scale", 1.0), ("guidance_rescale", 0.0)):
+        for key, default in (("labels", None), ("guidance_scale", 1.0), ("guidance_rescale", 0.0), ("prompts", None),
+                             ("negative_prompt", "")):
             if d[key] == default:
                 del d[key]
+        if self.prompts is not None:
+            from ..text import prompts_key
+            d["prompts"] = {"n": len(self.prompts), "sha256": prompts_key(self.prompts, self.negative_prompt)}
+            d.pop("negative_prompt", None)  # in the sha256
         d["timesteps"] = {"kind": self.timesteps.kind, "mu": self.timesteps.mu, "sigma": self.timesteps.sigma,
                           "step": self.timesteps.step, "describe": self.timesteps.describe()}
         return d

@@ -231,6 +231,7 @@ class ExportReport:
     groups: int | None = None
     t_range: list | None = None    # [t_max, t_min] of the group
     guidance_scale: float | None = None  # the classifier-free guidance it was calibrated with (conditional models)
+    text_pipeline: dict | None = None  # text-to-image: the text encoder and VAE it was calibrated with (paths, sha256)
     violations: list = field(default_factory=list)
     export_seconds: float = 0.0
     extra: dict = field(default_factory=dict)  # target-specific facts (e.g. ONNX Runtime's fused int8 ops)
@@ -291,6 +292,7 @@ class Sidecar:
     groups: int | None = None
     t_range: list | None = None
     guidance_scale: float | None = None  # guided sampling: each image takes 2 rows of the batch profile
+    text_pipeline: dict | None = None  # text-to-image: the text encoder and VAE it was calibrated with
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

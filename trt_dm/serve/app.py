@@ -1,7 +1,8 @@
 """`trt-dm serve`: an HTTP sampler service over the step scheduler (FastAPI; run by uvicorn).
 
-    POST /v1/generate   {"n", "steps", "sampler", "eta", "seed", "class_labels" | "classes", "guidance_scale",
-                         "guidance_rescale", "output": "png" | "json"}  -> a PNG grid, or base64 PNGs in JSON
+    POST /v1/generate   {"n", "steps", "sampler", "eta", "seed", "class_labels" | "classes" | "prompt",
+                         "negative_prompt", "guidance_scale", "guidance_rescale", "output": "png" | "json"}
+                        -> a PNG grid, or base64 PNGs in JSON
     GET  /v1/models     what is served: model, runner, recipe / engine sidecar, signature
     GET  /health/live   the process answers;  GET /health/ready  ready after a warm-up UNet call
     GET  /metrics       Prometheus text: requests by status, latency and queue-time histograms, queue depth,
@@ -85,7 +86,10 @@ class Service:
 
     def warmup(self) -> None:
         """One real UNet call through the scheduler; the service is ready after it."""
-        cond = self.loaded.conditioning_for(1, "all" if self.loaded.class_labels_spec is not None else None)
+        if self.loaded.text_conditioned:
+            cond = self.loaded.conditioning_for(1, prompts=[""])
+        else:
+            cond = self.loaded.conditioning_for(1, "all" if self.loaded.class_labels_spec is not None else None)
         h = self.submit(Request(n=1, steps=1, conditioning=cond))
         h.event.wait()
         if h.error:
@@ -177,9 +181,19 @@ def create_app(service: Service, *, api_key: str | None = None, max_body: int = 
         seed: int = Field(0, ge=0, lt=2 ** 63)
         class_labels: list[int] | None = Field(None, min_length=1, max_length=max_n)
         classes: Literal["all"] | None = None
-        guidance_scale: float = Field(1.0, ge=1.0, le=50.0)
+        prompt: str | list[str] | None = Field(None, description="text-to-image pipelines: prompt(s), cycled")
+        negative_prompt: str = Field("", max_length=2000)
+        guidance_scale: float = Field(7.5 if loaded.text_conditioned else 1.0, ge=1.0, le=50.0)
         guidance_rescale: float = Field(0.0, ge=0.0, le=1.0)
         output: Literal["png", "json"] = "png"
+
+        @field_validator("prompt")
+        @classmethod
+        def prompts(cls, v):
+            items = [v] if isinstance(v, str) else v
+            if items is not None and (not items or len(items) > max_n or any(len(p) > 2000 for p in items)):
+                raise ValueError(f"1..{max_n} prompts of at most 2000 characters each")
+            return v
 
         @field_validator("guidance_scale", "guidance_rescale", "eta")
         @classmethod
@@ -249,12 +263,16 @@ def create_app(service: Service, *, api_key: str | None = None, max_body: int = 
         labels = tuple(body.class_labels) if body.class_labels is not None else body.classes
         if body.class_labels is not None and body.classes is not None:
             fail(422, [{"loc": ["body", "classes"], "msg": "give class_labels or classes, not both"}], "invalid")
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         try:
-            cond = loaded.conditioning_for(body.n, labels)
-            guidance = loaded.guidance(body.guidance_scale, body.guidance_rescale)
+            cond = await asyncio.to_thread(loaded.conditioning_for, body.n, labels, prompts=prompts)  # text: encodes
+            guidance = await asyncio.to_thread(loaded.guidance, body.guidance_scale, body.guidance_rescale,
+                                               negative_prompt=body.negative_prompt)
         except ValueError as e:
-            field = "guidance_scale" if "guidance" in str(e) else "class_labels"
-            fail(422, [{"loc": ["body", field], "msg": str(e)}], "invalid")
+            msg = str(e)
+            field = ("guidance_scale" if "guidance" in msg else "prompt" if "prompt" in msg or "text" in msg
+                     else "class_labels")
+            fail(422, [{"loc": ["body", field], "msg": msg}], "invalid")
         try:
             h = service.submit(Request(n=body.n, sampler=body.sampler, steps=body.steps, eta=body.eta, seed=body.seed,
                                        conditioning=cond, guidance=guidance if guidance.active else Guidance()))
@@ -286,10 +304,11 @@ def create_app(service: Service, *, api_key: str | None = None, max_body: int = 
         if h.error is not None:
             fail(500, f"the UNet call failed: {h.error}", "error")
         service.m_requests.labels("ok").inc()
+        images = await asyncio.to_thread(loaded.decode, h.images) if loaded.text is not None else h.images  # VAE
         if body.output == "png":
-            return Response(_png(h.images), media_type="image/png")
+            return Response(_png(images), media_type="image/png")
         return {"seeds": [body.seed + i for i in range(body.n)],
-                "images": [base64.b64encode(_png(h.images[i:i + 1])).decode() for i in range(body.n)]}
+                "images": [base64.b64encode(_png(images[i:i + 1])).decode() for i in range(body.n)]}
 
     @app.get("/v1/models")
     async def models():
@@ -297,6 +316,7 @@ def create_app(service: Service, *, api_key: str | None = None, max_body: int = 
                 "batching": service.scheduler.policy,
                 "schedule_fingerprint": loaded.schedule_fingerprint(), "signature": loaded.signature.to_dict(),
                 "null_class_label": loaded.null_class_label, "num_classes": loaded.num_classes,
+                "text_pipeline": loaded.text.describe() if loaded.text is not None else None,
                 "max_rows": service.scheduler.max_rows, "replica": replica, **service.describe}
 
     @app.get("/health/live")

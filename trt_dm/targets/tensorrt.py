@@ -112,6 +112,7 @@ class TensorRTTarget(Target):
                              calibration=f"{loaded.data_key()[:16]}/{calib.stats_dir.name}", quant=job.qcfg.to_dict(),
                              quantized_layers=len(quantized), precision=job.precision, fp32_onnx=fp32.name,
                              guidance_scale=job.spec.guidance_scale if loaded.signature.conditioning else None,
+                             text_pipeline=loaded.text.describe() if loaded.text is not None else None,
                              layer_comparison_fp32=_flip_summary(rows), layer_comparison_rows=rows)
             if ranges.is_grouped:
                 report.group, report.groups, report.t_range = k, len(ranges.groups), [group.t_max, group.t_min]
@@ -158,7 +159,8 @@ class TensorRTTarget(Target):
         for m in graphs:
             plan = m.onnx.with_suffix(".plan")
             r = m.report
-            extra = {k: getattr(r, k) for k in ("group", "groups", "t_range", "guidance_scale") if getattr(r, k) is not None}
+            extra = {k: getattr(r, k) for k in ("group", "groups", "t_range", "guidance_scale", "text_pipeline")
+                     if getattr(r, k) is not None}
             extra["model_fingerprint"] = r.model_fingerprint or None
             side = build_engine(m.onnx, plan, options or BuildOptions(), flavour=flavour, recipe=r.recipe,
                                 calibration=r.calibration, precision="int8" if r.int8 else "fp16",
