@@ -55,7 +55,7 @@ def test_builtin_prompts_are_many_and_distinct():
     prompts = builtin_prompts()
     assert len(prompts) >= 128 and len(set(prompts)) == len(prompts)
     lengths = sorted(len(p.split()) for p in prompts)
-    assert lengths[0] <= 2 and lengths[-1] >= 15  # from two words to long sentences
+    assert lengths[0] <= 2 and lengths[-1] >= 15  # (17 words at most)  # from two words to long sentences
 
 
 def test_calibration_from_prompts_is_keyed_by_the_prompt_set(sd, tmp_path):
