@@ -214,3 +214,23 @@ def test_served_prompt_images_equal_sampled_ones(sd):
                 assert np.abs(got - ref[i].astype(int)).max() <= 1
             assert client.post("/v1/generate", json={"n": 1, "class_labels": [1]}).status_code == 422
             assert client.get("/v1/models").json()["text_pipeline"]["vae"].endswith("vae")
+
+
+def test_another_sd_layout_through_sample_and_engine(tmp_path, capsys):
+    """A text-to-image pipeline unlike the fixture (text width 32, sequence 12, 4 heads; UNet channels 16/32 with
+    4 attention heads, 3 latent channels; a 3-level VAE): `trt-dm sample --prompt` and `trt-dm engine`."""
+    from trt_dm.engine import load_sidecar
+    from trt_dm.text import write_tiny_sd_pipeline
+    path = write_tiny_sd_pipeline(tmp_path / "sd2", seed=5, hidden=32, seq=12, heads=4, latent_channels=3,
+                                  vae_channels=(8, 8, 16), unet=dict(block_out_channels=(16, 32), attention_head_dim=4,
+                                                                     norm_num_groups=8))
+    out = tmp_path / "g.png"
+    assert main(["sample", "--model", str(path), "--prompt", "a lighthouse at dusk", "--n", "2", "--steps", "3",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert "guidance 7.5" in capsys.readouterr().out and out.is_file()
+    assert main(["engine", "--model", str(path), "--calib-n", "4", "--calib-steps", "3", "--batch", "4", "--cache-dir",
+                 str(tmp_path / "cc"), "--out-dir", str(tmp_path / "eng"), "--no-progress", "--no-baseline",
+                 "--rtx-targets", "SM89", "--opt-level", "0", "--min-batch", "1", "--max-batch", "1",
+                 "--opt-batch", "1"]) == 0
+    side = load_sidecar(tmp_path / "eng" / "sd2-ptq4dm.plan")
+    assert side.inputs["encoder_hidden_states"]["min"] == [2, 12, 32] and side.inputs["sample"]["max"] == [2, 3, 8, 8]
