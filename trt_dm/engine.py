@@ -232,6 +232,8 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, opt
     sidecar = Sidecar(flavour=flavour, trt_version=trt.__version__,
                       **(_gpu() if flavour == "tensorrt" else {"gpu": None, "compute_capability": None}),
                       rtx_targets=targets, onnx=onnx_path.name, onnx_sha256=sha256_file(onnx_path),
+                      onnx_data_sha256=sha256_file(data) if (data := onnx_path.with_name(onnx_path.name + ".data"))
+                      .is_file() else None,
                       plan_sha256=hashlib.sha256(blob).hexdigest(), plan_bytes=len(blob), precision=precision,
                       recipe=recipe, calibration=calibration, inputs=shapes, signature=signature.to_dict(),
                       build_options=json.loads(json.dumps(asdict(options))), strongly_typed=strongly_typed, build_seconds=round(seconds, 2),

@@ -23,6 +23,48 @@ from .core.signature import OUTPUT_NAME, Signature
 
 log = logging.getLogger(__name__)
 OPSET = 17
+# A protobuf message cannot exceed 2 GiB: above this many bytes of tensors, a graph is written in ONNX's external
+# data layout (its tensors in one `<name>.data` file beside it), which TensorRT's parse_from_file, ONNX Runtime
+# and OpenVINO read from the graph's directory.
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+def _tensor_bytes(model) -> int:
+    return sum(t.ByteSize() for t in model.graph.initializer)
+
+
+def save_onnx(model, path: str | os.PathLike) -> Path:
+    """Write ``model`` to ``path`` atomically (a private temporary directory beside it, then renames). Over
+    ``EXTERNAL_DATA_BYTES`` of tensors, they go to ``<name>.data`` beside the graph (renamed into place before the
+    graph, so a graph never names a data file that is not there). Saving externally moves the tensors out of
+    ``model`` (ONNX does): do not use it afterwards."""
+    import shutil
+    import tempfile
+
+    import onnx
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = path.with_name(path.name + ".data")
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        if _tensor_bytes(model) > EXTERNAL_DATA_BYTES:
+            onnx.save_model(model, str(tmpdir / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data.name, size_threshold=0)
+            os.replace(tmpdir / data.name, data)
+        else:
+            onnx.save_model(model, str(tmpdir / path.name))
+            data.unlink(missing_ok=True)  # from an earlier, external save of the same name
+        os.replace(tmpdir / path.name, path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return path
+
+
+def onnx_files(path: str | os.PathLike) -> list[Path]:
+    """The files of an ONNX graph: the graph, and its external data file when it has one."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    return [path, data] if data.is_file() else [path]
 
 
 class _Wrapper(nn.Module):
@@ -46,15 +88,25 @@ def export_onnx(unet: nn.Module, path: str | os.PathLike, *, batch: int = 2, seq
     names = signature.names
     args = tuple(example[n] for n in names)
     dyn = signature.dynamic_axes()
+    import shutil
+    import tempfile
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    # torch writes a graph over 2 GB as one file per tensor beside it: export into a private directory, then
+    # (large graphs) gather the tensors into one `<name>.data` with save_onnx
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = tmpdir / "model.onnx"
     try:
         with torch.no_grad():
             torch.onnx.export(_Wrapper(unet, names).eval(), args, str(tmp), input_names=names, output_names=[OUTPUT_NAME],
                               dynamic_axes=dyn, opset_version=OPSET, do_constant_folding=True, dynamo=False)
-        os.replace(tmp, path)
+        if len(list(tmpdir.iterdir())) > 1 or tmp.stat().st_size > EXTERNAL_DATA_BYTES:
+            import onnx
+            save_onnx(onnx.load(str(tmp)), path)
+        else:
+            os.replace(tmp, path)
+            path.with_name(path.name + ".data").unlink(missing_ok=True)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmpdir, ignore_errors=True)
     log.info("exported %s", path)
     return path
 
@@ -217,7 +269,12 @@ def compare_layers(qunet: nn.Module, onnx_path: str | os.PathLike, feed: dict[st
         if name not in have:
             model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.INT8, None))
             have.add(name)
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    if _tensor_bytes(model) > EXTERNAL_DATA_BYTES:  # too large to pass as bytes: a temporary copy on disk
+        import tempfile
+        with tempfile.TemporaryDirectory(dir=Path(onnx_path).parent) as d:
+            sess = ort.InferenceSession(str(save_onnx(model, Path(d) / "probe.onnx")), providers=["CPUExecutionProvider"])
+    else:
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     input_names = {i.name for i in sess.get_inputs()}
     ort_feed = {k: v.detach().cpu().numpy() for k, v in feed.items() if k in input_names}
     outs = list(q_out.values())
@@ -280,10 +337,4 @@ def to_fp16(src: str | os.PathLike, dst: str | os.PathLike, keep_fp32: tuple[str
     dst = Path(dst)
     model = convert_to_mixed_precision(str(src), low_precision_type="fp16", keep_io_types=True,
                                        nodes_to_exclude=list(keep_fp32))
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    try:
-        onnx.save(model, str(tmp))
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dst
+    return save_onnx(model, dst)

@@ -272,6 +272,7 @@ class Sidecar:
     plan_sha256: str
     onnx: str = ""
     onnx_sha256: str = ""
+    onnx_data_sha256: str | None = None  # a graph in the external-data layout: its <name>.data
     plan_bytes: int = 0
     precision: str = "int8"        # "int8" (Q/DQ graph) or "fp16"
     sidecar_version: int = SIDECAR_VERSION
