@@ -269,7 +269,7 @@ def _deploy(args, build: bool):
     if build:
         print(f"model {loaded.name} ({loaded.kind}, {loaded.source}); fingerprint {loaded.fingerprint()[:16]}")
     return api.deploy(loaded, quant, target=args.target, out_dir=Path(args.out_dir), precision=args.precision,
-                      options={"ops": args.ort_ops}, build=build, baseline=not getattr(args, "no_baseline", True),
+                      options={"ops": args.ort_ops, "one_graph": getattr(args, "one_graph", False)}, build=build, baseline=not getattr(args, "no_baseline", True),
                       build_options=_build_options(args) if build else None, flavour=getattr(args, "flavour", None),
                       show_progress=not args.no_progress)
 
@@ -419,6 +419,10 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                         "operator ONNX Runtime can (SiLU, residual adds, concat, softmax too): a study option, "
                         "measured no faster here and less accurate (see docs/performance.md)")
     p.add_argument("--out-dir", default="engines", help="where ONNX files, reports and engines go")
+    p.add_argument("--one-graph", action="store_true",
+                   help="tensorrt target, groups=K recipes: ONE graph / engine whose layers pick their input range "
+                        "per row by the timestep's group (exact to the K-range model up to rounding flips) "
+                        "instead of K engines")
     p.add_argument("--precision", choices=("fp16", "fp32"), default=None,
                    help="precision of the non-quantized math in the deployed graph (default: the target's; fp16 for "
                         "strongly typed TensorRT, the fp32 Q/DQ graph is always written too; fp32 for openvino)")

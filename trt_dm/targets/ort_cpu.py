@@ -30,6 +30,9 @@ class OrtCpuTarget(Target):
     def export(self, job: ExportJob, progress: Callable[[str], None] = print, *, n_outputs: int = 64) -> list[Exported]:
         """Layer-input ranges from the statistics; conv/matmul output ranges measured by ONNX Runtime on
         ``n_outputs`` calibration samples drawn with the same spec (another seed)."""
+        if (job.options or {}).get("one_graph"):
+            raise ValueError("--one-graph is a form of the TensorRT-layout graph (targets tensorrt, openvino); the "
+                             "ort-cpu layout has one range set")
         from ..calib.ranges import get_recipe
         from ..calib.stats import CalibStats
         from ..calibrate import fp_calibration_set

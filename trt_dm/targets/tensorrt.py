@@ -96,13 +96,19 @@ class TensorRTTarget(Target):
         self.check(job.qcfg, get_recipe(job.recipe))
         loaded, calib, ranges = job.loaded, job.calib, job.calib.ranges
         qunet = fake_quant_unet(loaded, job.qcfg, ranges)
+        one = bool((job.options or {}).get("one_graph"))
+        if one:  # groups=K ranges in ONE graph: per-row input scaling by the timestep's group (trt_dm.onegraph)
+            from ..onegraph import one_graph
+            if not ranges.is_grouped or len(ranges.groups) < 2:
+                raise ValueError(f"--one-graph needs a groups=K recipe (K >= 2); {job.recipe!r} has one range set")
+            qunet = one_graph(qunet, ranges)
         quantized = set(quantized_layers(qunet))
         feed = probe_inputs(loaded)
         stem = f"{loaded.name}-{recipe_slug(job.recipe)}"
         out = []
-        for k, group in enumerate(ranges.groups):
-            suffix = f".g{k}" if ranges.is_grouped else ""
-            if ranges.is_grouped:
+        for k, group in enumerate(ranges.groups[:1] if one else ranges.groups):
+            suffix = ".onegraph" if one else f".g{k}" if ranges.is_grouped else ""
+            if ranges.is_grouped and not one:
                 apply_ranges(qunet, ranges.amax(k))
             t0 = time.perf_counter()
             fp32 = export_onnx(qunet, job.out_dir / f"{stem}{suffix}.fp32.onnx")
@@ -114,7 +120,9 @@ class TensorRTTarget(Target):
                              guidance_scale=job.spec.guidance_scale if loaded.signature.conditioning else None,
                              text_pipeline=loaded.text.describe() if loaded.text is not None else None,
                              layer_comparison_fp32=_flip_summary(rows), layer_comparison_rows=rows)
-            if ranges.is_grouped:
+            if one:
+                report.extra["one_graph"] = {"groups": len(ranges.groups), "t_ranges": ranges.t_ranges}
+            elif ranges.is_grouped:
                 report.group, report.groups, report.t_range = k, len(ranges.groups), [group.t_max, group.t_min]
             target = fp32
             if job.precision == "fp16":
