@@ -570,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --ray: the Ray cluster to join (default: start a local Ray instance)")
     p.add_argument("--no-progress", action="store_true")
     _calib_args(p)
-    p.set_defaults(func=cmd_serve, guidance_scale=1.0, guidance_rescale=0.0, class_labels=None, classes=None, batch=64)
+    p.set_defaults(func=cmd_serve, guidance_scale=None, guidance_rescale=0.0, class_labels=None, classes=None, batch=64)
 
     p = sub.add_parser("check", help="check a Q/DQ ONNX file against TensorRT's explicit-quantization rules")
     p.add_argument("onnx")
