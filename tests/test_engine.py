@@ -260,3 +260,27 @@ def test_other_class_conditional_architecture_through_engine_and_ort_cpu(tmp_pat
     assert main(["sample", "--model", str(path), "--onnx", str(graph), "--class-labels", "0", "5", "--guidance-scale",
                  "2", "--steps", "3", "--n", "2", "--no-progress", "--out", str(tmp_path / "g.png")]) == 0
     assert (tmp_path / "g.png").is_file()
+
+
+def test_w4a8_engine_builds_with_4bit_codes_on_the_int8_grid(tiny_pipeline_dir, tmp_path, capsys):
+    """`trt-dm engine --weight-bits 4`: an ordinary int8 engine whose weight codes are the 4-bit integers, named
+    apart from the W8 graphs; the stage table (wall time, peak memory) is written beside them."""
+    from trt_dm.cli import main
+    assert main(["engine", "--model", str(tiny_pipeline_dir), "--weight-bits", "4", "--out-dir", str(tmp_path),
+                 "--cache-dir", str(tmp_path / "cc"), "--calib-n", "8", "--calib-steps", "4", "--batch", "4",
+                 "--no-progress", "--no-baseline", "--rtx-targets", "SM89", "--opt-level", "0", "--max-batch", "4",
+                 "--opt-batch", "2"]) == 0
+    out = capsys.readouterr().out
+    name = f"{tiny_pipeline_dir.name}-ptq4dm-w4"
+    side = load_sidecar(tmp_path / f"{name}.plan")
+    assert side.precision == "int8" and "Int8" in side.layer_precisions["correlation"]
+    report = json.loads((tmp_path / f"{name}.onnx.json").read_text())
+    assert report["violations"] == []
+    codes = report["extra"]["weight_codes"]
+    assert codes["bits"] == 4 and -8 <= codes["min"] and codes["max"] == 7
+    assert not (tmp_path / f"{tiny_pipeline_dir.name}-ptq4dm.plan").exists()
+    stages = json.loads((tmp_path / f"{name}.stages.json").read_text())["stages"]
+    names = [s["stage"] for s in stages]
+    assert {"calibration", "export", "build", f"build {name}.plan"} <= set(names)
+    assert all(s["seconds"] >= 0 and s["peak_rss_mb"] > 0 for s in stages)
+    assert "peak RSS GiB" in out

@@ -138,3 +138,36 @@ def test_large_graphs_use_one_external_data_file(tiny_pipeline_dir, tmp_path, mo
     monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 1_800_000_000)  # small again: the stale .data goes
     export.save_onnx(onnx.load(str(out / f"{stem}.fp32.onnx")), out / f"{stem}.fp32.onnx")
     assert not (out / f"{stem}.fp32.onnx.data").exists()
+
+
+@pytest.mark.parametrize("weight_calib", ["max", "mse"])
+def test_w4_weights_on_the_int8_grid_keep_outputs_and_export_4bit_codes(tmp_path, weight_calib):
+    """W4A8 for int8 engines: the 4-bit weights stored on the int8 grid give the W4 fake-quant model's outputs,
+    and the exported graph's weight codes are the 4-bit integers (the check refuses wider ones)."""
+    from trt_dm.export import weight_code_ranges
+    from trt_dm.quant import weights_on_int8_grid
+    from trt_dm.targets.tensorrt import _check_codes
+    q = quantize_model(tiny_unet2d(seed=0), QuantConfig(weight_bits=4, weight_calib=weight_calib))
+    apply_ranges(q, {n: 2.0 for n in activation_quantizers(q)})
+    g = torch.Generator().manual_seed(0)
+    feed = {"sample": torch.randn(3, 1, 16, 16, generator=g), "timestep": torch.tensor([5, 500, 999])}
+    with torch.no_grad():
+        before = q(**feed).sample
+        assert weights_on_int8_grid(q) == len(quantized_layers(q))
+        after = q(**feed).sample
+        assert weights_on_int8_grid(q) == 0  # already 8-bit: nothing left to convert
+    assert torch.allclose(before, after, atol=1e-5), (before - after).abs().max()
+    path = export_onnx(q, tmp_path / "w4.fp32.onnx")
+    assert check_qdq(path).ok
+    codes = weight_code_ranges(path)
+    assert set(codes) == set(quantized_layers(q))
+    assert all(-8 <= lo and hi <= 7 for lo, hi in codes.values()) and max(hi for _, hi in codes.values()) == 7
+    assert _check_codes(codes, 4, set(quantized_layers(q))) == []
+    rows = compare_layers(q, path, feed)
+    assert sum(r["flips"] for r in rows) <= 1e-3 * sum(r["n"] for r in rows) and max(r["max_diff"] for r in rows) <= 1
+    # an ordinary W8 graph uses the whole int8 range: the W4 check names its layers
+    w8 = quantize_model(tiny_unet2d(seed=0), QuantConfig())
+    apply_ranges(w8, {n: 2.0 for n in activation_quantizers(w8)})
+    codes8 = weight_code_ranges(export_onnx(w8, tmp_path / "w8.fp32.onnx"))
+    problems = _check_codes(codes8, 4, set(quantized_layers(w8)))
+    assert len(problems) == len(codes8) and "outside the 4-bit integers [-8, 7]" in problems[0]

@@ -19,6 +19,7 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 import time
@@ -28,7 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .core.artifacts import ExportReport, RangeSet, Sidecar
+from .core.artifacts import ExportReport, RangeSet, Sidecar, atomic_write
 from .core.guidance import cfg_denoiser, check_scale
 from .models import LoadedModel, load_model
 from .runners import OrtRunner, TorchRunner, TrtRunner, as_denoiser, switched_denoiser
@@ -466,15 +467,33 @@ class DeployResult:
     sidecars: list = field(default_factory=list)
     not_built: str | None = None  # why no engine was built (no TensorRT here), when build was asked for
     usage: str = ""
+    stages: list = field(default_factory=list)  # wall time and peak RSS per stage (trt_dm.core.stages)
+    stages_path: Path | None = None
 
 
-def deploy(loaded: LoadedModel, quant: QuantSettings, *, target: str = "tensorrt", out_dir: Path = Path("engines"),
-           precision: str | None = None, options: dict | None = None, build: bool = False, baseline: bool = True,
-           build_options=None, flavour: str | None = None, progress: Callable[[str], None] = print,
-           show_progress: bool = True) -> DeployResult:
+def deploy(loaded: LoadedModel, quant: QuantSettings, *, out_dir: Path = Path("engines"), **kw) -> DeployResult:
     """Calibrate (cached) -> the target's checked graphs -> with ``build``, the target's engines (plus the
     unquantized baseline when the target has one). The target refuses what it cannot express before any work.
-    ``precision``: the graph's non-quantized math (default: the target's, fp16 for TensorRT, fp32 for OpenVINO)."""
+    ``precision``: the graph's non-quantized math (default: the target's, fp16 for TensorRT, fp32 for OpenVINO).
+    Wall time and peak memory of every stage are in ``result.stages`` and ``<out_dir>/<model>-<recipe>.stages.json``."""
+    from .core import stages
+    from .targets.base import graph_stem
+    with stages.recording() as log:
+        result = _deploy(loaded, quant, out_dir=out_dir, **kw)
+    result.stages = log.rows
+    q = quant.resolved(loaded)
+    result.stages_path = Path(out_dir) / f"{graph_stem(loaded.name, q.recipe, q.qcfg)}.stages.json"
+    atomic_write(result.stages_path, json.dumps({"model": str(loaded.source), "recipe": q.recipe,
+                                                 "threads": torch.get_num_threads(), "stages": log.rows},
+                                                indent=2).encode())
+    return result
+
+
+def _deploy(loaded: LoadedModel, quant: QuantSettings, *, target: str = "tensorrt", out_dir: Path = Path("engines"),
+            precision: str | None = None, options: dict | None = None, build: bool = False, baseline: bool = True,
+            build_options=None, flavour: str | None = None, progress: Callable[[str], None] = print,
+            show_progress: bool = True) -> DeployResult:
+    from .core.stages import stage
     from .calib.ranges import get_recipe
     from .core.artifacts import EngineError, trt_module
     from .targets import ExportJob, get_target
@@ -496,7 +515,8 @@ def deploy(loaded: LoadedModel, quant: QuantSettings, *, target: str = "tensorrt
                                             opt_batch=2 * build_options.opt_batch, max_batch=2 * build_options.max_batch)
         progress(f"guidance {guidance.scale:g}: engine profiles sized for 2 UNet rows per image "
                  f"(batch {build_options.min_batch}..{build_options.max_batch})")
-    calib = calibrate(loaded, quant, progress=show_progress)
+    with stage("calibration"):
+        calib = calibrate(loaded, quant, progress=show_progress)
     how = ("reused from cache" if calib.stats_reused else
            f"collected in {calib.seconds_collect:.1f} s: FP trajectories {calib.seconds_trajectories:.1f} s + "
            f"statistics pass {calib.seconds_collect - calib.seconds_trajectories:.1f} s")
@@ -504,7 +524,8 @@ def deploy(loaded: LoadedModel, quant: QuantSettings, *, target: str = "tensorrt
              f"(statistics {how})")
     job = ExportJob(loaded=loaded, qcfg=quant.qcfg, calib=calib, recipe=quant.recipe, spec=quant.spec,
                     out_dir=Path(out_dir), batch_size=quant.batch, precision=precision, options=options)
-    graphs = tgt.export(job, progress)
+    with stage("export"):
+        graphs = tgt.export(job, progress)
     result = DeployResult(calib, graphs, usage=tgt.usage([g.onnx for g in graphs]))
     if not (build and tgt.builds):
         return result
@@ -518,6 +539,7 @@ def deploy(loaded: LoadedModel, quant: QuantSettings, *, target: str = "tensorrt
     except EngineError as e:
         result.not_built = str(e)
         return result
-    result.sidecars = tgt.build(all_graphs, build_options, flavour=flavour, progress=progress)
+    with stage("build"):
+        result.sidecars = tgt.build(all_graphs, build_options, flavour=flavour, progress=progress)
     result.usage = tgt.usage([g.onnx.with_suffix(".plan") for g in graphs])
     return result

@@ -30,6 +30,7 @@ from .calib.stats import DEFAULT_BINS, CalibCacheError, CalibStats
 from .calib.trajectories import CalibSet, CalibSpec, collect
 from .core.artifacts import RangeSet, group_index, split_by_group
 from .core.guidance import Guidance, cfg_denoiser
+from .core.stages import stage
 from .models import LoadedModel
 from .quant import QuantConfig, apply_ranges, concat_splits, observing, quantize_model, quantized_layers, range_names
 from .sampling import Schedule, unet_denoiser
@@ -75,7 +76,8 @@ def collect_stats(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, *, ca
         return stats, directory, True, {}
     schedule = Schedule.from_config(loaded.scheduler_config)
     t0 = time.perf_counter()
-    calib, guidance = fp_calibration_set(loaded, spec, batch_size=batch_size, progress=progress)
+    with stage("calibration: FP trajectories"):
+        calib, guidance = fp_calibration_set(loaded, spec, batch_size=batch_size, progress=progress)
     t1 = time.perf_counter()
     stats = CalibStats(bins, sampler_timesteps=schedule.timesteps(spec.steps),
                        meta={"calib": json.dumps(spec.to_dict(), sort_keys=True), "model": loaded.fingerprint(),
@@ -83,7 +85,8 @@ def collect_stats(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, *, ca
     current_t: list[torch.Tensor] = []
     from tqdm.auto import tqdm
     splits = concat_splits(qunet) if qcfg.shortcut_split else None
-    with observing(qunet, lambda name, x: stats.observe_batch(name, current_t[0], x), splits), torch.no_grad():
+    with stage("calibration: statistics pass"), torch.no_grad(), \
+            observing(qunet, lambda name, x: stats.observe_batch(name, current_t[0], x), splits):
         for x, t, c in tqdm(list(calib.unet_batches(batch_size, guidance)), desc="statistics", unit="batch",
                             disable=not progress):  # with guidance: both halves of every call, as the sampler's
             current_t[:] = [t]
@@ -113,7 +116,8 @@ def calibrate(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, recipe: s
     stats, directory, reused, timings = collect_stats(loaded, spec, qcfg, cache_root=cache_root,
                                                       batch_size=batch_size, progress=progress)
     t0 = time.perf_counter()
-    ranges = RangeSet.from_dict(R.compute_ranges(stats, rec))
+    with stage(f"calibration: ranges ({rec.name})"):
+        ranges = RangeSet.from_dict(R.compute_ranges(stats, rec))
     seconds_ranges = time.perf_counter() - t0
     path = directory / f"{rec.name}.json"
     R.save_ranges(path, ranges.to_dict(), {"recipe": rec.name, "recipe_spec": rec.spec, "model": loaded.fingerprint(),

@@ -304,6 +304,8 @@ def cmd_engine(args) -> int:
     """make engine: calibrate (cached) -> export -> check -> build (TensorRT, else TensorRT-RTX, else stop)."""
     t0 = time.perf_counter()
     made = _deploy(args, build=True)
+    from .core.stages import StageLog
+    print(f"stages (wall time, peak resident memory) -> {made.stages_path}\n{StageLog(made.stages).table()}")
     if made.not_built:
         print(f"stopping after the checked ONNX: {made.not_built}")
         return 0

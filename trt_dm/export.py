@@ -182,6 +182,36 @@ def check_qdq(model_or_path) -> QdqReport:
     return rep
 
 
+def weight_code_ranges(model_or_path) -> dict[str, tuple[int, int]]:
+    """{layer: (min, max) int8 code} of every quantized weight in an ONNX graph: a DequantizeLinear with
+    per-channel scales whose input is a constant int8 tensor or the QuantizeLinear of a constant float one
+    (codes = round-half-even(W / scale), saturated to int8, as QuantizeLinear computes them). W4A8 graphs must
+    keep these within the 4-bit integers [-8, 7]."""
+    import onnx
+    model = onnx.load(str(model_or_path)) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    consts = constants(model)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    out = {}
+    for n in model.graph.node:
+        scale = consts.get(n.input[1]) if n.op_type == "DequantizeLinear" else None
+        if scale is None or scale.size < 2:
+            continue
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        x = consts.get(n.input[0])
+        if x is None:
+            q = producer.get(n.input[0])
+            w = consts.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+            if w is None:
+                continue
+            shape = [1] * w.ndim
+            shape[axis] = -1
+            x = np.clip(np.rint(w.astype(np.float64) / scale.astype(np.float64).reshape(shape)), -128, 127)
+        consumer = next((c for c in model.graph.node if n.output[0] in c.input), None)
+        key = layer_of(consumer) if consumer is not None else n.name
+        out[key] = (int(x.min()), int(x.max()))
+    return out
+
+
 def layer_of(node) -> str:
     """ONNX node name from the legacy exporter ("/unet/up_blocks.1/resnets.0/conv1/Conv") -> module name."""
     parts = node.name.strip("/").split("/")

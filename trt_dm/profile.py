@@ -34,6 +34,7 @@ import torch
 
 from .core.artifacts import atomic_write
 from .core.signature import Signature
+from .core.stages import rss_now_mb as _rss_now_mb, rss_peak_mb as _rss_peak_mb, rss_reset as _rss_reset
 from .runners import OUTPUT_NAME, OrtRunner, Runner, TorchRunner, TrtRunner, as_denoiser
 
 PROFILE_VERSION = 1
@@ -95,31 +96,6 @@ def machine() -> dict:
 # what decides int8 / bf16 speed on a CPU: VNNI / AMX int8 dot products, native bf16
 _ISA_FLAGS = {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
               "amx_int8", "amx_tile"}
-
-
-def _rss_reset() -> None:
-    try:  # Linux: "5" resets the peak resident set size (VmHWM) of this process
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def _status_mb(key: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _rss_peak_mb() -> float | None:
-    return _status_mb("VmHWM:")
-
-
-def _rss_now_mb() -> float | None:
-    return _status_mb("VmRSS:")
 
 
 def feed_for(unet, batch: int, seed: int = 0, seq_len: int = 77) -> dict[str, torch.Tensor]:

@@ -41,7 +41,7 @@ class UncalibratedQuantizerError(RuntimeError):
 
 @dataclass(frozen=True)
 class QuantConfig:
-    weight_bits: int = 8  # 8 for deployment; 4 for fake-quant studies (W4A8)
+    weight_bits: int = 8  # 8, or 4 (W4A8: exported with the 4-bit integers on the int8 grid, weights_on_int8_grid)
     act_bits: int = 8
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE  # fnmatch patterns on module names (e.g. "up_blocks.2.*")
     # Q-Diffusion's shortcut split (Li et al., ICCV 2023, sec. 3.3): the up path's resnets read
@@ -249,6 +249,29 @@ def apply_ranges(unet: nn.Module, ranges: Mapping[str, float]) -> None:
         else:
             q.amax = torch.tensor(float(ranges[name]), dtype=torch.float32)
     check_calibrated(unet)
+
+
+def weights_on_int8_grid(unet: nn.Module) -> int:
+    """Store every weight whose quantizer has fewer than 8 bits (W4A8) on the int8 grid, so an ordinary int8
+    TensorRT engine runs it: the weight becomes its fake-quantized value k * s (s = amax / 7 per output channel,
+    k the 4-bit integer in [-8, 7]) and its quantizer an 8-bit one with the same step s (amax_8 = 127 s). The
+    int8 codes of the exported weights are then the 4-bit integers themselves and the model's outputs are
+    unchanged (up to float rounding of s). Returns the number of layers converted; ``weight_code_ranges``
+    checks the exported graph."""
+    n = 0
+    for _name, m in unet.named_modules():
+        q = getattr(m, "weight_quantizer", None)
+        if q is None or not getattr(q, "is_enabled", False) or not isinstance(q.num_bits, int) or q.num_bits >= 8:
+            continue
+        if q.amax is None:
+            raise UncalibratedQuantizerError(f"{_name}.weight_quantizer has no amax: calibrate before converting")
+        with torch.no_grad():
+            step = q.amax.detach().float() / q.maxbound
+            m.weight.data = q(m.weight).detach()
+            q.num_bits = 8
+            q.amax = step * q.maxbound
+        n += 1
+    return n
 
 
 def check_calibrated(unet: nn.Module) -> int:

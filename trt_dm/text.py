@@ -245,7 +245,8 @@ _TINY_MERGES = ("t h", "th e</w>", "a n", "an d</w>", "o n</w>", "i n", "e r</w>
 
 def write_tiny_sd_pipeline(path: str | Path, seed: int = 0, *, hidden: int = 16, seq: int = 8, layers: int = 2,
                            heads: int = 2, unet: dict | None = None, latent_channels: int = 4,
-                           vae_channels: tuple[int, ...] = (8, 16), scaling_factor: float = 0.18215) -> Path:
+                           vae_channels: tuple[int, ...] = (8, 16), scaling_factor: float = 0.18215,
+                           intermediate: int | None = None, vae_groups: int = 4, vae_layers: int = 1) -> Path:
     """A tiny random text-to-image pipeline in the Stable Diffusion layout (model_index.json, unet/, scheduler/,
     text_encoder/, tokenizer/, vae/), all safetensors, deterministic for ``seed``: a byte-level BPE CLIP tokenizer
     (256 byte symbols and their word-final forms, a few merges), a CLIP text model of width ``hidden`` and
@@ -269,14 +270,14 @@ def write_tiny_sd_pipeline(path: str | Path, seed: int = 0, *, hidden: int = 16,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         te = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-            vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            vocab_size=len(vocab), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden, num_hidden_layers=layers,
             num_attention_heads=heads, max_position_embeddings=seq, bos_token_id=vocab["<|startoftext|>"],
             eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])).eval()
         te.save_pretrained(str(path / "text_encoder"), safe_serialization=True)
         n = len(vae_channels)
         vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
                             up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(vae_channels),
-                            latent_channels=latent_channels, norm_num_groups=4, layers_per_block=1,
+                            latent_channels=latent_channels, norm_num_groups=vae_groups, layers_per_block=vae_layers,
                             scaling_factor=scaling_factor)
         vae.save_pretrained(str(path / "vae"), safe_serialization=True)
         cfg = dict(sample_size=8, in_channels=latent_channels, out_channels=latent_channels, block_out_channels=(8, 16),
@@ -293,3 +294,15 @@ def write_tiny_sd_pipeline(path: str | Path, seed: int = 0, *, hidden: int = 16,
         "vae": ["diffusers", "AutoencoderKL"], "safety_checker": [None, None], "feature_extractor": [None, None],
         "requires_safety_checker": False}, indent=2))
     return path
+
+
+def write_sd15_layout_pipeline(path: str | Path, seed: int = 0, *, text_layers: int = 12) -> Path:
+    """A random-weight pipeline at Stable Diffusion 1.5's sizes, for scale runs (no downloads): the 859.5 M
+    parameter UNet (``trt_dm.profile.ARCHS['sd15-unet']``, 64x64 latents), a CLIP ViT-L/14-sized text encoder
+    (width 768, 12 heads, 77 tokens, MLP 3072, ``text_layers`` layers; the tiny byte-level tokenizer, so a small
+    vocabulary) and a VAE with SD's channels (128, 256, 512, 512; 8x: 512x512 images)."""
+    from .profile import ARCHS
+    unet = dict(ARCHS["sd15-unet"][1], down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, norm_num_groups=32)
+    return write_tiny_sd_pipeline(path, seed, hidden=768, seq=77, layers=text_layers, heads=12, intermediate=3072,
+                                  unet=unet, vae_channels=(128, 256, 512, 512), vae_groups=32, vae_layers=2)

@@ -57,3 +57,9 @@ class Target(ABC):
 def recipe_slug(recipe: str) -> str:
     """A recipe spec as a file-name part: 'mse:2.4@groups=4' -> 'mse2.4_groups4'."""
     return recipe.replace("@", "_").replace(":", "").replace("=", "")
+
+
+def graph_stem(model_name: str, recipe: str, qcfg=None) -> str:
+    """File-name stem of a deployment's graphs and engines: '<model>-<recipe slug>', with '-w4' for W4A8."""
+    bits = getattr(qcfg, "weight_bits", 8)
+    return f"{model_name}-{recipe_slug(recipe)}" + (f"-w{bits}" if bits != 8 else "")

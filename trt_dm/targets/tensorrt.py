@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 
 from ..core.artifacts import ExportReport
-from .base import ExportJob, Exported, Target, recipe_slug
+from ..core.stages import stage
+from .base import ExportJob, Exported, Target, graph_stem
 
 
 class ExportCheckError(RuntimeError):
@@ -66,6 +67,17 @@ def _check(path: Path, quantized: set[str]) -> list[str]:
     return check_qdq(model).violations + check_layers(model, quantized)
 
 
+def _check_codes(codes: dict[str, tuple[int, int]], bits: int, quantized: set[str]) -> list[str]:
+    """W<bits>A8 on the int8 grid: every quantized layer's weight codes within [-2^(bits-1), 2^(bits-1) - 1]."""
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    problems = [f"{layer}: weight int8 codes span [{a}, {b}], outside the {bits}-bit integers [{lo}, {hi}]"
+                for layer, (a, b) in sorted(codes.items()) if a < lo or b > hi]
+    missing = sorted(quantized - set(codes))
+    if missing:
+        problems.append(f"{len(missing)} quantized layers have no per-channel weight Q/DQ: {missing[:5]}")
+    return problems
+
+
 def _report(job: ExportJob, onnx_name: str, int8: bool, **kw) -> ExportReport:
     loaded = job.loaded
     return ExportReport(onnx=onnx_name, target="tensorrt", int8=int8, model=str(loaded.source),
@@ -90,12 +102,18 @@ class TensorRTTarget(Target):
         from ..calib.ranges import get_recipe
         from ..calibrate import fake_quant_unet
         from ..export import compare_layers, export_onnx, to_fp16
-        from ..quant import apply_ranges, quantized_layers
+        from ..export import weight_code_ranges
+        from ..quant import apply_ranges, quantized_layers, weights_on_int8_grid
         if job.precision not in ("fp16", "fp32"):
             raise ValueError(f"precision must be fp16 or fp32, got {job.precision!r}")
         self.check(job.qcfg, get_recipe(job.recipe))
         loaded, calib, ranges = job.loaded, job.calib, job.calib.ranges
         qunet = fake_quant_unet(loaded, job.qcfg, ranges)
+        w4 = job.qcfg.weight_bits < 8
+        if w4:  # TensorRT has no int4 convolution: the 4-bit weights go on the int8 grid (codes in [-8, 7])
+            converted = weights_on_int8_grid(qunet)
+            progress(f"W{job.qcfg.weight_bits}A8: {converted} layers' weights stored on the int8 grid "
+                     f"(per-channel step amax / {2 ** (job.qcfg.weight_bits - 1) - 1})")
         one = bool((job.options or {}).get("one_graph"))
         if one:  # groups=K ranges in ONE graph: per-row input scaling by the timestep's group (trt_dm.onegraph)
             from ..onegraph import one_graph
@@ -104,31 +122,44 @@ class TensorRTTarget(Target):
             qunet = one_graph(qunet, ranges)
         quantized = set(quantized_layers(qunet))
         feed = probe_inputs(loaded)
-        stem = f"{loaded.name}-{recipe_slug(job.recipe)}"
+        stem = graph_stem(loaded.name, job.recipe, job.qcfg)
         out = []
         for k, group in enumerate(ranges.groups[:1] if one else ranges.groups):
             suffix = ".onegraph" if one else f".g{k}" if ranges.is_grouped else ""
             if ranges.is_grouped and not one:
                 apply_ranges(qunet, ranges.amax(k))
             t0 = time.perf_counter()
-            fp32 = export_onnx(qunet, job.out_dir / f"{stem}{suffix}.fp32.onnx")
-            problems = _check(fp32, quantized)
-            rows = compare_layers(qunet, fp32, feed)
+            name = f"{stem}{suffix}"
+            with stage(f"export {name}: ONNX (fp32 Q/DQ)"):
+                fp32 = export_onnx(qunet, job.out_dir / f"{name}.fp32.onnx")
+            with stage(f"export {name}: checks"):
+                problems = _check(fp32, quantized)
+                if w4:
+                    codes = weight_code_ranges(fp32)
+                    problems += _check_codes(codes, job.qcfg.weight_bits, quantized)
+            with stage(f"export {name}: layer comparison (fp32)"):
+                rows = compare_layers(qunet, fp32, feed)
             report = _report(job, fp32.name, True, recipe=job.recipe, ranges=str(calib.ranges_path),
                              calibration=f"{loaded.data_key()[:16]}/{calib.stats_dir.name}", quant=job.qcfg.to_dict(),
                              quantized_layers=len(quantized), precision=job.precision, fp32_onnx=fp32.name,
                              guidance_scale=job.spec.guidance_scale if loaded.signature.conditioning else None,
                              text_pipeline=loaded.text.describe() if loaded.text is not None else None,
                              layer_comparison_fp32=_flip_summary(rows), layer_comparison_rows=rows)
+            if w4:
+                report.extra["weight_codes"] = {"bits": job.qcfg.weight_bits, "layers": len(codes),
+                                                "min": min(lo for lo, _ in codes.values()),
+                                                "max": max(hi for _, hi in codes.values())}
             if one:
                 report.extra["one_graph"] = {"groups": len(ranges.groups), "t_ranges": ranges.t_ranges}
             elif ranges.is_grouped:
                 report.group, report.groups, report.t_range = k, len(ranges.groups), [group.t_max, group.t_min]
             target = fp32
             if job.precision == "fp16":
-                target = to_fp16(fp32, job.out_dir / f"{stem}{suffix}.onnx")
-                problems += _check(target, quantized)
-                report.layer_comparison_fp16 = _flip_summary(compare_layers(qunet, target, feed))
+                with stage(f"export {name}: FP16 conversion + checks"):
+                    target = to_fp16(fp32, job.out_dir / f"{name}.onnx")
+                    problems += _check(target, quantized)
+                with stage(f"export {name}: layer comparison (fp16)"):
+                    report.layer_comparison_fp16 = _flip_summary(compare_layers(qunet, target, feed))
             report.onnx, report.violations = target.name, problems
             report.export_seconds = round(time.perf_counter() - t0, 1)
             report.save(target)
@@ -146,10 +177,11 @@ class TensorRTTarget(Target):
     def export_baseline(self, loaded, out_dir: Path, *, precision: str = "fp16") -> Exported:
         """The unquantized model as ONNX (FP16 math, FP32 I/O): the baseline engine's input."""
         from ..export import export_onnx, to_fp16
-        fp32 = export_onnx(loaded.unet, out_dir / f"{loaded.name}-fp.fp32.onnx")
-        problems = _check(fp32, set())
-        target = to_fp16(fp32, out_dir / f"{loaded.name}-fp16.onnx") if precision == "fp16" else fp32
-        problems += _check(target, set())
+        with stage("baseline: ONNX (fp32) + FP16 conversion + checks"):
+            fp32 = export_onnx(loaded.unet, out_dir / f"{loaded.name}-fp.fp32.onnx")
+            problems = _check(fp32, set())
+            target = to_fp16(fp32, out_dir / f"{loaded.name}-fp16.onnx") if precision == "fp16" else fp32
+            problems += _check(target, set())
         if problems:
             raise ExportCheckError(f"{target}: unexpected Q/DQ in the unquantized export: {problems[:5]}")
         report = ExportReport(onnx=target.name, target=self.name, int8=False, precision=precision,
@@ -170,9 +202,10 @@ class TensorRTTarget(Target):
             extra = {k: getattr(r, k) for k in ("group", "groups", "t_range", "guidance_scale", "text_pipeline")
                      if getattr(r, k) is not None}
             extra["model_fingerprint"] = r.model_fingerprint or None
-            side = build_engine(m.onnx, plan, options or BuildOptions(), flavour=flavour, recipe=r.recipe,
-                                calibration=r.calibration, precision="int8" if r.int8 else "fp16",
-                                signature=Signature.from_dict(r.signature) if r.signature else None, extra=extra)
+            with stage(f"build {plan.name}"):
+                side = build_engine(m.onnx, plan, options or BuildOptions(), flavour=flavour, recipe=r.recipe,
+                                    calibration=r.calibration, precision="int8" if r.int8 else "fp16",
+                                    signature=Signature.from_dict(r.signature) if r.signature else None, extra=extra)
             prec = ", ".join(f"{t} {dict(c)}" for t, c in side.layer_precisions.items()) or "not reported"
             progress(f"  {plan} ({side.plan_bytes / 1e6:.1f} MB, {side.flavour} {side.trt_version}, "
                      f"{side.build_seconds} s): layer input precisions {prec}")
