@@ -82,6 +82,12 @@ RUN_FIRST = ["ddpm250-w8a8-ndtc-ptq4dm", "w4a8-ndtc-ptq4dm-wmse", "w8a8-uniform-
 # (variant id, label, extra `trt-dm eval` arguments) for `screen`: one change at a time from the default,
 # most promising first (uniform already has its full row).
 SCREEN: list[tuple[str, str, list[str]]] = [
+    ("w4a8-wmse-adaround", "W4A8, MSE-searched weight clip + learned rounding (block reconstruction, 500 steps/block)",
+     ["--recipe", "ptq4dm", "--weight-bits", "4", "--weight-calib", "mse", "--rounding", "adaround"]),
+    ("w4a8-adaround", "W4A8, abs-max weight ranges + learned rounding (block reconstruction, 500 steps/block)",
+     ["--recipe", "ptq4dm", "--weight-bits", "4", "--rounding", "adaround"]),
+    ("w8a8-adaround", "W8A8 ptq4dm + learned rounding (block reconstruction, 500 steps/block)",
+     ["--recipe", "ptq4dm", "--rounding", "adaround"]),
     ("ptq4dm", "default: ndtc(0.5,0.35) n256, mse:2.4@pooled", ["--recipe", "ptq4dm"]),
     ("single-ex-temb", "single, with the resnets' time_emb_proj layers kept in FP (is their clipping the failure?)",
      ["--recipe", "ptq4dm", "--timesteps", "single", "--exclude", *DEFAULT_EXCLUDE, "*time_emb_proj"]),

@@ -157,10 +157,12 @@ def _t_range(path: Path) -> tuple[int, int] | None:
 def open_denoiser(loaded: LoadedModel, *, engines: Sequence[str | Path] = (), onnx: Sequence[str | Path] | str | Path = (),
                   openvino: Sequence[str | Path] | str | Path = (), ranges: RangeSet | None = None, qcfg=None,
                   device: str | None = None, threads: int | None = None, cuda_graph: bool = False,
-                  ov_precision: str = "fp32", ov_cache_dir: str | Path | bool | None = None) -> Iterator[Denoiser]:
+                  ov_precision: str = "fp32", ov_cache_dir: str | Path | bool | None = None,
+                  weights: str | Path | None = None) -> Iterator[Denoiser]:
     """The denoiser of one deployment: TensorRT ``engines``, ONNX Runtime ``onnx`` graphs, OpenVINO ``openvino``
     graphs (``ov_precision`` fp32 / bf16 for the non-quantized math, ``ov_cache_dir`` its model cache: default
-    beside the graph, False for none), torch fake-quant (``ranges`` [+ ``qcfg``]), or the torch FP model (none
+    beside the graph, False for none), torch fake-quant (``ranges`` [+ ``qcfg``, + ``weights``: reconstructed
+    weights for ``qcfg.rounding`` other than nearest, the calibration's ``weights_path``]), or the torch FP model (none
     given). Several engines / graphs must be the timestep groups of one ``groups=K`` recipe. Runners are active
     inside the ``with`` block and freed after it."""
     onnx = [onnx] if isinstance(onnx, (str, Path)) else list(onnx)
@@ -205,7 +207,7 @@ def open_denoiser(loaded: LoadedModel, *, engines: Sequence[str | Path] = (), on
         elif ranges is not None:
             from .calibrate import fake_quant_unet, grouped_denoiser
             from .quant import QuantConfig
-            qunet = fake_quant_unet(loaded, qcfg or QuantConfig(), ranges, fold_weights=True)
+            qunet = fake_quant_unet(loaded, qcfg or QuantConfig(), ranges, fold_weights=True, weights=weights)
             runner = stack.enter_context(TorchRunner(qunet, device="cpu", dtype=torch.float32, name="fakequant"))
             fn = grouped_denoiser(qunet, ranges) if ranges.is_grouped else as_denoiser(runner)
             yield Denoiser(fn, runner.device, {"runner": runner.name, "groups": len(ranges.groups)})
@@ -308,6 +310,7 @@ class EvalResult:
     ranges: str | None = None
     weight_bits: int | None = None
     weight_calib: str | None = None
+    rounding: str | None = None  # learned weight rounding (adaround), when not round-to-nearest
     shortcut_split: bool | None = None
     calibration: str | None = None
     calib_n: int | None = None
@@ -433,7 +436,8 @@ def evaluate(loaded: LoadedModel, settings: SampleSettings, *, quant: QuantSetti
         q = quant.qcfg
         res.recipe, res.ranges, res.weight_bits, res.weight_calib = quant.recipe, str(calib.ranges_path), q.weight_bits, q.weight_calib
         res.shortcut_split, res.calibration, res.calib_n = q.shortcut_split, quant.spec.timesteps.describe(), quant.spec.n
-        den_ctx = open_denoiser(loaded, ranges=calib.ranges, qcfg=q)
+        res.rounding = q.rounding if q.rounding != "nearest" else None
+        den_ctx = open_denoiser(loaded, ranges=calib.ranges, qcfg=q, weights=calib.weights_path)
     with den_ctx as test, open_denoiser(loaded, device=device) as fp:
         res.ov_precision = test.describe.get("precision") if openvino else None
         images, secs = draw(loaded, test, settings, progress=progress)

@@ -49,6 +49,7 @@ class CalibrationResult:
     seconds_ranges: float = 0.0
     seconds_trajectories: float = 0.0
     unet_calls: int = 0
+    weights_path: Path | None = None  # learned weight rounding (qcfg.rounding "adaround"), safetensors
 
 
 def stats_key(spec: CalibSpec, layers: list[str], bins: int = DEFAULT_BINS) -> str:
@@ -123,15 +124,45 @@ def calibrate(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, recipe: s
     R.save_ranges(path, ranges.to_dict(), {"recipe": rec.name, "recipe_spec": rec.spec, "model": loaded.fingerprint(),
                                            "schedule": loaded.schedule_fingerprint(), "model_source": str(loaded.source),
                                            "calib": spec.to_dict(), "quant": qcfg.to_dict(), "stats": str(directory)})
+    weights_path = None
+    if qcfg.rounding != "nearest":
+        weights_path = reconstructed_weights(loaded, spec, qcfg, ranges, rec.name, directory, batch_size=batch_size,
+                                             progress=progress)
     return CalibrationResult(ranges=ranges, ranges_path=path, stats_dir=directory, stats_reused=reused,
+                             weights_path=weights_path,
                              seconds_collect=timings.get("seconds_trajectories", 0) + timings.get("seconds_statistics", 0),
                              seconds_ranges=seconds_ranges,
                              seconds_trajectories=timings.get("seconds_trajectories", 0.0),
                              unet_calls=timings.get("unet_calls", 0))
 
 
+def reconstructed_weights(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, ranges: RangeSet, recipe: str,
+                          directory: Path, *, batch_size: int = 64, progress: bool = True) -> Path:
+    """The weights with learned rounding (``qcfg.rounding``) for these ranges, cached beside the statistics as
+    ``<recipe>.<rounding>-<key>.safetensors`` (key: quantization config, ranges, reconstruction settings)."""
+    from .calib.reconstruct import ReconConfig, reconstruct, save_weights
+    if ranges.is_grouped:
+        raise ValueError(f"--rounding {qcfg.rounding} needs one range set; {recipe!r} has {len(ranges.groups)} timestep "
+                         "groups (the weights would be shared by engines with different activation ranges)")
+    rc = ReconConfig(iters=qcfg.recon_iters, seed=spec.seed)
+    blob = json.dumps({"quant": qcfg.to_dict(), "ranges": ranges.to_dict(), "recon": rc.key()}, sort_keys=True)
+    path = directory / f"{recipe}.{qcfg.rounding}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}.safetensors"
+    if path.exists():
+        log.info("reusing reconstructed weights %s", path)
+        return path
+    with stage(f"calibration: weight reconstruction ({qcfg.rounding}, {rc.iters} steps per block)"):
+        t0 = time.perf_counter()
+        qunet = fake_quant_unet(loaded, dataclasses.replace(qcfg, rounding="nearest"), ranges)
+        calib, guidance = fp_calibration_set(loaded, spec, batch_size=batch_size, progress=progress)
+        batches = list(calib.unet_batches(batch_size, guidance))
+        weights = reconstruct(qunet, copy.deepcopy(loaded.unet), batches, rc, progress=progress)
+        save_weights(path, weights, {"quant": qcfg.to_dict(), "recon": dataclasses.asdict(rc), "recipe": recipe,
+                                     "model": loaded.fingerprint(), "seconds": round(time.perf_counter() - t0, 1)})
+    return path
+
+
 def fake_quant_unet(loaded: LoadedModel, qcfg: QuantConfig, ranges: RangeSet, *,
-                    fold_weights: bool = False) -> torch.nn.Module:
+                    fold_weights: bool = False, weights: Path | None = None) -> torch.nn.Module:
     """A fake-quant copy of the UNet with ``ranges`` applied and checked. For groups=K ranges the first
     group's values are applied; ``grouped_denoiser`` switches groups by timestep.
 
@@ -141,6 +172,11 @@ def fake_quant_unet(loaded: LoadedModel, qcfg: QuantConfig, ranges: RangeSet, *,
     evaluation uses it and export does not."""
     qunet = quantize_model(copy.deepcopy(loaded.unet), qcfg)
     apply_ranges(qunet, ranges.amax(0))
+    if qcfg.rounding != "nearest":
+        if weights is None:
+            raise ValueError(f"rounding {qcfg.rounding!r} needs the reconstructed weights (calibrate's weights_path)")
+        from .calib.reconstruct import apply_weights, load_weights
+        apply_weights(qunet, load_weights(weights))
     if fold_weights:
         import modelopt.torch.quantization as mtq
         mtq.fold_weight(qunet)

@@ -150,6 +150,7 @@ def _quant(args):
                      guidance_scale=scale, guidance_rescale=args.guidance_rescale, prompts=prompts,
                      negative_prompt=getattr(args, "negative_prompt", ""))
     qcfg = QuantConfig(weight_bits=args.weight_bits, weight_calib=args.weight_calib, shortcut_split=args.shortcut_split,
+                       rounding=args.rounding, recon_iters=args.recon_iters,
                        quantize_attention=args.quantize_attention,
                        exclude=tuple(args.exclude) if args.exclude is not None else DEFAULT_EXCLUDE)
     return QuantSettings(recipe=args.recipe, spec=spec, qcfg=qcfg, cache_root=Path(args.cache_dir),
@@ -216,7 +217,12 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-seed", type=int, default=0)
     p.add_argument("--calib-prompts", default=None, metavar="FILE",
                    help="text-to-image pipelines: calibration prompts, one per line (default: trt_dm's built-in 141)")
-    p.add_argument("--weight-bits", type=int, default=8, choices=(8, 4), help="4 = W4A8 fake-quant study")
+    p.add_argument("--weight-bits", type=int, default=8, choices=(8, 4),
+                   help="4 = W4A8: 4-bit weights (exported on the int8 grid, integers in [-8, 7], for int8 engines)")
+    p.add_argument("--rounding", default="nearest", choices=("nearest", "adaround"),
+                   help="weight rounding: to nearest, or learned by block reconstruction against the FP model on "
+                        "the calibration set (AdaRound; cached beside the statistics)")
+    p.add_argument("--recon-iters", type=int, default=500, help="--rounding adaround: Adam steps per block")
     p.add_argument("--weight-calib", default="max", choices=("max", "mse"),
                    help="weight ranges per output channel: max = abs-max; mse = ModelOpt's data-free search for the "
                         "clip with the least squared weight error (matters for --weight-bits 4)")
@@ -335,13 +341,15 @@ def open_service(args, stack, *, replica: str | None = None):
     from .serve.app import Service, create_app
     api_key = args.api_key or os.environ.get("TRT_DM_API_KEY") or None
     loaded = _load(args)
-    ranges, qcfg, describe = None, None, {}
+    ranges, qcfg, describe, weights = None, None, {}, None
     if args.recipe:
         quant = _quant(args)
         res = api.calibrate(loaded, quant, progress=not args.no_progress)
         ranges, qcfg, describe = res.ranges, quant.qcfg, {"recipe": args.recipe, "ranges": str(res.ranges_path)}
+        weights = res.weights_path
     den = stack.enter_context(api.open_denoiser(loaded, engines=args.engine or (), onnx=args.onnx or (),
-                                                ranges=ranges, qcfg=qcfg, device=args.device, threads=args.threads))
+                                                ranges=ranges, qcfg=qcfg, device=args.device, threads=args.threads,
+                                                weights=weights))
     describe.update(den.describe)
     service = Service(loaded, den, max_rows=args.max_rows, max_queue=args.max_queue, describe=describe,
                       policy=args.batching)

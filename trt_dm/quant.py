@@ -39,6 +39,9 @@ class UncalibratedQuantizerError(RuntimeError):
     """An enabled quantizer has no usable range: it would quantize with a dynamic per-batch range."""
 
 
+ROUNDINGS = ("nearest", "adaround")
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     weight_bits: int = 8  # 8, or 4 (W4A8: exported with the 4-bit integers on the int8 grid, weights_on_int8_grid)
@@ -54,8 +57,16 @@ class QuantConfig:
     # Weight ranges (per output channel, no data needed): "max" = abs-max; "mse" = modelopt's search for the
     # clip (WEIGHT_MSE_SEARCH multiples of the abs-max) minimising the weights' squared quantization error.
     weight_calib: str = "max"
+    # Weight rounding: "nearest", or "adaround": learned by block reconstruction against the FP model on the
+    # calibration set (trt_dm.calib.reconstruct; recon_iters Adam steps per block), folded into the weights.
+    rounding: str = "nearest"
+    recon_iters: int = 500
 
     def __post_init__(self) -> None:
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
+        if self.recon_iters < 1:
+            raise ValueError(f"recon_iters must be >= 1, got {self.recon_iters}")
         if self.weight_bits not in (4, 8):
             raise ValueError(f"weight_bits must be 4 or 8, got {self.weight_bits}")
         if self.weight_calib not in WEIGHT_CALIBS:
@@ -66,7 +77,8 @@ class QuantConfig:
     def to_dict(self) -> dict:
         return {"weight_bits": self.weight_bits, "act_bits": self.act_bits, "exclude": list(self.exclude),
                 "shortcut_split": self.shortcut_split, "quantize_attention": self.quantize_attention,
-                "weight_calib": self.weight_calib}
+                "weight_calib": self.weight_calib, "rounding": self.rounding,
+                **({"recon_iters": self.recon_iters} if self.rounding != "nearest" else {})}
 
 
 SPLIT_SUFFIXES = ("#h", "#skip")  # range names of the two halves of a split layer's input

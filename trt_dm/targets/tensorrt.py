@@ -108,7 +108,7 @@ class TensorRTTarget(Target):
             raise ValueError(f"precision must be fp16 or fp32, got {job.precision!r}")
         self.check(job.qcfg, get_recipe(job.recipe))
         loaded, calib, ranges = job.loaded, job.calib, job.calib.ranges
-        qunet = fake_quant_unet(loaded, job.qcfg, ranges)
+        qunet = fake_quant_unet(loaded, job.qcfg, ranges, weights=calib.weights_path)
         w4 = job.qcfg.weight_bits < 8
         if w4:  # TensorRT has no int4 convolution: the 4-bit weights go on the int8 grid (codes in [-8, 7])
             converted = weights_on_int8_grid(qunet)

@@ -1,0 +1,86 @@
+"""Learned weight rounding by block reconstruction (trt_dm.calib.reconstruct): the rounding variables start at
+round-to-nearest, the learned rounding lowers the W4 model's error against FP, lies on the quantizers' grid
+(so it exports as ordinary Q/DQ with 4-bit codes), is cached and bit-identical on a rerun."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trt_dm.calib.reconstruct import _AdaRound, blocks_in_order
+from trt_dm.calib.timesteps import TimestepSpec
+from trt_dm.calib.trajectories import CalibSpec
+from trt_dm.calibrate import calibrate, fake_quant_unet, fp_calibration_set
+from trt_dm.models import load_model
+from trt_dm.quant import QuantConfig, quantized_layers
+
+SPEC = CalibSpec(TimestepSpec("ndtc", mu=0.4, sigma=0.4), n=16, steps=8, seed=0)
+
+
+def test_rounding_variables_start_at_round_to_nearest_and_the_regulariser_ends_at_zero():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 3, 3, 3, generator=g)
+    step = w.abs().amax(dim=(1, 2, 3)) / 7
+    ada = _AdaRound(w, step, -8, 7)
+    ada.hard = True
+    nearest = (w / step.view(-1, 1, 1, 1)).round().clamp(-8, 7) * step.view(-1, 1, 1, 1)
+    assert torch.allclose(ada(None), nearest, atol=1e-6)
+    ada.hard = False
+    soft = ada(None)
+    assert torch.allclose(soft, w, atol=1e-3)  # h(v0) = frac(w / s): the soft weight starts at w itself
+    with torch.no_grad():
+        ada.v.copy_(torch.where(ada.v >= 0, 10.0, -10.0))
+    assert ada.regulariser(2.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_blocks_are_resnets_and_attentions_in_forward_order(tiny_pipeline_dir, tmp_path):
+    loaded = load_model(tiny_pipeline_dir)
+    ranges = calibrate(loaded, SPEC, QuantConfig(), "max", cache_root=tmp_path, batch_size=8, progress=False).ranges
+    q = fake_quant_unet(loaded, QuantConfig(), ranges)
+    x = torch.randn(2, *loaded.sample_shape)
+    units = blocks_in_order(q, lambda: q(x, torch.tensor([10, 900])))
+    names = [n for n, _, _ in units]
+    assert names[0] == "down_blocks.0.resnets.0" and "mid_block.attentions.0" in names
+    assert names.index("mid_block.resnets.0") < names.index("mid_block.attentions.0") < names.index("mid_block.resnets.1")
+    assert sorted(sum((ls for _, _, ls in units), [])) == sorted(quantized_layers(q))  # every layer once
+    resnet = dict((n, ls) for n, _, ls in units)["down_blocks.0.resnets.0"]
+    assert any(layer.endswith("time_emb_proj") for layer in resnet)  # the time-embedding projection is in its block
+
+
+def test_adaround_lowers_w4_error_is_on_grid_cached_and_reproducible(tiny_pipeline_dir, tmp_path):
+    loaded = load_model(tiny_pipeline_dir)
+    nearest_cfg = QuantConfig(weight_bits=4)
+    ada_cfg = QuantConfig(weight_bits=4, rounding="adaround", recon_iters=60)
+    near = calibrate(loaded, SPEC, nearest_cfg, "ptq4dm", cache_root=tmp_path, batch_size=8, progress=False)
+    a = calibrate(loaded, SPEC, ada_cfg, "ptq4dm", cache_root=tmp_path, batch_size=8, progress=False)
+    assert near.weights_path is None and a.weights_path.exists() and a.weights_path.parent == a.stats_dir
+    assert a.ranges == near.ranges  # the activation ranges are the recipe's; only the weights change
+    mtime = a.weights_path.stat().st_mtime_ns
+    b = calibrate(loaded, SPEC, ada_cfg, "ptq4dm", cache_root=tmp_path, batch_size=8, progress=False)
+    assert b.weights_path == a.weights_path and a.weights_path.stat().st_mtime_ns == mtime  # reused
+    c = calibrate(loaded, SPEC, ada_cfg, "ptq4dm", cache_root=tmp_path / "fresh", batch_size=8, progress=False)
+    wa, wc = load_file(str(a.weights_path)), load_file(str(c.weights_path))
+    assert wa.keys() == wc.keys() and all(torch.equal(wa[k], wc[k]) for k in wa)  # bit-identical rerun
+    q_near = fake_quant_unet(loaded, nearest_cfg, near.ranges)
+    q_ada = fake_quant_unet(loaded, ada_cfg, a.ranges, weights=a.weights_path)
+    with torch.no_grad():
+        for name, m in quantized_layers(q_ada).items():  # on the 4-bit grid: the weight quantizer reproduces it
+            w = m._parameters["weight"]
+            assert torch.allclose(m.weight_quantizer(w), w, atol=1e-6), name
+    held_out = CalibSpec(SPEC.timesteps, n=16, steps=8, seed=1)
+    calib, _ = fp_calibration_set(loaded, held_out, batch_size=16, progress=False)
+    with torch.no_grad():
+        x, t, cond = next(calib.batches(16))
+        ref = loaded.unet(x, t).sample
+        err_near = (q_near(x, t).sample - ref).pow(2).mean().item()
+        err_ada = (q_ada(x, t).sample - ref).pow(2).mean().item()
+    assert err_ada < err_near, (err_ada, err_near)
+    with pytest.raises(ValueError, match="needs the reconstructed weights"):
+        fake_quant_unet(loaded, ada_cfg, a.ranges)
+    with pytest.raises(ValueError, match="needs one range set"):
+        calibrate(loaded, SPEC, ada_cfg, "max@groups=2", cache_root=tmp_path, batch_size=8, progress=False)
+
+
+def test_bad_rounding_settings_are_refused():
+    with pytest.raises(ValueError, match="rounding must be one of nearest, adaround"):
+        QuantConfig(rounding="stochastic")
+    with pytest.raises(ValueError, match="recon_iters must be >= 1"):
+        QuantConfig(rounding="adaround", recon_iters=0)

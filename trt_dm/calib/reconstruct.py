@@ -1,0 +1,283 @@
+"""Learned weight rounding by block reconstruction (AdaRound, Nagel et al. 2020; BRECQ's blocks, Li et al. 2021;
+as Q-Diffusion applies them to diffusion UNets).
+
+Each weight w of a quantized layer, with its per-output-channel step s (from the weight quantizer's amax), is
+rounded down or up by a learned variable v instead of to nearest:
+
+    w_q = s * clamp(floor(w / s) + h(v), qmin, qmax),   h(v) = clamp(sigmoid(v) * (zeta - gamma) + gamma, 0, 1)
+
+v starts where h(v) = frac(w / s) and is trained, one block at a time in forward order, to make the quantized
+block's output match the FP block's on the calibration set:
+
+    loss = mean (block_q(x_q) - block_fp(x_fp))^2 + lambda * sum (1 - |2 h(v) - 1|^beta)
+
+x_q are the block's inputs in the already-reconstructed quantized model (activation quantizers on, with the
+recipe's ranges), x_fp the FP model's, both from the same calibration x_t. beta anneals from 20 to 2 after a warm-up,
+pushing every h(v) to 0 or 1; the rounding is then made hard and folded into the stored weight, which lies
+exactly on the quantizer's grid, so export, checks and engines are the standard Q/DQ path (and W4 weights go on
+the int8 grid as usual). Blocks: each ResnetBlock2D (with its time-embedding projection), each attention block
+(diffusers ``Attention`` / ``Transformer2DModel``); every other quantized layer on its own.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ZETA, GAMMA = 1.1, -0.1
+_SDPA = torch.nn.functional.scaled_dot_product_attention  # the original (modelopt swaps it inside attention calls)
+BLOCK_TYPES = ("ResnetBlock2D", "Attention", "Transformer2DModel")
+
+
+@dataclass(frozen=True)
+class ReconConfig:
+    iters: int = 500          # Adam steps per block
+    batch: int = 32           # calibration rows per step
+    lr: float = 1e-3          # Adam on the rounding variables
+    reg: float = 0.01         # lambda of the rounding regulariser
+    warmup: float = 0.2       # share of the steps without the regulariser
+    beta: tuple[float, float] = (20.0, 2.0)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.iters < 1 or self.batch < 1:
+            raise ValueError(f"reconstruction needs iters >= 1 and batch >= 1, got {self.iters}, {self.batch}")
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+class _AdaRound(nn.Module):
+    """The parametrisation w -> s * clamp(floor(w / s) + h(v), qmin, qmax) of one layer's weight."""
+
+    def __init__(self, w: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int) -> None:
+        super().__init__()
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        self.register_buffer("step", step.reshape(shape).to(w.dtype))
+        self.register_buffer("floor", torch.floor(w / self.step))
+        self.qmin, self.qmax, self.hard = qmin, qmax, False
+        rest = (w / self.step - self.floor).clamp(1e-4, 1 - 1e-4)  # h(v0) = frac(w / s)
+        self.v = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+
+    def h(self) -> torch.Tensor:
+        return (torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+
+    def forward(self, _w: torch.Tensor | None) -> torch.Tensor:
+        up = (self.v >= 0).to(self.step.dtype) if self.hard else self.h()
+        return self.step * (self.floor + up).clamp(self.qmin, self.qmax)
+
+    def regulariser(self, beta: float) -> torch.Tensor:
+        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+
+
+def blocks_in_order(qunet: nn.Module, run: Callable[[], None]) -> list[tuple[str, nn.Module, list[str]]]:
+    """[(name, module, [its quantized layers])] for every reconstruction unit, in the order a forward pass
+    (``run``) first enters them: blocks of BLOCK_TYPES holding quantized layers, then each quantized layer outside
+    them on its own."""
+    from ..quant import quantized_layers
+    layers = quantized_layers(qunet)
+    modules = dict(qunet.named_modules())
+    blocks = {n: m for n, m in modules.items()  # (modelopt's converted classes subclass diffusers')
+              if any(c.__name__ in BLOCK_TYPES for c in type(m).__mro__)}
+    # outermost blocks only (a Transformer2DModel holds Attention modules)
+    blocks = {n: m for n, m in blocks.items() if not any(n.startswith(o + ".") for o in blocks)}
+    units: dict[str, list[str]] = {n: [] for n in blocks}
+    for layer in layers:
+        owner = next((b for b in blocks if layer.startswith(b + ".")), None)
+        units.setdefault(owner or layer, []).append(layer)
+    units = {n: ls for n, ls in units.items() if ls}
+    order: list[str] = []
+    handles = [modules[n].register_forward_pre_hook(lambda *_a, n=n: order.append(n) if n not in order else None)
+               for n in units]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in units if n not in order]
+    if missing:
+        raise RuntimeError(f"reconstruction units never run by the forward pass: {missing[:5]}")
+    return [(n, modules[n], units[n]) for n in order]
+
+
+def _capture(model: nn.Module, module: nn.Module, batches, output: bool) -> list:
+    """Inputs (args, kwargs) or the output of ``module`` for each batch run through ``model``."""
+    got: list = []
+
+    def hook(_m, args, kwargs, out=None):
+        if output:
+            got.append(_first(out).detach())
+        else:
+            got.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args),
+                        {k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()}))
+
+    h = (module.register_forward_hook(hook, with_kwargs=True) if output else
+         module.register_forward_pre_hook(lambda m, a, k: hook(m, a, k), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            for x, t, c in batches:
+                model(x, t, **c)
+    finally:
+        h.remove()
+    return got
+
+
+def _first(out):
+    if torch.is_tensor(out):
+        return out
+    if hasattr(out, "sample"):
+        return out.sample
+    return out[0]
+
+
+def _collate(items: list, sizes: list[int]):
+    """One batch-first tensor per captured value over all batches (values that are not per row kept once)."""
+    def cat(parts):
+        if all(torch.is_tensor(p) and p.dim() > 0 and p.shape[0] == k for p, k in zip(parts, sizes)):
+            return torch.cat(parts)
+        return parts[0]  # not batched (None, a scalar, a flag)
+    if torch.is_tensor(items[0]):
+        return cat(items)
+    args = tuple(cat([it[0][k] for it in items]) for k in range(len(items[0][0])))
+    return args, {k: cat([it[1][k] for it in items]) for k in items[0][1]}
+
+
+def _rows(value, idx: torch.Tensor, n: int):
+    """Rows ``idx`` of a collated capture (tensors with n rows are indexed, anything else passed as is)."""
+    def take(v):
+        return v[idx] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v
+    if torch.is_tensor(value):
+        return take(value)
+    args, kwargs = value
+    return tuple(take(a) for a in args), {k: take(v) for k, v in kwargs.items()}
+
+
+def _sdpa_for_training(self, query, key, value, *args, **kwargs):
+    """modelopt's quantized attention without its export-only FP8SDPA autograd function (which has no backward):
+    the same q / k / v fake-quant (straight-through gradients), then torch's SDPA."""
+    return _SDPA(
+        self.q_bmm_quantizer(query), self.k_bmm_quantizer(key), self.v_bmm_quantizer(value), *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _trainable_attention(qunet: nn.Module):
+    patched = []
+    for m in qunet.modules():
+        table = getattr(m, "_functionals_to_replace", None)
+        if table and any(name == "scaled_dot_product_attention" for _p, name, _f in table):
+            m._functionals_to_replace = [(p, name, _sdpa_for_training if name == "scaled_dot_product_attention" else f)
+                                         for p, name, f in table]
+            patched.append(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m._functionals_to_replace  # back to the class's table
+
+
+def reconstruct(qunet: nn.Module, fp_unet: nn.Module, batches: list, cfg: ReconConfig = ReconConfig(),
+                progress: bool = True) -> dict[str, torch.Tensor]:
+    """Learn the rounding of every quantized layer's weight in ``qunet`` (a calibrated fake-quant model) block
+    by block against ``fp_unet`` on ``batches`` ([(x, t, conditioning)], as the UNet is called). The hard
+    rounding is folded into ``qunet``'s weights in place (on the quantizers' grids; the weight quantizers stay on
+    and reproduce them exactly). Returns {layer: rounded weight} and logs each block's error before / after."""
+    from tqdm.auto import tqdm
+    qunet.eval()
+    fp_unet.eval()
+    for p in [*qunet.parameters(), *fp_unet.parameters()]:  # only the rounding variables learn
+        p.requires_grad_(False)
+    sizes = [b[0].shape[0] for b in batches]
+    n = sum(sizes)
+    units = blocks_in_order(qunet, lambda: qunet(*batches[0][:2], **batches[0][2]))
+    fp_modules, q_modules = dict(fp_unet.named_modules()), dict(qunet.named_modules())
+    g = torch.Generator().manual_seed(cfg.seed)
+    out: dict[str, torch.Tensor] = {}
+    bar = tqdm(units, desc="reconstruction", unit="block", disable=not progress)
+    for name, block, layers in bar:
+        inputs = _collate(_capture(qunet, block, batches, output=False), sizes)
+        target = _collate(_capture(fp_unet, fp_modules[name], batches, output=True), sizes)
+        params, quantizers = [], []
+        for layer in layers:  # the layer's weight quantizer is swapped for the learned rounding while training
+            m = q_modules[layer]
+            q = m.weight_quantizer
+            step = q.amax.detach().float().reshape(-1) / q.maxbound
+            qmin = -q.maxbound if q.narrow_range else -q.maxbound - 1
+            ada = _AdaRound(m._parameters["weight"].detach(), step, qmin, q.maxbound)
+            m.weight_quantizer = ada
+            params.append(ada)
+            quantizers.append(q)
+        opt = torch.optim.Adam([p.v for p in params], lr=cfg.lr)
+        warm = int(cfg.warmup * cfg.iters)
+
+        def block_loss(idx):
+            args, kwargs = _rows(inputs, idx, n)
+            return (_first(block(*args, **kwargs)) - _rows(target, idx, n)).pow(2).mean()
+
+        with torch.no_grad():
+            probe = torch.randperm(n, generator=g)[:min(n, 4 * cfg.batch)]
+            for p in params:
+                p.hard = True
+            before = block_loss(probe).item()  # round to nearest-from-init is h(v0)>=0.5: the nearest rounding
+            for p in params:
+                p.hard = False
+        with _trainable_attention(block):
+            for i in range(cfg.iters):
+                idx = torch.randint(0, n, (min(cfg.batch, n),), generator=g)
+                loss = block_loss(idx)
+                if i >= warm:
+                    frac = (i - warm) / max(1, cfg.iters - warm)
+                    beta = cfg.beta[1] + 0.5 * (cfg.beta[0] - cfg.beta[1]) * (1 + math.cos(math.pi * frac))
+                    loss = loss + cfg.reg * sum(p.regulariser(beta) for p in params)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            for p in params:
+                p.hard = True
+            after = block_loss(probe).item()
+            for layer, p, q in zip(layers, params, quantizers):  # fold the hard rounding, restore the quantizer
+                m = q_modules[layer]
+                w = p(None)
+                m._parameters["weight"].copy_(w)
+                m.weight_quantizer = q
+                out[layer] = w.clone()
+        log.info("reconstructed %s (%d layers): block MSE %.3g -> %.3g", name, len(layers), before, after)
+        bar.set_postfix_str(f"{name}: {before:.2g}->{after:.2g}")
+    return out
+
+
+def save_weights(path: Path, weights: dict[str, torch.Tensor], meta: dict) -> Path:
+    from safetensors.torch import save
+    from ..core.artifacts import atomic_write
+    return atomic_write(path, save({k: v.contiguous() for k, v in weights.items()},
+                                   {k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()}))
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+def apply_weights(qunet: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Put reconstructed weights into a fake-quant model (names and shapes must match its quantized layers)."""
+    from ..quant import quantized_layers
+    layers = quantized_layers(qunet)
+    if set(weights) != set(layers):
+        raise ValueError(f"reconstructed weights cover other layers than the model's quantized layers "
+                         f"(missing {sorted(set(layers) - set(weights))[:3]}, unknown {sorted(set(weights) - set(layers))[:3]})")
+    with torch.no_grad():
+        for name, m in layers.items():
+            if m.weight.shape != weights[name].shape:
+                raise ValueError(f"{name}: reconstructed weight shape {tuple(weights[name].shape)} != {tuple(m.weight.shape)}")
+            m.weight.copy_(weights[name])
