@@ -61,19 +61,23 @@ def main() -> int:
              f"{time.strftime('%Y-%m-%d')}; the raw numbers are in `docs/bench/profile.json`.", "",
              "## UNet calls and sampling, per runner (CPU)", "", f"Command: `{' '.join(Path(c).name if i == 0 else c for i, c in enumerate(profile_cmd)).replace(str(out_dir), 'docs/bench')}`", "",
              markdown(doc["results"], doc["machine"]), "![images/s per UNet call vs batch](docs/bench/profile.png)", ""]
-    lines += ["## Int8 on CPU with ONNX Runtime: speed-up over ONNX Runtime fp32 (same run)", "",
+    cols = [("ort-int8", "ORT int8, ORT layout (recipe's layers)"), ("ort-int8-all-ops", "ORT int8, all ops"),
+            ("ort-int8-trt-layout", "ORT int8, TensorRT layout"), ("ov-int8", "OpenVINO int8 (TensorRT layout)"),
+            ("ov-bf16", "OpenVINO bf16"), ("ov-fp32", "OpenVINO fp32"), ("torch-fp32", "torch fp32")]
+    have = [(k, label) for k, label in cols if any(k in res["runners"] for res in doc["results"])]
+    lines += ["## Int8 on CPU (ONNX Runtime, OpenVINO): speed-up over ONNX Runtime fp32 (same run)", "",
               "Each cell: ratio of median latencies (ratio of the fastest calls). Other load on a shared machine "
-              "only adds time, so where the two differ the fastest calls are the less disturbed estimate.", "",
-              "| architecture | batch | int8, ONNX Runtime layout (recipe's layers) | int8, all ops | int8, TensorRT layout | torch fp32 |",
-              "|---|---:|---:|---:|---:|---:|"]
+              "only adds time, so where the two differ the fastest calls are the less disturbed estimate. "
+              "OpenVINO int8 over OpenVINO bf16 is the calibration-free alternative int8 has to beat.", "",
+              "| architecture | batch | " + " | ".join(label for _, label in have) + " |",
+              "|---|---:|" + "---:|" * len(have)]
     for res in doc["results"]:
         med, fast = ratios(res), ratios(res, key="min_ms")
 
         def cell(name, b):
-            return f"{med[name][b]:.2f}x ({fast[name][b]:.2f}x)"
+            return f"{med[name][b]:.2f}x ({fast[name][b]:.2f}x)" if b in med.get(name, {}) else "n/a"
         for b in sorted(med.get("ort-int8", {})):
-            lines.append(f"| {res['arch']} | {b} | {cell('ort-int8', b)} | {cell('ort-int8-all-ops', b)} | "
-                         f"{cell('ort-int8-trt-layout', b)} | {cell('torch-fp32', b)} |")
+            lines.append(f"| {res['arch']} | {b} | " + " | ".join(cell(k, b) for k, _ in have) + " |")
     lines += ["", "## The pipeline's own cost (default model)", "",
               "| what | seconds |", "|---|---:|",
               f"| `trt-dm engine` (= `make engine`), calibration cache cold | {t_cold:.0f} |",

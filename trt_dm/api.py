@@ -482,14 +482,21 @@ def deploy(loaded: LoadedModel, quant: QuantSettings, *, out_dir: Path = Path("e
     Wall time and peak memory of every stage are in ``result.stages`` and ``<out_dir>/<model>-<recipe>.stages.json``."""
     from .core import stages
     from .targets.base import graph_stem
-    with stages.recording() as log:
-        result = _deploy(loaded, quant, out_dir=out_dir, **kw)
-    result.stages = log.rows
     q = quant.resolved(loaded)
-    result.stages_path = Path(out_dir) / f"{graph_stem(loaded.name, q.recipe, q.qcfg)}.stages.json"
-    atomic_write(result.stages_path, json.dumps({"model": str(loaded.source), "recipe": q.recipe,
-                                                 "threads": torch.get_num_threads(), "stages": log.rows},
-                                                indent=2).encode())
+    path = Path(out_dir) / f"{graph_stem(loaded.name, q.recipe, q.qcfg)}.stages.json"
+
+    def write(rows, error=None):  # after every stage, and when one fails: how far it got and what it cost
+        atomic_write(path, json.dumps({"model": str(loaded.source), "recipe": q.recipe, "threads": torch.get_num_threads(),
+                                       "stages": rows, **({"error": error} if error else {})}, indent=2).encode())
+
+    with stages.recording(on_stage=write) as log:
+        try:
+            result = _deploy(loaded, quant, out_dir=out_dir, **kw)
+        except Exception as e:
+            if log.rows:
+                write(log.rows, f"{type(e).__name__}: {e}")
+            raise
+    result.stages, result.stages_path = log.rows, path
     return result
 
 

@@ -123,23 +123,62 @@ class QdqReport:
         return not self.violations
 
 
-def constants(model) -> dict[str, np.ndarray]:
-    """{tensor name: value} of every initializer and Constant node output of an ONNX model."""
-    from onnx import numpy_helper
-    out = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+class _Constants(dict):
+    """{tensor name: value} read on first access (a > 2 GB graph's weights are not all loaded to check its scales);
+    tensors in external data are read from ``base_dir``."""
+
+    def __init__(self, protos: dict, base_dir: str) -> None:
+        super().__init__()
+        self._protos, self._base = protos, base_dir
+
+    def __contains__(self, name) -> bool:
+        return name in self._protos
+
+    def __iter__(self):
+        return iter(self._protos)
+
+    def __len__(self) -> int:
+        return len(self._protos)
+
+    def __getitem__(self, name):
+        if not dict.__contains__(self, name):
+            from onnx import numpy_helper
+            dict.__setitem__(self, name, numpy_helper.to_array(self._protos[name], base_dir=self._base))
+        return dict.__getitem__(self, name)
+
+    def get(self, name, default=None):
+        return self[name] if name in self._protos else default
+
+    def keys(self):
+        return self._protos.keys()
+
+
+def constants(model, base_dir: str | os.PathLike = "") -> dict[str, np.ndarray]:
+    """{tensor name: value} of every initializer and Constant node output of an ONNX model, each read when first
+    used (``base_dir``: where a graph loaded without its external data keeps it)."""
+    protos = {t.name: t for t in model.graph.initializer}
     for n in model.graph.node:
         if n.op_type == "Constant":
             for a in n.attribute:
                 if a.name == "value":
-                    out[n.output[0]] = numpy_helper.to_array(a.t)
-    return out
+                    protos[n.output[0]] = a.t
+    return _Constants(protos, str(base_dir))
+
+
+def _graph(model_or_path) -> tuple:
+    """(model, directory of its external data): a path is loaded without its external data, whose tensors
+    ``constants(model, directory)`` then reads one by one when used (a > 2 GB graph is never all in memory)."""
+    import onnx
+    if isinstance(model_or_path, (str, os.PathLike)):
+        return onnx.load(str(model_or_path), load_external_data=False), str(Path(model_or_path).parent)
+    return model_or_path, ""
 
 
 def check_qdq(model_or_path) -> QdqReport:
     """Check every QuantizeLinear / DequantizeLinear against TensorRT's explicit-quantization rules."""
     import onnx
-    model = onnx.load(str(model_or_path)) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
-    consts = constants(model)
+    model, base = _graph(model_or_path)
+    consts = constants(model, base)
     consumers: dict[str, list] = {}
     for n in model.graph.node:
         for i in n.input:
@@ -188,8 +227,8 @@ def weight_code_ranges(model_or_path) -> dict[str, tuple[int, int]]:
     (codes = round-half-even(W / scale), saturated to int8, as QuantizeLinear computes them). W4A8 graphs must
     keep these within the 4-bit integers [-8, 7]."""
     import onnx
-    model = onnx.load(str(model_or_path)) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
-    consts = constants(model)
+    model, base = _graph(model_or_path)
+    consts = constants(model, base)
     producer = {o: n for n in model.graph.node for o in n.output}
     out = {}
     for n in model.graph.node:
@@ -222,9 +261,9 @@ def check_layers(model_or_path, quantized: set[str] | list[str]) -> list[str]:
     """Every Conv/Gemm/MatMul that reads a weight must have Q/DQ on its input and weight exactly when its
     layer is in ``quantized`` (the recipe's layers): missing and unexpected quantization are violations."""
     import onnx
-    model = onnx.load(str(model_or_path)) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    model, base = _graph(model_or_path)
     producer = {o: n for n in model.graph.node for o in n.output}
-    consts = constants(model)
+    consts = constants(model, base)
     quantized = set(quantized)
     seen, problems = set(), []
     for n in model.graph.node:
@@ -292,17 +331,21 @@ def compare_layers(qunet: nn.Module, onnx_path: str | os.PathLike, feed: dict[st
     from onnx import TensorProto, helper
 
     from .quant import quantized_layers
-    model = onnx.load(str(onnx_path))
+    model, _ = _graph(onnx_path)  # without external data: the weights stay in the graph's data file
     q_out = _activation_q_nodes(model)
     have = {o.name for o in model.graph.output}
     for name in q_out.values():
         if name not in have:
             model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.INT8, None))
             have.add(name)
-    if _tensor_bytes(model) > EXTERNAL_DATA_BYTES:  # too large to pass as bytes: a temporary copy on disk
-        import tempfile
-        with tempfile.TemporaryDirectory(dir=Path(onnx_path).parent) as d:
-            sess = ort.InferenceSession(str(save_onnx(model, Path(d) / "probe.onnx")), providers=["CPUExecutionProvider"])
+    if any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer):
+        # the probe graph (the same graph with more outputs) goes beside the original, whose data file it names
+        probe = Path(onnx_path).with_name(f".{Path(onnx_path).name}.probe-{os.getpid()}.onnx")
+        try:
+            onnx.save_model(model, str(probe))
+            sess = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
+        finally:
+            probe.unlink(missing_ok=True)
     else:
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     input_names = {i.name for i in sess.get_inputs()}

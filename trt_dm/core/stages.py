@@ -18,6 +18,7 @@ import contextvars
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 
 def _status_mb(key: str) -> float | None:
@@ -81,6 +82,7 @@ class _Open:
 @dataclass
 class StageLog:
     rows: list[dict] = field(default_factory=list)
+    on_stage: Callable[[list[dict]], None] | None = None  # called after every stage (e.g. to write the rows out)
     _open: list[_Open] = field(default_factory=list)
 
     def _fold(self) -> None:
@@ -104,6 +106,8 @@ class StageLog:
             self.rows.append({"stage": name, "seconds": round(time.perf_counter() - s.t0, 2),
                               "peak_rss_mb": round(s.peak) if now is not None else None,
                               "rss_after_mb": round(now) if now is not None else None})
+            if self.on_stage is not None:
+                self.on_stage(self.rows)
 
     def table(self) -> str:
         lines = [f"{'stage':56s} {'wall s':>9s} {'peak RSS GiB':>13s}"]
@@ -117,9 +121,10 @@ _CURRENT: contextvars.ContextVar[StageLog | None] = contextvars.ContextVar("trt_
 
 
 @contextlib.contextmanager
-def recording():
-    """Collect the stages marked inside this block (in this thread / context) into a new ``StageLog``."""
-    log = StageLog()
+def recording(on_stage: Callable[[list[dict]], None] | None = None):
+    """Collect the stages marked inside this block (in this thread / context) into a new ``StageLog``;
+    ``on_stage(rows)`` after each one (so a process killed mid-way leaves what it finished)."""
+    log = StageLog(on_stage=on_stage)
     token = _CURRENT.set(log)
     try:
         yield log
