@@ -284,3 +284,23 @@ def test_w4a8_engine_builds_with_4bit_codes_on_the_int8_grid(tiny_pipeline_dir, 
     assert {"calibration", "export", "build", f"build {name}.plan"} <= set(names)
     assert all(s["seconds"] >= 0 and s["peak_rss_mb"] > 0 for s in stages)
     assert "peak RSS GiB" in out
+
+
+def test_layer_comparison_refused_without_memory_and_skippable(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
+    """A stage that would not fit is refused with the numbers before it starts (exit 1, the stage table says how
+    far the run got); --no-layer-comparison skips that stage and says so in the report."""
+    import trt_dm.targets.tensorrt as T
+    from trt_dm.cli import main
+    args = ["export", "--model", str(tiny_pipeline_dir), "--out-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cc"),
+            "--calib-n", "4", "--calib-steps", "4", "--batch", "4", "--no-progress", "--precision", "fp32"]
+    monkeypatch.setattr(T, "COMPARISON_MEMORY_PER_GRAPH_BYTE", 1e9)  # a graph of a few MB would need PBs
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "the layer comparison of" in err and "GiB is available here" in err and "--no-layer-comparison" in err
+    stages = json.loads((tmp_path / f"{tiny_pipeline_dir.name}-ptq4dm.stages.json").read_text())
+    names = [s["stage"] for s in stages["stages"]]  # the checks were the last stage done; "export" ended with the error
+    assert stages["error"].startswith("InsufficientMemoryError") and names[-2].endswith("checks") and names[-1] == "export"
+    assert main(args + ["--no-layer-comparison"]) == 0
+    assert "layer comparison with ONNX Runtime skipped" in capsys.readouterr().out
+    report = json.loads((tmp_path / f"{tiny_pipeline_dir.name}-ptq4dm.fp32.onnx.json").read_text())
+    assert report["layer_comparison_fp32"] == {"skipped": "--no-layer-comparison"} and report["violations"] == []

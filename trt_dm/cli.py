@@ -275,7 +275,9 @@ def _deploy(args, build: bool):
     if build:
         print(f"model {loaded.name} ({loaded.kind}, {loaded.source}); fingerprint {loaded.fingerprint()[:16]}")
     return api.deploy(loaded, quant, target=args.target, out_dir=Path(args.out_dir), precision=args.precision,
-                      options={"ops": args.ort_ops, "one_graph": getattr(args, "one_graph", False)}, build=build, baseline=not getattr(args, "no_baseline", True),
+                      options={"ops": args.ort_ops, "one_graph": getattr(args, "one_graph", False),
+                               "layer_comparison": not args.no_layer_comparison},
+                      build=build, baseline=not getattr(args, "no_baseline", True),
                       build_options=_build_options(args) if build else None, flavour=getattr(args, "flavour", None),
                       show_progress=not args.no_progress)
 
@@ -433,6 +435,10 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                    help="tensorrt target, groups=K recipes: ONE graph / engine whose layers pick their input range "
                         "per row by the timestep's group (exact to the K-range model up to rounding flips) "
                         "instead of K engines")
+    p.add_argument("--no-layer-comparison", action="store_true",
+                   help="tensorrt target: skip the int8-code comparison of torch fake-quant and ONNX Runtime, layer "
+                        "by layer (it needs about 3.4x the graph's size in memory: refused when that is not "
+                        "available); the Q/DQ conformance and coverage checks still run")
     p.add_argument("--precision", choices=("fp16", "fp32"), default=None,
                    help="precision of the non-quantized math in the deployed graph (default: the target's; fp16 for "
                         "strongly typed TensorRT, the fp32 Q/DQ graph is always written too; fp32 for openvino)")

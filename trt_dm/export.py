@@ -352,6 +352,7 @@ def compare_layers(qunet: nn.Module, onnx_path: str | os.PathLike, feed: dict[st
     ort_feed = {k: v.detach().cpu().numpy() for k, v in feed.items() if k in input_names}
     outs = list(q_out.values())
     got = {o: torch.from_numpy(a.astype(np.int16)) for o, a in zip(outs, sess.run(outs, ort_feed))}
+    del sess, model  # the torch runs below do not need them: free the session's memory first
 
     quantizers = {layer: mod.input_quantizer for layer, mod in quantized_layers(qunet).items()
                   if getattr(mod, "input_quantizer", None) is not None and layer in q_out}

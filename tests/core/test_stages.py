@@ -36,5 +36,5 @@ def test_stage_outside_a_recording_does_nothing():
 
 def test_require_memory_refuses_with_the_numbers():
     stages.require_memory(1.0, "a tiny stage", "a guess")  # 1 MiB: always there
-    with pytest.raises(stages.InsufficientMemoryError, match=r"needs about .* GiB of memory \(measured\).* available"):
+    with pytest.raises(stages.InsufficientMemoryError, match=r"needs about .* GiB of memory \(measured\).* available here; free memory"):
         stages.require_memory(1e12, "an impossible stage", "measured")

@@ -58,6 +58,18 @@ def available_mb() -> float | None:
     return None
 
 
+def release_memory() -> None:
+    """Give freed memory back to the OS: a garbage collection, then glibc's malloc_trim (where there is one):
+    after a multi-GB model copy is dropped its small tensors' heap pages otherwise stay resident."""
+    import gc
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class InsufficientMemoryError(RuntimeError):
     """A stage's measured memory need exceeds what this machine has available: refused before starting it."""
 
@@ -69,7 +81,7 @@ def require_memory(need_mb: float, what: str, how: str) -> None:
     if avail is not None and need_mb > avail:
         raise InsufficientMemoryError(
             f"{what} needs about {need_mb / 1024:.1f} GiB of memory ({how}); {avail / 1024:.1f} GiB is available "
-            f"here. Free memory, use a machine with more, or lower the stage's size (e.g. --batch)")
+            f"here; free memory or use a machine with more")
 
 
 @dataclass
@@ -94,6 +106,7 @@ class StageLog:
 
     @contextlib.contextmanager
     def stage(self, name: str):
+        release_memory()
         self._fold()
         s = _Open(name, time.perf_counter())
         self._open.append(s)

@@ -66,6 +66,21 @@ def _check(path: Path, quantized: set[str]) -> list[str]:
     return check_qdq(path).violations + check_layers(path, quantized)  # (weights read only where looked at)
 
 
+# Measured on sd15-unet (3.44 GB fp32 Q/DQ graph, 2 cores): the layer comparison's ONNX Runtime session and the
+# two torch runs raised the process's resident memory by 11.6 GB before the kernel killed it at 22.2 GB, i.e.
+# about 3.4x the graph's tensor bytes.
+COMPARISON_MEMORY_PER_GRAPH_BYTE = 3.4
+
+
+def _require_comparison_memory(path: Path) -> None:
+    from ..core.stages import require_memory
+    from ..export import onnx_files
+    size = sum(p.stat().st_size for p in onnx_files(path))
+    require_memory(COMPARISON_MEMORY_PER_GRAPH_BYTE * size / 2**20, f"the layer comparison of {path.name}",
+                   f"{COMPARISON_MEMORY_PER_GRAPH_BYTE}x its {size / 2**30:.2f} GiB, measured on sd15-unet; pass "
+                   "--no-layer-comparison to skip it (the Q/DQ conformance and coverage checks still run)")
+
+
 def _check_codes(codes: dict[str, tuple[int, int]], bits: int, quantized: set[str]) -> list[str]:
     """W<bits>A8 on the int8 grid: every quantized layer's weight codes within [-2^(bits-1), 2^(bits-1) - 1]."""
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
@@ -136,14 +151,19 @@ class TensorRTTarget(Target):
                 if w4:
                     codes = weight_code_ranges(fp32)
                     problems += _check_codes(codes, job.qcfg.weight_bits, quantized)
+            compare = (job.options or {}).get("layer_comparison", True)
+            skipped = {"skipped": "--no-layer-comparison"}
+            if compare:
+                _require_comparison_memory(fp32)
             with stage(f"export {name}: layer comparison (fp32)"):
-                rows = compare_layers(qunet, fp32, feed)
+                rows = compare_layers(qunet, fp32, feed) if compare else []
             report = _report(job, fp32.name, True, recipe=job.recipe, ranges=str(calib.ranges_path),
                              calibration=f"{loaded.data_key()[:16]}/{calib.stats_dir.name}", quant=job.qcfg.to_dict(),
                              quantized_layers=len(quantized), precision=job.precision, fp32_onnx=fp32.name,
                              guidance_scale=job.spec.guidance_scale if loaded.signature.conditioning else None,
                              text_pipeline=loaded.text.describe() if loaded.text is not None else None,
-                             layer_comparison_fp32=_flip_summary(rows), layer_comparison_rows=rows)
+                             layer_comparison_fp32=_flip_summary(rows) if compare else skipped,
+                             layer_comparison_rows=rows)
             if w4:
                 report.extra["weight_codes"] = {"bits": job.qcfg.weight_bits, "layers": len(codes),
                                                 "min": min(lo for lo, _ in codes.values()),
@@ -157,8 +177,11 @@ class TensorRTTarget(Target):
                 with stage(f"export {name}: FP16 conversion + checks"):
                     target = to_fp16(fp32, job.out_dir / f"{name}.onnx")
                     problems += _check(target, quantized)
+                if compare:
+                    _require_comparison_memory(target)
                 with stage(f"export {name}: layer comparison (fp16)"):
-                    report.layer_comparison_fp16 = _flip_summary(compare_layers(qunet, target, feed))
+                    report.layer_comparison_fp16 = (_flip_summary(compare_layers(qunet, target, feed)) if compare
+                                                    else skipped)
             report.onnx, report.violations = target.name, problems
             report.export_seconds = round(time.perf_counter() - t0, 1)
             report.save(target)
@@ -167,9 +190,10 @@ class TensorRTTarget(Target):
                                        + "\n  ".join(problems[:20]))
             fl = report.layer_comparison_fp32
             progress(f"  {target} ({report.export_seconds} s): ONNX checker, Q/DQ conformance and per-layer coverage "
-                     f"OK; int8 codes vs torch fake-quant, layer by layer: {fl['flip_rate']:.1e} flipped (max diff "
-                     f"{fl['max_code_diff']}; end to end {fl['flip_rate_e2e']:.1e})"
-                     + (f", FP16 graph {report.layer_comparison_fp16['flip_rate']:.1e}" if job.precision == "fp16" else ""))
+                     + (f"OK; int8 codes vs torch fake-quant, layer by layer: {fl['flip_rate']:.1e} flipped (max diff "
+                        f"{fl['max_code_diff']}; end to end {fl['flip_rate_e2e']:.1e})"
+                        + (f", FP16 graph {report.layer_comparison_fp16['flip_rate']:.1e}" if job.precision == "fp16" else "")
+                        if compare else "OK; layer comparison with ONNX Runtime skipped (--no-layer-comparison)"))
             out.append(Exported(target, report))
         return out
 
