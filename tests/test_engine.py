@@ -304,3 +304,15 @@ def test_layer_comparison_refused_without_memory_and_skippable(tiny_pipeline_dir
     assert "layer comparison with ONNX Runtime skipped" in capsys.readouterr().out
     report = json.loads((tmp_path / f"{tiny_pipeline_dir.name}-ptq4dm.fp32.onnx.json").read_text())
     assert report["layer_comparison_fp32"] == {"skipped": "--no-layer-comparison"} and report["violations"] == []
+
+
+def test_fp16_conversion_refused_without_memory_names_the_fp32_graph(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
+    import trt_dm.targets.tensorrt as T
+    from trt_dm.cli import main
+    monkeypatch.setattr(T, "FP16_MEMORY_PER_GRAPH_BYTE", 1e9)
+    assert main(["export", "--model", str(tiny_pipeline_dir), "--out-dir", str(tmp_path), "--cache-dir",
+                 str(tmp_path / "cc"), "--calib-n", "4", "--calib-steps", "4", "--batch", "4", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "the FP16 conversion of" in err and "--precision fp32" in err
+    assert (tmp_path / f"{tiny_pipeline_dir.name}-ptq4dm.fp32.onnx").exists()  # the checked FP32 graph stays
+    assert not (tmp_path / f"{tiny_pipeline_dir.name}-ptq4dm.onnx").exists()

@@ -401,6 +401,9 @@ def to_fp16(src: str | os.PathLike, dst: str | os.PathLike, keep_fp32: tuple[str
     which also keeps in FP32 any node whose values exceed FP16's safe range on a reference run. The
     sinusoidal timestep projection stays FP32 (sin/cos of t * frequency with t up to 1000 needs it)."""
     import onnx
+
+    from .core.stages import import_detached
+    import_detached("modelopt.onnx.autocast")
     from modelopt.onnx.autocast import convert_to_mixed_precision
     # modelopt sets INFO on each of its ONNX loggers; its warnings (opset raised to 19, shared constants
     # duplicated) are expected here: shown in verbose runs (root logger at INFO) only

@@ -122,6 +122,8 @@ def _expand(names, splits: Mapping[str, int]) -> list[str]:
 
 
 def _modelopt():
+    from .core.stages import import_detached
+    import_detached("modelopt.torch.quantization")
     import modelopt.torch.quantization as mtq
     from modelopt.torch.quantization.nn import TensorQuantizer
     return mtq, TensorQuantizer

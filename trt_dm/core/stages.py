@@ -58,6 +58,29 @@ def available_mb() -> float | None:
     return None
 
 
+def import_detached(module: str) -> None:
+    """Import ``module`` (if not yet imported) in a thread of its own. modelopt keeps tracebacks of errors it
+    catches while importing its optional plugins, and a traceback keeps its frames' callers alive (``f_back``):
+    imported from inside a function, it pins whatever that function and its callers hold (measured: a 3.4 GB
+    copy of the SD 1.5 UNet, for the rest of the process)."""
+    import importlib
+    import sys
+    import threading
+    if module not in sys.modules:
+        errors: list[BaseException] = []
+
+        def run():
+            try:
+                importlib.import_module(module)
+            except BaseException as e:  # re-raised in the caller's thread
+                errors.append(e)
+        t = threading.Thread(target=run, name=f"import {module}")
+        t.start()
+        t.join()
+        if errors:
+            raise errors[0]
+
+
 def release_memory() -> None:
     """Give freed memory back to the OS: a garbage collection, then glibc's malloc_trim (where there is one):
     after a multi-GB model copy is dropped its small tensors' heap pages otherwise stay resident."""

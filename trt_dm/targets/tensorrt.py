@@ -81,6 +81,21 @@ def _require_comparison_memory(path: Path) -> None:
                    "--no-layer-comparison to skip it (the Q/DQ conformance and coverage checks still run)")
 
 
+# ModelOpt's FP16 autocast loads the graph, runs it in ONNX Runtime with every node's output kept (its FP16
+# range check) and writes the converted copy: on sd15-unet (3.44 GB graph) the kernel killed the process at 22.2 GB
+# resident, 14.7 GB above what it held before the stage, so it needs more than 4.3x the graph's bytes.
+FP16_MEMORY_PER_GRAPH_BYTE = 4.3
+
+
+def _require_fp16_memory(path: Path) -> None:
+    from ..core.stages import require_memory
+    from ..export import onnx_files
+    size = sum(p.stat().st_size for p in onnx_files(path))
+    require_memory(FP16_MEMORY_PER_GRAPH_BYTE * size / 2**20, f"the FP16 conversion of {path.name}",
+                   f"at least {FP16_MEMORY_PER_GRAPH_BYTE}x its {size / 2**30:.2f} GiB, measured on sd15-unet; "
+                   "--precision fp32 builds the checked FP32 Q/DQ graph instead (non-quantized math in FP32)")
+
+
 def _check_codes(codes: dict[str, tuple[int, int]], bits: int, quantized: set[str]) -> list[str]:
     """W<bits>A8 on the int8 grid: every quantized layer's weight codes within [-2^(bits-1), 2^(bits-1) - 1]."""
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
@@ -174,6 +189,7 @@ class TensorRTTarget(Target):
                 report.group, report.groups, report.t_range = k, len(ranges.groups), [group.t_max, group.t_min]
             target = fp32
             if job.precision == "fp16":
+                _require_fp16_memory(fp32)
                 with stage(f"export {name}: FP16 conversion + checks"):
                     target = to_fp16(fp32, job.out_dir / f"{name}.onnx")
                     problems += _check(target, quantized)
