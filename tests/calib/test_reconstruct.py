@@ -84,3 +84,14 @@ def test_bad_rounding_settings_are_refused():
         QuantConfig(rounding="stochastic")
     with pytest.raises(ValueError, match="recon_iters must be >= 1"):
         QuantConfig(rounding="adaround", recon_iters=0)
+
+
+def test_cli_calibrate_with_learned_rounding_and_bad_iters(tiny_pipeline_dir, tmp_path, capsys):
+    from trt_dm.cli import main
+    base = ["calibrate", "--model", str(tiny_pipeline_dir), "--cache-dir", str(tmp_path), "--calib-n", "8",
+            "--calib-steps", "4", "--batch", "8", "--no-progress", "--weight-bits", "4", "--rounding", "adaround"]
+    assert main(base + ["--recon-iters", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "weights with learned rounding (adaround) ->" in out and ".adaround-" in out
+    assert main(base + ["--recon-iters", "0"]) == 2
+    assert "recon_iters must be >= 1" in capsys.readouterr().err
