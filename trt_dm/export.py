@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,15 +124,14 @@ class QdqReport:
         return not self.violations
 
 
-class _Constants(dict):
-    """{tensor name: value} read on first access (a > 2 GB graph's weights are not all loaded to check its scales);
-    tensors in external data are read from ``base_dir``."""
+class _Constants(Mapping):
+    """{tensor name: value}, each read on first access (a > 2 GB graph's weights are not all loaded to check its
+    scales); tensors in external data are read from ``base_dir``."""
 
     def __init__(self, protos: dict, base_dir: str) -> None:
-        super().__init__()
-        self._protos, self._base = protos, base_dir
+        self._protos, self._base, self._values = protos, base_dir, {}
 
-    def __contains__(self, name) -> bool:
+    def __contains__(self, name) -> bool:  # (Mapping's would read the tensor)
         return name in self._protos
 
     def __iter__(self):
@@ -141,19 +141,13 @@ class _Constants(dict):
         return len(self._protos)
 
     def __getitem__(self, name):
-        if not dict.__contains__(self, name):
+        if name not in self._values:
             from onnx import numpy_helper
-            dict.__setitem__(self, name, numpy_helper.to_array(self._protos[name], base_dir=self._base))
-        return dict.__getitem__(self, name)
-
-    def get(self, name, default=None):
-        return self[name] if name in self._protos else default
-
-    def keys(self):
-        return self._protos.keys()
+            self._values[name] = numpy_helper.to_array(self._protos[name], base_dir=self._base)
+        return self._values[name]
 
 
-def constants(model, base_dir: str | os.PathLike = "") -> dict[str, np.ndarray]:
+def constants(model, base_dir: str | os.PathLike = "") -> Mapping[str, np.ndarray]:
     """{tensor name: value} of every initializer and Constant node output of an ONNX model, each read when first
     used (``base_dir``: where a graph loaded without its external data keeps it)."""
     protos = {t.name: t for t in model.graph.initializer}
@@ -176,7 +170,6 @@ def _graph(model_or_path) -> tuple:
 
 def check_qdq(model_or_path) -> QdqReport:
     """Check every QuantizeLinear / DequantizeLinear against TensorRT's explicit-quantization rules."""
-    import onnx
     model, base = _graph(model_or_path)
     consts = constants(model, base)
     consumers: dict[str, list] = {}
@@ -226,10 +219,10 @@ def weight_code_ranges(model_or_path) -> dict[str, tuple[int, int]]:
     per-channel scales whose input is a constant int8 tensor or the QuantizeLinear of a constant float one
     (codes = round-half-even(W / scale), saturated to int8, as QuantizeLinear computes them). W4A8 graphs must
     keep these within the 4-bit integers [-8, 7]."""
-    import onnx
     model, base = _graph(model_or_path)
     consts = constants(model, base)
     producer = {o: n for n in model.graph.node for o in n.output}
+    consumer = {i: n for n in reversed(model.graph.node) for i in n.input}  # the first consumer of each
     out = {}
     for n in model.graph.node:
         scale = consts.get(n.input[1]) if n.op_type == "DequantizeLinear" else None
@@ -245,8 +238,7 @@ def weight_code_ranges(model_or_path) -> dict[str, tuple[int, int]]:
             shape = [1] * w.ndim
             shape[axis] = -1
             x = np.clip(np.rint(w.astype(np.float64) / scale.astype(np.float64).reshape(shape)), -128, 127)
-        consumer = next((c for c in model.graph.node if n.output[0] in c.input), None)
-        key = layer_of(consumer) if consumer is not None else n.name
+        key = layer_of(consumer[n.output[0]]) if n.output[0] in consumer else n.name
         out[key] = (int(x.min()), int(x.max()))
     return out
 
@@ -260,7 +252,6 @@ def layer_of(node) -> str:
 def check_layers(model_or_path, quantized: set[str] | list[str]) -> list[str]:
     """Every Conv/Gemm/MatMul that reads a weight must have Q/DQ on its input and weight exactly when its
     layer is in ``quantized`` (the recipe's layers): missing and unexpected quantization are violations."""
-    import onnx
     model, base = _graph(model_or_path)
     producer = {o: n for n in model.graph.node for o in n.output}
     consts = constants(model, base)
@@ -400,8 +391,6 @@ def to_fp16(src: str | os.PathLike, dst: str | os.PathLike, keep_fp32: tuple[str
     in FP16, Q/DQ scales in FP16 (opset 19), inputs and outputs kept FP32. Uses ModelOpt's ONNX autocast,
     which also keeps in FP32 any node whose values exceed FP16's safe range on a reference run. The
     sinusoidal timestep projection stays FP32 (sin/cos of t * frequency with t up to 1000 needs it)."""
-    import onnx
-
     from .core.stages import import_detached
     import_detached("modelopt.onnx.autocast")
     from modelopt.onnx.autocast import convert_to_mixed_precision

@@ -70,30 +70,24 @@ def _check(path: Path, quantized: set[str]) -> list[str]:
 # two torch runs raised the process's resident memory by 11.6 GB before the kernel killed it at 22.2 GB, i.e.
 # about 3.4x the graph's tensor bytes.
 COMPARISON_MEMORY_PER_GRAPH_BYTE = 3.4
+_SKIP_COMPARISON = "pass --no-layer-comparison to skip it (the Q/DQ conformance and coverage checks still run)"
 
 
-def _require_comparison_memory(path: Path) -> None:
+def _require_graph_memory(path: Path, per_byte: float, what: str, alternative: str, at_least: bool = False) -> None:
+    """Refuse a stage on the graph at ``path`` before it starts when ``per_byte`` x its size (data file included) is
+    more memory than is available; the message names the measured ratio and ``alternative``."""
     from ..core.stages import require_memory
     from ..export import onnx_files
     size = sum(p.stat().st_size for p in onnx_files(path))
-    require_memory(COMPARISON_MEMORY_PER_GRAPH_BYTE * size / 2**20, f"the layer comparison of {path.name}",
-                   f"{COMPARISON_MEMORY_PER_GRAPH_BYTE}x its {size / 2**30:.2f} GiB, measured on sd15-unet; pass "
-                   "--no-layer-comparison to skip it (the Q/DQ conformance and coverage checks still run)")
+    require_memory(per_byte * size / 2**20, f"{what} of {path.name}",
+                   f"{'at least ' if at_least else ''}{per_byte}x its {size / 2**30:.2f} GiB, measured on sd15-unet; "
+                   + alternative)
 
 
 # ModelOpt's FP16 autocast loads the graph, runs it in ONNX Runtime with every node's output kept (its FP16
 # range check) and writes the converted copy: on sd15-unet (3.44 GB graph) the kernel killed the process at 22.2 GB
 # resident, 14.7 GB above what it held before the stage, so it needs more than 4.3x the graph's bytes.
 FP16_MEMORY_PER_GRAPH_BYTE = 4.3
-
-
-def _require_fp16_memory(path: Path) -> None:
-    from ..core.stages import require_memory
-    from ..export import onnx_files
-    size = sum(p.stat().st_size for p in onnx_files(path))
-    require_memory(FP16_MEMORY_PER_GRAPH_BYTE * size / 2**20, f"the FP16 conversion of {path.name}",
-                   f"at least {FP16_MEMORY_PER_GRAPH_BYTE}x its {size / 2**30:.2f} GiB, measured on sd15-unet; "
-                   "--precision fp32 builds the checked FP32 Q/DQ graph instead (non-quantized math in FP32)")
 
 
 def _check_codes(codes: dict[str, tuple[int, int]], bits: int, quantized: set[str]) -> list[str]:
@@ -169,7 +163,7 @@ class TensorRTTarget(Target):
             compare = (job.options or {}).get("layer_comparison", True)
             skipped = {"skipped": "--no-layer-comparison"}
             if compare:
-                _require_comparison_memory(fp32)
+                _require_graph_memory(fp32, COMPARISON_MEMORY_PER_GRAPH_BYTE, "the layer comparison", _SKIP_COMPARISON)
             with stage(f"export {name}: layer comparison (fp32)"):
                 rows = compare_layers(qunet, fp32, feed) if compare else []
             report = _report(job, fp32.name, True, recipe=job.recipe, ranges=str(calib.ranges_path),
@@ -189,12 +183,14 @@ class TensorRTTarget(Target):
                 report.group, report.groups, report.t_range = k, len(ranges.groups), [group.t_max, group.t_min]
             target = fp32
             if job.precision == "fp16":
-                _require_fp16_memory(fp32)
+                _require_graph_memory(fp32, FP16_MEMORY_PER_GRAPH_BYTE, "the FP16 conversion", "--precision fp32 builds "
+                                      "the checked FP32 Q/DQ graph instead (non-quantized math in FP32)", at_least=True)
                 with stage(f"export {name}: FP16 conversion + checks"):
                     target = to_fp16(fp32, job.out_dir / f"{name}.onnx")
                     problems += _check(target, quantized)
                 if compare:
-                    _require_comparison_memory(target)
+                    _require_graph_memory(target, COMPARISON_MEMORY_PER_GRAPH_BYTE, "the layer comparison",
+                                          _SKIP_COMPARISON)
                 with stage(f"export {name}: layer comparison (fp16)"):
                     report.layer_comparison_fp16 = (_flip_summary(compare_layers(qunet, target, feed)) if compare
                                                     else skipped)
