@@ -239,10 +239,46 @@ def test_target_reuses_the_tensorrt_graph_and_reports_int8_layers(cls_graph):
     assert floats == {"conv_in", "conv_out"}  # the default exclusions stay float
     assert all(r["precision"] == "f32" for r in rows if r["op"] == "Conv" and not r["quantized"])
     assert doc["int8_pair_sums_saturate"] is (cpu_int8_isa() in ("avx2", "none"))
+    # per-channel abs-max weights use the whole int8 range: they can saturate exactly where pair sums do
+    assert doc["weight_code_max"] == 127 and doc["weights_can_saturate"] is doc["int8_pair_sums_saturate"]
     assert doc["vs_qdq_reference"]["rows"] == 4
+    vs_fp = doc["vs_qdq_reference"]["vs_fp"]  # what quantization costs: the graph's semantics and OpenVINO's run
+    assert 0 < vs_fp["graph"] < 0.5 and 0 < vs_fp["openvino"] < 1
     text = (out / (graph.name + ".openvino.txt")).read_text()
     assert "run in int8" in text and "quantized in the graph but run in float: none" in text
+    assert ("--weight-bits 7" in text) is doc["int8_pair_sums_saturate"]  # the remedy, named where it applies
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+
+
+def test_w7_graph_cannot_saturate_and_openvino_computes_it(cls_graph, tmp_path):
+    """--weight-bits 7: the 7-bit weight integers on the int8 grid (codes within [-64, 63], checked by the export),
+    so OpenVINO's int8 kernels compute the graph itself on any x86 CPU, VNNI or not: relative RMSE against the
+    float Q/DQ reference < 3e-2 (the VNNI bound of the 8-bit graph above; without VNNI the 8-bit graph measured
+    0.29 on this model), and no saturation warning."""
+    from trt_dm.cli import main
+    from trt_dm.export import weight_code_ranges
+    from trt_dm.targets.tensorrt import probe_inputs
+    model_dir, w8_graph, _ = cls_graph
+    assert main(["export", "--target", "openvino", "--weight-bits", "7", "--model", str(model_dir),
+                 "--out-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cc"), *EXPORT]) == 0
+    graph = tmp_path / f"{model_dir.name}-ptq4dm-w7.fp32.onnx"
+    report = json.loads((tmp_path / (graph.name + ".json")).read_text())
+    assert not report["violations"] and report["quant"]["weight_bits"] == 7
+    codes = weight_code_ranges(graph)
+    assert len(codes) == report["quantized_layers"]
+    assert report["extra"]["weight_codes"]["bits"] == 7 and -64 <= min(lo for lo, _ in codes.values())
+    assert max(hi for _, hi in codes.values()) <= 63 and max(hi for _, hi in codes.values()) >= 60  # the range is used
+    doc = json.loads((tmp_path / (graph.name + ".openvino.json")).read_text())
+    assert doc["weight_code_max"] <= 64 and not doc["weights_can_saturate"]
+    assert "--weight-bits 7" not in (tmp_path / (graph.name + ".openvino.txt")).read_text()
+    feed = probe_inputs(load_model(model_dir))
+    with OpenVinoRunner(graph, threads=1, cache_dir=False) as r:
+        out = r.infer(feed)[OUTPUT_NAME]
+    assert _rel(out, _ort_reference(graph, feed)) < 3e-2
+    with OpenVinoRunner(w8_graph, threads=1, cache_dir=False) as r:
+        out8 = r.infer(feed)[OUTPUT_NAME]
+    if not VNNI:  # the 8-bit graph saturates here, the 7-bit one does not
+        assert _rel(out8, _ort_reference(w8_graph, feed)) > _rel(out, _ort_reference(graph, feed))
 
 
 def test_report_lists_a_float_fallback():

@@ -62,7 +62,7 @@ def test_apply_ranges_rejects_mismatch_and_bad_values():
         apply_ranges(q, {**{n: 1.0 for n in names}, "nope": 1.0})
     with pytest.raises(ValueError, match="finite and > 0, got 0.0"):
         apply_ranges(q, {n: 0.0 for n in names})
-    with pytest.raises(ValueError, match="weight_bits must be 4 or 8"):
+    with pytest.raises(ValueError, match="weight_bits must be one of 8, 7, 4, got 6"):
         QuantConfig(weight_bits=6)
 
 

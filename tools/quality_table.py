@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -40,6 +41,8 @@ ROWS: list[tuple[str, str, list[str]]] = [
      ["--onnx", "engines/default-ptq4dm.ort-int8-all.onnx"]),
     ("ov-int8-ndtc-ptq4dm", "W8A8 ndtc, mse@pooled, OpenVINO CPU int8 (the TensorRT Q/DQ graph, FP32 math)",
      ["--openvino", "engines/default-ptq4dm.fp32.onnx"]),
+    ("ov-int8-w7-ndtc-ptq4dm", "W7A8 ndtc, mse@pooled, OpenVINO CPU int8 (7-bit weight codes: exact without VNNI)",
+     ["--openvino", "engines/default-ptq4dm-w7.fp32.onnx"]),
     ("w8a8-single-ptq4dm", "W8A8 single (t at the last step), mse@pooled",
      ["--recipe", "ptq4dm", "--timesteps", "single"]),
     ("w8a8-uniform-ptq4dm", "W8A8 uniform, mse@pooled", ["--recipe", "ptq4dm", "--timesteps", "uniform"]),
@@ -168,9 +171,11 @@ def claim(row: str) -> bool:
 
 def prepare(extra: list[str], threads: int) -> None:
     """A row that evaluates an exported graph builds it first (from the cached calibration)."""
-    if "--openvino" in extra and not (ROOT / extra[extra.index("--openvino") + 1]).exists():
+    if "--openvino" in extra and not (ROOT / (path := extra[extra.index("--openvino") + 1])).exists():
+        bits = re.search(r"-w(\d)\.fp32\.onnx$", path)  # a graph with fewer weight bits: '-w7.fp32.onnx'
         subprocess.check_call([str(ROOT / ".venv" / "bin" / "trt-dm"), "export", "--target", "openvino", "--model",
-                               "default", "--threads", str(threads), "--no-progress"], cwd=ROOT)
+                               "default", "--threads", str(threads), "--no-progress",
+                               *(["--weight-bits", bits.group(1)] if bits else [])], cwd=ROOT)
     if "--onnx" in extra and not (ROOT / (path := extra[extra.index("--onnx") + 1])).exists():
         ops = "all" if path.endswith("-all.onnx") else "layers"
         subprocess.check_call([str(ROOT / ".venv" / "bin" / "trt-dm"), "export", "--target", "ort-cpu", "--model",

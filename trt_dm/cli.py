@@ -217,8 +217,10 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-seed", type=int, default=0)
     p.add_argument("--calib-prompts", default=None, metavar="FILE",
                    help="text-to-image pipelines: calibration prompts, one per line (default: trt_dm's built-in 141)")
-    p.add_argument("--weight-bits", type=int, default=8, choices=(8, 4),
-                   help="4 = W4A8: 4-bit weights (exported on the int8 grid, integers in [-8, 7], for int8 engines)")
+    p.add_argument("--weight-bits", type=int, default=8, choices=(8, 7, 4),
+                   help="4 = W4A8: 4-bit weights (exported on the int8 grid, integers in [-8, 7], for int8 engines); "
+                        "7 = W7A8: integers in [-64, 63], for int8 CPU kernels without VNNI (AVX2 only), which "
+                        "saturate on 8-bit weights (docs/deployment.md, OpenVINO)")
     p.add_argument("--rounding", default="nearest", choices=("nearest", "adaround"),
                    help="weight rounding: to nearest, or learned by block reconstruction against the FP model on "
                         "the calibration set (AdaRound; cached beside the statistics)")

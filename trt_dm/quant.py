@@ -40,11 +40,16 @@ class UncalibratedQuantizerError(RuntimeError):
 
 
 ROUNDINGS = ("nearest", "adaround")
+# 7: codes in [-64, 63], so the u8 x s8 pair sums of int8 kernels without VNNI (vpmaddubsw, 16-bit saturating)
+# stay exact (2 x 255 x 64 < 32767): OpenVINO / ONNX Runtime int8 on AVX2-only CPUs compute the graph itself
+WEIGHT_BITS = (8, 7, 4)
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    weight_bits: int = 8  # 8, or 4 (W4A8: exported with the 4-bit integers on the int8 grid, weights_on_int8_grid)
+    # 8; 4 (W4A8) or 7 (W7A8: int8 kernels without VNNI cannot saturate): the integers stored on the int8 grid
+    # (weights_on_int8_grid), so every int8 engine / runtime runs them
+    weight_bits: int = 8
     act_bits: int = 8
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE  # fnmatch patterns on module names (e.g. "up_blocks.2.*")
     # Q-Diffusion's shortcut split (Li et al., ICCV 2023, sec. 3.3): the up path's resnets read
@@ -67,8 +72,8 @@ class QuantConfig:
             raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
         if self.recon_iters < 1:
             raise ValueError(f"recon_iters must be >= 1, got {self.recon_iters}")
-        if self.weight_bits not in (4, 8):
-            raise ValueError(f"weight_bits must be 4 or 8, got {self.weight_bits}")
+        if self.weight_bits not in WEIGHT_BITS:
+            raise ValueError(f"weight_bits must be one of {', '.join(map(str, WEIGHT_BITS))}, got {self.weight_bits}")
         if self.weight_calib not in WEIGHT_CALIBS:
             raise ValueError(f"weight_calib must be one of {', '.join(WEIGHT_CALIBS)}, got {self.weight_calib!r}")
         if self.act_bits != 8:
@@ -266,11 +271,11 @@ def apply_ranges(unet: nn.Module, ranges: Mapping[str, float]) -> None:
 
 
 def weights_on_int8_grid(unet: nn.Module) -> int:
-    """Store every weight whose quantizer has fewer than 8 bits (W4A8) on the int8 grid, so an ordinary int8
-    TensorRT engine runs it: the weight becomes its fake-quantized value k * s (s = amax / 7 per output channel,
-    k the 4-bit integer in [-8, 7]) and its quantizer an 8-bit one with the same step s (amax_8 = 127 s). The
-    int8 codes of the exported weights are then the 4-bit integers themselves and the model's outputs are
-    unchanged (up to float rounding of s). Returns the number of layers converted; ``weight_code_ranges``
+    """Store every weight whose quantizer has fewer than 8 bits (W4A8, W7A8) on the int8 grid, so an ordinary
+    int8 engine runs it: the weight becomes its fake-quantized value k * s (s = amax / (2^(b-1) - 1) per output
+    channel, k the b-bit integer, in [-8, 7] for b = 4) and its quantizer an 8-bit one with the same step s
+    (amax_8 = 127 s). The int8 codes of the exported weights are then the b-bit integers themselves and the
+    model's outputs are unchanged (up to float rounding of s). Returns the number of layers converted; ``weight_code_ranges``
     checks the exported graph."""
     n = 0
     for _name, m in unet.named_modules():

@@ -60,6 +60,6 @@ def recipe_slug(recipe: str) -> str:
 
 
 def graph_stem(model_name: str, recipe: str, qcfg=None) -> str:
-    """File-name stem of a deployment's graphs and engines: '<model>-<recipe slug>', with '-w4' for W4A8."""
+    """File-name stem of a deployment's graphs and engines: '<model>-<recipe slug>', with '-w4' for W4A8 ('-w<bits>')."""
     bits = getattr(qcfg, "weight_bits", 8)
     return f"{model_name}-{recipe_slug(recipe)}" + (f"-w{bits}" if bits != 8 else "")

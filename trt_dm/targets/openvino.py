@@ -24,6 +24,8 @@ INT8 = ("i8", "u8")
 COMPUTE = ("Convolution", "Deconvolution", "GroupConvolution", "FullyConnected", "MatMul", "Subgraph",
            "ScaledDotProductAttention")
 INSTALL_HINT = "pip install 'trt_dm[openvino]' (or openvino==2026.4.1)"
+# the largest |weight code| whose two products with u8 activations (<= 255) sum within int16: 2 x 255 x 64 = 32640
+SAFE_WEIGHT_CODE = 64
 
 
 def cpu_int8_isa(cpuinfo: str | None = None) -> str:
@@ -94,10 +96,12 @@ def layer_precisions(compiled, model) -> list[dict]:
     return rows
 
 
-def precision_report(onnx_path: Path, *, probe: dict | None = None, threads: int | None = None) -> dict:
+def precision_report(onnx_path: Path, *, probe: dict | None = None, fp_output=None, threads: int | None = None) -> dict:
     """Compile ``onnx_path`` with OpenVINO (CPU, FP32 math) and describe what runs: per-layer rows, counts, the
-    float fallbacks, the standalone (unfused) FakeQuantize ops, the CPU's int8 instructions; with ``probe`` (a
-    feed of torch tensors), also OpenVINO vs the graph's float Q/DQ reference (ONNX Runtime, optimisations off)."""
+    float fallbacks, the standalone (unfused) FakeQuantize ops, the CPU's int8 instructions and whether the
+    graph's weight codes can saturate its kernels; with ``probe`` (a feed of torch tensors), also OpenVINO vs the
+    graph's float Q/DQ reference (ONNX Runtime, optimisations off), and with ``fp_output`` (the unquantized
+    model's output on the probe) both against it."""
     try:
         import openvino as ov
     except ImportError as e:
@@ -115,13 +119,20 @@ def precision_report(onnx_path: Path, *, probe: dict | None = None, threads: int
         kinds[(kind, "int8" if r["int8"] else "float", "quantized" if r["quantized"] else "not quantized")] += 1
     ops = [op.get_rt_info() for op in compiled.get_runtime_model().get_ordered_ops()]
     isa = cpu_int8_isa()
+    from ..export import weight_code_ranges
+    codes = weight_code_ranges(onnx_path).values()
+    code_max = max((max(-lo, hi) for lo, hi in codes), default=0)
+    saturate = isa in ("avx2", "none")
     doc = {
         "onnx": Path(onnx_path).name, "onnx_sha256": sha256_file(onnx_path), "openvino": ov.get_version(),
         "device": core.get_property("CPU", "FULL_DEVICE_NAME"),
         "capabilities": list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
         "cpu_int8_isa": isa,
         # vpmaddubsw adds two u8 x s8 products into a saturating 16-bit sum: 255 x 127 x 2 > 32767
-        "int8_pair_sums_saturate": isa in ("avx2", "none"),
+        "int8_pair_sums_saturate": saturate,
+        # the largest |weight code| of the graph: up to 64, two products of a u8 activation stay within 16 bits
+        "weight_code_max": code_max,
+        "weights_can_saturate": saturate and code_max > SAFE_WEIGHT_CODE,
         "inference_precision": compiled.get_property("INFERENCE_PRECISION_HINT").to_string(),
         "compile_seconds": round(seconds, 2),
         "counts": [{"kind": k, "runs": p, "graph": q, "layers": n} for (k, p, q), n in sorted(kinds.items())],
@@ -132,14 +143,22 @@ def precision_report(onnx_path: Path, *, probe: dict | None = None, threads: int
         "layers": rows,
     }
     if probe is not None:
-        doc["vs_qdq_reference"] = _compare_with_reference(compiled, onnx_path, probe)
+        doc["vs_qdq_reference"] = _compare_with_reference(compiled, onnx_path, probe, fp_output)
     return doc
 
 
-def _compare_with_reference(compiled, onnx_path: Path, probe: dict) -> dict:
+def _rel_rmse(a, b) -> float:
+    import numpy as np
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.sqrt(((a - b) ** 2).mean() / (b ** 2).mean()))
+
+
+def _compare_with_reference(compiled, onnx_path: Path, probe: dict, fp_output=None) -> dict:
     """OpenVINO vs the graph's reference semantics on the same inputs: ONNX Runtime with graph optimisations off
     evaluates every QuantizeLinear / DequantizeLinear in float (the fake-quant model's arithmetic; with them on, it
-    fuses int8 MatMul kernels that saturate like OpenVINO's on CPUs without VNNI). Max |diff|, relative RMSE."""
+    fuses int8 MatMul kernels that saturate like OpenVINO's on CPUs without VNNI). Max |diff|, relative RMSE; with
+    ``fp_output``, the relative RMSE of each against the unquantized model (``vs_fp``: what quantization costs as
+    the graph defines it, and as OpenVINO computes it on this CPU)."""
     import numpy as np
     import onnxruntime as ort
     feed = {k: v.numpy() for k, v in probe.items()}
@@ -148,8 +167,11 @@ def _compare_with_reference(compiled, onnx_path: Path, probe: dict) -> dict:
     ref = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"]).run(["out_sample"], feed)[0]
     got = compiled.create_infer_request().infer(feed)[compiled.output("out_sample")]
     diff = got.astype(np.float64) - ref
-    return {"rows": int(ref.shape[0]), "max_abs_diff": float(np.abs(diff).max()),
-            "rel_rmse": float(np.sqrt((diff ** 2).mean() / (ref.astype(np.float64) ** 2).mean()))}
+    out = {"rows": int(ref.shape[0]), "max_abs_diff": float(np.abs(diff).max()), "rel_rmse": _rel_rmse(got, ref)}
+    if fp_output is not None:
+        fp = np.asarray(fp_output, np.float64)
+        out["vs_fp"] = {"graph": _rel_rmse(ref, fp), "openvino": _rel_rmse(got, fp)}
+    return out
 
 
 def summary(doc: dict) -> str:
@@ -170,11 +192,23 @@ def summary(doc: dict) -> str:
         v = doc["vs_qdq_reference"]
         lines.append(f"  vs the graph's float Q/DQ reference (ONNX Runtime, optimisations off; {v['rows']} probe rows): "
                      f"max |diff| {v['max_abs_diff']:.3g}, relative RMSE {v['rel_rmse']:.2e}")
-    if doc["int8_pair_sums_saturate"]:
-        lines.append("  warning: this CPU has no VNNI / AMX: OpenVINO's int8 kernels add u8 x s8 products in pairs into "
-                     "saturating 16-bit sums (vpmaddubsw), so layers with 8-bit weights can saturate (see "
-                     "docs/deployment.md, OpenVINO)")
+        if "vs_fp" in v:
+            lines.append(f"  vs the unquantized model, relative RMSE: the graph {v['vs_fp']['graph']:.2e}, "
+                         f"OpenVINO on this CPU {v['vs_fp']['openvino']:.2e}")
+    if doc["weights_can_saturate"]:
+        lines.append(f"  warning: this CPU has no VNNI / AMX: OpenVINO's int8 kernels add u8 x s8 products in pairs into "
+                     f"saturating 16-bit sums (vpmaddubsw), and this graph's weight codes reach {doc['weight_code_max']} "
+                     f"(> {SAFE_WEIGHT_CODE}), so its int8 layers can saturate; --weight-bits 7 exports codes that "
+                     "cannot (see docs/deployment.md, OpenVINO)")
     return "\n".join(lines) + "\n"
+
+
+def _fp_output(loaded, probe: dict):
+    """The unquantized UNet's output on the probe (float64 numpy), the reference of the report's ``vs_fp``."""
+    import torch
+    from ..runners import TorchRunner
+    with TorchRunner(loaded.unet, device="cpu", dtype=torch.float32) as r:
+        return r.infer(probe)["out_sample"].double().numpy()
 
 
 class OpenVinoTarget(Target):
@@ -202,8 +236,9 @@ class OpenVinoTarget(Target):
                              "bf16 math is a run-time option (trt-dm sample --openvino G --ov-precision bf16)")
         graphs = tensorrt.export(replace(job, precision="fp32"), progress)
         probe = probe_inputs(job.loaded)
+        fp = _fp_output(job.loaded, probe)
         for g in graphs:
-            doc = precision_report(g.onnx, probe=probe)
+            doc = precision_report(g.onnx, probe=probe, fp_output=fp)
             write_json(Path(f"{g.onnx}.openvino.json"), doc)
             text = summary(doc)
             atomic_write(Path(f"{g.onnx}.openvino.txt"), text.encode())

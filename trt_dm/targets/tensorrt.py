@@ -132,8 +132,8 @@ class TensorRTTarget(Target):
         self.check(job.qcfg, get_recipe(job.recipe))
         loaded, calib, ranges = job.loaded, job.calib, job.calib.ranges
         qunet = fake_quant_unet(loaded, job.qcfg, ranges, weights=calib.weights_path)
-        w4 = job.qcfg.weight_bits < 8
-        if w4:  # TensorRT has no int4 convolution: the 4-bit weights go on the int8 grid (codes in [-8, 7])
+        low_bits = job.qcfg.weight_bits < 8
+        if low_bits:  # no int4 convolution in TensorRT; W7 for CPUs without VNNI: the codes go on the int8 grid
             converted = weights_on_int8_grid(qunet)
             progress(f"W{job.qcfg.weight_bits}A8: {converted} layers' weights stored on the int8 grid "
                      f"(per-channel step amax / {2 ** (job.qcfg.weight_bits - 1) - 1})")
@@ -157,7 +157,7 @@ class TensorRTTarget(Target):
                 fp32 = export_onnx(qunet, job.out_dir / f"{name}.fp32.onnx")
             with stage(f"export {name}: checks"):
                 problems = _check(fp32, quantized)
-                if w4:
+                if low_bits:
                     codes = weight_code_ranges(fp32)
                     problems += _check_codes(codes, job.qcfg.weight_bits, quantized)
             compare = (job.options or {}).get("layer_comparison", True)
@@ -173,7 +173,7 @@ class TensorRTTarget(Target):
                              text_pipeline=loaded.text.describe() if loaded.text is not None else None,
                              layer_comparison_fp32=_flip_summary(rows) if compare else skipped,
                              layer_comparison_rows=rows)
-            if w4:
+            if low_bits:
                 report.extra["weight_codes"] = {"bits": job.qcfg.weight_bits, "layers": len(codes),
                                                 "min": min(lo for lo, _ in codes.values()),
                                                 "max": max(hi for _, hi in codes.values())}
