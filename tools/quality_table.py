@@ -244,7 +244,8 @@ def cmd_table(args) -> int:
         import io
         readme = ROOT / "docs" / "quality.md"
         text = readme.read_text()
-        for marker, printer in (("quality-table", _print_table), ("cond-table", _print_cond_table)):
+        for marker, printer in (("quality-table", _print_table), ("cond-table", _print_cond_table),
+                                ("cfg-table", _print_cfg_table)):
             buf = io.StringIO()
             with contextlib.redirect_stdout(buf):
                 printer()
@@ -256,6 +257,8 @@ def cmd_table(args) -> int:
     _print_table()
     print()
     _print_cond_table()
+    print()
+    _print_cfg_table()
     return 0
 
 
@@ -282,6 +285,32 @@ def _print_cond_table() -> None:
                 _fmt((r.get("eps_conditional") or {}).get("mse"), ".2e")]
     _table(["Configuration", "FD-EffNet", "vs FP", "class accuracy (FP)", "PSNR vs FP (dB)", "eps MSE, guided",
             "eps MSE, conditional part"], COND_ROWS, cells)
+
+
+# timestep bands of the guidance breakdown: the noise end, the middle, the data end
+CFG_BANDS = [(900, 999), (500, 899), (100, 499), (0, 99)]
+
+
+def _band_mse(per_timestep: list[dict], lo: int, hi: int) -> float:
+    rows = [e for e in per_timestep if lo <= e["t"] <= hi]
+    return sum(e["mse"] * e["n"] for e in rows) / sum(e["n"] for e in rows)
+
+
+def _print_cfg_table() -> None:
+    """What guidance does to the quantization error, per timestep band: the guided prediction's noise-prediction
+    MSE vs FP next to its conditional part's on the same x_t, and their ratio (guided rows only)."""
+    print("| Configuration | " + " | ".join(f"t {lo}-{hi}: guided / conditional" for lo, hi in CFG_BANDS) + " |")
+    print("|---|" + "---:|" * len(CFG_BANDS))
+    for row, label, _ in COND_ROWS:
+        r = done(row)
+        if not r or not r.get("eps_conditional"):
+            continue
+        g, c = r["eps"]["per_timestep"], r["eps_conditional"]["per_timestep"]
+        cells = []
+        for lo, hi in CFG_BANDS:
+            a, b = _band_mse(g, lo, hi), _band_mse(c, lo, hi)
+            cells.append(f"{a:.2e} / {b:.2e} ({a / b:.1f}x)")
+        print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 def _print_table() -> None:
