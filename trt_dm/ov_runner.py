@@ -20,6 +20,7 @@ Part of the runtime: it imports only ``trt_dm.core`` and ``trt_dm.runners`` (and
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -35,6 +36,25 @@ log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
 _DTYPES = {"f32": torch.float32, "f16": torch.float16, "i64": torch.int64, "i32": torch.int32}
 INSTALL_HINT = "pip install 'trt_dm[openvino]' (or openvino==2026.4.1)"
+
+
+# the largest |weight code| whose two products with u8 activations (<= 255) sum within int16: 2 x 255 x 64 = 32640
+SAFE_WEIGHT_CODE = 64
+
+
+def cpu_int8_isa(cpuinfo: str | None = None) -> str:
+    """The CPU's best int8 dot-product instructions (Linux /proc/cpuinfo flags): amx, avx512_vnni, avx_vnni, or
+    avx2 / none. Without VNNI or AMX, int8 kernels multiply u8 x s8 pairs with vpmaddubsw into 16-bit sums."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return "unknown"
+    flags = set(cpuinfo.split())
+    for isa, flag in (("amx", "amx_int8"), ("avx512_vnni", "avx512_vnni"), ("avx_vnni", "avx_vnni"), ("avx2", "avx2")):
+        if flag in flags:
+            return isa
+    return "none"
 
 
 def import_openvino():
@@ -90,6 +110,26 @@ class OpenVinoRunner(Runner):
         self.loaded_from_cache: bool | None = None
         self.compile_seconds: float | None = None
 
+    def _warn_if_weights_saturate(self) -> None:
+        """On a CPU without VNNI / AMX, warn when the graph's export report (``<graph>.openvino.json``, if it is
+        there and describes this file) says its weight codes exceed SAFE_WEIGHT_CODE: results then differ from
+        the graph's semantics here (the export warned too, but maybe on another machine)."""
+        isa = cpu_int8_isa()
+        report = Path(f"{self.path}.openvino.json")
+        if isa not in ("avx2", "none") or not report.is_file():
+            return
+        try:
+            doc = json.loads(report.read_text())
+            from .core.artifacts import sha256_file
+            stale = doc.get("onnx_sha256") != sha256_file(self.path)
+        except (OSError, ValueError):
+            return
+        if not stale and doc.get("weight_code_max", 0) > SAFE_WEIGHT_CODE:
+            log.warning("%s: this CPU has no VNNI / AMX (int8 instructions: %s) and the graph's weight codes reach %d: "
+                        "OpenVINO's int8 sums can saturate, so outputs differ from the graph's semantics; export with "
+                        "--weight-bits 7 for this CPU (docs/deployment.md, OpenVINO)", self.name, isa,
+                        doc["weight_code_max"])
+
     def activate(self) -> None:
         ov = import_openvino()
         core = ov.Core()
@@ -132,6 +172,7 @@ class OpenVinoRunner(Runner):
             raise ValueError(f"{self.path}: no output named {OUTPUT_NAME!r} (outputs: "
                              f"{[o.get_any_name() for o in self.compiled.outputs]}); export it with trt-dm")
         self._request = self.compiled.create_infer_request()
+        self._warn_if_weights_saturate()
         log.info("%s: %s compiled in %.2f s (%s), math %s", self.name, self.path,
                  self.compile_seconds, "from cache" if self.loaded_from_cache else "no cache hit",
                  self.effective_precision)

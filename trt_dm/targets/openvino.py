@@ -17,32 +17,13 @@ from pathlib import Path
 from typing import Callable
 
 from ..core.artifacts import atomic_write, sha256_file, write_json
+from ..ov_runner import INSTALL_HINT, SAFE_WEIGHT_CODE, cpu_int8_isa
 from .base import ExportJob, Exported, Target
 
 INT8 = ("i8", "u8")
 # runtime layer types that do a convolution's / matmul's work (Subgraph: OpenVINO's fused attention snippets)
 COMPUTE = ("Convolution", "Deconvolution", "GroupConvolution", "FullyConnected", "MatMul", "Subgraph",
            "ScaledDotProductAttention")
-INSTALL_HINT = "pip install 'trt_dm[openvino]' (or openvino==2026.4.1)"
-# the largest |weight code| whose two products with u8 activations (<= 255) sum within int16: 2 x 255 x 64 = 32640
-SAFE_WEIGHT_CODE = 64
-
-
-def cpu_int8_isa(cpuinfo: str | None = None) -> str:
-    """The CPU's best int8 dot-product instructions (Linux /proc/cpuinfo flags): amx, avx512_vnni, avx_vnni, or
-    avx2 / none. Without VNNI or AMX, int8 kernels multiply u8 x s8 pairs with vpmaddubsw into 16-bit sums."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return "unknown"
-    flags = set(cpuinfo.split())
-    for isa, flag in (("amx", "amx_int8"), ("avx512_vnni", "avx512_vnni"), ("avx_vnni", "avx_vnni"), ("avx2", "avx2")):
-        if flag in flags:
-            return isa
-    return "none"
-
-
 def graph_layers(model) -> dict[str, dict]:
     """{ONNX node name: {layer, op, weighted, quantized}} for every Conv / Gemm / MatMul of a graph; ``quantized``:
     its first input comes from a DequantizeLinear (what the recipe's Q/DQ marks for int8)."""
