@@ -258,9 +258,9 @@ def test_w7_graph_cannot_saturate_and_openvino_computes_it(cls_graph, tmp_path, 
     from trt_dm.cli import main
     from trt_dm.export import weight_code_ranges
     from trt_dm.targets.tensorrt import probe_inputs
-    model_dir, w8_graph, _ = cls_graph
-    assert main(["export", "--target", "openvino", "--weight-bits", "7", "--model", str(model_dir),
-                 "--out-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cc"), *EXPORT]) == 0
+    model_dir, w8_graph, w8_out = cls_graph
+    assert main(["export", "--target", "openvino", "--weight-bits", "7", "--model", str(model_dir),  # its statistics
+                 "--out-dir", str(tmp_path), "--cache-dir", str(w8_out / "cc"), *EXPORT]) == 0
     graph = tmp_path / f"{model_dir.name}-ptq4dm-w7.fp32.onnx"
     report = json.loads((tmp_path / (graph.name + ".json")).read_text())
     assert not report["violations"] and report["quant"]["weight_bits"] == 7
