@@ -189,6 +189,29 @@ def test_labels_for_an_unconditional_model_and_guidance_without_null_label(tiny_
     assert not (tmp_path / "cc").exists()
 
 
+def test_eval_scores_class_accuracy_of_all_images_when_eps_n_is_smaller(tmp_path, monkeypatch):
+    """A Fashion-MNIST-shaped class-conditional model (32 px, 1 channel, 10 classes): `eval --recipe` scores the
+    class accuracy of all N images with their own labels, while the noise-prediction error uses the first
+    eps_n (a regression: the eps_n labels replaced the N labels, and a 2000-image row failed after sampling)."""
+    import json as _json
+
+    from diffusers import DDPMScheduler
+
+    from trt_dm import models
+    monkeypatch.setenv("TRT_DM_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "cls32"
+    models.tiny_unet2d(0, num_class_embeds=11, sample_size=32).save_pretrained(model / "unet", safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=100).save_pretrained(model / "scheduler")
+    (model / "trt_dm.json").write_text(_json.dumps({"null_class_label": 10, "num_classes": 10}))
+    rc = main(["eval", "--model", str(model), "--classes", "all", "--recipe", "ptq4dm", "--steps", "2", "--n", "6",
+               "--eps-n", "3", "--ref-limit", "16", "--batch", "4", "--calib-n", "4", "--calib-steps", "2",
+               "--cache-dir", str(tmp_path / "cc"), "--out-dir", str(tmp_path / "rep"), "--no-progress"])
+    assert rc == 0
+    res = json.loads((tmp_path / "rep" / "result.json").read_text())
+    assert res["n"] == 6 and res["eps_n"] == 3 and res["eps"]["n"] == 3 * 2
+    assert 0 <= res["class_accuracy"] <= 1 and 0 <= res["fp_class_accuracy"] <= 1
+
+
 def test_eval_a_class_conditional_recipe_with_guidance(tiny_cls_pipeline_dir, tmp_path, monkeypatch, capsys):
     """`trt-dm eval --recipe` on a class-conditional model with guidance: calibration and both samplings run with
     the labels and guidance; result.json records them and the guided noise-prediction error per timestep."""

@@ -443,14 +443,15 @@ def evaluate(loaded: LoadedModel, settings: SampleSettings, *, quant: QuantSetti
         images, secs = draw(loaded, test, settings, progress=progress)
         res.images, res.sampling_seconds = images, round(secs, 1)
         res.eps_n = min(settings.n, eps_n)
-        cond, guidance = conditioning(loaded, settings, res.eps_n)
+        # the first eps_n images' conditioning (``cond`` stays all N images': class accuracy needs it)
+        eps_cond, guidance = conditioning(loaded, settings, res.eps_n)
         # with guidance, also the error of the conditional prediction alone on the same x_t: what guidance does to
         # the quantization error is the difference between the two
         also = {"conditional": (fp, test)} if guidance.active else None
         cmp = E.compare_denoisers(cfg_denoiser(fp, guidance), cfg_denoiser(test, guidance), schedule(loaded),
                                   range(settings.seed, settings.seed + res.eps_n), loaded.sample_shape,
                                   sampler=settings.sampler, steps=settings.steps, eta=settings.eta,
-                                  batch_size=settings.batch, progress=progress, conditioning=cond, also=also)
+                                  batch_size=settings.batch, progress=progress, conditioning=eps_cond, also=also)
         res.eps_conditional = cmp.get("eps_conditional")
     res.fd, res.kid_mean, res.kid_std = score(images)
     res.fp_fd, res.fp_kid_mean, res.fp_kid_std = score(fp_images)
