@@ -22,7 +22,7 @@ from trt_dm.core.signature import OUTPUT_NAME  # noqa: E402
 from trt_dm.models import load_model  # noqa: E402
 from trt_dm.ov_runner import OpenVinoRunner, compile_config, default_cache_dir  # noqa: E402
 from trt_dm.runners import OrtRunner, TorchRunner  # noqa: E402
-from trt_dm.targets.openvino import cpu_int8_isa  # noqa: E402
+from trt_dm.core.cpu import cpu_int8_isa  # noqa: E402
 
 VNNI = cpu_int8_isa() in ("amx", "avx512_vnni", "avx_vnni")
 EXPORT = ["--calib-n", "8", "--calib-steps", "4", "--batch", "4", "--no-progress"]

@@ -59,3 +59,13 @@ def test_runtime_imports_neither_the_builder_nor_modelopt():
             "'trt_dm.quant', 'trt_dm.calibrate') or m.startswith(('trt_dm.targets', 'trt_dm.calib'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_targets_do_not_import_the_runtime():
+    """The deployment targets make artifacts; they never load the runtime that runs them (one-way data flow)."""
+    import subprocess
+    import sys
+    code = ("import sys, trt_dm.targets.tensorrt, trt_dm.targets.ort_cpu, trt_dm.targets.openvino; "
+            "print(sorted(m for m in sys.modules if m in ('trt_dm.runners', 'trt_dm.ov_runner', 'trt_dm.trt_runner')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

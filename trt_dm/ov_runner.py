@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .core.cpu import INSTALL_HINT, SAFE_WEIGHT_CODE, cpu_int8_isa, pair_sums_saturate
 from .core.signature import OUTPUT_NAME, Signature, TensorSpec
 from .runners import Runner
 
@@ -35,28 +36,6 @@ log = logging.getLogger(__name__)
 # our precision names -> OpenVINO's INFERENCE_PRECISION_HINT values
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
 _DTYPES = {"f32": torch.float32, "f16": torch.float16, "i64": torch.int64, "i32": torch.int32}
-INSTALL_HINT = "pip install 'trt_dm[openvino]' (or openvino==2026.4.1)"
-
-
-# the largest |weight code| whose two products with u8 activations (<= 255) sum within int16: 2 x 255 x 64 = 32640
-SAFE_WEIGHT_CODE = 64
-
-
-def cpu_int8_isa(cpuinfo: str | None = None) -> str:
-    """The CPU's best int8 dot-product instructions (Linux /proc/cpuinfo flags): amx, avx512_vnni, avx_vnni, or
-    avx2 / none. Without VNNI or AMX, int8 kernels multiply u8 x s8 pairs with vpmaddubsw into 16-bit sums."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return "unknown"
-    flags = set(cpuinfo.split())
-    for isa, flag in (("amx", "amx_int8"), ("avx512_vnni", "avx512_vnni"), ("avx_vnni", "avx_vnni"), ("avx2", "avx2")):
-        if flag in flags:
-            return isa
-    return "none"
-
-
 def import_openvino():
     """The ``openvino`` module, or ImportError saying how to install it."""
     try:
@@ -116,7 +95,7 @@ class OpenVinoRunner(Runner):
         the graph's semantics here (the export warned too, but maybe on another machine)."""
         isa = cpu_int8_isa()
         report = Path(f"{self.path}.openvino.json")
-        if isa not in ("avx2", "none") or not report.is_file():
+        if not pair_sums_saturate(isa) or not report.is_file():
             return
         try:
             doc = json.loads(report.read_text())

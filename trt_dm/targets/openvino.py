@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..core.artifacts import atomic_write, sha256_file, write_json
-from ..ov_runner import INSTALL_HINT, SAFE_WEIGHT_CODE, cpu_int8_isa
+from ..core.cpu import INSTALL_HINT, SAFE_WEIGHT_CODE, cpu_int8_isa, pair_sums_saturate
 from .base import ExportJob, Exported, Target
 
 INT8 = ("i8", "u8")
@@ -103,7 +103,7 @@ def precision_report(onnx_path: Path, *, probe: dict | None = None, fp_output=No
     from ..export import weight_code_ranges
     codes = weight_code_ranges(onnx_path).values()
     code_max = max((max(-lo, hi) for lo, hi in codes), default=0)
-    saturate = isa in ("avx2", "none")
+    saturate = pair_sums_saturate(isa)
     doc = {
         "onnx": Path(onnx_path).name, "onnx_sha256": sha256_file(onnx_path), "openvino": ov.get_version(),
         "device": core.get_property("CPU", "FULL_DEVICE_NAME"),
@@ -187,9 +187,9 @@ def summary(doc: dict) -> str:
 def _fp_output(loaded, probe: dict):
     """The unquantized UNet's output on the probe (float64 numpy), the reference of the report's ``vs_fp``."""
     import torch
-    from ..runners import TorchRunner
-    with TorchRunner(loaded.unet, device="cpu", dtype=torch.float32) as r:
-        return r.infer(probe)["out_sample"].double().numpy()
+    kw = {k: v for k, v in probe.items() if k not in ("sample", "timestep")}
+    with torch.no_grad():
+        return loaded.unet(probe["sample"], probe["timestep"], **kw).sample.double().numpy()
 
 
 class OpenVinoTarget(Target):
