@@ -39,7 +39,7 @@ ROWS: list[tuple[str, str, list[str]]] = [
      ["--onnx", "engines/default-ptq4dm.ort-int8.onnx"]),
     ("ort-int8-all-ndtc-ptq4dm", "W8A8 ndtc, mse@pooled, ONNX Runtime CPU int8 graph, all ops quantized",
      ["--onnx", "engines/default-ptq4dm.ort-int8-all.onnx"]),
-    ("ov-int8-ndtc-ptq4dm", "W8A8 ndtc, mse@pooled, OpenVINO CPU int8 (the TensorRT Q/DQ graph, FP32 math)",
+    ("ov-int8-ndtc-ptq4dm", "W8A8 ndtc, mse@pooled, OpenVINO CPU int8, AVX2 CPU (the TensorRT Q/DQ graph; sums saturate)",
      ["--openvino", "engines/default-ptq4dm.fp32.onnx"]),
     ("ov-int8-w7-ndtc-ptq4dm", "W7A8 ndtc, mse@pooled, OpenVINO CPU int8 (7-bit weight codes: exact without VNNI)",
      ["--openvino", "engines/default-ptq4dm-w7.fp32.onnx"]),
