@@ -226,11 +226,8 @@ def cmd_screen(args) -> int:
             continue
         r = json.loads(p.read_text())
         per = r["eps"]["per_timestep"]
-
-        def band(lo, hi):
-            v = [e["mse"] for e in per if lo <= e["t"] <= hi]
-            return sum(v) / len(v)
-        print(f"| {label} | {r['n']} | {r['psnr_vs_fp']:.2f} | {r['eps']['mse']:.2e} | {band(0, 100):.2e} | {band(900, 999):.2e} |")
+        print(f"| {label} | {r['n']} | {r['psnr_vs_fp']:.2f} | {r['eps']['mse']:.2e} | {_band_mse(per, 0, 100):.2e} | "
+              f"{_band_mse(per, 900, 999):.2e} |")
     return 0
 
 

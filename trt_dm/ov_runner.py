@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .core.artifacts import sha256_file
 from .core.cpu import INSTALL_HINT, SAFE_WEIGHT_CODE, cpu_int8_isa, pair_sums_saturate
 from .core.signature import OUTPUT_NAME, Signature, TensorSpec
 from .runners import Runner
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 # our precision names -> OpenVINO's INFERENCE_PRECISION_HINT values
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
 _DTYPES = {"f32": torch.float32, "f16": torch.float16, "i64": torch.int64, "i32": torch.int32}
+
+
 def import_openvino():
     """The ``openvino`` module, or ImportError saying how to install it."""
     try:
@@ -99,7 +102,6 @@ class OpenVinoRunner(Runner):
             return
         try:
             doc = json.loads(report.read_text())
-            from .core.artifacts import sha256_file
             stale = doc.get("onnx_sha256") != sha256_file(self.path)
         except (OSError, ValueError):
             return

@@ -93,7 +93,8 @@ def precision_report(onnx_path: Path, *, probe: dict | None = None, fp_output=No
     t0 = time.perf_counter()
     compiled = core.compile_model(str(onnx_path), "CPU", cfg)
     seconds = time.perf_counter() - t0
-    rows = layer_precisions(compiled, onnx.load(str(onnx_path)))
+    model = onnx.load(str(onnx_path))
+    rows = layer_precisions(compiled, model)
     kinds = Counter()
     for r in rows:
         kind = "conv" if r["op"] == "Conv" else "matmul" if r["weighted"] else "attention matmul"
@@ -101,7 +102,7 @@ def precision_report(onnx_path: Path, *, probe: dict | None = None, fp_output=No
     ops = [op.get_rt_info() for op in compiled.get_runtime_model().get_ordered_ops()]
     isa = cpu_int8_isa()
     from ..export import weight_code_ranges
-    codes = weight_code_ranges(onnx_path).values()
+    codes = weight_code_ranges(model).values()  # the graph loaded once, above
     code_max = max((max(-lo, hi) for lo, hi in codes), default=0)
     saturate = pair_sums_saturate(isa)
     doc = {
@@ -150,8 +151,7 @@ def _compare_with_reference(compiled, onnx_path: Path, probe: dict, fp_output=No
     diff = got.astype(np.float64) - ref
     out = {"rows": int(ref.shape[0]), "max_abs_diff": float(np.abs(diff).max()), "rel_rmse": _rel_rmse(got, ref)}
     if fp_output is not None:
-        fp = np.asarray(fp_output, np.float64)
-        out["vs_fp"] = {"graph": _rel_rmse(ref, fp), "openvino": _rel_rmse(got, fp)}
+        out["vs_fp"] = {"graph": _rel_rmse(ref, fp_output), "openvino": _rel_rmse(got, fp_output)}
     return out
 
 
