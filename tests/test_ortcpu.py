@@ -93,6 +93,11 @@ def test_ort_cpu_refuses_w4_and_groups(tiny_pipeline_dir, tmp_path, capsys):
     assert "supports W8A8" in capsys.readouterr().err
     assert main(base + ["--recipe", "ptq4dm-g4"]) == 2
     assert "groups=K recipes are for K TensorRT engines" in capsys.readouterr().err
+    # ONNX Runtime's quantizer sets the weights itself: a searched clip or learned rounding is refused, not dropped
+    for extra in (["--weight-calib", "mse"], ["--rounding", "adaround"]):
+        assert main(base + extra) == 2
+        assert "ONNX Runtime's own abs-max ranges" in capsys.readouterr().err
+    assert not (tmp_path / "cc").exists() and not list(tmp_path.glob("*.onnx"))  # refused before any work
 
 
 def test_ort_cpu_target_on_a_class_conditional_model(tiny_cls_pipeline_dir, tmp_path, capsys):

@@ -65,6 +65,8 @@ ROWS: list[tuple[str, str, list[str]]] = [
     ("ddpm250-fp", "FP32, DDPM 250", ["--sampler", "ddpm", "--steps", "250"]),
     ("ddpm250-w8a8-ndtc-ptq4dm", "W8A8 ndtc, mse@pooled (ptq4dm), DDPM 250",
      ["--sampler", "ddpm", "--steps", "250", "--recipe", "ptq4dm"]),
+    ("ddpm250-w8a8-ndtc-mse-g4", "W8A8 ndtc, mse@groups=4 (4 range sets), DDPM 250",
+     ["--sampler", "ddpm", "--steps", "250", "--recipe", "ptq4dm-g4"]),
 ]
 # The class-conditional default model (issue #12): same seeds, every class in turn, guidance 1 and 3.
 _COND = ["--model", "default-cond", "--classes", "all"]

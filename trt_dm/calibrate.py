@@ -128,6 +128,14 @@ def calibrate(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, recipe: s
     if qcfg.rounding != "nearest":
         weights_path = reconstructed_weights(loaded, spec, qcfg, ranges, rec.name, directory, batch_size=batch_size,
                                              progress=progress)
+        if qcfg.recon_act_iters:  # the input ranges learned with the rounding replace the recipe's for those layers
+            from .calib.reconstruct import learned_input_amax
+            ranges = RangeSet.pooled({**ranges.amax(0), **learned_input_amax(weights_path)})
+            path = weights_path.with_suffix(".json")
+            R.save_ranges(path, ranges.to_dict(), {"recipe": rec.name, "recipe_spec": rec.spec,
+                                                   "refined_by": weights_path.name, "model": loaded.fingerprint(),
+                                                   "schedule": loaded.schedule_fingerprint(),
+                                                   "calib": spec.to_dict(), "quant": qcfg.to_dict()})
     return CalibrationResult(ranges=ranges, ranges_path=path, stats_dir=directory, stats_reused=reused,
                              weights_path=weights_path,
                              seconds_collect=timings.get("seconds_trajectories", 0) + timings.get("seconds_statistics", 0),
@@ -144,7 +152,7 @@ def reconstructed_weights(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfi
     if ranges.is_grouped:
         raise ValueError(f"--rounding {qcfg.rounding} needs one range set; {recipe!r} has {len(ranges.groups)} timestep "
                          "groups (the weights would be shared by engines with different activation ranges)")
-    rc = ReconConfig(iters=qcfg.recon_iters, seed=spec.seed)
+    rc = ReconConfig(iters=qcfg.recon_iters, seed=spec.seed, act_iters=qcfg.recon_act_iters)
     blob = json.dumps({"quant": qcfg.to_dict(), "ranges": ranges.to_dict(), "recon": rc.key()}, sort_keys=True)
     path = directory / f"{recipe}.{qcfg.rounding}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}.safetensors"
     if path.exists():
@@ -152,12 +160,13 @@ def reconstructed_weights(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfi
         return path
     with stage(f"calibration: weight reconstruction ({qcfg.rounding}, {rc.iters} steps per block)"):
         t0 = time.perf_counter()
-        qunet = fake_quant_unet(loaded, dataclasses.replace(qcfg, rounding="nearest"), ranges)
+        qunet = fake_quant_unet(loaded, dataclasses.replace(qcfg, rounding="nearest", recon_act_iters=0), ranges)
         calib, guidance = fp_calibration_set(loaded, spec, batch_size=batch_size, progress=progress)
         batches = list(calib.unet_batches(batch_size, guidance))
-        weights = reconstruct(qunet, copy.deepcopy(loaded.unet), batches, rc, progress=progress)
+        weights, act_amax = reconstruct(qunet, copy.deepcopy(loaded.unet), batches, rc, progress=progress)
         save_weights(path, weights, {"quant": qcfg.to_dict(), "recon": dataclasses.asdict(rc), "recipe": recipe,
-                                     "model": loaded.fingerprint(), "seconds": round(time.perf_counter() - t0, 1)})
+                                     "model": loaded.fingerprint(), "seconds": round(time.perf_counter() - t0, 1),
+                                     **({"input_amax": act_amax} if rc.act_iters else {})})
     return path
 
 

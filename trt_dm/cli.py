@@ -150,7 +150,7 @@ def _quant(args):
                      guidance_scale=scale, guidance_rescale=args.guidance_rescale, prompts=prompts,
                      negative_prompt=getattr(args, "negative_prompt", ""))
     qcfg = QuantConfig(weight_bits=args.weight_bits, weight_calib=args.weight_calib, shortcut_split=args.shortcut_split,
-                       rounding=args.rounding, recon_iters=args.recon_iters,
+                       rounding=args.rounding, recon_iters=args.recon_iters, recon_act_iters=args.recon_act_iters,
                        quantize_attention=args.quantize_attention,
                        exclude=tuple(args.exclude) if args.exclude is not None else DEFAULT_EXCLUDE)
     return QuantSettings(recipe=args.recipe, spec=spec, qcfg=qcfg, cache_root=Path(args.cache_dir),
@@ -225,6 +225,9 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
                    help="weight rounding: to nearest, or learned by block reconstruction against the FP model on "
                         "the calibration set (AdaRound; cached beside the statistics)")
     p.add_argument("--recon-iters", type=int, default=500, help="--rounding adaround: Adam steps per block")
+    p.add_argument("--recon-act-iters", type=int, default=0,
+                   help="--rounding adaround: then learn each block's input ranges (LSQ) for this many Adam steps; "
+                        "the learned ranges replace the recipe's (0 = keep the recipe's)")
     p.add_argument("--weight-calib", default="max", choices=("max", "mse"),
                    help="weight ranges per output channel: max = abs-max; mse = ModelOpt's data-free search for the "
                         "clip with the least squared weight error (matters for --weight-bits 4)")

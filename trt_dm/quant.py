@@ -66,12 +66,19 @@ class QuantConfig:
     # calibration set (trt_dm.calib.reconstruct; recon_iters Adam steps per block), folded into the weights.
     rounding: str = "nearest"
     recon_iters: int = 500
+    # With learned rounding: Adam steps per block on its layers' input ranges afterwards (0: the recipe's ranges)
+    recon_act_iters: int = 0
 
     def __post_init__(self) -> None:
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
         if self.recon_iters < 1:
             raise ValueError(f"recon_iters must be >= 1, got {self.recon_iters}")
+        if self.recon_act_iters < 0:
+            raise ValueError(f"recon_act_iters must be >= 0, got {self.recon_act_iters}")
+        if self.recon_act_iters and self.rounding == "nearest":
+            raise ValueError("recon_act_iters refines activation ranges after learned rounding: it needs "
+                             "rounding 'adaround' (--rounding adaround)")
         if self.weight_bits not in WEIGHT_BITS:
             raise ValueError(f"weight_bits must be one of {', '.join(map(str, WEIGHT_BITS))}, got {self.weight_bits}")
         if self.weight_calib not in WEIGHT_CALIBS:
@@ -83,7 +90,8 @@ class QuantConfig:
         return {"weight_bits": self.weight_bits, "act_bits": self.act_bits, "exclude": list(self.exclude),
                 "shortcut_split": self.shortcut_split, "quantize_attention": self.quantize_attention,
                 "weight_calib": self.weight_calib, "rounding": self.rounding,
-                **({"recon_iters": self.recon_iters} if self.rounding != "nearest" else {})}
+                **({"recon_iters": self.recon_iters} if self.rounding != "nearest" else {}),
+                **({"recon_act_iters": self.recon_act_iters} if self.recon_act_iters else {})}
 
 
 SPLIT_SUFFIXES = ("#h", "#skip")  # range names of the two halves of a split layer's input

@@ -17,6 +17,12 @@ pushing every h(v) to 0 or 1; the rounding is then made hard and folded into the
 exactly on the quantizer's grid, so export, checks and engines are the standard Q/DQ path (and W4 weights go on
 the int8 grid as usual). Blocks: each ResnetBlock2D (with its time-embedding projection), each attention block
 (diffusers ``Attention`` / ``Transformer2DModel``); every other quantized layer on its own.
+
+Optional activation step-size refinement (``act_iters`` > 0, as BRECQ / Q-Diffusion follow the rounding with it):
+with the block's rounding fixed, the input range of each of its layers is learned on the same loss (without the
+regulariser), LSQ-style (Esser et al. 2020): amax = amax0 * exp(u), rounding with a straight-through gradient, so
+the loss reaches u through the step and the clipping. The learned ranges replace the recipe's for those layers
+(per-tensor scales, so the graph is still the standard Q/DQ export); later blocks see them.
 """
 from __future__ import annotations
 
@@ -48,13 +54,19 @@ class ReconConfig:
     warmup: float = 0.2       # share of the steps without the regulariser
     beta: tuple[float, float] = (20.0, 2.0)
     seed: int = 0
+    act_iters: int = 0        # Adam steps on the block's input ranges after its rounding (0: the recipe's ranges)
+    act_lr: float = 5e-3      # Adam on u, amax = amax0 * exp(u)
 
     def __post_init__(self) -> None:
-        if self.iters < 1 or self.batch < 1:
-            raise ValueError(f"reconstruction needs iters >= 1 and batch >= 1, got {self.iters}, {self.batch}")
+        if self.iters < 1 or self.batch < 1 or self.act_iters < 0:
+            raise ValueError(f"reconstruction needs iters >= 1, batch >= 1 and act_iters >= 0, got {self.iters}, "
+                             f"{self.batch}, {self.act_iters}")
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        d = asdict(self)
+        if not self.act_iters:  # without refinement, the key of the weights cached before it existed
+            del d["act_iters"], d["act_lr"]
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
 class _AdaRound(nn.Module):
@@ -78,6 +90,27 @@ class _AdaRound(nn.Module):
 
     def regulariser(self, beta: float) -> torch.Tensor:
         return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+
+
+class _LearnedRange(nn.Module):
+    """A layer's per-tensor input fake-quant with a learned range: amax = amax0 * exp(u), the quantizer's integer
+    bounds, round to nearest with a straight-through gradient (LSQ's estimator: the loss reaches u through the
+    step and through the clipped values)."""
+
+    def __init__(self, q: nn.Module) -> None:
+        super().__init__()
+        self.register_buffer("amax0", q.amax.detach().float().clone())
+        self.u = nn.Parameter(torch.zeros_like(self.amax0))
+        self.qmax = q.maxbound
+        self.qmin = 0 if q.unsigned else (-q.maxbound if q.narrow_range else -q.maxbound - 1)
+
+    def amax(self) -> torch.Tensor:
+        return self.amax0 * torch.exp(self.u)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        step = self.amax() / self.qmax
+        v = x / step
+        return (v + (torch.round(v) - v).detach()).clamp(self.qmin, self.qmax) * step
 
 
 def blocks_in_order(qunet: nn.Module, run: Callable[[], None]) -> list[tuple[str, nn.Module, list[str]]]:
@@ -187,11 +220,13 @@ def _trainable_attention(qunet: nn.Module):
 
 
 def reconstruct(qunet: nn.Module, fp_unet: nn.Module, batches: list, cfg: ReconConfig = ReconConfig(),
-                progress: bool = True) -> dict[str, torch.Tensor]:
+                progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Learn the rounding of every quantized layer's weight in ``qunet`` (a calibrated fake-quant model) block
     by block against ``fp_unet`` on ``batches`` ([(x, t, conditioning)], as the UNet is called). The hard
     rounding is folded into ``qunet``'s weights in place (on the quantizers' grids; the weight quantizers stay on
-    and reproduce them exactly). Returns {layer: rounded weight} and logs each block's error before / after."""
+    and reproduce them exactly). With ``cfg.act_iters``, each block's per-tensor input ranges are then learned
+    and set in ``qunet``'s quantizers. Returns ({layer: rounded weight}, {layer: learned input amax}; empty without
+    ``act_iters``) and logs each block's error before / after."""
     from tqdm.auto import tqdm
     qunet.eval()
     fp_unet.eval()
@@ -203,6 +238,7 @@ def reconstruct(qunet: nn.Module, fp_unet: nn.Module, batches: list, cfg: ReconC
     fp_modules, q_modules = dict(fp_unet.named_modules()), dict(qunet.named_modules())
     g = torch.Generator().manual_seed(cfg.seed)
     out: dict[str, torch.Tensor] = {}
+    act_amax: dict[str, float] = {}
     bar = tqdm(units, desc="reconstruction", unit="block", disable=not progress)
     for name, block, layers in bar:
         inputs = _collate(_capture(qunet, block, batches, output=False), sizes)
@@ -252,9 +288,42 @@ def reconstruct(qunet: nn.Module, fp_unet: nn.Module, batches: list, cfg: ReconC
                 m._parameters["weight"].copy_(w)
                 m.weight_quantizer = q
                 out[layer] = w.clone()
+        if cfg.act_iters:
+            after = _refine_ranges(block, layers, q_modules, block_loss, probe, n, g, cfg, act_amax)
         log.info("reconstructed %s (%d layers): block MSE %.3g -> %.3g", name, len(layers), before, after)
         bar.set_postfix_str(f"{name}: {before:.2g}->{after:.2g}")
-    return out
+    return out, act_amax
+
+
+def _refine_ranges(block, layers, q_modules, block_loss, probe, n, g, cfg: ReconConfig, act_amax: dict) -> float:
+    """Learn the per-tensor input ranges of ``block``'s layers (weights fixed) on ``block_loss``; set them in the
+    quantizers, record them in ``act_amax`` and return the block's probe loss with them."""
+    learned = {}
+    for layer in layers:
+        q = q_modules[layer].input_quantizer
+        if q.amax is None or q.amax.numel() != 1:  # per-channel (shortcut split) ranges stay the recipe's
+            continue
+        learned[layer] = (_LearnedRange(q), q)
+        q_modules[layer].input_quantizer = learned[layer][0]
+    if not learned:
+        with torch.no_grad():
+            return block_loss(probe).item()
+    opt = torch.optim.Adam([r.u for r, _ in learned.values()], lr=cfg.act_lr)
+    try:
+        with _trainable_attention(block):
+            for _ in range(cfg.act_iters):
+                loss = block_loss(torch.randint(0, n, (min(cfg.batch, n),), generator=g))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    finally:
+        for layer, (r, q) in learned.items():
+            with torch.no_grad():
+                q.amax = r.amax().detach().to(q.amax.dtype).reshape(q.amax.shape)
+            q_modules[layer].input_quantizer = q
+            act_amax[layer] = float(q.amax)
+    with torch.no_grad():
+        return block_loss(probe).item()
 
 
 def save_weights(path: Path, weights: dict[str, torch.Tensor], meta: dict) -> Path:
@@ -262,6 +331,20 @@ def save_weights(path: Path, weights: dict[str, torch.Tensor], meta: dict) -> Pa
     from ..core.artifacts import atomic_write
     return atomic_write(path, save({k: v.contiguous() for k, v in weights.items()},
                                    {k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()}))
+
+
+def learned_input_amax(path: Path) -> dict[str, float]:
+    """The input ranges learned with the rounding (``act_iters``), from the weights file's metadata."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "input_amax" not in meta:
+        raise ValueError(f"{path}: no learned input ranges in this reconstruction (made without act_iters)")
+    amax = json.loads(meta["input_amax"])
+    bad = [k for k, v in amax.items() if not (isinstance(v, (int, float)) and 0 < v < float("inf"))]
+    if bad:
+        raise ValueError(f"{path}: learned input ranges must be finite and > 0: {bad[:3]}")
+    return {k: float(v) for k, v in amax.items()}
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:

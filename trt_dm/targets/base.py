@@ -60,6 +60,11 @@ def recipe_slug(recipe: str) -> str:
 
 
 def graph_stem(model_name: str, recipe: str, qcfg=None) -> str:
-    """File-name stem of a deployment's graphs and engines: '<model>-<recipe slug>', with '-w4' for W4A8 ('-w<bits>')."""
+    """File-name stem of a deployment's graphs and engines: '<model>-<recipe slug>', with '-w4' for W4A8 ('-w<bits>'),
+    '-wmse' for MSE-searched weight ranges, '-ada' for learned rounding ('-ada-act' with learned input ranges), so
+    that no two weight configurations overwrite each other's files."""
     bits = getattr(qcfg, "weight_bits", 8)
-    return f"{model_name}-{recipe_slug(recipe)}" + (f"-w{bits}" if bits != 8 else "")
+    parts = [f"-w{bits}" if bits != 8 else "", "-wmse" if getattr(qcfg, "weight_calib", "max") == "mse" else ""]
+    if getattr(qcfg, "rounding", "nearest") != "nearest":
+        parts.append("-ada" + ("-act" if getattr(qcfg, "recon_act_iters", 0) else ""))
+    return f"{model_name}-{recipe_slug(recipe)}" + "".join(parts)

@@ -24,6 +24,12 @@ class OrtCpuTarget(Target):
         if qcfg.weight_bits != 8 or qcfg.shortcut_split or qcfg.quantize_attention:
             raise ValueError("the ort-cpu target supports W8A8 on Conv/Linear inputs only (no --weight-bits 4, "
                              "--shortcut-split or --quantize-attention)")
+        if qcfg.weight_calib != "max" or qcfg.rounding != "nearest":
+            # ONNX Runtime's quantizer sets the weights' scales and rounding itself (abs-max, to nearest): a
+            # searched clip or learned rounding would be dropped without a word
+            raise ValueError("the ort-cpu target quantizes weights with ONNX Runtime's own abs-max ranges, rounded to "
+                             "nearest: --weight-calib mse and --rounding adaround need --target tensorrt or openvino "
+                             "(the Q/DQ graph carries the weights as calibrated)")
         if recipe.merge.startswith("groups"):
             raise ValueError("the ort-cpu target takes one range set; groups=K recipes are for K TensorRT engines")
 
