@@ -121,9 +121,10 @@ def calibrate(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, recipe: s
         ranges = RangeSet.from_dict(R.compute_ranges(stats, rec))
     seconds_ranges = time.perf_counter() - t0
     path = directory / f"{rec.name}.json"
-    R.save_ranges(path, ranges.to_dict(), {"recipe": rec.name, "recipe_spec": rec.spec, "model": loaded.fingerprint(),
-                                           "schedule": loaded.schedule_fingerprint(), "model_source": str(loaded.source),
-                                           "calib": spec.to_dict(), "quant": qcfg.to_dict(), "stats": str(directory)})
+    provenance = {"recipe": rec.name, "recipe_spec": rec.spec, "model": loaded.fingerprint(),
+                  "schedule": loaded.schedule_fingerprint(), "model_source": str(loaded.source),
+                  "calib": spec.to_dict(), "quant": qcfg.to_dict(), "stats": str(directory)}
+    R.save_ranges(path, ranges.to_dict(), provenance)
     weights_path = None
     if qcfg.rounding != "nearest":
         weights_path = reconstructed_weights(loaded, spec, qcfg, ranges, rec.name, directory, batch_size=batch_size,
@@ -132,10 +133,7 @@ def calibrate(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, recipe: s
             from .calib.reconstruct import learned_input_amax
             ranges = RangeSet.pooled({**ranges.amax(0), **learned_input_amax(weights_path)})
             path = weights_path.with_suffix(".json")
-            R.save_ranges(path, ranges.to_dict(), {"recipe": rec.name, "recipe_spec": rec.spec,
-                                                   "refined_by": weights_path.name, "model": loaded.fingerprint(),
-                                                   "schedule": loaded.schedule_fingerprint(),
-                                                   "calib": spec.to_dict(), "quant": qcfg.to_dict()})
+            R.save_ranges(path, ranges.to_dict(), {**provenance, "refined_by": weights_path.name})
     return CalibrationResult(ranges=ranges, ranges_path=path, stats_dir=directory, stats_reused=reused,
                              weights_path=weights_path,
                              seconds_collect=timings.get("seconds_trajectories", 0) + timings.get("seconds_statistics", 0),

@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 from trt_dm.calib.reconstruct import _AdaRound, _LearnedRange, blocks_in_order
-from trt_dm.core.artifacts import RangeSet
 from trt_dm.calib.timesteps import TimestepSpec
 from trt_dm.calib.trajectories import CalibSpec
 from trt_dm.calibrate import calibrate, fake_quant_unet, fp_calibration_set
+from trt_dm.core.artifacts import RangeSet
 from trt_dm.models import load_model
 from trt_dm.quant import QuantConfig, quantized_layers
 
@@ -98,7 +98,6 @@ def test_cli_calibrate_with_learned_rounding_and_bad_iters(tiny_pipeline_dir, tm
     assert "weights with learned rounding (adaround) ->" in out and ".adaround-" in out
     assert main(base + ["--recon-iters", "0"]) == 2
     assert "recon_iters must be >= 1" in capsys.readouterr().err
-
 
 
 def test_learned_range_starts_at_the_quantizers_output_and_learns_through_the_step(tiny_pipeline_dir, tmp_path):
