@@ -253,7 +253,6 @@ def reconstruct(qunet: nn.Module, fp_unet: nn.Module, batches: list, cfg: ReconC
             m.weight_quantizer = ada
             params.append(ada)
             quantizers.append(q)
-        opt = torch.optim.Adam([p.v for p in params], lr=cfg.lr)
         warm = int(cfg.warmup * cfg.iters)
 
         def block_loss(idx):
@@ -267,17 +266,15 @@ def reconstruct(qunet: nn.Module, fp_unet: nn.Module, batches: list, cfg: ReconC
             before = block_loss(probe).item()  # round to nearest-from-init is h(v0)>=0.5: the nearest rounding
             for p in params:
                 p.hard = False
-        with _trainable_attention(block):
-            for i in range(cfg.iters):
-                idx = torch.randint(0, n, (min(cfg.batch, n),), generator=g)
-                loss = block_loss(idx)
-                if i >= warm:
-                    frac = (i - warm) / max(1, cfg.iters - warm)
-                    beta = cfg.beta[1] + 0.5 * (cfg.beta[0] - cfg.beta[1]) * (1 + math.cos(math.pi * frac))
-                    loss = loss + cfg.reg * sum(p.regulariser(beta) for p in params)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+
+        def rounding_penalty(i):  # AdaRound's regulariser after the warm-up, beta annealed (cosine) high -> low
+            if i < warm:
+                return None
+            frac = (i - warm) / max(1, cfg.iters - warm)
+            beta = cfg.beta[1] + 0.5 * (cfg.beta[0] - cfg.beta[1]) * (1 + math.cos(math.pi * frac))
+            return cfg.reg * sum(p.regulariser(beta) for p in params)
+
+        _train(block, [p.v for p in params], cfg.lr, cfg.iters, block_loss, n, g, cfg.batch, rounding_penalty)
         with torch.no_grad():
             for p in params:
                 p.hard = True
@@ -295,6 +292,22 @@ def reconstruct(qunet: nn.Module, fp_unet: nn.Module, batches: list, cfg: ReconC
     return out, act_amax
 
 
+def _train(block, variables, lr: float, iters: int, block_loss, n: int, g: torch.Generator, batch: int,
+           penalty: Callable[[int], torch.Tensor | None] | None = None) -> None:
+    """Adam on ``variables`` for ``iters`` steps of ``block_loss`` on random row batches drawn from ``g`` (plus
+    ``penalty(step)`` where it returns a term): the loop the rounding and the input ranges both learn by."""
+    opt = torch.optim.Adam(variables, lr=lr)
+    with _trainable_attention(block):
+        for i in range(iters):
+            loss = block_loss(torch.randint(0, n, (min(batch, n),), generator=g))
+            extra = penalty(i) if penalty is not None else None
+            if extra is not None:
+                loss = loss + extra
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+
 def _refine_ranges(block, layers, q_modules, block_loss, probe, n, g, cfg: ReconConfig, act_amax: dict) -> float:
     """Learn the per-tensor input ranges of ``block``'s layers (weights fixed) on ``block_loss``; set them in the
     quantizers, record them in ``act_amax`` and return the block's probe loss with them."""
@@ -308,14 +321,8 @@ def _refine_ranges(block, layers, q_modules, block_loss, probe, n, g, cfg: Recon
     if not learned:
         with torch.no_grad():
             return block_loss(probe).item()
-    opt = torch.optim.Adam([r.u for r, _ in learned.values()], lr=cfg.act_lr)
     try:
-        with _trainable_attention(block):
-            for _ in range(cfg.act_iters):
-                loss = block_loss(torch.randint(0, n, (min(cfg.batch, n),), generator=g))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+        _train(block, [r.u for r, _ in learned.values()], cfg.act_lr, cfg.act_iters, block_loss, n, g, cfg.batch)
     finally:
         for layer, (r, q) in learned.items():
             with torch.no_grad():
