@@ -4,7 +4,8 @@
 #   make eval      FD-EffNet / KID of the default model (N=$(N)) -> reports/
 #   make bench     CPU benchmark matrix (profile + pipeline cost) -> BENCHMARKS.md, docs/bench/
 #   make serve-bench  trt-dm serve: step-level vs request-level vs no batching -> BENCHMARKS.md
-#   make engine    calibrate -> Q/DQ ONNX -> checks -> int8 + FP16 engines (MODEL=default|<dir>, RECIPE=ptq4dm,
+#   make engine    calibrate -> Q/DQ ONNX -> checks -> int8 + FP16 engines (MODEL=default|<dir>, RECIPE=<recipe>
+#                  (default: ptq4dm-g4 in one engine; ptq4dm for ort-cpu),
 #                  TARGET=tensorrt|ort-cpu|openvino)
 # Choose your torch build with TORCH_SPEC / TORCH_PIP_ARGS, e.g. on a CUDA machine:
 #   make test TORCH_SPEC='torch==2.11.0' TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cu130'
@@ -20,7 +21,7 @@ N ?= 2000
 STEPS ?= 100
 SAMPLER ?= ddim
 MODEL ?= default
-RECIPE ?= ptq4dm
+RECIPE ?=
 ENGINE_ARGS ?=
 
 .PHONY: venv test sample eval engine bench serve-bench data clean-venv
@@ -53,7 +54,7 @@ eval: venv data
 
 TARGET ?= tensorrt
 engine: venv
-	$(BIN)/trt-dm engine --model $(MODEL) --recipe $(RECIPE) --target $(TARGET) $(ENGINE_ARGS)
+	$(BIN)/trt-dm engine --model $(MODEL) $(if $(RECIPE),--recipe $(RECIPE)) --target $(TARGET) $(ENGINE_ARGS)
 
 bench: venv
 	$(BIN)/python tools/bench.py --threads 2

@@ -16,8 +16,27 @@ def grouped_graphs(tiny_pipeline_dir, tmp_path_factory):
     loaded = api.load(str(tiny_pipeline_dir))
     quant = api.QuantSettings(recipe="max@groups=2", spec=SPEC, cache_root=tmp / "cc", batch=4)
     made = api.deploy(loaded, quant, target="tensorrt", out_dir=tmp, precision="fp32", progress=lambda _: None,
-                      show_progress=False)
+                      show_progress=False, options={"group_engines": True})
     return loaded, made
+
+
+def test_default_recipe_is_ptq4dm_g4_unless_the_settings_take_one_range_set():
+    """No recipe named: ptq4dm-g4 (deployed as one graph), and the paper's ptq4dm, with the reason, where a
+    groups=K recipe cannot go: the ort-cpu layout, learned rounding, split shortcuts, quantized attention matmuls,
+    fewer calibration steps than groups. A named recipe is never replaced."""
+    from trt_dm.quant import QuantConfig
+    assert api.default_recipe() == ("ptq4dm-g4", "")
+    assert api.default_recipe(QuantConfig(weight_bits=4), SPEC, "openvino") == ("ptq4dm-g4", "")
+    for qcfg, spec, target, flag in ((None, None, "ort-cpu", "--target ort-cpu"),
+                                     (QuantConfig(rounding="adaround"), None, None, "--rounding adaround"),
+                                     (QuantConfig(shortcut_split=True), None, None, "--shortcut-split"),
+                                     (QuantConfig(quantize_attention=True), None, "tensorrt", "--quantize-attention"),
+                                     (None, CalibSpec(steps=3), None, "--calib-steps 3")):
+        recipe, why = api.default_recipe(qcfg, spec, target)
+        assert recipe == "ptq4dm" and flag in why and "ptq4dm-g4" in why, why
+    assert api.QuantSettings(spec=SPEC).resolved().recipe == "ptq4dm-g4"
+    assert api.QuantSettings(spec=CalibSpec(steps=3)).resolved(target="tensorrt").recipe == "ptq4dm"
+    assert api.QuantSettings(recipe="max", spec=SPEC).resolved(target="ort-cpu").recipe == "max"
 
 
 def test_deploy_result_is_typed(grouped_graphs):

@@ -149,22 +149,25 @@ def test_class_conditional_unet_builds_with_its_class_labels_input(tmp_path):
 
 @pytest.mark.slow
 def test_trt_dm_engine_on_the_default_model(tmp_path, capsys):
-    """What `make engine` runs, with a small calibration set: checked Q/DQ ONNX + int8 and FP16 engines;
-    a second run reuses the calibration cache."""
+    """What `make engine` runs, with a small calibration set: the default recipe ptq4dm-g4 in ONE checked Q/DQ
+    graph, its int8 engine (every quantized convolution on int8 inputs) and the FP16 baseline; a second run reuses
+    the calibration cache."""
     from trt_dm.cli import main
-    args = ["engine", "--model", "default", "--out-dir", str(tmp_path / "engines"), "--cache-dir",
-            str(tmp_path / "cc"), "--calib-n", "8", "--calib-steps", "10", "--batch", "8", "--no-progress",
+    args = ["engine", "--model", "default", "--out-dir", str(tmp_path / "engines"), "--cache-dir",  # (16 NDTC samples
+            str(tmp_path / "cc"), "--calib-n", "16", "--calib-steps", "10", "--batch", "8", "--no-progress",  # fill 4 groups)
             "--rtx-targets", "SM89", "--opt-level", "0", "--max-batch", "8", "--opt-batch", "4"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "statistics collected" in out
     eng = tmp_path / "engines"
-    int8, fp16 = load_sidecar(eng / "default-ptq4dm.plan"), load_sidecar(eng / "default-fp16.plan")
-    assert int8.precision == "int8" and int8.recipe == "ptq4dm" and fp16.precision == "fp16"
+    int8, fp16 = load_sidecar(eng / "default-ptq4dm-g4.onegraph.plan"), load_sidecar(eng / "default-fp16.plan")
+    assert int8.precision == "int8" and int8.recipe == "ptq4dm-g4" and fp16.precision == "fp16"
     assert int8.layer_precisions["correlation"]["Int8"] == 33  # all but conv_in / conv_out
     assert "Int8" not in fp16.layer_precisions["correlation"]
-    report = json.loads((eng / "default-ptq4dm.onnx.json").read_text())
+    assert sorted(p.name for p in eng.glob("*.plan")) == ["default-fp16.plan", "default-ptq4dm-g4.onegraph.plan"]
+    report = json.loads((eng / "default-ptq4dm-g4.onegraph.onnx.json").read_text())
     assert report["violations"] == [] and report["layer_comparison_fp32"]["max_code_diff"] <= 1
+    assert report["extra"]["one_graph"]["groups"] == 4
     assert main(args + ["--no-baseline"]) == 0
     assert "statistics reused from cache" in capsys.readouterr().out
 
@@ -178,7 +181,7 @@ def test_engine_stops_after_checked_onnx_without_tensorrt(tiny_pipeline_dir, tmp
     monkeypatch.setattr(A, "trt_module", none)
     rc = main(["engine", "--model", str(tiny_pipeline_dir), "--out-dir", str(tmp_path), "--cache-dir",
                str(tmp_path / "cc"), "--calib-n", "4", "--calib-steps", "4", "--batch", "4", "--no-progress",
-               "--no-baseline", "--precision", "fp32"])
+               "--no-baseline", "--precision", "fp32", "--recipe", "ptq4dm"])
     assert rc == 0
     assert "stopping after the checked ONNX" in capsys.readouterr().out
     assert (tmp_path / f"{tiny_pipeline_dir.name}-ptq4dm.fp32.onnx").exists()
@@ -186,9 +189,11 @@ def test_engine_stops_after_checked_onnx_without_tensorrt(tiny_pipeline_dir, tmp
 
 
 def test_groups_recipe_exports_and_builds_one_engine_per_timestep_group(tiny_pipeline_dir, tmp_path, capsys):
-    """A groups=K recipe: K checked graphs and K engines, each sidecar carrying its timestep range."""
+    """A groups=K recipe with --group-engines: K checked graphs and K engines, each sidecar carrying its timestep
+    range (without the flag they go into one graph: tests/test_onegraph.py)."""
     from trt_dm.cli import main
-    assert main(["engine", "--model", str(tiny_pipeline_dir), "--recipe", "max@groups=2", "--timesteps", "uniform",
+    assert main(["engine", "--model", str(tiny_pipeline_dir), "--recipe", "max@groups=2", "--group-engines",
+                 "--timesteps", "uniform",
                  "--out-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cc"), "--calib-n", "8", "--calib-steps",
                  "4", "--batch", "4", "--no-progress", "--no-baseline", "--rtx-targets", "SM89", "--opt-level", "0",
                  "--max-batch", "4", "--opt-batch", "2"]) == 0
@@ -204,7 +209,8 @@ def test_class_conditional_engine_with_guidance(tiny_cls_pipeline_dir, tmp_path,
     """`trt-dm engine` on a class-conditional pipeline with guidance 3: calibration on every class with guidance,
     a checked graph with its class_labels input, and an engine whose profiles hold 2 UNet rows per image."""
     from trt_dm.cli import main
-    assert main(["engine", "--model", str(tiny_cls_pipeline_dir), "--guidance-scale", "3", "--out-dir", str(tmp_path),
+    assert main(["engine", "--model", str(tiny_cls_pipeline_dir), "--recipe", "ptq4dm", "--guidance-scale", "3",
+                 "--out-dir", str(tmp_path),
                  "--cache-dir", str(tmp_path / "cc"), "--calib-n", "8", "--calib-steps", "4", "--batch", "4",
                  "--no-progress", "--no-baseline", "--rtx-targets", "SM89", "--opt-level", "0", "--min-batch", "1",
                  "--max-batch", "4", "--opt-batch", "2"]) == 0
@@ -266,7 +272,8 @@ def test_w4a8_engine_builds_with_4bit_codes_on_the_int8_grid(tiny_pipeline_dir, 
     """`trt-dm engine --weight-bits 4`: an ordinary int8 engine whose weight codes are the 4-bit integers, named
     apart from the W8 graphs; the stage table (wall time, peak memory) is written beside them."""
     from trt_dm.cli import main
-    assert main(["engine", "--model", str(tiny_pipeline_dir), "--weight-bits", "4", "--out-dir", str(tmp_path),
+    assert main(["engine", "--model", str(tiny_pipeline_dir), "--recipe", "ptq4dm", "--weight-bits", "4",
+                 "--out-dir", str(tmp_path),
                  "--cache-dir", str(tmp_path / "cc"), "--calib-n", "8", "--calib-steps", "4", "--batch", "4",
                  "--no-progress", "--no-baseline", "--rtx-targets", "SM89", "--opt-level", "0", "--max-batch", "4",
                  "--opt-batch", "2"]) == 0
@@ -292,7 +299,8 @@ def test_layer_comparison_refused_without_memory_and_skippable(tiny_pipeline_dir
     import trt_dm.targets.tensorrt as T
     from trt_dm.cli import main
     args = ["export", "--model", str(tiny_pipeline_dir), "--out-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cc"),
-            "--calib-n", "4", "--calib-steps", "4", "--batch", "4", "--no-progress", "--precision", "fp32"]
+            "--calib-n", "4", "--calib-steps", "4", "--batch", "4", "--no-progress", "--precision", "fp32",
+            "--recipe", "ptq4dm"]
     monkeypatch.setattr(T, "COMPARISON_MEMORY_PER_GRAPH_BYTE", 1e9)  # a graph of a few MB would need PBs
     assert main(args) == 1
     err = capsys.readouterr().err
@@ -311,7 +319,8 @@ def test_fp16_conversion_refused_without_memory_names_the_fp32_graph(tiny_pipeli
     from trt_dm.cli import main
     monkeypatch.setattr(T, "FP16_MEMORY_PER_GRAPH_BYTE", 1e9)
     assert main(["export", "--model", str(tiny_pipeline_dir), "--out-dir", str(tmp_path), "--cache-dir",
-                 str(tmp_path / "cc"), "--calib-n", "4", "--calib-steps", "4", "--batch", "4", "--no-progress"]) == 1
+                 str(tmp_path / "cc"), "--calib-n", "4", "--calib-steps", "4", "--batch", "4", "--no-progress",
+                 "--recipe", "ptq4dm"]) == 1
     err = capsys.readouterr().err
     assert "the FP16 conversion of" in err and "--precision fp32" in err
     assert (tmp_path / f"{tiny_pipeline_dir.name}-ptq4dm.fp32.onnx").exists()  # the checked FP32 graph stays

@@ -85,7 +85,9 @@ def test_one_graph_equals_the_k_range_model(grouped):
 
 
 def test_engine_one_graph_onnx_runtime_and_int8_layers(tiny_pipeline_dir, grouped, tmp_path, capsys):
-    """`trt-dm engine --recipe max@groups=2 --one-graph`: one checked graph and one TensorRT-RTX engine; ONNX
+    """`trt-dm engine --recipe max@groups=2` (one graph is the default; --one-graph insists, --group-engines opts
+    out, the two together or --one-graph on a one-range recipe are refused before any work): one checked graph and
+    one TensorRT-RTX engine; ONNX
     Runtime (Q/DQ as written) on the graph equals the K-range fake-quant model on rows of every group within the
     flips' reach (0.05); the builder's layer report has every quantized convolution and GEMM on int8 inputs."""
     from trt_dm.cli import main
@@ -98,7 +100,11 @@ def test_engine_one_graph_onnx_runtime_and_int8_layers(tiny_pipeline_dir, groupe
             "--calib-n", "32", "--calib-steps", "20", "--batch", "16", "--cache-dir", str(quant.cache_root),
             "--no-progress", "--no-baseline", "--rtx-targets", "SM89", "--opt-level", "0", "--min-batch", "1",
             "--max-batch", "8", "--opt-batch", "8"]
-    assert main([*base, "--one-graph", "--out-dir", str(tmp_path / "one")]) == 0
+    for bad, msg in ((["--one-graph", "--group-engines"], "exclude each other"),
+                     (["--one-graph", "--recipe", "max"], "needs a groups=K recipe")):
+        assert main([*base, *bad, "--out-dir", str(tmp_path / "bad")]) == 2
+        assert msg in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main([*base, "--out-dir", str(tmp_path / "one")]) == 0
     stem = f"{tiny_pipeline_dir.name}-max_groups2"
     files = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert f"{stem}.onegraph.plan" in files and not any(".g1." in f for f in files)
@@ -122,3 +128,19 @@ def test_engine_one_graph_onnx_runtime_and_int8_layers(tiny_pipeline_dir, groupe
     assert one["correlation"] == {"Int8": sum(isinstance(m, torch.nn.Conv2d) for m in layers), "Half": 2}
     assert one["gemm"]["Int8"] > 0
     capsys.readouterr()
+
+
+def test_default_recipe_goes_into_one_graph_on_a_text_conditional_unet(tiny_sd_pipeline_dir, tmp_path):
+    """The default recipe on a Stable Diffusion layout pipeline (cross-attention, guidance 7.5, timestep a scalar
+    per call): one checked graph, the attention projections (Linear on (B, S, D) inputs) scaled per row like the
+    convolutions, int8 codes equal to the torch one-graph model's layer by layer up to one flip."""
+    loaded = api.load(str(tiny_sd_pipeline_dir))
+    quant = api.QuantSettings(spec=CalibSpec(parse("uniform"), n=8, steps=4, guidance_scale=7.5),
+                              cache_root=tmp_path / "cc", batch=4)
+    made = api.deploy(loaded, quant, target="tensorrt", out_dir=tmp_path, precision="fp32", progress=lambda _: None,
+                      show_progress=False)
+    (graph,) = made.graphs
+    assert graph.onnx.name == "tiny_sd-ptq4dm-g4.onegraph.fp32.onnx" and made.calibration.ranges.is_grouped
+    report = graph.report
+    assert report.violations == [] and report.extra["one_graph"]["groups"] == 4
+    assert report.layer_comparison_fp32["max_code_diff"] <= 1

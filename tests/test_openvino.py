@@ -25,7 +25,7 @@ from trt_dm.runners import OrtRunner, TorchRunner  # noqa: E402
 from trt_dm.core.cpu import cpu_int8_isa  # noqa: E402
 
 VNNI = cpu_int8_isa() in ("amx", "avx512_vnni", "avx_vnni")
-EXPORT = ["--calib-n", "8", "--calib-steps", "4", "--batch", "4", "--no-progress"]
+EXPORT = ["--recipe", "ptq4dm", "--calib-n", "8", "--calib-steps", "4", "--batch", "4", "--no-progress"]
 
 
 def _ort_reference(path, feed: dict) -> np.ndarray:
@@ -154,6 +154,26 @@ def test_runner_feeds_class_labels_and_matches_the_qdq_reference(cls_graph):
             r.infer({k: v for k, v in feed.items() if k != "class_labels"})
     assert out.dtype == torch.float32 and out.shape == feed["sample"].shape
     assert not torch.allclose(out, other)  # the labels reach the model
+    ref = _ort_reference(graph, feed)
+    cos = torch.nn.functional.cosine_similarity(out.flatten().double(), torch.from_numpy(ref).flatten().double(), dim=0)
+    if VNNI:
+        assert _rel(out, ref) < 3e-2
+    assert cos > 0.9
+
+
+def test_runner_feeds_a_one_graph_unet_by_its_input_names(tiny_pipeline_dir, tmp_path):
+    """The default recipe's graph form (one graph, four timestep range sets, trt_dm.onegraph) casts its timestep
+    right after the input, and OpenVINO merges that Cast's tensor name into the input port, whose first name is
+    then '/Cast_output_0': the runner still takes the graph's own input names, and its output follows the float
+    Q/DQ reference (tolerances as above) for rows in different timestep groups."""
+    from trt_dm.profile import _onegraph_layout, feed_for
+    from trt_dm.quant import QuantConfig
+    unet = load_model(tiny_pipeline_dir).unet
+    graph = _onegraph_layout(unet, QuantConfig(), [feed_for(unet, 2, seed=i) for i in range(2)], tmp_path / "og.onnx")
+    feed = {**feed_for(unet, 4, seed=5), "timestep": torch.tensor([990, 600, 300, 10])}
+    with OpenVinoRunner(graph, threads=1, cache_dir=False) as r:
+        assert r.signature.names == ["sample", "timestep"]
+        out = r.infer(feed)[OUTPUT_NAME]
     ref = _ort_reference(graph, feed)
     cos = torch.nn.functional.cosine_similarity(out.flatten().double(), torch.from_numpy(ref).flatten().double(), dim=0)
     if VNNI:

@@ -37,7 +37,7 @@ def _openvino_rows() -> set[str]:
     except ImportError:
         return set()
     bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    return {"ov-fp32", "ov-int8"} | ({"ov-bf16"} if bf16 else set())
+    return {"ov-fp32", "ov-int8", "ov-int8-onegraph"} | ({"ov-bf16"} if bf16 else set())
 
 
 def test_benchmark_architectures_have_the_stated_sizes():

@@ -63,16 +63,17 @@ def test_calibration_from_prompts_is_keyed_by_the_prompt_set(sd, tmp_path):
     spec = CalibSpec(n=6, steps=4)
     quant = api.QuantSettings(spec=spec, cache_root=tmp_path, batch=4).resolved(sd)
     assert quant.spec.prompts == builtin_prompts()
-    a = api.calibrate(sd, api.QuantSettings(spec=CalibSpec(n=6, steps=4, guidance_scale=7.5), cache_root=tmp_path,
-                                            batch=4), progress=False)
-    b = api.calibrate(sd, api.QuantSettings(spec=CalibSpec(n=6, steps=4, guidance_scale=7.5, prompts=("a cat",)),
+    a = api.calibrate(sd, api.QuantSettings(recipe="ptq4dm", spec=CalibSpec(n=6, steps=4, guidance_scale=7.5),
+                                            cache_root=tmp_path, batch=4), progress=False)
+    b = api.calibrate(sd, api.QuantSettings(recipe="ptq4dm", spec=CalibSpec(n=6, steps=4, guidance_scale=7.5,
+                                                                             prompts=("a cat",)),
                                             cache_root=tmp_path, batch=4), progress=False)
     assert a.stats_dir != b.stats_dir and a.ranges.to_dict() != b.ranges.to_dict()
     calib = json.loads(json.loads((b.stats_dir / "stats.json").read_text())["meta"]["calib"])
     assert calib["prompts"]["n"] == 1 and len(calib["prompts"]["sha256"]) == 64 and calib["guidance_scale"] == 7.5
     assert "a cat" not in (b.stats_dir / "stats.json").read_text()  # the key holds the prompts' sha256, not the text
-    again = api.calibrate(sd, api.QuantSettings(spec=CalibSpec(n=6, steps=4, guidance_scale=7.5), cache_root=tmp_path,
-                                                batch=4), progress=False)
+    again = api.calibrate(sd, api.QuantSettings(recipe="ptq4dm", spec=CalibSpec(n=6, steps=4, guidance_scale=7.5),
+                                                cache_root=tmp_path, batch=4), progress=False)
     assert again.stats_reused and again.ranges.to_dict() == a.ranges.to_dict()  # bit for bit on CPU
 
 
@@ -89,7 +90,8 @@ def test_engine_ort_and_fake_quant(tiny_sd_pipeline_dir, sd, tmp_path, capsys):
     from trt_dm.calib.trajectories import CalibSpec
     from trt_dm.engine import load_sidecar
     out = tmp_path / "eng"
-    assert main(["engine", "--model", str(tiny_sd_pipeline_dir), "--calib-n", "6", "--calib-steps", "4", "--batch",
+    assert main(["engine", "--model", str(tiny_sd_pipeline_dir), "--recipe", "ptq4dm", "--calib-n", "6",
+                 "--calib-steps", "4", "--batch",
                  "4", "--cache-dir", str(tmp_path / "cc"), "--out-dir", str(out), "--no-progress", "--no-baseline",
                  "--rtx-targets", "SM89", "--opt-level", "0", "--min-batch", "1", "--max-batch", "2",
                  "--opt-batch", "1"]) == 0
@@ -100,7 +102,8 @@ def test_engine_ort_and_fake_quant(tiny_sd_pipeline_dir, sd, tmp_path, capsys):
     assert side.text_pipeline["vae"].endswith("vae")
     report = json.loads((out / "tiny_sd-ptq4dm.onnx.json").read_text())
     assert report["violations"] == [] and report["layer_comparison_fp32"]["max_code_diff"] <= 1
-    quant = api.QuantSettings(spec=CalibSpec(n=6, steps=4, guidance_scale=7.5), cache_root=tmp_path / "cc", batch=4)
+    quant = api.QuantSettings(recipe="ptq4dm", spec=CalibSpec(n=6, steps=4, guidance_scale=7.5),
+                              cache_root=tmp_path / "cc", batch=4)
     calib = api.calibrate(sd, quant, progress=False)
     graph = out / "tiny_sd-ptq4dm.fp32.onnx"
     s = api.SampleSettings(steps=4, n=2, seed=0, prompts=("a red apple",), guidance_scale=7.5)

@@ -63,6 +63,7 @@ def main() -> int:
              markdown(doc["results"], doc["machine"]), "![images/s per UNet call vs batch](docs/bench/profile.png)", ""]
     cols = [("ort-int8", "ORT int8, ORT layout (recipe's layers)"), ("ort-int8-all-ops", "ORT int8, all ops"),
             ("ort-int8-trt-layout", "ORT int8, TensorRT layout"), ("ov-int8", "OpenVINO int8 (TensorRT layout)"),
+            ("ov-int8-onegraph", "OpenVINO int8, one graph of 4 range sets (the default recipe's form)"),
             ("ov-bf16", "OpenVINO bf16"), ("ov-fp32", "OpenVINO fp32"), ("torch-fp32", "torch fp32")]
     have = [(k, label) for k, label in cols if any(k in res["runners"] for res in doc["results"])]
     lines += ["## Int8 on CPU (ONNX Runtime, OpenVINO): speed-up over ONNX Runtime fp32 (same run)", "",

@@ -7,7 +7,7 @@ and a server call. The CLI only turns arguments into these settings and prints.
     with api.open_denoiser(loaded, engines=["engines/default-ptq4dm.plan"]) as den:   # or onnx=, openvino=, ranges=
         images, seconds = api.draw(loaded, den, settings)
     result = api.evaluate(loaded, settings, quant=api.QuantSettings(recipe="ptq4dm"))  # EvalResult
-    made = api.deploy(loaded, api.QuantSettings(recipe="ptq4dm"), target="tensorrt")   # DeployResult
+    made = api.deploy(loaded, api.QuantSettings(), target="tensorrt")   # default recipe, one graph: DeployResult
 
 Loading a denoiser from artifacts (``open_denoiser``): torch FP, torch fake-quant (``ranges`` + ``qcfg``,
 ``groups=K`` ranges switched by timestep per row), one graph in ONNX Runtime or OpenVINO, one TensorRT engine, or
@@ -102,29 +102,50 @@ class SampleSettings:
         return key
 
 
+def default_recipe(qcfg=None, spec=None, target: str | None = None) -> tuple[str, str]:
+    """The recipe used when none is named, and why when it is not ``DEFAULT_RECIPE``: ``ptq4dm-g4`` (four
+    timestep-dependent range sets, deployed as one graph), or the paper's ``ptq4dm`` where the settings take one
+    range set: the ort-cpu target, learned rounding (one set of weights), split shortcuts or quantized attention
+    matmuls (no one-graph form), fewer calibration steps than groups."""
+    from .calib.ranges import DEFAULT_RECIPE, ONE_RANGE_RECIPE
+    from .quant import QuantConfig
+    qcfg = qcfg or QuantConfig()
+    why = [reason for cond, reason in (
+        (target == "ort-cpu", "--target ort-cpu"), (qcfg.rounding != "nearest", f"--rounding {qcfg.rounding}"),
+        (qcfg.shortcut_split, "--shortcut-split"), (qcfg.quantize_attention, "--quantize-attention"),
+        (spec is not None and spec.steps < 4, f"--calib-steps {getattr(spec, 'steps', '')}")) if cond]
+    if why:
+        return ONE_RANGE_RECIPE, (f"recipe {ONE_RANGE_RECIPE} (the default {DEFAULT_RECIPE} has 4 timestep range "
+                                  f"sets; {', '.join(why)} takes one)")
+    return DEFAULT_RECIPE, ""
+
+
 @dataclass(frozen=True)
 class QuantSettings:
-    """How the model is quantized and calibrated (``trt-dm calibrate`` / ``export`` / ``engine`` / ``eval --recipe``)."""
-    recipe: str = "ptq4dm"
+    """How the model is quantized and calibrated (``trt-dm calibrate`` / ``export`` / ``engine`` / ``eval --recipe``).
+    ``recipe`` None: ``default_recipe`` for these settings (and the target, when deploying)."""
+    recipe: str | None = None
     spec: Any = None        # trt_dm.calib.trajectories.CalibSpec (default: CalibSpec())
     qcfg: Any = None        # trt_dm.quant.QuantConfig (default: QuantConfig())
     cache_root: Path = DEFAULT_CACHE_ROOT
     batch: int = 64         # images per UNet call while calibrating
 
-    def resolved(self, loaded: LoadedModel | None = None) -> QuantSettings:
-        """Defaults filled in; with ``loaded``, a class-conditional model calibrates on every class in turn
-        (balanced) unless the spec names labels."""
+    def resolved(self, loaded: LoadedModel | None = None, target: str | None = None) -> QuantSettings:
+        """Defaults filled in (the recipe for ``target`` when deploying); with ``loaded``, a class-conditional
+        model calibrates on every class in turn (balanced) unless the spec names labels."""
         from .calib.ranges import get_recipe
         from .calib.trajectories import CalibSpec
         from .quant import QuantConfig
-        get_recipe(self.recipe)  # validate before any work
         spec = self.spec or CalibSpec()
+        recipe = self.recipe or default_recipe(self.qcfg, spec, target)[0]
+        get_recipe(recipe)  # validate before any work
         if loaded is not None and loaded.class_labels_spec is not None and spec.labels is None:
             spec = dataclasses.replace(spec, labels="all")
         if loaded is not None and loaded.text_conditioned and spec.prompts is None:
             from .text import builtin_prompts
             spec = dataclasses.replace(spec, prompts=builtin_prompts())  # the project's 141 prompts
-        return dataclasses.replace(self, spec=spec, qcfg=self.qcfg or QuantConfig(), cache_root=Path(self.cache_root))
+        return dataclasses.replace(self, recipe=recipe, spec=spec, qcfg=self.qcfg or QuantConfig(),
+                                   cache_root=Path(self.cache_root))
 
 
 def calibrate(loaded: LoadedModel, quant: QuantSettings, *, progress: bool = True):
@@ -483,7 +504,7 @@ def deploy(loaded: LoadedModel, quant: QuantSettings, *, out_dir: Path = Path("e
     Wall time and peak memory of every stage are in ``result.stages`` and ``<out_dir>/<model>-<recipe>.stages.json``."""
     from .core import stages
     from .targets.base import graph_stem
-    q = quant.resolved(loaded)
+    q = quant.resolved(loaded, kw.get("target", "tensorrt"))
     path = Path(out_dir) / f"{graph_stem(loaded.name, q.recipe, q.qcfg)}.stages.json"
 
     def write(rows, error=None):  # after every stage, and when one fails: how far it got and what it cost
@@ -492,7 +513,7 @@ def deploy(loaded: LoadedModel, quant: QuantSettings, *, out_dir: Path = Path("e
 
     with stages.recording(on_stage=write) as log:
         try:
-            result = _deploy(loaded, quant, out_dir=out_dir, **kw)
+            result = _deploy(loaded, q, out_dir=out_dir, **kw)
         except Exception as e:
             if log.rows:
                 write(log.rows, f"{type(e).__name__}: {e}")
@@ -511,8 +532,8 @@ def _deploy(loaded: LoadedModel, quant: QuantSettings, *, target: str = "tensorr
     from .targets import ExportJob, get_target
     tgt = get_target(target)
     precision = precision or getattr(tgt, "default_precision", "fp16")
-    quant = quant.resolved(loaded)
-    tgt.check(quant.qcfg, get_recipe(quant.recipe))
+    quant = quant.resolved(loaded, target)
+    tgt.check(quant.qcfg, get_recipe(quant.recipe), options)
     guidance = loaded.guidance(quant.spec.guidance_scale, quant.spec.guidance_rescale,  # refuse before any work
                                negative_prompt=quant.spec.negative_prompt)
     if not loaded.text_conditioned:  # (prompts are encoded once, by the calibration itself)

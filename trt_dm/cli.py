@@ -153,7 +153,13 @@ def _quant(args):
                        rounding=args.rounding, recon_iters=args.recon_iters, recon_act_iters=args.recon_act_iters,
                        quantize_attention=args.quantize_attention,
                        exclude=tuple(args.exclude) if args.exclude is not None else DEFAULT_EXCLUDE)
-    return QuantSettings(recipe=args.recipe, spec=spec, qcfg=qcfg, cache_root=Path(args.cache_dir),
+    recipe = args.recipe
+    if recipe is None:  # the default for these settings (and target), said when it is not the usual one
+        from .api import default_recipe
+        recipe, why = default_recipe(qcfg, spec, getattr(args, "target", None))
+        if why:
+            print(why, file=sys.stderr)
+    return QuantSettings(recipe=recipe, spec=spec, qcfg=qcfg, cache_root=Path(args.cache_dir),
                          batch=args.batch).resolved()
 
 
@@ -244,6 +250,8 @@ def cmd_calibrate(args) -> int:
     import statistics
 
     from . import api
+    if args.sensitivity and args.recipe is None:
+        args.recipe = "ptq4dm"  # one range set: each layer's range is the one every timestep sees
     quant = _quant(args)
     loaded = _load(args)
     if args.sensitivity:
@@ -253,7 +261,7 @@ def cmd_calibrate(args) -> int:
         from .quant import DEFAULT_EXCLUDE
         rows = layer_sensitivity(loaded, quant.spec, quant.recipe, cache_root=quant.cache_root,
                                  weight_bits=quant.qcfg.weight_bits, batch_size=quant.batch, progress=not args.no_progress)
-        print(f"per-layer sensitivity (W{args.weight_bits}A8, recipe {args.recipe}, one layer quantized at a time; "
+        print(f"per-layer sensitivity (W{args.weight_bits}A8, recipe {quant.recipe}, one layer quantized at a time; "
               "relative MSE of the predicted noise vs FP):")
         print(f"{'layer':48s} {'type':8s} {'rel MSE':>10s}  default")
         for r in rows:
@@ -262,7 +270,7 @@ def cmd_calibrate(args) -> int:
         return 0
     res = api.calibrate(loaded, quant, progress=not args.no_progress)
     vals = [v for g in res.ranges.groups for v in g.amax.values()]
-    print(f"recipe {args.recipe}: {len(res.ranges)} quantized layers (activation ranges), amax min "
+    print(f"recipe {quant.recipe}: {len(res.ranges)} quantized layers (activation ranges), amax min "
           f"{min(vals):.4g} / median {statistics.median(vals):.4g} / max {max(vals):.4g}")
     if res.stats_reused:
         print(f"statistics: reused from cache {res.stats_dir}")
@@ -282,7 +290,7 @@ def _deploy(args, build: bool):
     if build:
         print(f"model {loaded.name} ({loaded.kind}, {loaded.source}); fingerprint {loaded.fingerprint()[:16]}")
     return api.deploy(loaded, quant, target=args.target, out_dir=Path(args.out_dir), precision=args.precision,
-                      options={"ops": args.ort_ops, "one_graph": getattr(args, "one_graph", False),
+                      options={"ops": args.ort_ops, "one_graph": args.one_graph, "group_engines": args.group_engines,
                                "layer_comparison": not args.no_layer_comparison},
                       build=build, baseline=not getattr(args, "no_baseline", True),
                       build_options=_build_options(args) if build else None, flavour=getattr(args, "flavour", None),
@@ -429,7 +437,9 @@ def _openvino_args(p: argparse.ArgumentParser) -> None:
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", default="ptq4dm", help="calibration recipe (see `trt-dm calibrate --help`)")
+    p.add_argument("--recipe", default=None,
+                   help="calibration recipe (see `trt-dm calibrate --help`; default ptq4dm-g4 in one graph, ptq4dm "
+                        "for the ort-cpu target and for settings that take one range set)")
     from .targets import targets
     p.add_argument("--target", choices=list(targets()), default="tensorrt",
                    help="; ".join(f"{n}: {t.help}" for n, t in targets().items()))
@@ -439,9 +449,12 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                         "measured no faster here and less accurate (see docs/performance.md)")
     p.add_argument("--out-dir", default="engines", help="where ONNX files, reports and engines go")
     p.add_argument("--one-graph", action="store_true",
-                   help="tensorrt target, groups=K recipes: ONE graph / engine whose layers pick their input range "
-                        "per row by the timestep's group (exact to the K-range model up to rounding flips) "
-                        "instead of K engines")
+                   help="tensorrt / openvino targets, groups=K recipes: ONE graph / engine whose layers pick their "
+                        "input range per row by the timestep's group (exact to the K-range model up to rounding "
+                        "flips); the default for groups=K recipes, this flag only insists on it")
+    p.add_argument("--group-engines", action="store_true",
+                   help="tensorrt / openvino targets, groups=K recipes: K graphs / engines, one per timestep group "
+                        "(switched by timestep at run time) instead of one")
     p.add_argument("--no-layer-comparison", action="store_true",
                    help="tensorrt target: skip the int8-code comparison of torch fake-quant and ONNX Runtime, layer "
                         "by layer (it needs about 3.4x the graph's size in memory: refused when that is not "
@@ -514,9 +527,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="timestep-stratified calibration (PTQ4DM): statistics once, ranges per recipe")
     _add_model_args(p)
-    p.add_argument("--recipe", default="ptq4dm",
-                   help="preset (ptq4dm, qdiffusion, max, percentile, entropy, minmean, meanmax, ptq4dm-g4) "
-                        "or METRIC@MERGE, e.g. mse:2.4@pooled, percentile:99.9@uniform, max@groups=4")
+    p.add_argument("--recipe", default=None,
+                   help="preset (ptq4dm-g4: the default; ptq4dm: the paper's, the default where the settings take "
+                        "one range set; qdiffusion, max, percentile, entropy, minmean, meanmax) or METRIC@MERGE, e.g. "
+                        "mse:2.4@pooled, percentile:99.9@uniform, max@groups=4")
     p.add_argument("--batch", type=int, default=64, help="images per UNet call")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--sensitivity", action="store_true",

@@ -140,13 +140,16 @@ class OpenVinoRunner(Runner):
                         self.name, self.precision, self.effective_precision,
                         "/".join(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")))
         specs = []
+        graph_inputs = _onnx_input_names(self.path)
         for port in self.compiled.inputs:
             et = port.get_element_type().to_string()
             if et not in _DTYPES:
                 raise ValueError(f"{self.path}: input {port.get_any_name()!r} has type {et}, which this runner does "
                                  f"not feed; accepted: {sorted(_DTYPES)}")
             shape = tuple(d.get_length() if d.is_static else "dynamic" for d in port.get_partial_shape())
-            name = port.get_any_name()
+            # a port carries every tensor name OpenVINO merged into it (a Cast right after an input, as in a one-graph
+            # UNet, adds its own): the graph's input name is the one to feed and check against
+            name = next((n for n in sorted(port.get_names()) if n in graph_inputs), port.get_any_name())
             specs.append(TensorSpec(name, _DTYPES[et], shape, name not in ("sample", "timestep")))
         self._signature = Signature(tuple(specs))
         if OUTPUT_NAME not in {n for o in self.compiled.outputs for n in o.get_names()}:
@@ -173,3 +176,10 @@ class OpenVinoRunner(Runner):
         self._request.infer(arrays)
         out = self._request.get_tensor(OUTPUT_NAME).data
         return {OUTPUT_NAME: torch.from_numpy(out.copy()).float()}  # the request reuses its output buffer
+
+
+def _onnx_input_names(path: Path) -> set[str]:
+    """The ONNX graph's input names (initializers excluded), read without its external weight data."""
+    import onnx
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {i.name for i in graph.input} - {t.name for t in graph.initializer}

@@ -153,6 +153,7 @@ def cpu_runners(unet, tmp: Path, threads: int, calib_batches: int = 2,
             q(**f)
     apply_ranges(q, {n: amax.get(n, 1.0) or 1.0 for n in activation_quantizers(q)})
     trt_layout = export_onnx(q, tmp / "int8-trt-layout.onnx")
+    onegraph = _onegraph_layout(unet, qcfg, feeds, tmp / "int8-trt-onegraph.onnx")
     ort_layout = export_ort_int8(unet, tmp / "int8-ort.onnx", feeds, layers=set(quantized_layers(q)))
     ort_all = export_ort_int8(unet, tmp / "int8-ort-all.onnx", feeds, layers=set(quantized_layers(q)), ops="all")
     out: dict[str, Callable[[], Runner]] = {
@@ -162,13 +163,38 @@ def cpu_runners(unet, tmp: Path, threads: int, calib_batches: int = 2,
         "ort-int8-all-ops": lambda: OrtRunner(ort_all, threads=threads, name="ort-int8-all-ops"),
         "ort-int8-trt-layout": lambda: OrtRunner(trt_layout, threads=threads, name="ort-int8-trt-layout"),
     }
-    out.update(openvino_runners(fp32, trt_layout, threads, notes if notes is not None else []))
+    out.update(openvino_runners(fp32, trt_layout, threads, notes if notes is not None else [], onegraph=onegraph))
     return out
 
 
-def openvino_runners(fp32: Path, int8: Path, threads: int, notes: list[str]) -> dict[str, Callable[[], Runner]]:
+def _onegraph_layout(unet, qcfg, feeds: list[dict], path: Path, groups: int = 4, steps: int = 1000) -> Path:
+    """The TensorRT-layout graph in its one-graph form (what the default recipe deploys: ``groups`` timestep
+    range sets, a per-row input scale looked up by timestep; ``trt_dm.onegraph``), ranges from the random
+    ``feeds`` run at each group's middle timestep. Its cost against the plain graph is the price of the lookup."""
+    import copy
+
+    from .core.artifacts import RangeGroup, RangeSet
+    from .export import export_onnx
+    from .onegraph import one_graph
+    from .quant import activation_quantizers, observing, quantize_model
+    q = quantize_model(copy.deepcopy(unet), qcfg)
+    names, sets = activation_quantizers(q), []
+    for k in range(groups):
+        t_max, t_min = steps - 1 - k * steps // groups, steps - (k + 1) * steps // groups
+        amax: dict[str, float] = {}
+        with observing(q, lambda n, x: amax.__setitem__(n, max(amax.get(n, 0.0), float(x.abs().max())))), \
+                torch.no_grad():
+            for f in feeds:
+                q(**{**f, "timestep": torch.full_like(f["timestep"], (t_max + t_min) // 2)})
+        sets.append(RangeGroup({n: amax.get(n, 1.0) or 1.0 for n in names}, t_max=t_max, t_min=t_min))
+    return export_onnx(one_graph(q, RangeSet(tuple(sets))), path)
+
+
+def openvino_runners(fp32: Path, int8: Path, threads: int, notes: list[str], onegraph: Path | None = None
+                     ) -> dict[str, Callable[[], Runner]]:
     """OpenVINO fp32 and bf16 on the unquantized graph ``fp32``, int8 on the TensorRT-layout graph ``int8`` (FP32
-    math), each compiled into a cache beside its graph; none without OpenVINO, no bf16 without native bf16."""
+    math) and on its one-graph form ``onegraph`` when given, each compiled into a cache beside its graph; none
+    without OpenVINO, no bf16 without native bf16."""
     try:
         import openvino as ov
     except ImportError:
@@ -184,6 +210,9 @@ def openvino_runners(fp32: Path, int8: Path, threads: int, notes: list[str]) -> 
         notes.append(f"ov-bf16: this CPU has no native bf16 (OpenVINO's capabilities: {', '.join(caps)}); OpenVINO "
                      "runs f32 when asked for bf16, so the row is left out")
     out["ov-int8"] = lambda: OpenVinoRunner(int8, threads=threads, precision="fp32", name="ov-int8")
+    if onegraph is not None:
+        out["ov-int8-onegraph"] = lambda: OpenVinoRunner(onegraph, threads=threads, precision="fp32",
+                                                         name="ov-int8-onegraph")
     return out
 
 
@@ -334,14 +363,15 @@ def markdown(results: list[dict], mach: dict) -> str:
                 sp = rat.get(name, {}).get(r["batch"])
                 lines.append(f"| {name} | {r['batch']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | "
                              f"{r['images_per_s']:.1f} | {'' if sp is None else f'{sp:.2f}x'} |")
-        lines += ["", "| runner | sampling run | images/s | time outside the UNet | peak RSS MB (before) |",
-                  "|---|---|---:|---:|---:|"]
-        for name, row in res["runners"].items():
-            s = row.get("sampling")
-            if s:
-                lines.append(f"| {name} | DDIM {s['steps']} steps, batch {s['batch']} | {s['images_per_s']:.2f} | "
-                             f"{100 * s['outside_unet_share']:.1f}% | {row['peak_rss_mb'] or 0:.0f} "
-                             f"({row['rss_before_mb'] or 0:.0f}) |")
+        sampled = {name: row for name, row in res["runners"].items() if row.get("sampling")}
+        if sampled:  # (none with --steps 0)
+            lines += ["", "| runner | sampling run | images/s | time outside the UNet | peak RSS MB (before) |",
+                      "|---|---|---:|---:|---:|"]
+        for name, row in sampled.items():
+            s = row["sampling"]
+            lines.append(f"| {name} | DDIM {s['steps']} steps, batch {s['batch']} | {s['images_per_s']:.2f} | "
+                         f"{100 * s['outside_unet_share']:.1f}% | {row['peak_rss_mb'] or 0:.0f} "
+                         f"({row['rss_before_mb'] or 0:.0f}) |")
         lines.append("")
         lines += [f"Note: {n}" for n in res.get("notes", [])] + ([""] if res.get("notes") else [])
     return "\n".join(lines)

@@ -94,8 +94,10 @@ def test_cli_calibrate_with_learned_rounding_and_bad_iters(tiny_pipeline_dir, tm
     base = ["calibrate", "--model", str(tiny_pipeline_dir), "--cache-dir", str(tmp_path), "--calib-n", "8",
             "--calib-steps", "4", "--batch", "8", "--no-progress", "--weight-bits", "4", "--rounding", "adaround"]
     assert main(base + ["--recon-iters", "5"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "weights with learned rounding (adaround) ->" in out and ".adaround-" in out
+    # no recipe named: the default ptq4dm-g4 has 4 range sets, learned rounding takes one; the CLI says so
+    assert "recipe ptq4dm (the default ptq4dm-g4" in err and "--rounding adaround takes one" in err
     assert main(base + ["--recon-iters", "0"]) == 2
     assert "recon_iters must be >= 1" in capsys.readouterr().err
 

@@ -375,7 +375,8 @@ def merge_ranges(hists: Mapping[int, RunningHistogram], metric: Metric | str, ho
         sub = {t: hists[t] for t in sorted(g) if t in hists}
         if not sub:
             raise ValueError(f"timestep group t={g[0]}..{g[-1]} of groups={k} has no calibration data; use "
-                             f"fewer groups or a calibration set covering every group (timesteps 'uniform'/'all')")
+                             f"fewer groups (or a one-range recipe such as ptq4dm), more calibration samples "
+                             f"(--calib-n), or a calibration set covering every group (timesteps 'uniform'/'all')")
         out.append({"t_max": g[0], "t_min": g[-1], "amax": metric(_pooled(sub, counts))})
     return out
 
@@ -414,8 +415,15 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("entropy", Metric("entropy"), "pooled"),  # TensorRT's legacy implicit-int8 calibrator
     Recipe("minmean", Metric("max"), "min-mean"),  # ModelOpt's diffusers int8 example
     Recipe("meanmax", Metric("max"), "mean-max"),
-    Recipe("ptq4dm-g4", Metric("mse", 2.4), "groups=4"),  # 4 engines, one per quarter of the sampler's steps
+    Recipe("ptq4dm-g4", Metric("mse", 2.4), "groups=4"),  # 4 range sets, one per quarter of the sampler's steps
 )}
+
+# The recipe used when none is named: the best single-engine W8A8 configuration measured on the default model
+# (docs/quality.md: DDIM 100 +1.3 % FD-EffNet and 39.0 dB vs FP, where the paper's `ptq4dm` is +9.0 % and 31.7 dB),
+# deployed as ONE graph / engine (trt_dm.onegraph). Settings that take one range set use ONE_RANGE_RECIPE instead
+# (trt_dm.api.default_recipe says which and why).
+DEFAULT_RECIPE = "ptq4dm-g4"
+ONE_RANGE_RECIPE = "ptq4dm"
 
 
 def get_recipe(spec: str | Recipe) -> Recipe:

@@ -4,7 +4,7 @@ registry finds it, so adding a target (e.g. OpenVINO) is one new module. Targets
 (``trt_dm.runners``): running an artifact is the runtime's job.
 
     target = get_target("tensorrt")
-    target.check(qcfg, recipe)               # refuse what it cannot express, before any work
+    target.check(qcfg, recipe, options)      # refuse what it cannot express, before any work
     graphs = target.export(job)              # checked graphs + reports
     engines = target.build(graphs, options)  # TensorRT: engines + sidecars; ONNX Runtime: nothing to build
 """

@@ -39,8 +39,9 @@ class Target(ABC):
     order: int = 50  # position in listings (the default target first)
     builds: bool = False  # has a build step (engines) after export
 
-    def check(self, qcfg, recipe) -> None:
-        """Raise ValueError, before any work, for what this target cannot express (``recipe``: a Recipe)."""
+    def check(self, qcfg, recipe, options: dict | None = None) -> None:
+        """Raise ValueError, before any work, for what this target cannot express (``recipe``: a Recipe;
+        ``options``: the export job's)."""
 
     @abstractmethod
     def export(self, job: ExportJob, progress: Callable[[str], None] = print) -> list[Exported]: ...

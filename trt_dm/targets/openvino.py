@@ -199,9 +199,9 @@ class OpenVinoTarget(Target):
     order = 20
     default_precision = "fp32"  # the graph's non-quantized math; bf16 is a run-time choice (--ov-precision)
 
-    def check(self, qcfg, recipe) -> None:
+    def check(self, qcfg, recipe, options: dict | None = None) -> None:
         from .tensorrt import TARGET as tensorrt
-        tensorrt.check(qcfg, recipe)
+        tensorrt.check(qcfg, recipe, options)
         try:
             import openvino  # noqa: F401  (before any calibration work)
         except ImportError as e:

@@ -20,7 +20,7 @@ class OrtCpuTarget(Target):
             "layers), from the same statistics")
     order = 10
 
-    def check(self, qcfg, recipe) -> None:
+    def check(self, qcfg, recipe, options: dict | None = None) -> None:
         if qcfg.weight_bits != 8 or qcfg.shortcut_split or qcfg.quantize_attention:
             raise ValueError("the ort-cpu target supports W8A8 on Conv/Linear inputs only (no --weight-bits 4, "
                              "--shortcut-split or --quantize-attention)")
@@ -31,7 +31,9 @@ class OrtCpuTarget(Target):
                              "nearest: --weight-calib mse and --rounding adaround need --target tensorrt or openvino "
                              "(the Q/DQ graph carries the weights as calibrated)")
         if recipe.merge.startswith("groups"):
-            raise ValueError("the ort-cpu target takes one range set; groups=K recipes are for K TensorRT engines")
+            raise ValueError(f"the ort-cpu target takes one range set; {recipe.name!r} has timestep groups (for the "
+                             "tensorrt and openvino targets): use a one-range recipe such as ptq4dm (the ort-cpu "
+                             "default)")
 
     def export(self, job: ExportJob, progress: Callable[[str], None] = print, *, n_outputs: int = 64) -> list[Exported]:
         """Layer-input ranges from the statistics; conv/matmul output ranges measured by ONNX Runtime on
@@ -46,7 +48,7 @@ class OrtCpuTarget(Target):
         ops = (job.options or {}).get("ops", "layers")
         if ops not in OPS:
             raise ValueError(f"ort-cpu ops must be one of {OPS}, got {ops!r}")
-        self.check(job.qcfg, get_recipe(job.recipe))
+        self.check(job.qcfg, get_recipe(job.recipe), job.options)
         loaded, calib = job.loaded, job.calib
         t0 = time.perf_counter()
         stats = CalibStats.load(calib.stats_dir)

@@ -114,13 +114,27 @@ class TensorRTTarget(Target):
     order = 0
     builds = True
 
-    def check(self, qcfg, recipe) -> None:
+    def check(self, qcfg, recipe, options: dict | None = None) -> None:
         if qcfg.shortcut_split:
             raise ValueError("--shortcut-split uses per-channel activation ranges, which TensorRT does not accept; "
                              "it is a fake-quant study only")
+        opts = options or {}
+        if opts.get("one_graph") and opts.get("group_engines"):
+            raise ValueError("--one-graph and --group-engines exclude each other: one graph for all timestep groups, "
+                             "or one graph per group")
+        from ..calib.ranges import parse_merge
+        kind, k = parse_merge(recipe.merge)
+        grouped = kind == "groups" and k >= 2
+        if opts.get("one_graph") and not grouped:
+            raise ValueError(f"--one-graph needs a groups=K recipe (K >= 2); {recipe.name!r} has one range set")
+        if grouped and qcfg.quantize_attention and not opts.get("group_engines"):
+            raise ValueError(f"{recipe.name!r} goes into one graph, which has no form for quantized attention "
+                             "matmuls (trt_dm.onegraph): add --group-engines (one graph per timestep group) or use a "
+                             "one-range recipe such as ptq4dm")
 
     def export(self, job: ExportJob, progress: Callable[[str], None] = print) -> list[Exported]:
-        """Export the calibrated fake-quant UNet (one graph per timestep group), run every check, write reports.
+        """Export the calibrated fake-quant UNet (a groups=K recipe: one graph, or one per timestep group with the
+        ``group_engines`` option), run every check, write reports.
         Raises ``ExportCheckError`` listing the violations when a check fails (the ONNX files stay)."""
         from ..calib.ranges import get_recipe
         from ..calibrate import fake_quant_unet
@@ -129,7 +143,7 @@ class TensorRTTarget(Target):
         from ..quant import apply_ranges, quantized_layers, weights_on_int8_grid
         if job.precision not in ("fp16", "fp32"):
             raise ValueError(f"precision must be fp16 or fp32, got {job.precision!r}")
-        self.check(job.qcfg, get_recipe(job.recipe))
+        self.check(job.qcfg, get_recipe(job.recipe), job.options)
         loaded, calib, ranges = job.loaded, job.calib, job.calib.ranges
         qunet = fake_quant_unet(loaded, job.qcfg, ranges, weights=calib.weights_path)
         low_bits = job.qcfg.weight_bits < 8
@@ -137,11 +151,10 @@ class TensorRTTarget(Target):
             converted = weights_on_int8_grid(qunet)
             progress(f"W{job.qcfg.weight_bits}A8: {converted} layers' weights stored on the int8 grid "
                      f"(per-channel step amax / {2 ** (job.qcfg.weight_bits - 1) - 1})")
-        one = bool((job.options or {}).get("one_graph"))
-        if one:  # groups=K ranges in ONE graph: per-row input scaling by the timestep's group (trt_dm.onegraph)
+        # groups=K ranges go into ONE graph unless asked for K: per-row input scaling by the timestep's group
+        one = ranges.is_grouped and len(ranges.groups) >= 2 and not (job.options or {}).get("group_engines")
+        if one:
             from ..onegraph import one_graph
-            if not ranges.is_grouped or len(ranges.groups) < 2:
-                raise ValueError(f"--one-graph needs a groups=K recipe (K >= 2); {job.recipe!r} has one range set")
             qunet = one_graph(qunet, ranges)
         quantized = set(quantized_layers(qunet))
         feed = probe_inputs(loaded)
