@@ -139,8 +139,7 @@ class OpenVinoRunner(Runner):
             log.warning("%s: asked for %s, OpenVINO runs %s on this CPU (%s; native bf16 needs AVX512_BF16 or AMX)",
                         self.name, self.precision, self.effective_precision,
                         "/".join(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")))
-        specs = []
-        graph_inputs = _onnx_input_names(self.path)
+        specs, graph_inputs = [], None
         for port in self.compiled.inputs:
             et = port.get_element_type().to_string()
             if et not in _DTYPES:
@@ -149,7 +148,10 @@ class OpenVinoRunner(Runner):
             shape = tuple(d.get_length() if d.is_static else "dynamic" for d in port.get_partial_shape())
             # a port carries every tensor name OpenVINO merged into it (a Cast right after an input, as in a one-graph
             # UNet, adds its own): the graph's input name is the one to feed and check against
-            name = next((n for n in sorted(port.get_names()) if n in graph_inputs), port.get_any_name())
+            name = port.get_any_name()
+            if len(port.get_names()) > 1:
+                graph_inputs = graph_inputs or set(Signature.from_onnx(self.path).names)
+                name = next((n for n in sorted(port.get_names()) if n in graph_inputs), name)
             specs.append(TensorSpec(name, _DTYPES[et], shape, name not in ("sample", "timestep")))
         self._signature = Signature(tuple(specs))
         if OUTPUT_NAME not in {n for o in self.compiled.outputs for n in o.get_names()}:
@@ -176,10 +178,3 @@ class OpenVinoRunner(Runner):
         self._request.infer(arrays)
         out = self._request.get_tensor(OUTPUT_NAME).data
         return {OUTPUT_NAME: torch.from_numpy(out.copy()).float()}  # the request reuses its output buffer
-
-
-def _onnx_input_names(path: Path) -> set[str]:
-    """The ONNX graph's input names (initializers excluded), read without its external weight data."""
-    import onnx
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return {i.name for i in graph.input} - {t.name for t in graph.initializer}

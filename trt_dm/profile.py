@@ -142,16 +142,12 @@ def cpu_runners(unet, tmp: Path, threads: int, calib_batches: int = 2,
 
     from .export import export_onnx
     from .ortcpu import export_ort_int8
-    from .quant import QuantConfig, activation_quantizers, apply_ranges, observing, quantize_model, quantized_layers
+    from .quant import QuantConfig, apply_ranges, quantize_model, quantized_layers
     fp32 = export_onnx(unet, tmp / "fp32.onnx")
     feeds = [feed_for(unet, 2, seed=i) for i in range(calib_batches)]
     qcfg = QuantConfig()
     q = quantize_model(copy.deepcopy(unet), qcfg)
-    amax: dict[str, float] = {}
-    with observing(q, lambda n, x: amax.__setitem__(n, max(amax.get(n, 0.0), float(x.abs().max())))), torch.no_grad():
-        for f in feeds:
-            q(**f)
-    apply_ranges(q, {n: amax.get(n, 1.0) or 1.0 for n in activation_quantizers(q)})
+    apply_ranges(q, _observed_amax(q, feeds))
     trt_layout = export_onnx(q, tmp / "int8-trt-layout.onnx")
     onegraph = _onegraph_layout(unet, qcfg, feeds, tmp / "int8-trt-onegraph.onnx")
     ort_layout = export_ort_int8(unet, tmp / "int8-ort.onnx", feeds, layers=set(quantized_layers(q)))
@@ -176,18 +172,25 @@ def _onegraph_layout(unet, qcfg, feeds: list[dict], path: Path, groups: int = 4,
     from .core.artifacts import RangeGroup, RangeSet
     from .export import export_onnx
     from .onegraph import one_graph
-    from .quant import activation_quantizers, observing, quantize_model
+    from .quant import quantize_model
     q = quantize_model(copy.deepcopy(unet), qcfg)
-    names, sets = activation_quantizers(q), []
+    sets = []
     for k in range(groups):
         t_max, t_min = steps - 1 - k * steps // groups, steps - (k + 1) * steps // groups
-        amax: dict[str, float] = {}
-        with observing(q, lambda n, x: amax.__setitem__(n, max(amax.get(n, 0.0), float(x.abs().max())))), \
-                torch.no_grad():
-            for f in feeds:
-                q(**{**f, "timestep": torch.full_like(f["timestep"], (t_max + t_min) // 2)})
-        sets.append(RangeGroup({n: amax.get(n, 1.0) or 1.0 for n in names}, t_max=t_max, t_min=t_min))
+        at_t = [{**f, "timestep": torch.full_like(f["timestep"], (t_max + t_min) // 2)} for f in feeds]
+        sets.append(RangeGroup(_observed_amax(q, at_t), t_max=t_max, t_min=t_min))
     return export_onnx(one_graph(q, RangeSet(tuple(sets))), path)
+
+
+def _observed_amax(q, feeds: list[dict]) -> dict[str, float]:
+    """{activation quantizer: abs-max of its input over ``feeds``} (1.0 where it saw none or only zeros), from the
+    full-precision pass of the fake-quant model ``q``."""
+    from .quant import activation_quantizers, observing
+    amax: dict[str, float] = {}
+    with observing(q, lambda n, x: amax.__setitem__(n, max(amax.get(n, 0.0), float(x.abs().max())))), torch.no_grad():
+        for f in feeds:
+            q(**f)
+    return {n: amax.get(n, 1.0) or 1.0 for n in activation_quantizers(q)}
 
 
 def openvino_runners(fp32: Path, int8: Path, threads: int, notes: list[str], onegraph: Path | None = None
