@@ -62,7 +62,8 @@ def main() -> int:
              "## UNet calls and sampling, per runner (CPU)", "", f"Command: `{' '.join(Path(c).name if i == 0 else c for i, c in enumerate(profile_cmd)).replace(str(out_dir), 'docs/bench')}`", "",
              markdown(doc["results"], doc["machine"]), "![images/s per UNet call vs batch](docs/bench/profile.png)", ""]
     cols = [("ort-int8", "ORT int8, ORT layout (recipe's layers)"), ("ort-int8-all-ops", "ORT int8, all ops"),
-            ("ort-int8-trt-layout", "ORT int8, TensorRT layout"), ("ov-int8", "OpenVINO int8 (TensorRT layout)"),
+            ("ort-int8-trt-layout", "ORT int8, TensorRT layout"), ("ov-int8", "OpenVINO int8 (TensorRT layout, 2 streams)"),
+            ("ov-int8-1stream", "OpenVINO int8, one stream"),
             ("ov-int8-onegraph", "OpenVINO int8, one graph of 4 range sets (the default recipe's form)"),
             ("ov-bf16", "OpenVINO bf16"), ("ov-fp32", "OpenVINO fp32"), ("torch-fp32", "torch fp32")]
     have = [(k, label) for k, label in cols if any(k in res["runners"] for res in doc["results"])]

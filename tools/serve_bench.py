@@ -1,11 +1,13 @@
 """`make serve-bench`: step-level vs request-level vs no batching, same runner, same run, on loopback.
 
     python tools/serve_bench.py [--onnx engines/default-ptq4dm.ort-int8.onnx] [--clients 1 4 16] [--threads 2]
+    python tools/serve_bench.py --openvino engines/default-ptq4dm.fp32.onnx --section openvino ...
 
 Starts one `trt-dm serve` per batching policy (step: the service's continuous step-level batching; request:
 whole requests batched as they arrive, Triton-style; none: one request at a time), all on 127.0.0.1 with the same
 model and runner (by default the ONNX Runtime int8 graph of the default model, built with `trt-dm export --target
-ort-cpu` when missing). For each client count, the policies run one after another in a rotating order, each
+ort-cpu` when missing; with --openvino, the TensorRT-layout Q/DQ graph in OpenVINO, built with `trt-dm export
+--target openvino --recipe ptq4dm` when missing). For each client count, the policies run one after another in a rotating order, each
 under the same bounded load: every client sends --requests requests one after another, the clients starting
 --stagger seconds apart (staggered arrivals), each request --n images of --steps DDIM steps with its own seed
 (given several values, requests cycle through them: a mixed workload);
@@ -49,7 +51,8 @@ def _metric(text: str, name: str) -> float:
 
 def start(policy: str, args) -> tuple[subprocess.Popen, str]:
     port = _port()
-    cmd = [sys.executable, "-m", "trt_dm.cli", "serve", "--model", args.model, "--onnx", str(args.onnx),
+    graph = ["--openvino", str(args.openvino)] if args.openvino else ["--onnx", str(args.onnx)]
+    cmd = [sys.executable, "-m", "trt_dm.cli", "serve", "--model", args.model, *graph,
            "--batching", policy, "--port", str(port), "--max-rows", str(args.max_rows), "--max-queue", "100000",
            "--threads", str(args.threads), "--timeout", str(args.time_limit)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -122,7 +125,9 @@ def _alts(values: list[int]) -> str:
 
 
 def markdown(results: dict, args) -> str:
-    lines = [f"Model `{args.model}`, runner ONNX Runtime (`{Path(args.onnx).name}`), {args.threads} threads; each client "
+    runner = (f"OpenVINO int8 (`{Path(args.openvino).name}`, default streams)" if args.openvino
+              else f"ONNX Runtime (`{Path(args.onnx).name}`)")
+    lines = [f"Model `{args.model}`, runner {runner}, {args.threads} threads; each client "
              f"sends {args.requests} requests of {_alts(args.n)} image(s), DDIM {_alts(args.steps)} steps"
              f"{' (cycled per request)' if len(args.n) > 1 or len(args.steps) > 1 else ''}, clients {args.stagger} s "
              f"apart; server max {args.max_rows} rows per UNet call. Policies measured one after another per client "
@@ -143,6 +148,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
     ap.add_argument("--onnx", type=Path, default=ROOT / "engines" / "default-ptq4dm.ort-int8.onnx")
+    ap.add_argument("--openvino", type=Path, default=None,
+                    help="serve this Q/DQ graph in OpenVINO instead (e.g. engines/default-ptq4dm.fp32.onnx)")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--requests", type=int, default=8, help="requests per client")
     ap.add_argument("--n", type=int, nargs="+", default=[1], help="images per request (several: cycled)")
@@ -154,7 +161,12 @@ def main() -> int:
     ap.add_argument("--time-limit", type=float, default=600.0, help="seconds one load run may take at most")
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = ap.parse_args()
-    if not args.onnx.exists():
+    if args.openvino and not args.openvino.exists():
+        print(f"building {args.openvino} (trt-dm export --target openvino --recipe ptq4dm)")
+        subprocess.check_call([sys.executable, "-m", "trt_dm.cli", "export", "--target", "openvino", "--recipe",
+                               "ptq4dm", "--model", args.model, "--out-dir", str(args.openvino.parent), "--threads",
+                               str(args.threads), "--no-progress"], cwd=ROOT)
+    elif not args.openvino and not args.onnx.exists():
         print(f"building {args.onnx} (trt-dm export --target ort-cpu)")
         subprocess.check_call([sys.executable, "-m", "trt_dm.cli", "export", "--target", "ort-cpu", "--model", args.model,
                                "--out-dir", str(args.onnx.parent), "--threads", str(args.threads), "--no-progress"],
@@ -162,7 +174,7 @@ def main() -> int:
     servers = {p: start(p, args) for p in POLICIES}
     results: dict = {}
     try:
-        for proc, url in servers.values():  # untimed: first calls of a fresh ONNX Runtime session are slower
+        for proc, url in servers.values():  # untimed: first calls of a fresh session are slower
             load(url, 2, argparse.Namespace(**{**vars(args), "requests": 2}))
         for i, c in enumerate(args.clients):
             order = POLICIES[i % 3:] + POLICIES[:i % 3]

@@ -179,12 +179,12 @@ def open_denoiser(loaded: LoadedModel, *, engines: Sequence[str | Path] = (), on
                   openvino: Sequence[str | Path] | str | Path = (), ranges: RangeSet | None = None, qcfg=None,
                   device: str | None = None, threads: int | None = None, cuda_graph: bool = False,
                   ov_precision: str = "fp32", ov_cache_dir: str | Path | bool | None = None,
-                  weights: str | Path | None = None) -> Iterator[Denoiser]:
+                  ov_streams: int | None = None, weights: str | Path | None = None) -> Iterator[Denoiser]:
     """The denoiser of one deployment: TensorRT ``engines``, ONNX Runtime ``onnx`` graphs, OpenVINO ``openvino``
     graphs (``ov_precision`` fp32 / bf16 for the non-quantized math, ``ov_cache_dir`` its model cache: default
-    beside the graph, False for none), torch fake-quant (``ranges`` [+ ``qcfg``, + ``weights``: reconstructed
-    weights for ``qcfg.rounding`` other than nearest, the calibration's ``weights_path``]), or the torch FP model (none
-    given). Several engines / graphs must be the timestep groups of one ``groups=K`` recipe. Runners are active
+    beside the graph, False for none; ``ov_streams`` its streams: default 2 with >= 2 threads), torch fake-quant
+    (``ranges`` [+ ``qcfg``, + ``weights``: reconstructed weights for ``qcfg.rounding`` other than nearest, the
+    calibration's ``weights_path``]), or the torch FP model (none given). Several engines / graphs must be the timestep groups of one ``groups=K`` recipe. Runners are active
     inside the ``with`` block and freed after it."""
     onnx = [onnx] if isinstance(onnx, (str, Path)) else list(onnx)
     openvino = [openvino] if isinstance(openvino, (str, Path)) else list(openvino)
@@ -193,8 +193,9 @@ def open_denoiser(loaded: LoadedModel, *, engines: Sequence[str | Path] = (), on
     if len(given) > 1:
         raise ValueError(f"give one of engines, onnx, openvino or ranges, not {' and '.join(given)}")
     if openvino:
-        from .ov_runner import compile_config
-        compile_config(threads=threads, precision=ov_precision)  # a bad precision fails before any loading
+        from .ov_runner import compile_config, default_streams
+        compile_config(threads=threads, precision=ov_precision,  # bad options fail before any loading
+                       streams=default_streams(threads) if ov_streams is None else ov_streams)
     paths = [Path(p) for p in engines or onnx or openvino]
     for p in paths:
         if not p.is_file():
@@ -212,13 +213,14 @@ def open_denoiser(loaded: LoadedModel, *, engines: Sequence[str | Path] = (), on
             elif openvino:
                 from .runners import OpenVinoRunner
                 make = lambda p: OpenVinoRunner(p, threads=threads, precision=ov_precision,  # noqa: E731
-                                                cache_dir=ov_cache_dir)
+                                                cache_dir=ov_cache_dir, streams=ov_streams)
             else:
                 make = lambda p: OrtRunner(p, threads=threads)  # noqa: E731
             runners = [stack.enter_context(make(p)) for p in paths]
             describe = {"runner": runners[0].name, "files": [str(p) for p in paths]}
             if openvino:  # what OpenVINO runs the non-quantized math in (bf16 only where the CPU has it)
                 describe["precision"] = runners[0].effective_precision
+                describe["streams"] = runners[0].streams
             if t_ranges is None:
                 fn = as_denoiser(runners[0])
             else:
@@ -369,12 +371,13 @@ class EvalResult:
 
 def evaluate(loaded: LoadedModel, settings: SampleSettings, *, quant: QuantSettings | None = None,
              onnx: str | Path | None = None, openvino: str | Path | Sequence[str | Path] | None = None,
-             ov_precision: str = "fp32", extractor=None, ref: str = "test", ref_limit: int | None = None,
+             ov_precision: str = "fp32", ov_streams: int | None = None, extractor=None, ref: str = "test",
+             ref_limit: int | None = None,
              eps_n: int = 256, cache_root: Path = DEFAULT_CACHE_ROOT, device: str | None = None,
              threads: int | None = None, progress: bool = True) -> EvalResult:
     """FD (FD-EffNet by default, or the given feature ``extractor``) and KID against Fashion-MNIST ``ref``; with
     ``quant`` (a fake-quant recipe), ``onnx`` (an exported graph in ONNX Runtime) or ``openvino`` (exported
-    graphs in OpenVINO, ``ov_precision`` for their non-quantized math) also the same-seed fidelity to FP: FD
+    graphs in OpenVINO, ``ov_precision`` for their non-quantized math, ``ov_streams`` its streams) also the same-seed fidelity to FP: FD
     change, PSNR of the images, per-timestep noise-prediction error on ``eps_n`` images."""
     from . import evaluate as E
     openvino = [openvino] if isinstance(openvino, (str, Path)) else list(openvino or [])
@@ -387,8 +390,9 @@ def evaluate(loaded: LoadedModel, settings: SampleSettings, *, quant: QuantSetti
         if not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: no such file")
     if openvino:
-        from .ov_runner import compile_config
-        compile_config(threads=threads, precision=ov_precision)  # a bad precision fails before the long run
+        from .ov_runner import compile_config, default_streams
+        compile_config(threads=threads, precision=ov_precision,  # bad options fail before the long run
+                       streams=default_streams(threads) if ov_streams is None else ov_streams)
     quant = quant.resolved(loaded) if quant is not None else None
     if quant is not None and quant.spec.guidance_scale != settings.guidance_scale:
         log.info("calibrating with guidance %g, sampling with %g", quant.spec.guidance_scale, settings.guidance_scale)
@@ -451,7 +455,8 @@ def evaluate(loaded: LoadedModel, settings: SampleSettings, *, quant: QuantSetti
         den_ctx = open_denoiser(loaded, onnx=onnx, threads=threads)
     elif openvino:
         res.openvino = " ".join(map(str, openvino))
-        den_ctx = open_denoiser(loaded, openvino=openvino, threads=threads, ov_precision=ov_precision)
+        den_ctx = open_denoiser(loaded, openvino=openvino, threads=threads, ov_precision=ov_precision,
+                                ov_streams=ov_streams)
     else:
         calib = calibrate(loaded, quant, progress=progress)
         q = quant.qcfg

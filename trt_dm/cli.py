@@ -172,7 +172,7 @@ def cmd_sample(args) -> int:
     loaded = _load(args)
     with api.open_denoiser(loaded, engines=args.engine or (), onnx=args.onnx or (), openvino=args.openvino or (),
                            device=args.device, threads=args.threads, cuda_graph=args.cuda_graph,
-                           ov_precision=args.ov_precision) as den:
+                           ov_precision=args.ov_precision, ov_streams=args.ov_streams) as den:
         images, secs = api.draw(loaded, den, settings, progress=not args.no_progress)
     grid = save_grid(images, args.out, nrow=args.nrow)
     cond = "" if settings.labels is None else f", classes {settings.labels if isinstance(settings.labels, str) else list(settings.labels)}"
@@ -202,7 +202,7 @@ def cmd_eval(args) -> int:
     quant = _quant(args) if args.recipe else None
     loaded = _load(args)
     res = api.evaluate(loaded, settings, quant=quant, onnx=args.onnx, openvino=args.openvino,
-                       ov_precision=args.ov_precision, extractor=extractor, ref=args.ref,
+                       ov_precision=args.ov_precision, ov_streams=args.ov_streams, extractor=extractor, ref=args.ref,
                        ref_limit=args.ref_limit, eps_n=args.eps_n, cache_root=Path(args.cache_dir), device=args.device,
                        threads=args.threads, progress=not args.no_progress)
     out_dir = Path(args.out_dir)
@@ -351,9 +351,9 @@ def cmd_profile(args) -> int:
 
 
 def open_service(args, stack, *, replica: str | None = None):
-    """The service `trt-dm serve` runs, from its parsed arguments: model, denoiser (engines, ONNX graphs, a recipe's
-    fake-quant model or FP torch), the step scheduler and the FastAPI app. Shared by the uvicorn server and each
-    Ray Serve replica (``trt_dm.serve.ray_app``); the denoiser stays active until ``stack`` closes."""
+    """The service `trt-dm serve` runs, from its parsed arguments: model, denoiser (engines, ONNX / OpenVINO graphs,
+    a recipe's fake-quant model or FP torch), the step scheduler and the FastAPI app. Shared by the uvicorn server
+    and each Ray Serve replica (``trt_dm.serve.ray_app``); the denoiser stays active until ``stack`` closes."""
     from . import api
     from .serve.app import Service, create_app
     api_key = args.api_key or os.environ.get("TRT_DM_API_KEY") or None
@@ -365,8 +365,9 @@ def open_service(args, stack, *, replica: str | None = None):
         ranges, qcfg, describe = res.ranges, quant.qcfg, {"recipe": args.recipe, "ranges": str(res.ranges_path)}
         weights = res.weights_path
     den = stack.enter_context(api.open_denoiser(loaded, engines=args.engine or (), onnx=args.onnx or (),
-                                                ranges=ranges, qcfg=qcfg, device=args.device, threads=args.threads,
-                                                weights=weights))
+                                                openvino=args.openvino or (), ov_precision=args.ov_precision,
+                                                ov_streams=args.ov_streams, ranges=ranges, qcfg=qcfg,
+                                                device=args.device, threads=args.threads, weights=weights))
     describe.update(den.describe)
     service = Service(loaded, den, max_rows=args.max_rows, max_queue=args.max_queue, describe=describe,
                       policy=args.batching)
@@ -434,6 +435,10 @@ def _openvino_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ov-precision", choices=("fp32", "bf16"), default="fp32",
                    help="with --openvino: precision of the non-quantized math (bf16 needs a CPU with native bf16, "
                         "AVX512_BF16 or AMX; elsewhere OpenVINO runs fp32 and says so)")
+    p.add_argument("--ov-streams", type=int, default=None, metavar="K",
+                   help="with --openvino: OpenVINO streams; a UNet call of >= K rows is split into K slices run at "
+                        "once, smaller calls use all threads in one stream (default: 2 with >= 2 threads, else 1; "
+                        "1 = one request on all threads)")
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
@@ -578,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--onnx", nargs="+", default=None, help="serve this ONNX graph (K graphs of a groups=K recipe)")
     p.add_argument("--engine", nargs="+", default=None, help="serve this TensorRT engine (K plans of a groups=K recipe)")
+    _openvino_args(p)
     p.add_argument("--recipe", default=None, help="serve the torch fake-quant model of this recipe (calibrated, cached)")
     p.add_argument("--device", default=None, help="torch device of the FP / fake-quant model")
     p.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")

@@ -196,8 +196,9 @@ def _observed_amax(q, feeds: list[dict]) -> dict[str, float]:
 def openvino_runners(fp32: Path, int8: Path, threads: int, notes: list[str], onegraph: Path | None = None
                      ) -> dict[str, Callable[[], Runner]]:
     """OpenVINO fp32 and bf16 on the unquantized graph ``fp32``, int8 on the TensorRT-layout graph ``int8`` (FP32
-    math) and on its one-graph form ``onegraph`` when given, each compiled into a cache beside its graph; none
-    without OpenVINO, no bf16 without native bf16."""
+    math) and on its one-graph form ``onegraph`` when given, each with the runner's default streams and compiled
+    into a cache beside its graph; with >= 2 threads also int8 in one stream (``ov-int8-1stream``); none without
+    OpenVINO, no bf16 without native bf16."""
     try:
         import openvino as ov
     except ImportError:
@@ -213,6 +214,9 @@ def openvino_runners(fp32: Path, int8: Path, threads: int, notes: list[str], one
         notes.append(f"ov-bf16: this CPU has no native bf16 (OpenVINO's capabilities: {', '.join(caps)}); OpenVINO "
                      "runs f32 when asked for bf16, so the row is left out")
     out["ov-int8"] = lambda: OpenVinoRunner(int8, threads=threads, precision="fp32", name="ov-int8")
+    if threads >= 2:  # the rows above split a call over 2 streams; this one runs it as one request on all threads
+        out["ov-int8-1stream"] = lambda: OpenVinoRunner(int8, threads=threads, precision="fp32", streams=1,
+                                                        name="ov-int8-1stream")
     if onegraph is not None:
         out["ov-int8-onegraph"] = lambda: OpenVinoRunner(onegraph, threads=threads, precision="fp32",
                                                          name="ov-int8-onegraph")

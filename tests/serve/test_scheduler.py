@@ -127,6 +127,29 @@ def test_scheduler_over_an_onnx_runtime_graph(model, tmp_path):
             torch.testing.assert_close(h.images, api.draw(model, den, x, progress=False)[0], atol=1e-4, rtol=0)
 
 
+def test_scheduler_over_openvino_with_two_streams(model, tmp_path):
+    """`trt-dm serve --openvino G` (parsed and opened as the CLI does): OpenVINO's 2-stream runner splits each UNet
+    call into slices, so an image's rows land in different slices as other requests join and leave; served images
+    still equal `trt-dm sample --openvino`'s for the same settings (same tolerance as ONNX Runtime above)."""
+    pytest.importorskip("openvino")
+    import contextlib
+
+    from trt_dm.cli import build_parser, open_service
+    from trt_dm.export import export_onnx
+    path = export_onnx(model.unet, tmp_path / "cls.onnx")
+    args = build_parser().parse_args(["serve", "--model", str(model.source), "--openvino", str(path), "--threads",
+                                      "2", "--max-rows", "6"])
+    with contextlib.ExitStack() as stack:
+        service, _, _ = open_service(args, stack)
+        assert service.describe["runner"] == "openvino-fp32" and service.describe["streams"] == 2
+        s = service.scheduler  # the service's own scheduler, driven here without its thread
+        handles = [s.submit(_request(model, x)) for x in SETTINGS]
+        s.run_until_idle()
+        with api.open_denoiser(model, openvino=path, threads=2, ov_streams=1) as one:
+            for h, x in zip(handles, SETTINGS):
+                torch.testing.assert_close(h.images, api.draw(model, one, x, progress=False)[0], atol=1e-4, rtol=0)
+
+
 def test_batching_policies_differ_only_in_admission(model):
     """Request-level batching and no batching (the benchmark's baselines) give the same images; they admit new
     requests only into an empty batch, so a request arriving mid-batch waits for the whole batch."""
