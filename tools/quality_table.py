@@ -43,6 +43,8 @@ ROWS: list[tuple[str, str, list[str]]] = [
      ["--openvino", "engines/default-ptq4dm.fp32.onnx"]),
     ("ov-int8-w7-ndtc-ptq4dm", "W7A8 ndtc, mse@pooled, OpenVINO CPU int8 (7-bit weight codes: exact without VNNI)",
      ["--openvino", "engines/default-ptq4dm-w7.fp32.onnx"]),
+    ("ov-int8-g4-onegraph", "W8A8 ptq4dm-g4 (default) as ONE graph, OpenVINO CPU int8, AVX-512 VNNI CPU (the deployed form)",
+     ["--openvino", "engines/default-ptq4dm-g4.onegraph.fp32.onnx"]),
     ("w8a8-single-ptq4dm", "W8A8 single (t at the last step), mse@pooled",
      ["--recipe", "ptq4dm", "--timesteps", "single"]),
     ("w8a8-uniform-ptq4dm", "W8A8 uniform, mse@pooled", ["--recipe", "ptq4dm", "--timesteps", "uniform"]),
