@@ -193,9 +193,9 @@ def open_denoiser(loaded: LoadedModel, *, engines: Sequence[str | Path] = (), on
     if len(given) > 1:
         raise ValueError(f"give one of engines, onnx, openvino or ranges, not {' and '.join(given)}")
     if openvino:
-        from .ov_runner import compile_config, default_streams
-        compile_config(threads=threads, precision=ov_precision,  # bad options fail before any loading
-                       streams=default_streams(threads) if ov_streams is None else ov_streams)
+        from .ov_runner import compile_config
+        # bad options fail before any loading
+        compile_config(threads=threads, precision=ov_precision, streams=ov_streams)
     paths = [Path(p) for p in engines or onnx or openvino]
     for p in paths:
         if not p.is_file():
@@ -390,9 +390,9 @@ def evaluate(loaded: LoadedModel, settings: SampleSettings, *, quant: QuantSetti
         if not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: no such file")
     if openvino:
-        from .ov_runner import compile_config, default_streams
-        compile_config(threads=threads, precision=ov_precision,  # bad options fail before the long run
-                       streams=default_streams(threads) if ov_streams is None else ov_streams)
+        from .ov_runner import compile_config
+        # bad options fail before the long run
+        compile_config(threads=threads, precision=ov_precision, streams=ov_streams)
     quant = quant.resolved(loaded) if quant is not None else None
     if quant is not None and quant.spec.guidance_scale != settings.guidance_scale:
         log.info("calibrating with guidance %g, sampling with %g", quant.spec.guidance_scale, settings.guidance_scale)

@@ -17,7 +17,7 @@ options, so a second start loads instead of compiling (default: ``<graph stem>.o
 near-equal slices run at once, each on its own stream with its share of the threads, and a call of fewer rows runs
 on a second, one-stream compilation with all threads (compiled when first needed), so a lone image keeps its
 latency. Default: 2 streams where there are >= 2 threads (measured on a 2-core AVX-512 VNNI EPYC, DDPM-CIFAR10 int8:
-+5 % at batch 8, +16 % at batch 32 over one stream; docs/performance.md), else 1. Each slice is computed as in a
++5 % at batch 8, +16 % at batch 32 over one stream, side by side in one run), else 1. Each slice is computed as in a
 call of its own, so row i of a split call equals row i of an unsplit one up to the float rounding of another kernel
 schedule.
 
@@ -68,8 +68,11 @@ def default_streams(threads: int | None) -> int:
 
 
 def compile_config(*, threads: int | None = None, precision: str = "fp32",
-                   cache_dir: str | Path | None = None, streams: int = 1) -> dict:
-    """The OpenVINO CPU properties for these options; ValueError naming the accepted precisions."""
+                   cache_dir: str | Path | None = None, streams: int | None = None) -> dict:
+    """The OpenVINO CPU properties for these options (``streams`` None: ``default_streams(threads)``); ValueError
+    naming the accepted values."""
+    if streams is None:
+        streams = default_streams(threads)
     if precision not in PRECISIONS:
         raise ValueError(f"OpenVINO precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     if threads is not None and threads < 1:
@@ -103,9 +106,8 @@ class OpenVinoRunner(Runner):
         if self._default_cache:
             cache_dir = default_cache_dir(self.path)
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.streams = default_streams(threads) if streams is None else int(streams)
-        self.config = compile_config(threads=threads, precision=precision, cache_dir=self.cache_dir,
-                                     streams=self.streams)
+        self.config = compile_config(threads=threads, precision=precision, cache_dir=self.cache_dir, streams=streams)
+        self.streams = self.config["NUM_STREAMS"]
         self.threads, self.precision = threads, precision
         self.name = name or f"openvino-{precision}"
         self.device = torch.device("cpu")
