@@ -109,7 +109,11 @@ def test_export_check_and_sample_onnx(tiny_pipeline_dir, tmp_path, capsys):
     cmp32 = report["layer_comparison_fp32"]
     assert cmp32["layers"] == report["quantized_layers"]
     assert cmp32["flip_rate"] < 1e-4 and cmp32["max_code_diff"] <= 1
-    assert cmp32["flip_rate_e2e"] >= cmp32["flip_rate"]  # free runs: flips spread downstream
+    # Free runs end to end: a flip moves downstream values by about a step, so codes drift a little (0.5 % of codes
+    # in a run measured here) but stay the same model. Not compared with flip_rate: the free torch run
+    # dequantizes as modelopt does on CPU (x * (127/amax), rounded, / (127/amax)), the forced run and ONNX Runtime
+    # as code * (amax/127), last-bit apart, so the free run can collect fewer flips (one CI run: 0 against 6).
+    assert cmp32["flip_rate_e2e"] < 0.02 and cmp32["max_code_diff_e2e"] <= 8
     assert main(["check", str(onnx_path)]) == 0
     assert main(["check", str(fp16_path)]) == 0
     raw_onnx = tmp_path / "o.safetensors"
