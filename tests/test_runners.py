@@ -33,6 +33,23 @@ def test_conditional_runner_metadata_and_infer():
         torch.testing.assert_close(out, unet(x, torch.tensor([10, 20]), encoder_hidden_states=ehs).sample)
 
 
+def test_ort_runner_without_spinning_computes_the_same(tmp_path):
+    """spin=False (what `trt-dm serve` uses) only lets ONNX Runtime's threads sleep between calls: the session
+    carries the setting and the outputs are the spinning session's, bit for bit."""
+    from trt_dm.export import export_onnx
+    from trt_dm.runners import OrtRunner
+    unet = tiny_unet2d(seed=1).eval()
+    path = export_onnx(unet, tmp_path / "u.onnx")
+    s = unet.config.sample_size
+    feed = {"sample": torch.randn(3, unet.config.in_channels, s, s), "timestep": torch.tensor([999, 500, 3])}
+    with OrtRunner(path, threads=2) as spinning, OrtRunner(path, threads=2, spin=False) as sleeping:
+        opts = sleeping.session.get_session_options()
+        assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        with pytest.raises(RuntimeError, match="does not have"):  # unset: ONNX Runtime's default, spinning
+            spinning.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+        assert torch.equal(sleeping.infer(feed)[OUTPUT_NAME], spinning.infer(feed)[OUTPUT_NAME])
+
+
 def test_runner_errors():
     unet = tiny_unet2d(seed=1).eval()
     s = unet.config.sample_size

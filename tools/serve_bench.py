@@ -54,7 +54,7 @@ def start(policy: str, args) -> tuple[subprocess.Popen, str]:
     graph = ["--openvino", str(args.openvino)] if args.openvino else ["--onnx", str(args.onnx)]
     cmd = [sys.executable, "-m", "trt_dm.cli", "serve", "--model", args.model, *graph,
            "--batching", policy, "--port", str(port), "--max-rows", str(args.max_rows), "--max-queue", "100000",
-           "--threads", str(args.threads), "--timeout", str(args.time_limit)]
+           "--threads", str(args.threads), "--timeout", str(args.time_limit), *(["--ort-spin"] if args.ort_spin else [])]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     url = f"http://127.0.0.1:{port}"
@@ -126,7 +126,8 @@ def _alts(values: list[int]) -> str:
 
 def markdown(results: dict, args) -> str:
     runner = (f"OpenVINO int8 (`{Path(args.openvino).name}`, default streams)" if args.openvino
-              else f"ONNX Runtime (`{Path(args.onnx).name}`)")
+              else f"ONNX Runtime (`{Path(args.onnx).name}`, threads {'spinning' if args.ort_spin else 'sleeping'} "
+                   "between calls)")
     lines = [f"Model `{args.model}`, runner {runner}, {args.threads} threads; each client "
              f"sends {args.requests} requests of {_alts(args.n)} image(s), DDIM {_alts(args.steps)} steps"
              f"{' (cycled per request)' if len(args.n) > 1 or len(args.steps) > 1 else ''}, clients {args.stagger} s "
@@ -157,6 +158,8 @@ def main() -> int:
     ap.add_argument("--section", default="uniform", help="which BENCHMARKS.md section (and json) to write")
     ap.add_argument("--stagger", type=float, default=0.05, help="seconds between client starts")
     ap.add_argument("--max-rows", type=int, default=32)
+    ap.add_argument("--ort-spin", action="store_true", help="serve with ONNX Runtime's threads spinning between calls "
+                                                             "(its default; trt-dm serve's is off)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--time-limit", type=float, default=600.0, help="seconds one load run may take at most")
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")

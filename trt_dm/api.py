@@ -179,10 +179,12 @@ def open_denoiser(loaded: LoadedModel, *, engines: Sequence[str | Path] = (), on
                   openvino: Sequence[str | Path] | str | Path = (), ranges: RangeSet | None = None, qcfg=None,
                   device: str | None = None, threads: int | None = None, cuda_graph: bool = False,
                   ov_precision: str = "fp32", ov_cache_dir: str | Path | bool | None = None,
-                  ov_streams: int | None = None, weights: str | Path | None = None) -> Iterator[Denoiser]:
+                  ov_streams: int | None = None, weights: str | Path | None = None,
+                  ort_spin: bool = True) -> Iterator[Denoiser]:
     """The denoiser of one deployment: TensorRT ``engines``, ONNX Runtime ``onnx`` graphs, OpenVINO ``openvino``
     graphs (``ov_precision`` fp32 / bf16 for the non-quantized math, ``ov_cache_dir`` its model cache: default
-    beside the graph, False for none; ``ov_streams`` its streams: default 2 with >= 2 threads), torch fake-quant
+    beside the graph, False for none; ``ov_streams`` its streams: default 2 with >= 2 threads; ``ort_spin`` False:
+    ONNX Runtime's threads sleep between calls, see ``OrtRunner``), torch fake-quant
     (``ranges`` [+ ``qcfg``, + ``weights``: reconstructed weights for ``qcfg.rounding`` other than nearest, the
     calibration's ``weights_path``]), or the torch FP model (none given). Several engines / graphs must be the timestep groups of one ``groups=K`` recipe. Runners are active
     inside the ``with`` block and freed after it."""
@@ -215,12 +217,14 @@ def open_denoiser(loaded: LoadedModel, *, engines: Sequence[str | Path] = (), on
                 make = lambda p: OpenVinoRunner(p, threads=threads, precision=ov_precision,  # noqa: E731
                                                 cache_dir=ov_cache_dir, streams=ov_streams)
             else:
-                make = lambda p: OrtRunner(p, threads=threads)  # noqa: E731
+                make = lambda p: OrtRunner(p, threads=threads, spin=ort_spin)  # noqa: E731
             runners = [stack.enter_context(make(p)) for p in paths]
             describe = {"runner": runners[0].name, "files": [str(p) for p in paths]}
             if openvino:  # what OpenVINO runs the non-quantized math in (bf16 only where the CPU has it)
                 describe["precision"] = runners[0].effective_precision
                 describe["streams"] = runners[0].streams
+            elif onnx:
+                describe["spin"] = ort_spin
             if t_ranges is None:
                 fn = as_denoiser(runners[0])
             else:

@@ -367,7 +367,8 @@ def open_service(args, stack, *, replica: str | None = None):
     den = stack.enter_context(api.open_denoiser(loaded, engines=args.engine or (), onnx=args.onnx or (),
                                                 openvino=args.openvino or (), ov_precision=args.ov_precision,
                                                 ov_streams=args.ov_streams, ranges=ranges, qcfg=qcfg,
-                                                device=args.device, threads=args.threads, weights=weights))
+                                                device=args.device, threads=args.threads, weights=weights,
+                                                ort_spin=args.ort_spin))
     describe.update(den.describe)
     service = Service(loaded, den, max_rows=args.max_rows, max_queue=args.max_queue, describe=describe,
                       policy=args.batching)
@@ -584,6 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", nargs="+", default=None, help="serve this ONNX graph (K graphs of a groups=K recipe)")
     p.add_argument("--engine", nargs="+", default=None, help="serve this TensorRT engine (K plans of a groups=K recipe)")
     _openvino_args(p)
+    p.add_argument("--ort-spin", action="store_true",
+                   help="--onnx: let ONNX Runtime's threads busy-wait between UNet calls (its default; off here: "
+                        "spinning threads slow the service's HTTP and PNG work, see BENCHMARKS.md)")
     p.add_argument("--recipe", default=None, help="serve the torch fake-quant model of this recipe (calibrated, cached)")
     p.add_argument("--device", default=None, help="torch device of the FP / fake-quant model")
     p.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")

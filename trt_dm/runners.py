@@ -114,13 +114,17 @@ def as_denoiser(runner: Runner):
 
 
 class OrtRunner(Runner):
-    """An ONNX model in ONNX Runtime (CPU; CUDA provider when present and asked for)."""
+    """An ONNX model in ONNX Runtime (CPU; CUDA provider when present and asked for).
+
+    ``spin``: ONNX Runtime's worker threads busy-wait for the next work item after each call (its default: the
+    fastest for calls back to back, as in sampling). False lets them sleep, for a process that does other work
+    between calls: `trt-dm serve`, whose HTTP and PNG work the spinning threads otherwise slow (BENCHMARKS.md)."""
 
     _DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64,
                "tensor(int32)": torch.int32}
 
     def __init__(self, path, *, providers: list[str] | None = None, threads: int | None = None,
-                 name: str = "onnxruntime") -> None:
+                 name: str = "onnxruntime", spin: bool = True) -> None:
         super().__init__()
         import onnxruntime as ort
         self.path = str(path)
@@ -131,6 +135,7 @@ class OrtRunner(Runner):
                              f"{ort.get_available_providers()}")
         self.threads = threads
         self.name = name
+        self.spin = spin
         self.device = torch.device("cpu")
         self.session = None
 
@@ -139,6 +144,9 @@ class OrtRunner(Runner):
         opts = ort.SessionOptions()
         if self.threads:
             opts.intra_op_num_threads = self.threads
+        if not self.spin:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.session = ort.InferenceSession(self.path, opts, providers=self.providers)
         unknown = [i for i in self.session.get_inputs() if i.type not in self._DTYPES]
         if unknown:
