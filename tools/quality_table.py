@@ -95,6 +95,10 @@ RUN_FIRST = ["ddpm250-w8a8-ndtc-ptq4dm", "w4a8-ndtc-ptq4dm-wmse", "w8a8-uniform-
 SCREEN: list[tuple[str, str, list[str]]] = [
     ("w4a8-wmse-adaround", "W4A8, MSE-searched weight clip + learned rounding (block reconstruction, 500 steps/block)",
      ["--recipe", "ptq4dm", "--weight-bits", "4", "--weight-calib", "mse", "--rounding", "adaround"]),
+    ("w4a8-wmse-adaround-act", "W4A8, as w4a8-wmse-adaround + each block's input ranges learned after its rounding "
+     "(--recon-act-iters 500)",
+     ["--recipe", "ptq4dm", "--weight-bits", "4", "--weight-calib", "mse", "--rounding", "adaround",
+      "--recon-act-iters", "500"]),
     ("w4a8-adaround", "W4A8, abs-max weight ranges + learned rounding (block reconstruction, 500 steps/block)",
      ["--recipe", "ptq4dm", "--weight-bits", "4", "--rounding", "adaround"]),
     ("w8a8-adaround", "W8A8 ptq4dm + learned rounding (block reconstruction, 500 steps/block)",
