@@ -99,6 +99,10 @@ SCREEN: list[tuple[str, str, list[str]]] = [
      "(--recon-act-iters 500)",
      ["--recipe", "ptq4dm", "--weight-bits", "4", "--weight-calib", "mse", "--rounding", "adaround",
       "--recon-act-iters", "500"]),
+    ("w4a8-wmse-adaround-temb", "W4A8, as w4a8-wmse-adaround, the time-embedding projections reconstructed first "
+     "on their own (--recon-temb separate, TFMQ-DM's time block)",
+     ["--recipe", "ptq4dm", "--weight-bits", "4", "--weight-calib", "mse", "--rounding", "adaround",
+      "--recon-temb", "separate"]),
     ("w4a8-adaround", "W4A8, abs-max weight ranges + learned rounding (block reconstruction, 500 steps/block)",
      ["--recipe", "ptq4dm", "--weight-bits", "4", "--rounding", "adaround"]),
     ("w8a8-adaround", "W8A8 ptq4dm + learned rounding (block reconstruction, 500 steps/block)",

@@ -150,7 +150,7 @@ def reconstructed_weights(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfi
     if ranges.is_grouped:
         raise ValueError(f"--rounding {qcfg.rounding} needs one range set; {recipe!r} has {len(ranges.groups)} timestep "
                          "groups (the weights would be shared by engines with different activation ranges)")
-    rc = ReconConfig(iters=qcfg.recon_iters, seed=spec.seed, act_iters=qcfg.recon_act_iters)
+    rc = ReconConfig(iters=qcfg.recon_iters, seed=spec.seed, act_iters=qcfg.recon_act_iters, temb=qcfg.recon_temb)
     blob = json.dumps({"quant": qcfg.to_dict(), "ranges": ranges.to_dict(), "recon": rc.key()}, sort_keys=True)
     path = directory / f"{recipe}.{qcfg.rounding}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}.safetensors"
     if path.exists():
@@ -158,7 +158,8 @@ def reconstructed_weights(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfi
         return path
     with stage(f"calibration: weight reconstruction ({qcfg.rounding}, {rc.iters} steps per block)"):
         t0 = time.perf_counter()
-        qunet = fake_quant_unet(loaded, dataclasses.replace(qcfg, rounding="nearest", recon_act_iters=0), ranges)
+        qunet = fake_quant_unet(loaded, dataclasses.replace(qcfg, rounding="nearest", recon_act_iters=0,
+                                                                recon_temb="block"), ranges)
         calib, guidance = fp_calibration_set(loaded, spec, batch_size=batch_size, progress=progress)
         batches = list(calib.unet_batches(batch_size, guidance))
         weights, act_amax = reconstruct(qunet, copy.deepcopy(loaded.unet), batches, rc, progress=progress)

@@ -151,6 +151,7 @@ def _quant(args):
                      negative_prompt=getattr(args, "negative_prompt", ""))
     qcfg = QuantConfig(weight_bits=args.weight_bits, weight_calib=args.weight_calib, shortcut_split=args.shortcut_split,
                        rounding=args.rounding, recon_iters=args.recon_iters, recon_act_iters=args.recon_act_iters,
+                       recon_temb=args.recon_temb,
                        quantize_attention=args.quantize_attention,
                        exclude=tuple(args.exclude) if args.exclude is not None else DEFAULT_EXCLUDE)
     recipe = args.recipe
@@ -234,6 +235,9 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recon-act-iters", type=int, default=0,
                    help="--rounding adaround: then learn each block's input ranges (LSQ) for this many Adam steps; "
                         "the learned ranges replace the recipe's (0 = keep the recipe's)")
+    p.add_argument("--recon-temb", default="block", choices=("block", "separate"),
+                   help="--rounding adaround: reconstruct the resnets' time-embedding projections in their resnet "
+                        "(block) or first, all together on their own outputs (separate: TFMQ-DM's time block)")
     p.add_argument("--weight-calib", default="max", choices=("max", "mse"),
                    help="weight ranges per output channel: max = abs-max; mse = ModelOpt's data-free search for the "
                         "clip with the least squared weight error (matters for --weight-bits 4)")

@@ -40,6 +40,7 @@ class UncalibratedQuantizerError(RuntimeError):
 
 
 ROUNDINGS = ("nearest", "adaround")
+RECON_TEMB = ("block", "separate")
 # 7: codes in [-64, 63], so the u8 x s8 pair sums of int8 kernels without VNNI (vpmaddubsw, 16-bit saturating)
 # stay exact (2 x 255 x 64 < 32767): OpenVINO / ONNX Runtime int8 on AVX2-only CPUs compute the graph itself
 WEIGHT_BITS = (8, 7, 4)
@@ -68,6 +69,10 @@ class QuantConfig:
     recon_iters: int = 500
     # With learned rounding: Adam steps per block on its layers' input ranges afterwards (0: the recipe's ranges)
     recon_act_iters: int = 0
+    # With learned rounding, where the resnets' time-embedding projections are reconstructed: "block" (in their
+    # resnet, on its output) or "separate" (all of them first, as one unit on their own outputs: TFMQ-DM's
+    # time-information block)
+    recon_temb: str = "block"
 
     def __post_init__(self) -> None:
         if self.rounding not in ROUNDINGS:
@@ -78,6 +83,11 @@ class QuantConfig:
             raise ValueError(f"recon_act_iters must be >= 0, got {self.recon_act_iters}")
         if self.recon_act_iters and self.rounding == "nearest":
             raise ValueError("recon_act_iters refines activation ranges after learned rounding: it needs "
+                             "rounding 'adaround' (--rounding adaround)")
+        if self.recon_temb not in RECON_TEMB:
+            raise ValueError(f"recon_temb must be one of {', '.join(RECON_TEMB)}, got {self.recon_temb!r}")
+        if self.recon_temb != "block" and self.rounding == "nearest":
+            raise ValueError("recon_temb chooses how learned rounding treats the time-embedding projections: it needs "
                              "rounding 'adaround' (--rounding adaround)")
         if self.weight_bits not in WEIGHT_BITS:
             raise ValueError(f"weight_bits must be one of {', '.join(map(str, WEIGHT_BITS))}, got {self.weight_bits}")
@@ -91,7 +101,8 @@ class QuantConfig:
                 "shortcut_split": self.shortcut_split, "quantize_attention": self.quantize_attention,
                 "weight_calib": self.weight_calib, "rounding": self.rounding,
                 **({"recon_iters": self.recon_iters} if self.rounding != "nearest" else {}),
-                **({"recon_act_iters": self.recon_act_iters} if self.recon_act_iters else {})}
+                **({"recon_act_iters": self.recon_act_iters} if self.recon_act_iters else {}),
+                **({"recon_temb": self.recon_temb} if self.recon_temb != "block" else {})}
 
 
 SPLIT_SUFFIXES = ("#h", "#skip")  # range names of the two halves of a split layer's input

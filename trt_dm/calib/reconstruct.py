@@ -16,7 +16,10 @@ recipe's ranges), x_fp the FP model's, both from the same calibration x_t. beta 
 pushing every h(v) to 0 or 1; the rounding is then made hard and folded into the stored weight, which lies
 exactly on the quantizer's grid, so export, checks and engines are the standard Q/DQ path (and W4 weights go on
 the int8 grid as usual). Blocks: each ResnetBlock2D (with its time-embedding projection), each attention block
-(diffusers ``Attention`` / ``Transformer2DModel``); every other quantized layer on its own.
+(diffusers ``Attention`` / ``Transformer2DModel``); every other quantized layer on its own. With ``temb="separate"``
+the resnets' time-embedding projections (``time_emb_proj``) leave their resnets and are reconstructed first, all of
+them as one unit on their own outputs, as TFMQ-DM treats the time-information path: their inputs depend on the
+timestep (and label) only, so x_t plays no part in their rounding.
 
 Optional activation step-size refinement (``act_iters`` > 0, as BRECQ / Q-Diffusion follow the rounding with it):
 with the block's rounding fixed, the input range of each of its layers is learned on the same loss (without the
@@ -56,16 +59,21 @@ class ReconConfig:
     seed: int = 0
     act_iters: int = 0        # Adam steps on the block's input ranges after its rounding (0: the recipe's ranges)
     act_lr: float = 5e-3      # Adam on u, amax = amax0 * exp(u)
+    temb: str = "block"       # the time_emb_proj layers: in their resnet ("block") or first, on their own ("separate")
 
     def __post_init__(self) -> None:
         if self.iters < 1 or self.batch < 1 or self.act_iters < 0:
             raise ValueError(f"reconstruction needs iters >= 1, batch >= 1 and act_iters >= 0, got {self.iters}, "
                              f"{self.batch}, {self.act_iters}")
+        if self.temb not in ("block", "separate"):
+            raise ValueError(f"temb must be 'block' or 'separate', got {self.temb!r}")
 
     def key(self) -> str:
         d = asdict(self)
         if not self.act_iters:  # without refinement, the key of the weights cached before it existed
             del d["act_iters"], d["act_lr"]
+        if self.temb == "block":  # likewise
+            del d["temb"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -142,6 +150,30 @@ def blocks_in_order(qunet: nn.Module, run: Callable[[], None]) -> list[tuple[str
     if missing:
         raise RuntimeError(f"reconstruction units never run by the forward pass: {missing[:5]}")
     return [(n, modules[n], units[n]) for n in order]
+
+
+TEMB_UNIT = "time_emb_proj"  # the name of the unit of all time-embedding projections (temb="separate")
+
+
+class _Together(nn.Module):
+    """Layers that do not feed each other, as one unit: their outputs, flattened per row, side by side."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m(x).flatten(1) for m, x in zip(self.layers, xs)], 1)
+
+
+def separate_temb(units: list[tuple[str, nn.Module, list[str]]], q_modules: dict[str, nn.Module]
+                  ) -> list[tuple[str, nn.Module, list[str]]]:
+    """The units with every ``*.time_emb_proj`` layer taken out of its block and put, all together, first."""
+    temb = [layer for _n, _m, layers in units for layer in layers if layer.rsplit(".", 1)[-1] == "time_emb_proj"]
+    if not temb:
+        return units
+    rest = [(n, m, [ly for ly in layers if ly not in temb]) for n, m, layers in units]
+    return [(TEMB_UNIT, _Together([q_modules[ly] for ly in temb]), temb), *[u for u in rest if u[2]]]
 
 
 def _capture(model: nn.Module, module: nn.Module, batches, output: bool) -> list:
@@ -236,13 +268,21 @@ def reconstruct(qunet: nn.Module, fp_unet: nn.Module, batches: list, cfg: ReconC
     n = sum(sizes)
     units = blocks_in_order(qunet, lambda: qunet(*batches[0][:2], **batches[0][2]))
     fp_modules, q_modules = dict(fp_unet.named_modules()), dict(qunet.named_modules())
+    if cfg.temb == "separate":
+        units = separate_temb(units, q_modules)
     g = torch.Generator().manual_seed(cfg.seed)
     out: dict[str, torch.Tensor] = {}
     act_amax: dict[str, float] = {}
     bar = tqdm(units, desc="reconstruction", unit="block", disable=not progress)
     for name, block, layers in bar:
-        inputs = _collate(_capture(qunet, block, batches, output=False), sizes)
-        target = _collate(_capture(fp_unet, fp_modules[name], batches, output=True), sizes)
+        if name == TEMB_UNIT:  # each layer's own inputs (quantized model) and outputs (FP), side by side
+            ins = [_collate(_capture(qunet, q_modules[ly], batches, output=False), sizes)[0][0] for ly in layers]
+            inputs = (tuple(ins), {})
+            target = torch.cat([_collate(_capture(fp_unet, fp_modules[ly], batches, output=True), sizes).flatten(1)
+                                for ly in layers], 1)
+        else:
+            inputs = _collate(_capture(qunet, block, batches, output=False), sizes)
+            target = _collate(_capture(fp_unet, fp_modules[name], batches, output=True), sizes)
         params, quantizers = [], []
         for layer in layers:  # the layer's weight quantizer is swapped for the learned rounding while training
             m = q_modules[layer]
