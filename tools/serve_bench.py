@@ -54,7 +54,8 @@ def start(policy: str, args) -> tuple[subprocess.Popen, str]:
     graph = ["--openvino", str(args.openvino)] if args.openvino else ["--onnx", str(args.onnx)]
     cmd = [sys.executable, "-m", "trt_dm.cli", "serve", "--model", args.model, *graph,
            "--batching", policy, "--port", str(port), "--max-rows", str(args.max_rows), "--max-queue", "100000",
-           "--threads", str(args.threads), "--timeout", str(args.time_limit), *(["--ort-spin"] if args.ort_spin else [])]
+           "--threads", str(args.threads), "--timeout", str(args.time_limit),
+           *(["--ort-spin"] if args.ort_spin else [])]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     url = f"http://127.0.0.1:{port}"

@@ -65,8 +65,9 @@ class ReconConfig:
         if self.iters < 1 or self.batch < 1 or self.act_iters < 0:
             raise ValueError(f"reconstruction needs iters >= 1, batch >= 1 and act_iters >= 0, got {self.iters}, "
                              f"{self.batch}, {self.act_iters}")
-        if self.temb not in ("block", "separate"):
-            raise ValueError(f"temb must be 'block' or 'separate', got {self.temb!r}")
+        from ..quant import RECON_TEMB
+        if self.temb not in RECON_TEMB:
+            raise ValueError(f"temb must be one of {', '.join(RECON_TEMB)}, got {self.temb!r}")
 
     def key(self) -> str:
         d = asdict(self)
@@ -176,25 +177,28 @@ def separate_temb(units: list[tuple[str, nn.Module, list[str]]], q_modules: dict
     return [(TEMB_UNIT, _Together([q_modules[ly] for ly in temb]), temb), *[u for u in rest if u[2]]]
 
 
-def _capture(model: nn.Module, module: nn.Module, batches, output: bool) -> list:
-    """Inputs (args, kwargs) or the output of ``module`` for each batch run through ``model``."""
-    got: list = []
+def _capture(model: nn.Module, modules: list[nn.Module], batches, output: bool) -> list[list]:
+    """Inputs (args, kwargs) or the output of each of ``modules`` for each batch, in one pass of ``model`` over
+    ``batches``: one list per module."""
+    got: list[list] = [[] for _ in modules]
 
-    def hook(_m, args, kwargs, out=None):
+    def hook(k, args, kwargs, out=None):
         if output:
-            got.append(_first(out).detach())
+            got[k].append(_first(out).detach())
         else:
-            got.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args),
-                        {k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()}))
+            got[k].append((tuple(a.detach() if torch.is_tensor(a) else a for a in args),
+                           {key: v.detach() if torch.is_tensor(v) else v for key, v in kwargs.items()}))
 
-    h = (module.register_forward_hook(hook, with_kwargs=True) if output else
-         module.register_forward_pre_hook(lambda m, a, k: hook(m, a, k), with_kwargs=True))
+    handles = [m.register_forward_hook(lambda _m, a, kw, o, k=k: hook(k, a, kw, o), with_kwargs=True) if output else
+               m.register_forward_pre_hook(lambda _m, a, kw, k=k: hook(k, a, kw), with_kwargs=True)
+               for k, m in enumerate(modules)]
     try:
         with torch.no_grad():
             for x, t, c in batches:
                 model(x, t, **c)
     finally:
-        h.remove()
+        for h in handles:
+            h.remove()
     return got
 
 
@@ -276,13 +280,13 @@ def reconstruct(qunet: nn.Module, fp_unet: nn.Module, batches: list, cfg: ReconC
     bar = tqdm(units, desc="reconstruction", unit="block", disable=not progress)
     for name, block, layers in bar:
         if name == TEMB_UNIT:  # each layer's own inputs (quantized model) and outputs (FP), side by side
-            ins = [_collate(_capture(qunet, q_modules[ly], batches, output=False), sizes)[0][0] for ly in layers]
-            inputs = (tuple(ins), {})
-            target = torch.cat([_collate(_capture(fp_unet, fp_modules[ly], batches, output=True), sizes).flatten(1)
-                                for ly in layers], 1)
+            ins = _capture(qunet, [q_modules[ly] for ly in layers], batches, output=False)
+            inputs = (tuple(_collate(got, sizes)[0][0] for got in ins), {})
+            outs = _capture(fp_unet, [fp_modules[ly] for ly in layers], batches, output=True)
+            target = torch.cat([_collate(got, sizes).flatten(1) for got in outs], 1)
         else:
-            inputs = _collate(_capture(qunet, block, batches, output=False), sizes)
-            target = _collate(_capture(fp_unet, fp_modules[name], batches, output=True), sizes)
+            inputs = _collate(_capture(qunet, [block], batches, output=False)[0], sizes)
+            target = _collate(_capture(fp_unet, [fp_modules[name]], batches, output=True)[0], sizes)
         params, quantizers = [], []
         for layer in layers:  # the layer's weight quantizer is swapped for the learned rounding while training
             m = q_modules[layer]
