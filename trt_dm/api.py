@@ -448,8 +448,9 @@ def evaluate(loaded: LoadedModel, settings: SampleSettings, *, quant: QuantSetti
         feats = E.extract_features(images, extractor, disable=disable)
         return (E.frechet_distance(feats, reference), *E.kid(feats, reference, subset_size=kid_size))
 
-    fp_images, fp_secs, _, _ = fp_samples(loaded, settings, cache_root=cache_root, device=device, progress=progress)
     if quant is None and onnx is None and not openvino:
+        fp_images, fp_secs, _, _ = fp_samples(loaded, settings, cache_root=cache_root, device=device,
+                                              progress=progress)
         res.images, res.sampling_seconds = fp_images, round(fp_secs, 1)
         res.fd, res.kid_mean, res.kid_std = score(fp_images)
         res.class_accuracy = accuracy(fp_images)
@@ -472,6 +473,9 @@ def evaluate(loaded: LoadedModel, settings: SampleSettings, *, quant: QuantSetti
         res.ov_precision = test.describe.get("precision") if openvino else None
         images, secs = draw(loaded, test, settings, progress=progress)
         res.images, res.sampling_seconds = images, round(secs, 1)
+        # the FP images after the quantized ones: a second process (`trt-dm eval` of the FP row) can fill the
+        # FP sample cache meanwhile, and this run then reuses them instead of drawing them again
+        fp_images, _, _, _ = fp_samples(loaded, settings, cache_root=cache_root, device=device, progress=progress)
         res.eps_n = min(settings.n, eps_n)
         # the first eps_n images' conditioning (``cond`` stays all N images': class accuracy needs it)
         eps_cond, guidance = conditioning(loaded, settings, res.eps_n)
