@@ -58,8 +58,10 @@ ROWS: list[tuple[str, str, list[str]]] = [
     ("w8a8-ndtc-max-minmean", "W8A8 ndtc, max@min-mean (ModelOpt's merge; defined for max only)",
      ["--recipe", "minmean"]),
     ("w8a8-ndtc-mse-g4", "W8A8 ndtc, mse@groups=4 (ptq4dm-g4, default: 4 range sets)", ["--recipe", "ptq4dm-g4"]),
-    ("w4a8-ndtc-ptq4dm-wmse-adaround", "W4A8 ndtc, mse@pooled, MSE-searched weights + learned rounding (adaround)",
-     ["--recipe", "ptq4dm", "--weight-bits", "4", "--weight-calib", "mse", "--rounding", "adaround"]),
+    ("w4a8-ndtc-ptq4dm-wmse-adaround-act", "W4A8 ndtc, mse@pooled, MSE-searched weights + learned rounding "
+     "(adaround) + learned block input ranges (the best W4A8 screen)",
+     ["--recipe", "ptq4dm", "--weight-bits", "4", "--weight-calib", "mse", "--rounding", "adaround",
+      "--recon-act-iters", "500"]),
     ("ddpm250-fp", "FP32, DDPM 250", ["--sampler", "ddpm", "--steps", "250"]),
     ("ddpm250-w8a8-ndtc-ptq4dm", "W8A8 ndtc, mse@pooled (ptq4dm), DDPM 250",
      ["--sampler", "ddpm", "--steps", "250", "--recipe", "ptq4dm"]),
