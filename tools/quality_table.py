@@ -130,6 +130,10 @@ SCREEN: list[tuple[str, str, list[str]]] = [
      [*_COND, "--recipe", "ptq4dm-g4", "--guidance-scale", "3"]),
     ("cond-ptq4dm-w3", "default-cond, guidance 3: ptq4dm (the same images as cond-g4-w3)",
      [*_COND, "--recipe", "ptq4dm", "--guidance-scale", "3"]),
+    ("cond-g4-w3-ex-d0r0c1", "default-cond, guidance 3: ptq4dm-g4 with the most sensitive quantized layer "
+     "(down_blocks.0.resnets.0.conv1) kept in FP: does a lower per-half error survive guidance?",
+     [*_COND, "--recipe", "ptq4dm-g4", "--guidance-scale", "3", "--exclude", *DEFAULT_EXCLUDE,
+      "down_blocks.0.resnets.0.conv1"]),
     ("ndtc-0.4-0.4", "ndtc mu=0.4 sigma=0.4 (PTQ4DM's published script)",
      ["--recipe", "ptq4dm", "--timesteps", "ndtc:0.4,0.4"]),
     ("ex-d0r0c1", "also keep down_blocks.0.resnets.0.conv1 in FP (most sensitive quantized layer)",
