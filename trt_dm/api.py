@@ -283,9 +283,11 @@ def conditioning(loaded: LoadedModel, settings: SampleSettings, n: int | None = 
 
 
 def fp_samples(loaded: LoadedModel, settings: SampleSettings, *, cache_root: Path = DEFAULT_CACHE_ROOT,
-               device: str | None = None, progress: bool = True) -> tuple[torch.Tensor, float, Path, bool]:
+               device: str | None = None, progress: bool = True,
+               fp: Denoiser | None = None) -> tuple[torch.Tensor, float, Path, bool]:
     """FP images for (model, schedule, sampler settings, seeds), cached under ``cache_root/<data key>/samples`` so
-    every quantized run compared with them reuses the same images: (images, seconds, path, reused)."""
+    every quantized run compared with them reuses the same images: (images, seconds, path, reused). ``fp``: an
+    FP denoiser the caller has open already (none: one is opened for the draw)."""
     from safetensors.torch import load_file
 
     from .images import save_samples
@@ -293,7 +295,7 @@ def fp_samples(loaded: LoadedModel, settings: SampleSettings, *, cache_root: Pat
     if path.exists():
         log.info("reusing FP samples %s", path)
         return load_file(str(path))["samples"], 0.0, path, True
-    with open_denoiser(loaded, device=device) as den:
+    with contextlib.nullcontext(fp) if fp is not None else open_denoiser(loaded, device=device) as den:
         images, secs = draw(loaded, den, settings, progress=progress)
     save_samples(images, path, {"sampler": settings.sampler, "steps": str(settings.steps), "seed": str(settings.seed),
                                 "model": loaded.fingerprint(), "schedule": loaded.schedule_fingerprint()})
@@ -475,7 +477,7 @@ def evaluate(loaded: LoadedModel, settings: SampleSettings, *, quant: QuantSetti
         res.images, res.sampling_seconds = images, round(secs, 1)
         # the FP images after the quantized ones: a second process (`trt-dm eval` of the FP row) can fill the
         # FP sample cache meanwhile, and this run then reuses them instead of drawing them again
-        fp_images, _, _, _ = fp_samples(loaded, settings, cache_root=cache_root, device=device, progress=progress)
+        fp_images, _, _, _ = fp_samples(loaded, settings, cache_root=cache_root, progress=progress, fp=fp)
         res.eps_n = min(settings.n, eps_n)
         # the first eps_n images' conditioning (``cond`` stays all N images': class accuracy needs it)
         eps_cond, guidance = conditioning(loaded, settings, res.eps_n)
