@@ -134,6 +134,13 @@ SCREEN: list[tuple[str, str, list[str]]] = [
      "(down_blocks.0.resnets.0.conv1) kept in FP: does a lower per-half error survive guidance?",
      [*_COND, "--recipe", "ptq4dm-g4", "--guidance-scale", "3", "--exclude", *DEFAULT_EXCLUDE,
       "down_blocks.0.resnets.0.conv1"]),
+    ("cond-g4-w3-fp-d0", "default-cond, guidance 3: ptq4dm-g4 with the first down block (down_blocks.0, 8.6 % of "
+     "the MACs) kept in FP",
+     [*_COND, "--recipe", "ptq4dm-g4", "--guidance-scale", "3", "--exclude", *DEFAULT_EXCLUDE, "down_blocks.0.*"]),
+    ("cond-g4-w3-fp-res0", "default-cond, guidance 3: ptq4dm-g4 with the first resolution (down_blocks.0 and "
+     "up_blocks.2, 37.5 % of the MACs) kept in FP",
+     [*_COND, "--recipe", "ptq4dm-g4", "--guidance-scale", "3", "--exclude", *DEFAULT_EXCLUDE, "down_blocks.0.*",
+      "up_blocks.2.*"]),
     ("ndtc-0.4-0.4", "ndtc mu=0.4 sigma=0.4 (PTQ4DM's published script)",
      ["--recipe", "ptq4dm", "--timesteps", "ndtc:0.4,0.4"]),
     ("ex-d0r0c1", "also keep down_blocks.0.resnets.0.conv1 in FP (most sensitive quantized layer)",
