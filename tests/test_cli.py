@@ -214,6 +214,10 @@ def test_eval_scores_class_accuracy_of_all_images_when_eps_n_is_smaller(tmp_path
     res = json.loads((tmp_path / "rep" / "result.json").read_text())
     assert res["n"] == 6 and res["eps_n"] == 3 and res["eps"]["n"] == 3 * 2
     assert 0 <= res["class_accuracy"] <= 1 and 0 <= res["fp_class_accuracy"] <= 1
+    paired = res["class_accuracy_vs_fp"]  # the same seeds and labels: the change with its paired interval
+    assert paired["n"] == 6 and 0 <= paired["agreement"] <= 1
+    assert abs(paired["change_points"] - 100 * (res["class_accuracy"] - res["fp_class_accuracy"])) < 1e-6
+    assert paired["ci95_points"][0] <= paired["change_points"] <= paired["ci95_points"][1]
 
 
 def test_eval_a_class_conditional_recipe_with_guidance(tiny_cls_pipeline_dir, tmp_path, monkeypatch, capsys):

@@ -310,10 +310,14 @@ def _print_cond_table() -> None:
         if r.get("fp_class_accuracy") is not None:
             acc += f" ({100 * r['fp_class_accuracy']:.1f}%)"
         change = r.get("fd_change_vs_fp_pct")
-        return [f"{r['fd']:.2f}", _fmt(change, "+.1f") + ("%" if change is not None else ""), acc,
+        paired = r.get("class_accuracy_vs_fp")  # rows since 2026-12-01 (4): the paired change and its interval
+        ci = "" if paired is None else "{:+.1f} [{:+.1f}, {:+.1f}]".format(paired["change_points"],
+                                                                         *paired["ci95_points"])
+        return [f"{r['fd']:.2f}", _fmt(change, "+.1f") + ("%" if change is not None else ""), acc, ci,
                 _fmt(r.get("psnr_vs_fp"), ".2f"), _fmt(r.get("eps", {}).get("mse"), ".2e"),
                 _fmt((r.get("eps_conditional") or {}).get("mse"), ".2e")]
-    _table(["Configuration", "FD-EffNet", "vs FP", "class accuracy (FP)", "PSNR vs FP (dB)", "eps MSE, guided",
+    _table(["Configuration", "FD-EffNet", "vs FP", "class accuracy (FP)", "accuracy vs FP, points (95% CI)",
+            "PSNR vs FP (dB)", "eps MSE, guided",
             "eps MSE, conditional part"], COND_ROWS, cells)
 
 

@@ -331,6 +331,9 @@ class EvalResult:
     guidance_rescale: float | None = None
     class_accuracy: float | None = None  # share of images the project's classifier assigns the requested class
     fp_class_accuracy: float | None = None
+    # quantized runs of conditional models: the class accuracy's change vs FP on the same seeds and labels (points,
+    # 95 % CI from the paired per-image differences) and the share of images classified as their FP twin
+    class_accuracy_vs_fp: dict | None = None
     # quantized runs
     recipe: str | None = None
     onnx: str | None = None
@@ -366,7 +369,12 @@ class EvalResult:
         if math.isnan(self.fd):
             return "FP samples drawn" + "".join(f"   {k}: not available ({v})" for k, v in (self.not_available or {}).items())
         acc = "" if self.class_accuracy is None else f"   class accuracy: {100 * self.class_accuracy:.1f}%" + (
-            "" if self.fp_class_accuracy is None else f" (FP {100 * self.fp_class_accuracy:.1f}%)")
+            "" if self.fp_class_accuracy is None else f" (FP {100 * self.fp_class_accuracy:.1f}%")
+        if self.class_accuracy_vs_fp is not None:
+            lo, hi = self.class_accuracy_vs_fp["ci95_points"]
+            acc += f", {self.class_accuracy_vs_fp['change_points']:+.1f} points, 95% CI [{lo:+.1f}, {hi:+.1f}])"
+        elif self.fp_class_accuracy is not None:
+            acc += ")"
         if self.fp_fd is None:
             return (f"{self.metric}: {self.fd:.3f}   KID: {self.kid_mean * 1e3:.3f} ± {self.kid_std * 1e3:.3f} (x1e-3)"
                     + acc)
@@ -494,6 +502,9 @@ def evaluate(loaded: LoadedModel, settings: SampleSettings, *, quant: QuantSetti
     res.psnr_vs_fp, res.eps = E.psnr(fp_images, images), cmp["eps"]
     res.fd_change_vs_fp_pct = None if text else 100 * (res.fd - res.fp_fd) / res.fp_fd
     res.class_accuracy, res.fp_class_accuracy = accuracy(images), accuracy(fp_images)
+    if classifier is not None:
+        from .classify import paired_accuracy
+        res.class_accuracy_vs_fp = paired_accuracy(fp_images, images, cond["class_labels"], classifier)
     return res
 
 
