@@ -36,6 +36,13 @@ def test_calibrate_caches_and_reuses(tiny_pipeline_dir, tmp_path):
                   cache_root=tmp_path, batch_size=4, progress=False)
     e = calibrate(loaded, SPEC, QuantConfig(exclude=()), "ptq4dm", cache_root=tmp_path, batch_size=4, progress=False)
     assert len({a.stats_dir, d.stats_dir, e.stats_dir}) == 3 and not d.stats_reused and not e.stats_reused
+    # a W4 caller of the same statistics gets the same activation ranges, and the file it rewrites records only
+    # what decides them (it read "weight_bits 4" after a W4A8 run, although the ranges are every caller's)
+    w4 = calibrate(loaded, SPEC, QuantConfig(weight_bits=4, weight_calib="mse"), "ptq4dm", cache_root=tmp_path,
+                   batch_size=4, progress=False)
+    assert w4.stats_reused and w4.ranges == a.ranges and w4.ranges_path == a.ranges_path
+    assert json.loads(w4.ranges_path.read_text()) == saved
+    assert "weight_bits" not in saved["provenance"]["quant"] and saved["provenance"]["quant"]["act_bits"] == 8
 
 
 def test_damaged_cache_is_refused(tiny_pipeline_dir, tmp_path):

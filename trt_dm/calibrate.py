@@ -82,7 +82,8 @@ def collect_stats(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, *, ca
     t1 = time.perf_counter()
     stats = CalibStats(bins, sampler_timesteps=schedule.timesteps(spec.steps),
                        meta={"calib": json.dumps(spec.to_dict(), sort_keys=True), "model": loaded.fingerprint(),
-                             "schedule": loaded.schedule_fingerprint(), "quant": json.dumps(qcfg.to_dict())})
+                             "schedule": loaded.schedule_fingerprint(),
+                             "quant": json.dumps(qcfg.activation_dict())})
     current_t: list[torch.Tensor] = []
     from tqdm.auto import tqdm
     splits = concat_splits(qunet) if qcfg.shortcut_split else None
@@ -123,7 +124,9 @@ def calibrate(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, recipe: s
     path = directory / f"{rec.name}.json"
     provenance = {"recipe": rec.name, "recipe_spec": rec.spec, "model": loaded.fingerprint(),
                   "schedule": loaded.schedule_fingerprint(), "model_source": str(loaded.source),
-                  "calib": spec.to_dict(), "quant": qcfg.to_dict(), "stats": str(directory)}
+                  "calib": spec.to_dict(), "quant": qcfg.activation_dict(), "stats": str(directory)}
+    # every caller of this stats dir gets the same activation ranges, whatever its weight settings: the file records
+    # only what decides them (a W4A8 run rewriting it must not make it read as a W4A8 calibration)
     R.save_ranges(path, ranges.to_dict(), provenance)
     weights_path = None
     if qcfg.rounding != "nearest":
@@ -133,7 +136,8 @@ def calibrate(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, recipe: s
             from .calib.reconstruct import learned_input_amax
             ranges = RangeSet.pooled({**ranges.amax(0), **learned_input_amax(weights_path)})
             path = weights_path.with_suffix(".json")
-            R.save_ranges(path, ranges.to_dict(), {**provenance, "refined_by": weights_path.name})
+            R.save_ranges(path, ranges.to_dict(),
+                          {**provenance, "quant": qcfg.to_dict(), "refined_by": weights_path.name})
     return CalibrationResult(ranges=ranges, ranges_path=path, stats_dir=directory, stats_reused=reused,
                              weights_path=weights_path,
                              seconds_collect=timings.get("seconds_trajectories", 0) + timings.get("seconds_statistics", 0),

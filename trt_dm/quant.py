@@ -96,6 +96,12 @@ class QuantConfig:
         if self.act_bits != 8:
             raise ValueError(f"act_bits must be 8 (int8 activations), got {self.act_bits}")
 
+    def activation_dict(self) -> dict:
+        """The part of the config that decides which layer inputs get activation ranges (and so the statistics and
+        the recipe's ranges); weight bits, weight calibration and rounding do not change them."""
+        return {"act_bits": self.act_bits, "exclude": list(self.exclude), "shortcut_split": self.shortcut_split,
+                "quantize_attention": self.quantize_attention}
+
     def to_dict(self) -> dict:
         return {"weight_bits": self.weight_bits, "act_bits": self.act_bits, "exclude": list(self.exclude),
                 "shortcut_split": self.shortcut_split, "quantize_attention": self.quantize_attention,
