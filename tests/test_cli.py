@@ -237,3 +237,17 @@ def test_eval_a_class_conditional_recipe_with_guidance(tiny_cls_pipeline_dir, tm
     # the FP samples are cached per labels and guidance: another guidance scale is another entry
     samples = sorted(p.name for p in (tmp_path / "cc").rglob("samples/*.safetensors"))
     assert samples == ["ddim3-eta0-s0-n6-call-w2.safetensors"]
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--w8-layers", "down_blocks.0.*"], "w8_layers keeps some layers' weights at 8 bits in a lower-bit model"),
+    (["--weight-bits", "4", "--w8-layers", "no_such_block.*"], "'no_such_block.*' matches no quantized layer"),
+])
+def test_w8_layers_bad_input(argv, msg, tiny_pipeline_dir, tmp_path, capsys):
+    """--w8-layers without a lower weight width, or naming no layer: one clear line, exit 2, no cache written."""
+    cache = tmp_path / "cc"
+    rc = main(["calibrate", "--model", str(tiny_pipeline_dir), "--recipe", "ptq4dm", "--calib-n", "4",
+               "--calib-steps", "2", "--cache-dir", str(cache), "--no-progress", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1
+    assert not any(p.is_file() for p in cache.rglob("*"))

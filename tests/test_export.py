@@ -171,3 +171,30 @@ def test_w4_weights_on_the_int8_grid_keep_outputs_and_export_4bit_codes(tmp_path
     codes8 = weight_code_ranges(export_onnx(w8, tmp_path / "w8.fp32.onnx"))
     problems = _check_codes(codes8, 4, set(quantized_layers(w8)))
     assert len(problems) == len(codes8) and "outside the 4-bit integers [-8, 7]" in problems[0]
+
+
+def test_w4a8_with_8bit_layers_exports_each_layer_on_its_own_grid(tmp_path):
+    """Mixed W4A8 (--w8-layers): the named layers keep 8-bit weights, the rest 4-bit; on the int8 grid the
+    export's codes say which is which, and the check holds each layer to its own width."""
+    from trt_dm.export import weight_code_ranges
+    from trt_dm.quant import weights_on_int8_grid
+    from trt_dm.targets.tensorrt import _check_codes
+    with pytest.raises(ValueError, match="needs weight_bits 4 or 7"):
+        QuantConfig(w8_layers=("down_blocks.0.*",))
+    with pytest.raises(ValueError, match="'nope.*' matches no quantized layer"):
+        quantize_model(tiny_unet2d(seed=0), QuantConfig(weight_bits=4, w8_layers=("nope.*",)))
+    q = quantize_model(tiny_unet2d(seed=0), QuantConfig(weight_bits=4, w8_layers=("down_blocks.0.*",)))
+    layers = quantized_layers(q)
+    wide = {n for n in layers if n.startswith("down_blocks.0.")}
+    assert wide and {n for n, m in layers.items() if m.weight_quantizer.num_bits == 8} == wide
+    apply_ranges(q, {n: 2.0 for n in activation_quantizers(q)})
+    assert weights_on_int8_grid(q) == len(layers) - len(wide)  # only the 4-bit layers move to the int8 grid
+    codes = weight_code_ranges(export_onnx(q, tmp_path / "mixed.fp32.onnx"))
+    assert all(-8 <= codes[n][0] and codes[n][1] <= 7 for n in set(layers) - wide)
+    assert all(codes[n][1] == 127 or codes[n][0] <= -127 for n in wide)  # abs-max weights reach the 8-bit ends
+    assert _check_codes(codes, 4, set(layers), ("down_blocks.0.*",)) == []
+    problems = _check_codes(codes, 4, set(layers))  # without the patterns, the 8-bit layers are named
+    assert len(problems) == len(wide) and all(p.split(":")[0] in wide for p in problems)
+    from trt_dm.targets.base import graph_stem  # its files are named apart from the all-4-bit model's
+    stem = graph_stem("m", "ptq4dm", QuantConfig(weight_bits=4, w8_layers=("down_blocks.0.*",)))
+    assert stem.startswith("m-ptq4dm-w4-w8") and stem != graph_stem("m", "ptq4dm", QuantConfig(weight_bits=4))

@@ -103,6 +103,10 @@ SCREEN: list[tuple[str, str, list[str]]] = [
      "on their own (--recon-temb separate, TFMQ-DM's time block)",
      ["--recipe", "ptq4dm", "--weight-bits", "4", "--weight-calib", "mse", "--rounding", "adaround",
       "--recon-temb", "separate"]),
+    ("w4a8-wmse-adaround-act-w8res0", "W4A8, as w4a8-wmse-adaround-act with the first resolution's weights at 8 bits "
+     "(--w8-layers 'down_blocks.0.*' 'up_blocks.2.*', Q-Diffusion-style mixed precision)",
+     ["--recipe", "ptq4dm", "--weight-bits", "4", "--weight-calib", "mse", "--rounding", "adaround",
+      "--recon-act-iters", "500", "--w8-layers", "down_blocks.0.*", "up_blocks.2.*"]),
     ("w4a8-adaround", "W4A8, abs-max weight ranges + learned rounding (block reconstruction, 500 steps/block)",
      ["--recipe", "ptq4dm", "--weight-bits", "4", "--rounding", "adaround"]),
     ("w8a8-adaround", "W8A8 ptq4dm + learned rounding (block reconstruction, 500 steps/block)",

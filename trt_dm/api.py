@@ -343,6 +343,7 @@ class EvalResult:
     weight_bits: int | None = None
     weight_calib: str | None = None
     rounding: str | None = None  # learned weight rounding (adaround), when not round-to-nearest
+    w8_layers: list | None = None  # W4A8 / W7A8: the layers whose weights stay 8-bit (fnmatch patterns)
     shortcut_split: bool | None = None
     calibration: str | None = None
     calib_n: int | None = None
@@ -478,6 +479,7 @@ def evaluate(loaded: LoadedModel, settings: SampleSettings, *, quant: QuantSetti
         res.recipe, res.ranges, res.weight_bits, res.weight_calib = quant.recipe, str(calib.ranges_path), q.weight_bits, q.weight_calib
         res.shortcut_split, res.calibration, res.calib_n = q.shortcut_split, quant.spec.timesteps.describe(), quant.spec.n
         res.rounding = q.rounding if q.rounding != "nearest" else None
+        res.w8_layers = list(q.w8_layers) or None
         den_ctx = open_denoiser(loaded, ranges=calib.ranges, qcfg=q, weights=calib.weights_path)
     with den_ctx as test, open_denoiser(loaded, device=device) as fp:
         res.ov_precision = test.describe.get("precision") if openvino else None

@@ -151,7 +151,7 @@ def _quant(args):
                      negative_prompt=getattr(args, "negative_prompt", ""))
     qcfg = QuantConfig(weight_bits=args.weight_bits, weight_calib=args.weight_calib, shortcut_split=args.shortcut_split,
                        rounding=args.rounding, recon_iters=args.recon_iters, recon_act_iters=args.recon_act_iters,
-                       recon_temb=args.recon_temb,
+                       recon_temb=args.recon_temb, w8_layers=tuple(args.w8_layers or ()),
                        quantize_attention=args.quantize_attention,
                        exclude=tuple(args.exclude) if args.exclude is not None else DEFAULT_EXCLUDE)
     recipe = args.recipe
@@ -228,6 +228,9 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
                    help="4 = W4A8: 4-bit weights (exported on the int8 grid, integers in [-8, 7], for int8 engines); "
                         "7 = W7A8: integers in [-64, 63], for int8 CPU kernels without VNNI (AVX2 only), which "
                         "saturate on 8-bit weights (docs/deployment.md, OpenVINO)")
+    p.add_argument("--w8-layers", nargs="+", default=None, metavar="PATTERN",
+                   help="with --weight-bits 4 or 7: these layers' weights stay 8-bit (fnmatch on module names, e.g. "
+                        "'down_blocks.0.*' 'up_blocks.2.*' for the first resolution of a three-level UNet)")
     p.add_argument("--rounding", default="nearest", choices=("nearest", "adaround"),
                    help="weight rounding: to nearest, or learned by block reconstruction against the FP model on "
                         "the calibration set (AdaRound; cached beside the statistics)")

@@ -73,8 +73,14 @@ class QuantConfig:
     # resnet, on its output) or "separate" (all of them first, as one unit on their own outputs: TFMQ-DM's
     # time-information block)
     recon_temb: str = "block"
+    # With weight_bits < 8: fnmatch patterns on module names whose weights stay 8-bit (mixed precision, as
+    # Q-Diffusion keeps its most sensitive layers at 8 bits): e.g. the first resolution, "down_blocks.0.*"
+    w8_layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.w8_layers and self.weight_bits == 8:
+            raise ValueError("w8_layers keeps some layers' weights at 8 bits in a lower-bit model: it needs "
+                             "weight_bits 4 or 7 (--weight-bits 4)")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
         if self.recon_iters < 1:
@@ -108,7 +114,8 @@ class QuantConfig:
                 "weight_calib": self.weight_calib, "rounding": self.rounding,
                 **({"recon_iters": self.recon_iters} if self.rounding != "nearest" else {}),
                 **({"recon_act_iters": self.recon_act_iters} if self.recon_act_iters else {}),
-                **({"recon_temb": self.recon_temb} if self.recon_temb != "block" else {})}
+                **({"recon_temb": self.recon_temb} if self.recon_temb != "block" else {}),
+                **({"w8_layers": list(self.w8_layers)} if self.w8_layers else {})}
 
 
 SPLIT_SUFFIXES = ("#h", "#skip")  # range names of the two halves of a split layer's input
@@ -166,6 +173,8 @@ def quantize_model(unet: nn.Module, qcfg: QuantConfig = QuantConfig()) -> nn.Mod
     quant_cfg = [{"quantizer_name": "*", "enable": False},
                  {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": qcfg.weight_bits, "axis": 0}},
                  {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": qcfg.act_bits, "axis": None}}]
+    # later entries override earlier ones: the layers kept at 8-bit weights in a W4A8 / W7A8 model
+    quant_cfg += [{"quantizer_name": f"{p}.weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}} for p in qcfg.w8_layers]
     if qcfg.quantize_attention:
         quant_cfg += [{"quantizer_name": f"*{m}_bmm_quantizer", "cfg": {"num_bits": qcfg.act_bits, "axis": None}}
                       for m in "qkv"]
@@ -199,7 +208,18 @@ def quantize_model(unet: nn.Module, qcfg: QuantConfig = QuantConfig()) -> nn.Mod
             for attr in ATTENTION_QUANTIZERS:
                 if hasattr(mod, attr):
                     getattr(mod, attr).disable()
-    log.info("quantized %d layers, excluded %d: %s", len(quantized_layers(quantized)), len(excluded), excluded)
+    layers = quantized_layers(quantized)
+    log.info("quantized %d layers, excluded %d: %s", len(layers), len(excluded), excluded)
+    if qcfg.w8_layers:
+        for p in qcfg.w8_layers:  # a pattern that keeps nothing at 8 bits is a typo, not a choice
+            if not any(fnmatch.fnmatchcase(n, p) for n in layers):
+                raise ValueError(f"w8_layers pattern {p!r} matches no quantized layer (fnmatch on module names, "
+                                 f"e.g. {next(iter(layers), 'down_blocks.0.resnets.0.conv1')!r} or 'down_blocks.0.*')")
+        wide = [n for n, m in layers.items() if m.weight_quantizer.num_bits == 8]
+        expect = [n for n in layers if any(fnmatch.fnmatchcase(n, p) for p in qcfg.w8_layers)]
+        if wide != expect:  # modelopt's pattern matching decides; check it did what the patterns say
+            raise RuntimeError(f"8-bit weight layers {wide} differ from those w8_layers names {expect}")
+        log.info("W%dA8 with %d layers' weights at 8 bits: %s", qcfg.weight_bits, len(wide), wide)
     return quantized
 
 
