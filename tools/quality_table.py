@@ -78,6 +78,10 @@ COND_ROWS: list[tuple[str, str, list[str]]] = [
     ("cond-w8a8-g4-w1", "default-cond W8A8 ptq4dm-g4 (4 range sets), guidance 1", [*_COND, "--recipe", "ptq4dm-g4"]),
     ("cond-w8a8-g4-w3", "default-cond W8A8 ptq4dm-g4 (4 range sets), guidance 3",
      [*_COND, "--recipe", "ptq4dm-g4", "--guidance-scale", "3"]),
+    ("cond-w8a8-g4-fp-res0-w3", "default-cond W8A8 ptq4dm-g4, first resolution (down_blocks.0, up_blocks.2: 37.5 % "
+     "of the MACs) in FP, guidance 3",
+     [*_COND, "--recipe", "ptq4dm-g4", "--guidance-scale", "3", "--exclude", *DEFAULT_EXCLUDE, "down_blocks.0.*",
+      "up_blocks.2.*"]),
 ]
 ALL_ROWS = ROWS + COND_ROWS
 
