@@ -62,6 +62,10 @@ ROWS: list[tuple[str, str, list[str]]] = [
      "(adaround) + learned block input ranges (the best W4A8 screen)",
      ["--recipe", "ptq4dm", "--weight-bits", "4", "--weight-calib", "mse", "--rounding", "adaround",
       "--recon-act-iters", "500"]),
+    ("w4a8-ndtc-ptq4dm-wmse-adaround-act-w8res0", "W4A8 as the row above, the first resolution's weights at 8 bits "
+     "(--w8-layers 'down_blocks.0.*' 'up_blocks.2.*': 10 % of the weights)",
+     ["--recipe", "ptq4dm", "--weight-bits", "4", "--weight-calib", "mse", "--rounding", "adaround",
+      "--recon-act-iters", "500", "--w8-layers", "down_blocks.0.*", "up_blocks.2.*"]),
     ("ddpm250-fp", "FP32, DDPM 250", ["--sampler", "ddpm", "--steps", "250"]),
     ("ddpm250-w8a8-ndtc-ptq4dm", "W8A8 ndtc, mse@pooled (ptq4dm), DDPM 250",
      ["--sampler", "ddpm", "--steps", "250", "--recipe", "ptq4dm"]),
