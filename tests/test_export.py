@@ -162,14 +162,14 @@ def test_w4_weights_on_the_int8_grid_keep_outputs_and_export_4bit_codes(tmp_path
     codes = weight_code_ranges(path)
     assert set(codes) == set(quantized_layers(q))
     assert all(-8 <= lo and hi <= 7 for lo, hi in codes.values()) and max(hi for _, hi in codes.values()) == 7
-    assert _check_codes(codes, 4, set(quantized_layers(q))) == []
+    assert _check_codes(codes, QuantConfig(weight_bits=4), set(quantized_layers(q))) == []
     rows = compare_layers(q, path, feed)
     assert sum(r["flips"] for r in rows) <= 1e-3 * sum(r["n"] for r in rows) and max(r["max_diff"] for r in rows) <= 1
     # an ordinary W8 graph uses the whole int8 range: the W4 check names its layers
     w8 = quantize_model(tiny_unet2d(seed=0), QuantConfig())
     apply_ranges(w8, {n: 2.0 for n in activation_quantizers(w8)})
     codes8 = weight_code_ranges(export_onnx(w8, tmp_path / "w8.fp32.onnx"))
-    problems = _check_codes(codes8, 4, set(quantized_layers(w8)))
+    problems = _check_codes(codes8, QuantConfig(weight_bits=4), set(quantized_layers(w8)))
     assert len(problems) == len(codes8) and "outside the 4-bit integers [-8, 7]" in problems[0]
 
 
@@ -192,8 +192,9 @@ def test_w4a8_with_8bit_layers_exports_each_layer_on_its_own_grid(tmp_path):
     codes = weight_code_ranges(export_onnx(q, tmp_path / "mixed.fp32.onnx"))
     assert all(-8 <= codes[n][0] and codes[n][1] <= 7 for n in set(layers) - wide)
     assert all(codes[n][1] == 127 or codes[n][0] <= -127 for n in wide)  # abs-max weights reach the 8-bit ends
-    assert _check_codes(codes, 4, set(layers), ("down_blocks.0.*",)) == []
-    problems = _check_codes(codes, 4, set(layers))  # without the patterns, the 8-bit layers are named
+    assert _check_codes(codes, QuantConfig(weight_bits=4, w8_layers=("down_blocks.0.*",)), set(layers)) == []
+    # without the patterns, the 8-bit layers are named
+    problems = _check_codes(codes, QuantConfig(weight_bits=4), set(layers))
     assert len(problems) == len(wide) and all(p.split(":")[0] in wide for p in problems)
     from trt_dm.targets.base import graph_stem  # its files are named apart from the all-4-bit model's
     stem = graph_stem("m", "ptq4dm", QuantConfig(weight_bits=4, w8_layers=("down_blocks.0.*",)))

@@ -102,6 +102,10 @@ class QuantConfig:
         if self.act_bits != 8:
             raise ValueError(f"act_bits must be 8 (int8 activations), got {self.act_bits}")
 
+    def weight_bits_of(self, layer: str) -> int:
+        """The weight width of quantized layer ``layer`` (module name): 8 where a ``w8_layers`` pattern names it."""
+        return 8 if any(fnmatch.fnmatchcase(layer, p) for p in self.w8_layers) else self.weight_bits
+
     def activation_dict(self) -> dict:
         """The part of the config that decides which layer inputs get activation ranges (and so the statistics and
         the recipe's ranges); weight bits, weight calibration and rounding do not change them."""
@@ -174,7 +178,8 @@ def quantize_model(unet: nn.Module, qcfg: QuantConfig = QuantConfig()) -> nn.Mod
                  {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": qcfg.weight_bits, "axis": 0}},
                  {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": qcfg.act_bits, "axis": None}}]
     # later entries override earlier ones: the layers kept at 8-bit weights in a W4A8 / W7A8 model
-    quant_cfg += [{"quantizer_name": f"{p}.weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}} for p in qcfg.w8_layers]
+    quant_cfg += [{"quantizer_name": f"{p}.weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}}
+                  for p in qcfg.w8_layers]
     if qcfg.quantize_attention:
         quant_cfg += [{"quantizer_name": f"*{m}_bmm_quantizer", "cfg": {"num_bits": qcfg.act_bits, "axis": None}}
                       for m in "qkv"]
@@ -216,7 +221,7 @@ def quantize_model(unet: nn.Module, qcfg: QuantConfig = QuantConfig()) -> nn.Mod
                 raise ValueError(f"w8_layers pattern {p!r} matches no quantized layer (fnmatch on module names, "
                                  f"e.g. {next(iter(layers), 'down_blocks.0.resnets.0.conv1')!r} or 'down_blocks.0.*')")
         wide = [n for n, m in layers.items() if m.weight_quantizer.num_bits == 8]
-        expect = [n for n in layers if any(fnmatch.fnmatchcase(n, p) for p in qcfg.w8_layers)]
+        expect = [n for n in layers if qcfg.weight_bits_of(n) == 8]
         if wide != expect:  # modelopt's pattern matching decides; check it did what the patterns say
             raise RuntimeError(f"8-bit weight layers {wide} differ from those w8_layers names {expect}")
         log.info("W%dA8 with %d layers' weights at 8 bits: %s", qcfg.weight_bits, len(wide), wide)

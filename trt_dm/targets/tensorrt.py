@@ -90,19 +90,15 @@ def _require_graph_memory(path: Path, per_byte: float, what: str, alternative: s
 FP16_MEMORY_PER_GRAPH_BYTE = 4.3
 
 
-def _check_codes(codes: dict[str, tuple[int, int]], bits: int, quantized: set[str],
-                 w8_layers: tuple[str, ...] = ()) -> list[str]:
-    """W<bits>A8 on the int8 grid: every quantized layer's weight codes within [-2^(bits-1), 2^(bits-1) - 1];
-    the layers ``w8_layers`` (fnmatch patterns) keeps at 8 bits within [-128, 127]."""
-    import fnmatch
-
-    def span(layer: str) -> tuple[int, int]:
-        b = 8 if any(fnmatch.fnmatchcase(layer, p) for p in w8_layers) else bits
-        return -(1 << (b - 1)), (1 << (b - 1)) - 1
-
-    problems = [f"{layer}: weight int8 codes span [{a}, {b}], outside the {hi.bit_length() + 1}-bit integers "
-                f"[{lo}, {hi}]" for layer, (a, b) in sorted(codes.items())
-                for lo, hi in [span(layer)] if a < lo or b > hi]
+def _check_codes(codes: dict[str, tuple[int, int]], qcfg, quantized: set[str]) -> list[str]:
+    """W<bits>A8 on the int8 grid: every quantized layer's weight codes within its own width's integers
+    [-2^(b-1), 2^(b-1) - 1], b = ``qcfg.weight_bits_of(layer)`` (8 for the layers ``w8_layers`` names)."""
+    problems = []
+    for layer, (a, b) in sorted(codes.items()):
+        bits = qcfg.weight_bits_of(layer)
+        lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        if a < lo or b > hi:
+            problems.append(f"{layer}: weight int8 codes span [{a}, {b}], outside the {bits}-bit integers [{lo}, {hi}]")
     missing = sorted(quantized - set(codes))
     if missing:
         problems.append(f"{len(missing)} quantized layers have no per-channel weight Q/DQ: {missing[:5]}")
@@ -180,7 +176,7 @@ class TensorRTTarget(Target):
                 problems = _check(fp32, quantized)
                 if low_bits:
                     codes = weight_code_ranges(fp32)
-                    problems += _check_codes(codes, job.qcfg.weight_bits, quantized, job.qcfg.w8_layers)
+                    problems += _check_codes(codes, job.qcfg, quantized)
             compare = (job.options or {}).get("layer_comparison", True)
             skipped = {"skipped": "--no-layer-comparison"}
             if compare:
@@ -195,12 +191,10 @@ class TensorRTTarget(Target):
                              layer_comparison_fp32=_flip_summary(rows) if compare else skipped,
                              layer_comparison_rows=rows)
             if low_bits:
-                import fnmatch
-                low = {k: v for k, v in codes.items()
-                       if not any(fnmatch.fnmatchcase(k, p) for p in job.qcfg.w8_layers)}
+                low = {k: v for k, v in codes.items() if job.qcfg.weight_bits_of(k) < 8}
                 report.extra["weight_codes"] = {"bits": job.qcfg.weight_bits, "layers": len(low),
-                                                "min": min(lo for lo, _ in low.values()),
-                                                "max": max(hi for _, hi in low.values()),
+                                                "min": min((lo for lo, _ in low.values()), default=None),
+                                                "max": max((hi for _, hi in low.values()), default=None),
                                                 **({"layers_8bit": len(codes) - len(low)} if job.qcfg.w8_layers
                                                    else {})}
             if one:
