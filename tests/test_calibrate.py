@@ -183,3 +183,46 @@ def test_conditional_calibration_sees_both_halves_of_every_guided_call(tiny_cls_
     assert api.calibrate(loaded, q3, progress=False).stats_reused
     with pytest.raises(ValueError, match="out of range"):
         api.calibrate(loaded, dataclasses.replace(q1, spec=dataclasses.replace(SPEC, labels="11")), progress=False)
+
+
+def test_block_sensitivity_matches_excluding_the_block(tiny_cls_pipeline_dir, tmp_path):
+    """The per-block report under guidance with 2 timestep range sets: each block's error equals that of a model
+    calibrated and quantized with the block excluded (so disabling a block's quantizers, the per-group ranges and
+    the guided prediction are what a real exclusion gives), and the blocks partition the quantized layers."""
+    import dataclasses
+
+    from trt_dm.calibrate import block_of, block_sensitivity, fp_calibration_set
+    from trt_dm.core.guidance import cfg_denoiser
+    from trt_dm.quant import DEFAULT_EXCLUDE, quantized_layers
+    loaded = load_model(tiny_cls_pipeline_dir)
+    spec = dataclasses.replace(SPEC, labels="all", guidance_scale=3.0)
+    recipe = "max@groups=2"
+    rep = block_sensitivity(loaded, spec, QuantConfig(), recipe, cache_root=tmp_path, n=8, batch_size=8,
+                            cumulative=3, progress=False)
+    layers = quantized_layers(fake_quant_unet(loaded, QuantConfig(), calibrate(
+        loaded, spec, QuantConfig(), recipe, cache_root=tmp_path, batch_size=8, progress=False).ranges))
+    assert sorted(r["block"] for r in rep["blocks"]) == sorted({block_of(n) for n in layers})
+    assert sum(r["layers"] for r in rep["blocks"]) == len(layers)
+    assert sum(r["macs_share"] for r in rep["blocks"]) == pytest.approx(rep["quantized_macs_share"])
+    assert 0.9 < rep["quantized_macs_share"] < 1 and rep["guidance_scale"] == 3 and rep["rel_mse"] > 0
+    removed = [r["removed"] for r in rep["blocks"]]
+    assert removed == sorted(removed, reverse=True)
+    assert [len(r["blocks"]) for r in rep["together"]] == [2, 3]
+    assert rep["together"][-1]["blocks"] == [r["block"] for r in rep["blocks"][:3]]
+
+    calib, guidance = fp_calibration_set(loaded, dataclasses.replace(spec, n=8, seed=spec.seed + 1), progress=False)
+
+    def rel_mse(exclude):
+        qcfg = QuantConfig(exclude=DEFAULT_EXCLUDE + exclude)
+        res = calibrate(loaded, spec, qcfg, recipe, cache_root=tmp_path, batch_size=8, progress=False)
+        den = cfg_denoiser(grouped_denoiser(fake_quant_unet(loaded, qcfg, res.ranges), res.ranges), guidance)
+        fp = cfg_denoiser(lambda x, t, **c: loaded.unet(x, t, **c).sample, guidance)
+        with torch.no_grad():
+            out, ref = den(calib.x, calib.t, **calib.cond), fp(calib.x, calib.t, **calib.cond)
+        return float((out - ref).double().square().mean() / ref.double().square().mean())
+
+    assert rel_mse(()) == pytest.approx(rep["rel_mse"], rel=1e-5)
+    for row in (rep["blocks"][0], rep["blocks"][-1]):
+        assert rel_mse((row["block"] + ".*",)) == pytest.approx(row["rel_mse"], rel=1e-5)
+    top2 = rep["together"][0]
+    assert rel_mse(tuple(b + ".*" for b in top2["blocks"])) == pytest.approx(top2["rel_mse"], rel=1e-5)

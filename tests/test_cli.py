@@ -242,6 +242,8 @@ def test_eval_a_class_conditional_recipe_with_guidance(tiny_cls_pipeline_dir, tm
 @pytest.mark.parametrize("argv,msg", [
     (["--w8-layers", "down_blocks.0.*"], "w8_layers keeps some layers' weights at 8 bits in a lower-bit model"),
     (["--weight-bits", "4", "--w8-layers", "no_such_block.*"], "'no_such_block.*' matches no quantized layer"),
+    (["--keep-fp", "down_blocks.0.*", "no_such_block.*"], "pattern 'no_such_block.*' matches no quantizable layer"),
+    (["--exclude", "conv_in", "down_block.0.*"], "pattern 'down_block.0.*' matches no quantizable layer"),
 ])
 def test_w8_layers_bad_input(argv, msg, tiny_pipeline_dir, tmp_path, capsys):
     """--w8-layers without a lower weight width, or naming no layer: one clear line, exit 2, no cache written."""
@@ -251,3 +253,24 @@ def test_w8_layers_bad_input(argv, msg, tiny_pipeline_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1
     assert not any(p.is_file() for p in cache.rglob("*"))
+
+
+def test_keep_fp_adds_to_the_default_exclusions(tiny_cls_pipeline_dir, tmp_path, capsys):
+    """--keep-fp adds patterns to the default exclusion list (--exclude replaces it): the ranges file records the
+    joined list and has no range for the kept layers; `--sensitivity blocks` ranks blocks under guidance and prints
+    the --keep-fp line for the first ones."""
+    from trt_dm.quant import DEFAULT_EXCLUDE
+    cache = tmp_path / "cc"
+    common = ["--model", str(tiny_cls_pipeline_dir), "--classes", "all", "--guidance-scale", "3", "--recipe",
+              "ptq4dm", "--calib-n", "8", "--calib-steps", "4", "--cache-dir", str(cache), "--no-progress"]
+    assert main(["calibrate", *common, "--keep-fp", "down_blocks.0.*"]) == 0
+    capsys.readouterr()
+    saved = json.loads(next(cache.rglob("ptq4dm.json")).read_text())
+    assert saved["provenance"]["quant"]["exclude"] == [*DEFAULT_EXCLUDE, "down_blocks.0.*"]
+    assert saved["ranges"] and not [n for n in json.dumps(saved["ranges"]).split('"') if n.startswith("down_blocks.0.")]
+    assert main(["calibrate", *common, "--sensitivity", "blocks"]) == 0
+    out = capsys.readouterr().out
+    assert "relative MSE of the guided prediction (guidance 3)" in out and "the first 4 together" in out
+    keep = out.strip().splitlines()[-1]
+    assert keep.startswith("keep them in FP with: --keep-fp '") and keep.count(".*'") == 4
+    assert "mid_block.resnets.0 " in out and "up_blocks.0.attentions.1 " in out

@@ -247,3 +247,111 @@ def layer_sensitivity(loaded: LoadedModel, spec: CalibSpec, recipe: str, *, cach
             rows.append({"layer": name, "rel_mse": rel, "type": type(m).__name__.removeprefix("Quant")})
     rows.sort(key=lambda r: -r["rel_mse"])
     return rows
+
+
+def block_of(layer: str) -> str:
+    """The block a layer belongs to: ``down_blocks.i.resnets.j`` / ``.attentions.j`` / ``.downsamplers.0`` (and
+    ``up_blocks`` alike), ``mid_block.resnets.j``; other layers (``conv_in``, ``time_embedding``) by their first part."""
+    parts = layer.split(".")
+    if parts[0] in ("down_blocks", "up_blocks") and len(parts) > 4:
+        return ".".join(parts[:4])
+    if parts[0] == "mid_block" and len(parts) > 3:
+        return ".".join(parts[:3])
+    return parts[0]
+
+
+def layer_macs(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> dict[str, int]:
+    """Multiply-accumulates of every convolution and linear layer of ``unet`` for one row (``x`` of batch 1)."""
+    macs: dict[str, int] = {}
+
+    def hook(name):
+        def f(m, _inp, out):
+            if isinstance(m, torch.nn.Conv2d):
+                k = m.kernel_size[0] * m.kernel_size[1] * m.in_channels // m.groups
+                macs[name] = out.numel() * k
+            else:
+                macs[name] = out.numel() * m.in_features
+        return f
+
+    hooks = [m.register_forward_hook(hook(n)) for n, m in unet.named_modules()
+             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    try:
+        with torch.no_grad():
+            unet(x, t, **cond)
+    finally:
+        for h in hooks:
+            h.remove()
+    return macs
+
+
+def block_sensitivity(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, recipe: str, *,
+                      cache_root: Path = DEFAULT_CACHE_ROOT, n: int = 64, batch_size: int = 64,
+                      cumulative: int = 4, progress: bool = True) -> dict:
+    """Which blocks to keep in high precision: the model quantized as ``qcfg`` and ``recipe`` say (its timestep
+    groups applied by timestep, its exclusions kept), then one block at a time kept in FP (leave-one-out), and
+    the error of the prediction the sampler uses, on ``n`` held-out calibration samples: with guidance the guided
+    eps_u + w (eps_c - eps_u), whose error is not the per-half error the per-layer report measures. Relative MSE
+    vs FP overall and at the data end (t < T/10), with each block's share of the convolution and linear MACs; then
+    the first 2 .. ``cumulative`` blocks of that ranking kept in FP together ("together")."""
+    res = calibrate(loaded, spec, qcfg, recipe, cache_root=cache_root, batch_size=batch_size, progress=progress)
+    qunet = fake_quant_unet(loaded, qcfg, res.ranges, weights=res.weights_path)
+    small = dataclasses.replace(spec, n=min(n, spec.n), seed=spec.seed + 1)  # held-out trajectories
+    calib, guidance = fp_calibration_set(loaded, small, batch_size=batch_size, progress=False)
+    groups = (group_index(calib.t, res.ranges.t_ranges) if res.ranges.is_grouped
+              else torch.zeros(len(calib.t), dtype=torch.int64))
+
+    def predict(unet: torch.nn.Module, k: int | None = None) -> torch.Tensor:
+        den = cfg_denoiser(unet_denoiser(unet), guidance)
+        rows = torch.arange(len(calib.t)) if k is None else torch.nonzero(groups == k).flatten()
+        with torch.no_grad():
+            return torch.cat([den(calib.x[r], calib.t[r], **{c: v[r] for c, v in calib.cond.items()})
+                              for r in rows.split(batch_size)])
+
+    def quantized_prediction(disabled: list) -> torch.Tensor:
+        out = torch.empty_like(calib.x)
+        for k in torch.unique(groups).tolist():
+            apply_ranges(qunet, res.ranges.amax(k))  # with every quantizer enabled: it checks the names
+            for q in disabled:
+                q.disable()
+            try:
+                out[groups == k] = predict(qunet, k)
+            finally:
+                for q in disabled:
+                    q.enable()
+        return out
+
+    ref = predict(loaded.unet)
+    end = calib.t < Schedule.from_config(loaded.scheduler_config).num_train_timesteps // 10
+
+    def errors(out: torch.Tensor) -> tuple[float, float | None]:
+        d = (out - ref).double().square()
+        rel = float(d.mean() / ref.double().square().mean())
+        rel_end = float(d[end].mean() / ref[end].double().square().mean()) if end.any() else None
+        return rel, rel_end
+
+    quantizers: dict[str, list] = {}
+    layers = quantized_layers(qunet)
+    for name, m in qunet.named_modules():
+        if type(m).__name__ == "TensorQuantizer" and m.is_enabled:
+            owner = name.rsplit(".", 1)[0]
+            quantizers.setdefault(block_of(owner), []).append(m)
+    macs = layer_macs(loaded.unet, calib.x[:1], calib.t[:1], {c: v[:1] for c, v in calib.cond.items()})
+    total = sum(macs.values())
+    full, full_end = errors(quantized_prediction([]))
+    rows = []
+    from tqdm.auto import tqdm
+    for block, qs in tqdm(sorted(quantizers.items()), desc="block sensitivity", unit="block", disable=not progress):
+        rel, rel_end = errors(quantized_prediction(qs))
+        names = [n for n in layers if block_of(n) == block]
+        rows.append({"block": block, "layers": len(names), "macs_share": sum(macs.get(n, 0) for n in names) / total,
+                     "rel_mse": rel, "rel_mse_data_end": rel_end, "removed": 1 - rel / full if full > 0 else 0.0})
+    rows.sort(key=lambda r: -r["removed"])
+    together = []  # errors do not add up: the first k blocks of the ranking kept in FP together
+    for k in range(2, min(cumulative, len(rows)) + 1):
+        top = rows[:k]
+        rel, rel_end = errors(quantized_prediction([q for r in top for q in quantizers[r["block"]]]))
+        together.append({"blocks": [r["block"] for r in top], "macs_share": sum(r["macs_share"] for r in top),
+                         "rel_mse": rel, "rel_mse_data_end": rel_end, "removed": 1 - rel / full if full > 0 else 0.0})
+    return {"recipe": recipe, "guidance_scale": guidance.scale,
+            "n": len(calib.t), "rel_mse": full, "rel_mse_data_end": full_end,
+            "quantized_macs_share": sum(macs.get(n, 0) for n in layers) / total, "blocks": rows, "together": together}

@@ -153,7 +153,8 @@ def _quant(args):
                        rounding=args.rounding, recon_iters=args.recon_iters, recon_act_iters=args.recon_act_iters,
                        recon_temb=args.recon_temb, w8_layers=tuple(args.w8_layers or ()),
                        quantize_attention=args.quantize_attention,
-                       exclude=tuple(args.exclude) if args.exclude is not None else DEFAULT_EXCLUDE)
+                       exclude=(tuple(args.exclude) if args.exclude is not None else DEFAULT_EXCLUDE)
+                       + tuple(p for p in args.keep_fp if p not in (args.exclude or DEFAULT_EXCLUDE)))
     recipe = args.recipe
     if recipe is None:  # the default for these settings (and target), said when it is not the usual one
         from .api import default_recipe
@@ -249,7 +250,11 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
                         "(fake-quant only)")
     p.add_argument("--quantize-attention", action="store_true", help="also quantize the attention matmul inputs")
     p.add_argument("--exclude", nargs="*", default=None,
-                   help="layer name patterns kept in high precision (default: trt_dm.quant.DEFAULT_EXCLUDE)")
+                   help="layer name patterns kept in high precision, replacing the defaults "
+                        "(trt_dm.quant.DEFAULT_EXCLUDE: time_embedding.* conv_in conv_out)")
+    p.add_argument("--keep-fp", nargs="+", default=(), metavar="PATTERN",
+                   help="more layer name patterns kept in high precision, added to --exclude (or its defaults), "
+                        "e.g. 'down_blocks.0.*' 'up_blocks.2.*'; `calibrate --sensitivity blocks` ranks the blocks")
     p.add_argument("--cache-dir", default="calib_cache")
 
 
@@ -257,11 +262,33 @@ def cmd_calibrate(args) -> int:
     import statistics
 
     from . import api
-    if args.sensitivity and args.recipe is None:
+    if args.sensitivity == "layers" and args.recipe is None:
         args.recipe = "ptq4dm"  # one range set: each layer's range is the one every timestep sees
     quant = _quant(args)
     loaded = _load(args)
-    if args.sensitivity:
+    if args.sensitivity == "blocks":
+        from .calibrate import block_sensitivity
+        rep = block_sensitivity(loaded, quant.spec, quant.qcfg, quant.recipe, cache_root=quant.cache_root,
+                                batch_size=quant.batch, progress=not args.no_progress)
+        what = f"guided prediction (guidance {rep['guidance_scale']:g})" if rep["guidance_scale"] != 1 else "prediction"
+        end = rep["rel_mse_data_end"]
+        print(f"per-block sensitivity (W{args.weight_bits}A8, recipe {quant.recipe}, {rep['n']} held-out calibration "
+              f"samples): relative MSE of the {what} vs FP with all {rep['quantized_macs_share']:.1%} of the MACs "
+              f"quantized: {rep['rel_mse']:.3e}" + (f" (t < T/10: {end:.3e})" if end is not None else "")
+              + "; and with each block alone kept in FP:")
+        print(f"{'block':34s} {'layers':>6s} {'MACs':>6s} {'rel MSE':>10s} {'t < T/10':>10s} {'removed':>8s}")
+        for r in rep["blocks"]:
+            e = "" if r["rel_mse_data_end"] is None else f"{r['rel_mse_data_end']:.3e}"
+            print(f"{r['block']:34s} {r['layers']:6d} {r['macs_share']:6.1%} {r['rel_mse']:10.3e} {e:>10s} "
+                  f"{r['removed']:8.1%}")
+        for r in rep["together"]:
+            e = "" if r["rel_mse_data_end"] is None else f"{r['rel_mse_data_end']:.3e}"
+            print(f"{'the first ' + str(len(r['blocks'])) + ' together':34s} {'':6s} {r['macs_share']:6.1%} "
+                  f"{r['rel_mse']:10.3e} {e:>10s} {r['removed']:8.1%}")
+        if rep["together"]:
+            print("keep them in FP with: --keep-fp " + " ".join(f"'{b}.*'" for b in rep["together"][-1]["blocks"]))
+        return 0
+    if args.sensitivity == "layers":
         import fnmatch
 
         from .calibrate import layer_sensitivity
@@ -546,8 +573,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "mse:2.4@pooled, percentile:99.9@uniform, max@groups=4")
     p.add_argument("--batch", type=int, default=64, help="images per UNet call")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--sensitivity", action="store_true",
-                   help="print the per-layer sensitivity report (decides the default exclusion list)")
+    p.add_argument("--sensitivity", nargs="?", const="layers", default=None, choices=("layers", "blocks"),
+                   help="layers: one layer quantized at a time, the error of each half's prediction (decides the "
+                        "default exclusion list); blocks: the model quantized as the other options say, one block "
+                        "kept in FP at a time, the error of the prediction the sampler uses (guided with "
+                        "--guidance-scale), with each block's share of the MACs (what to pass to --keep-fp)")
     _calib_args(p)
     _add_cond_args(p)
     p.set_defaults(func=cmd_calibrate)

@@ -203,7 +203,7 @@ def quantize_model(unet: nn.Module, qcfg: QuantConfig = QuantConfig()) -> nn.Mod
             mod.input_quantizer.disable()
             if hasattr(mod, "weight_quantizer"):
                 mod.weight_quantizer.disable()
-    excluded = []
+    excluded, matched = [], []  # layers kept in high precision; attention modules with matmul quantizers off
     for name, mod in quantized.named_modules():
         if any(fnmatch.fnmatchcase(name, p) for p in qcfg.exclude):
             if hasattr(mod, "input_quantizer"):
@@ -213,6 +213,12 @@ def quantize_model(unet: nn.Module, qcfg: QuantConfig = QuantConfig()) -> nn.Mod
             for attr in ATTENTION_QUANTIZERS:
                 if hasattr(mod, attr):
                     getattr(mod, attr).disable()
+                    matched.append(name)
+    for p in qcfg.exclude:  # a pattern of the user's that keeps nothing in high precision is a typo, not a choice
+        if p not in DEFAULT_EXCLUDE and not any(fnmatch.fnmatchcase(n, p) for n in excluded + matched):
+            raise ValueError(f"exclude / keep-fp pattern {p!r} matches no quantizable layer (fnmatch on module names "
+                             "of convolutions and linear layers, e.g. 'down_blocks.0.*' or "
+                             "'down_blocks.0.resnets.0.conv1')")
     layers = quantized_layers(quantized)
     log.info("quantized %d layers, excluded %d: %s", len(layers), len(excluded), excluded)
     if qcfg.w8_layers:

@@ -153,8 +153,10 @@ class TensorRTTarget(Target):
         low_bits = job.qcfg.weight_bits < 8
         if low_bits:  # no int4 convolution in TensorRT; W7 for CPUs without VNNI: the codes go on the int8 grid
             converted = weights_on_int8_grid(qunet)
-            progress(f"W{job.qcfg.weight_bits}A8: {converted} layers' weights stored on the int8 grid "
-                     f"(per-channel step amax / {2 ** (job.qcfg.weight_bits - 1) - 1})")
+            wide = sum(job.qcfg.weight_bits_of(n) == 8 for n in quantized_layers(qunet))
+            progress(f"W{job.qcfg.weight_bits}A8: {converted} layers' weights stored on the int8 grid, "
+                     f"{converted - wide} with {job.qcfg.weight_bits}-bit codes (per-channel step amax / "
+                     f"{2 ** (job.qcfg.weight_bits - 1) - 1})" + (f", {wide} at 8 bits (--w8-layers)" if wide else ""))
         # groups=K ranges go into ONE graph unless asked for K: per-row input scaling by the timestep's group
         one = ranges.is_grouped and len(ranges.groups) >= 2 and not (job.options or {}).get("group_engines")
         if one:
