@@ -86,6 +86,10 @@ COND_ROWS: list[tuple[str, str, list[str]]] = [
      "of the MACs) in FP, guidance 3",
      [*_COND, "--recipe", "ptq4dm-g4", "--guidance-scale", "3", "--exclude", *DEFAULT_EXCLUDE, "down_blocks.0.*",
       "up_blocks.2.*"]),
+    ("cond-w8a8-g4-fp-res01u-w3", "default-cond W8A8 ptq4dm-g4, first resolution and the 16 x 16 decoder resnets "
+     "(up_blocks.1.resnets: 60.1 % of the MACs) in FP, guidance 3",
+     [*_COND, "--recipe", "ptq4dm-g4", "--guidance-scale", "3", "--keep-fp", "down_blocks.0.*", "up_blocks.2.*",
+      "up_blocks.1.resnets.*"]),
 ]
 ALL_ROWS = ROWS + COND_ROWS
 
