@@ -81,3 +81,16 @@ def test_open_denoiser_refuses_ambiguous_requests(grouped_graphs, tmp_path):
             pass
     with pytest.raises(ValueError, match="--steps must be >= 1"):
         api.SampleSettings(steps=0)
+
+
+def test_sensitivity_through_the_api(tiny_pipeline_dir, tmp_path):
+    """api.sensitivity: the block report of the quantized model (pooled ranges here), and a clear error for an
+    unknown kind."""
+    loaded = api.load(str(tiny_pipeline_dir))
+    quant = api.QuantSettings(recipe="max", spec=CalibSpec(TimestepSpec("uniform"), n=8, steps=4), cache_root=tmp_path,
+                              batch=8)
+    rep = api.sensitivity(loaded, quant, by="blocks", progress=False)
+    assert rep["recipe"] == "max" and rep["guidance_scale"] == 1 and rep["rel_mse"] > 0 and rep["n"] == 8
+    assert {"down_blocks.0.resnets.0", "mid_block.attentions.0"} <= {r["block"] for r in rep["blocks"]}
+    with pytest.raises(ValueError, match="accepted 'blocks' or 'layers'"):
+        api.sensitivity(loaded, quant, by="heads", progress=False)

@@ -158,7 +158,7 @@ SCREEN: list[tuple[str, str, list[str]]] = [
      [*_COND, "--recipe", "ptq4dm-g4", "--guidance-scale", "3", "--exclude", *DEFAULT_EXCLUDE, "down_blocks.0.*",
       "up_blocks.2.*"]),
     ("cond-g4-w3-fp-2r", "default-cond, guidance 3: ptq4dm-g4 with the two blocks `calibrate --sensitivity blocks` "
-     "ranks first (down_blocks.0.resnets.0, up_blocks.2.resnets.0: 24.3 % of the MACs) kept in FP",
+     "ranks first (down_blocks.0.resnets.0, up_blocks.2.resnets.0: 24.2 % of the MACs) kept in FP",
      [*_COND, "--recipe", "ptq4dm-g4", "--guidance-scale", "3", "--exclude", *DEFAULT_EXCLUDE,
       "down_blocks.0.resnets.0.*", "up_blocks.2.resnets.0.*"]),
     ("ndtc-0.4-0.4", "ndtc mu=0.4 sigma=0.4 (PTQ4DM's published script)",

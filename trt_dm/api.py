@@ -156,6 +156,22 @@ def calibrate(loaded: LoadedModel, quant: QuantSettings, *, progress: bool = Tru
     return _calibrate(loaded, q.spec, q.qcfg, q.recipe, cache_root=q.cache_root, batch_size=q.batch, progress=progress)
 
 
+def sensitivity(loaded: LoadedModel, quant: QuantSettings, *, by: str = "blocks", progress: bool = True):
+    """Which layers to keep in high precision. ``by="blocks"``: ``trt_dm.calibrate.block_sensitivity`` (the model
+    quantized as ``quant`` says, one block kept in FP at a time, the error of the prediction the sampler uses,
+    guided under CFG); ``by="layers"``: ``layer_sensitivity`` (one layer quantized at a time, ``quant.recipe``'s
+    ranges, nothing excluded)."""
+    from .calibrate import block_sensitivity, layer_sensitivity
+    q = quant.resolved(loaded)
+    if by == "blocks":
+        return block_sensitivity(loaded, q.spec, q.qcfg, q.recipe, cache_root=q.cache_root, batch_size=q.batch,
+                                 progress=progress)
+    if by == "layers":
+        return layer_sensitivity(loaded, q.spec, q.recipe, cache_root=q.cache_root, weight_bits=q.qcfg.weight_bits,
+                                 batch_size=q.batch, progress=progress)
+    raise ValueError(f"sensitivity by {by!r}: accepted 'blocks' or 'layers'")
+
+
 # ---- denoisers from artifacts -------------------------------------------------------------------------------
 
 class Denoiser:

@@ -267,9 +267,7 @@ def cmd_calibrate(args) -> int:
     quant = _quant(args)
     loaded = _load(args)
     if args.sensitivity == "blocks":
-        from .calibrate import block_sensitivity
-        rep = block_sensitivity(loaded, quant.spec, quant.qcfg, quant.recipe, cache_root=quant.cache_root,
-                                batch_size=quant.batch, progress=not args.no_progress)
+        rep = api.sensitivity(loaded, quant, by="blocks", progress=not args.no_progress)
         what = f"guided prediction (guidance {rep['guidance_scale']:g})" if rep["guidance_scale"] != 1 else "prediction"
         end = rep["rel_mse_data_end"]
         print(f"per-block sensitivity (W{args.weight_bits}A8, recipe {quant.recipe}, {rep['n']} held-out calibration "
@@ -291,10 +289,8 @@ def cmd_calibrate(args) -> int:
     if args.sensitivity == "layers":
         import fnmatch
 
-        from .calibrate import layer_sensitivity
         from .quant import DEFAULT_EXCLUDE
-        rows = layer_sensitivity(loaded, quant.spec, quant.recipe, cache_root=quant.cache_root,
-                                 weight_bits=quant.qcfg.weight_bits, batch_size=quant.batch, progress=not args.no_progress)
+        rows = api.sensitivity(loaded, quant, by="layers", progress=not args.no_progress)
         print(f"per-layer sensitivity (W{args.weight_bits}A8, recipe {quant.recipe}, one layer quantized at a time; "
               "relative MSE of the predicted noise vs FP):")
         print(f"{'layer':48s} {'type':8s} {'rel MSE':>10s}  default")
