@@ -323,11 +323,13 @@ def block_sensitivity(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, r
     ref = predict(loaded.unet)
     end = calib.t < Schedule.from_config(loaded.scheduler_config).num_train_timesteps // 10
 
-    def errors(out: torch.Tensor) -> tuple[float, float | None]:
-        d = (out - ref).double().square()
+    def errors(disabled: list, full: float | None = None) -> dict:
+        """Relative MSE vs FP with ``disabled`` quantizers off, at the data end, and the share of ``full`` removed."""
+        d = (quantized_prediction(disabled) - ref).double().square()
         rel = float(d.mean() / ref.double().square().mean())
         rel_end = float(d[end].mean() / ref[end].double().square().mean()) if end.any() else None
-        return rel, rel_end
+        removed = None if full is None else (1 - rel / full if full > 0 else 0.0)
+        return {"rel_mse": rel, "rel_mse_data_end": rel_end, "removed": removed}
 
     quantizers: dict[str, list] = {}
     layers = quantized_layers(qunet)
@@ -337,21 +339,19 @@ def block_sensitivity(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, r
             quantizers.setdefault(block_of(owner), []).append(m)
     macs = layer_macs(loaded.unet, calib.x[:1], calib.t[:1], {c: v[:1] for c, v in calib.cond.items()})
     total = sum(macs.values())
-    full, full_end = errors(quantized_prediction([]))
+    full = errors([])
     rows = []
     from tqdm.auto import tqdm
     for block, qs in tqdm(sorted(quantizers.items()), desc="block sensitivity", unit="block", disable=not progress):
-        rel, rel_end = errors(quantized_prediction(qs))
         names = [n for n in layers if block_of(n) == block]
         rows.append({"block": block, "layers": len(names), "macs_share": sum(macs.get(n, 0) for n in names) / total,
-                     "rel_mse": rel, "rel_mse_data_end": rel_end, "removed": 1 - rel / full if full > 0 else 0.0})
+                     **errors(qs, full["rel_mse"])})
     rows.sort(key=lambda r: -r["removed"])
     together = []  # errors do not add up: the first k blocks of the ranking kept in FP together
     for k in range(2, min(cumulative, len(rows)) + 1):
         top = rows[:k]
-        rel, rel_end = errors(quantized_prediction([q for r in top for q in quantizers[r["block"]]]))
         together.append({"blocks": [r["block"] for r in top], "macs_share": sum(r["macs_share"] for r in top),
-                         "rel_mse": rel, "rel_mse_data_end": rel_end, "removed": 1 - rel / full if full > 0 else 0.0})
-    return {"recipe": recipe, "guidance_scale": guidance.scale,
-            "n": len(calib.t), "rel_mse": full, "rel_mse_data_end": full_end,
+                         **errors([q for r in top for q in quantizers[r["block"]]], full["rel_mse"])})
+    return {"recipe": recipe, "guidance_scale": guidance.scale, "n": len(calib.t), "rel_mse": full["rel_mse"],
+            "rel_mse_data_end": full["rel_mse_data_end"],
             "quantized_macs_share": sum(macs.get(n, 0) for n in layers) / total, "blocks": rows, "together": together}

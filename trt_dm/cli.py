@@ -149,12 +149,12 @@ def _quant(args):
                      seed=args.calib_seed, labels=labels if labels is None or labels == "all" else ",".join(map(str, labels)),
                      guidance_scale=scale, guidance_rescale=args.guidance_rescale, prompts=prompts,
                      negative_prompt=getattr(args, "negative_prompt", ""))
+    base = tuple(args.exclude) if args.exclude is not None else DEFAULT_EXCLUDE  # --keep-fp adds to it
     qcfg = QuantConfig(weight_bits=args.weight_bits, weight_calib=args.weight_calib, shortcut_split=args.shortcut_split,
                        rounding=args.rounding, recon_iters=args.recon_iters, recon_act_iters=args.recon_act_iters,
                        recon_temb=args.recon_temb, w8_layers=tuple(args.w8_layers or ()),
                        quantize_attention=args.quantize_attention,
-                       exclude=(tuple(args.exclude) if args.exclude is not None else DEFAULT_EXCLUDE)
-                       + tuple(p for p in args.keep_fp if p not in (args.exclude or DEFAULT_EXCLUDE)))
+                       exclude=base + tuple(p for p in dict.fromkeys(args.keep_fp) if p not in base))
     recipe = args.recipe
     if recipe is None:  # the default for these settings (and target), said when it is not the usual one
         from .api import default_recipe
@@ -275,14 +275,11 @@ def cmd_calibrate(args) -> int:
               f"quantized: {rep['rel_mse']:.3e}" + (f" (t < T/10: {end:.3e})" if end is not None else "")
               + "; and with each block alone kept in FP:")
         print(f"{'block':34s} {'layers':>6s} {'MACs':>6s} {'rel MSE':>10s} {'t < T/10':>10s} {'removed':>8s}")
-        for r in rep["blocks"]:
+        lines = [(r["block"], f"{r['layers']:6d}", r) for r in rep["blocks"]]
+        lines += [(f"the first {len(r['blocks'])} together", "", r) for r in rep["together"]]
+        for name, layers, r in lines:
             e = "" if r["rel_mse_data_end"] is None else f"{r['rel_mse_data_end']:.3e}"
-            print(f"{r['block']:34s} {r['layers']:6d} {r['macs_share']:6.1%} {r['rel_mse']:10.3e} {e:>10s} "
-                  f"{r['removed']:8.1%}")
-        for r in rep["together"]:
-            e = "" if r["rel_mse_data_end"] is None else f"{r['rel_mse_data_end']:.3e}"
-            print(f"{'the first ' + str(len(r['blocks'])) + ' together':34s} {'':6s} {r['macs_share']:6.1%} "
-                  f"{r['rel_mse']:10.3e} {e:>10s} {r['removed']:8.1%}")
+            print(f"{name:34s} {layers:>6s} {r['macs_share']:6.1%} {r['rel_mse']:10.3e} {e:>10s} {r['removed']:8.1%}")
         if rep["together"]:
             print("keep them in FP with: --keep-fp " + " ".join(f"'{b}.*'" for b in rep["together"][-1]["blocks"]))
         return 0

@@ -170,6 +170,11 @@ def _modelopt():
     return mtq, TensorQuantizer
 
 
+def _matching_nothing(patterns, names) -> str | None:
+    """The first fnmatch pattern of ``patterns`` that matches none of ``names``, or None."""
+    return next((p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)), None)
+
+
 def quantize_model(unet: nn.Module, qcfg: QuantConfig = QuantConfig()) -> nn.Module:
     """Insert modelopt quantizers into ``unet`` in place (Conv2d/Linear inputs and weights) and set the
     weight ranges. Activation quantizers are left without range until ``apply_ranges``."""
@@ -214,18 +219,18 @@ def quantize_model(unet: nn.Module, qcfg: QuantConfig = QuantConfig()) -> nn.Mod
                 if hasattr(mod, attr):
                     getattr(mod, attr).disable()
                     matched.append(name)
-    for p in qcfg.exclude:  # a pattern of the user's that keeps nothing in high precision is a typo, not a choice
-        if p not in DEFAULT_EXCLUDE and not any(fnmatch.fnmatchcase(n, p) for n in excluded + matched):
-            raise ValueError(f"exclude / keep-fp pattern {p!r} matches no quantizable layer (fnmatch on module names "
-                             "of convolutions and linear layers, e.g. 'down_blocks.0.*' or "
-                             "'down_blocks.0.resnets.0.conv1')")
+    # a pattern of the user's that keeps nothing in high precision is a typo, not a choice
+    p = _matching_nothing([p for p in qcfg.exclude if p not in DEFAULT_EXCLUDE], excluded + matched)
+    if p is not None:
+        raise ValueError(f"exclude / keep-fp pattern {p!r} matches no quantizable layer (fnmatch on module names "
+                         "of convolutions and linear layers, e.g. 'down_blocks.0.*' or 'down_blocks.0.resnets.0.conv1')")
     layers = quantized_layers(quantized)
     log.info("quantized %d layers, excluded %d: %s", len(layers), len(excluded), excluded)
     if qcfg.w8_layers:
-        for p in qcfg.w8_layers:  # a pattern that keeps nothing at 8 bits is a typo, not a choice
-            if not any(fnmatch.fnmatchcase(n, p) for n in layers):
-                raise ValueError(f"w8_layers pattern {p!r} matches no quantized layer (fnmatch on module names, "
-                                 f"e.g. {next(iter(layers), 'down_blocks.0.resnets.0.conv1')!r} or 'down_blocks.0.*')")
+        p = _matching_nothing(qcfg.w8_layers, layers)  # a pattern that keeps nothing at 8 bits is a typo
+        if p is not None:
+            raise ValueError(f"w8_layers pattern {p!r} matches no quantized layer (fnmatch on module names, "
+                             f"e.g. {next(iter(layers), 'down_blocks.0.resnets.0.conv1')!r} or 'down_blocks.0.*')")
         wide = [n for n, m in layers.items() if m.weight_quantizer.num_bits == 8]
         expect = [n for n in layers if qcfg.weight_bits_of(n) == 8]
         if wide != expect:  # modelopt's pattern matching decides; check it did what the patterns say
