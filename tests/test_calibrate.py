@@ -226,3 +226,26 @@ def test_block_sensitivity_matches_excluding_the_block(tiny_cls_pipeline_dir, tm
         assert rel_mse((row["block"] + ".*",)) == pytest.approx(row["rel_mse"], rel=1e-5)
     top2 = rep["together"][0]
     assert rel_mse(tuple(b + ".*" for b in top2["blocks"])) == pytest.approx(top2["rel_mse"], rel=1e-5)
+
+    # weights or activations: the activations-only error does not depend on the weights' bits, the weights-only
+    # error does (4-bit steps are 16x coarser); the per-kind shares are given for the first `cumulative` blocks
+    assert [("removed_by_weights" in r, "removed_by_activations" in r) for r in rep["blocks"]][:4] == \
+        [(True, True)] * 3 + [(False, False)]
+    rep4 = block_sensitivity(loaded, spec, QuantConfig(weight_bits=4), recipe, cache_root=tmp_path, n=8, batch_size=8,
+                             cumulative=2, progress=False)
+    assert rep4["activations_only"]["rel_mse"] == rep["activations_only"]["rel_mse"] > 0
+    assert rep4["weights_only"]["rel_mse"] > 10 * rep["weights_only"]["rel_mse"] > 0
+
+
+def test_block_sensitivity_with_learned_rounding_restores_fp_weights(tiny_pipeline_dir, tmp_path):
+    """Learned rounding stores its weights on the grid, so a layer kept in FP must get its FP weights back: with
+    only the activations quantized, the report of a reconstructed W4 model equals that of a nearest-rounded one
+    (same activation ranges, FP weights in both), while with its weights quantized it differs."""
+    from trt_dm.calibrate import block_sensitivity
+    loaded = load_model(tiny_pipeline_dir)
+    kw = dict(cache_root=tmp_path, n=8, batch_size=8, cumulative=2, progress=False)
+    nearest = block_sensitivity(loaded, SPEC, QuantConfig(weight_bits=4), "max", **kw)
+    learned = block_sensitivity(loaded, SPEC, QuantConfig(weight_bits=4, rounding="adaround", recon_iters=20), "max",
+                                **kw)
+    assert learned["activations_only"]["rel_mse"] == pytest.approx(nearest["activations_only"]["rel_mse"], rel=1e-6)
+    assert learned["weights_only"]["rel_mse"] != pytest.approx(nearest["weights_only"]["rel_mse"], rel=1e-3)

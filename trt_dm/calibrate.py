@@ -292,7 +292,9 @@ def block_sensitivity(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, r
     the error of the prediction the sampler uses, on ``n`` held-out calibration samples: with guidance the guided
     eps_u + w (eps_c - eps_u), whose error is not the per-half error the per-layer report measures. Relative MSE
     vs FP overall and at the data end (t < T/10), with each block's share of the convolution and linear MACs; then
-    the first 2 .. ``cumulative`` blocks of that ranking kept in FP together ("together")."""
+    the first 2 .. ``cumulative`` blocks of that ranking kept in FP together ("together"); and the error with only
+    the weights or only the activations quantized ("weights_only", "activations_only"), and in each of those first
+    blocks, the share removed by its weights alone or its activations alone in FP."""
     res = calibrate(loaded, spec, qcfg, recipe, cache_root=cache_root, batch_size=batch_size, progress=progress)
     qunet = fake_quant_unet(loaded, qcfg, res.ranges, weights=res.weights_path)
     small = dataclasses.replace(spec, n=min(n, spec.n), seed=spec.seed + 1)  # held-out trajectories
@@ -307,17 +309,30 @@ def block_sensitivity(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, r
             return torch.cat([den(calib.x[r], calib.t[r], **{c: v[r] for c, v in calib.cond.items()})
                               for r in rows.split(batch_size)])
 
+    # learned rounding stores its weights already on the grid: a layer kept in FP gets its FP weights back
+    fp_weights: dict[int, tuple[torch.nn.Module, torch.Tensor]] = {}  # id(weight quantizer) -> (layer, FP weight)
+    if qcfg.rounding != "nearest":
+        fp_layers = dict(loaded.unet.named_modules())
+        fp_weights = {id(m.weight_quantizer): (m, fp_layers[name].weight.detach()) for name, m in qunet.named_modules()
+                      if hasattr(m, "weight_quantizer")}
+
     def quantized_prediction(disabled: list) -> torch.Tensor:
         out = torch.empty_like(calib.x)
+        stored = [(fp_weights[id(q)][0], fp_weights[id(q)][0].weight.data) for q in disabled if id(q) in fp_weights]
         for k in torch.unique(groups).tolist():
             apply_ranges(qunet, res.ranges.amax(k))  # with every quantizer enabled: it checks the names
             for q in disabled:
                 q.disable()
+                if id(q) in fp_weights:
+                    layer, w = fp_weights[id(q)]
+                    layer.weight.data = w
             try:
                 out[groups == k] = predict(qunet, k)
             finally:
                 for q in disabled:
                     q.enable()
+                for layer, w in stored:
+                    layer.weight.data = w
         return out
 
     ref = predict(loaded.unet)
@@ -332,11 +347,17 @@ def block_sensitivity(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, r
         return {"rel_mse": rel, "rel_mse_data_end": rel_end, "removed": removed}
 
     quantizers: dict[str, list] = {}
+    weight_qs: set[int] = set()  # ids of the weight quantizers (the rest quantize activations)
     layers = quantized_layers(qunet)
     for name, m in qunet.named_modules():
         if type(m).__name__ == "TensorQuantizer" and m.is_enabled:
             owner = name.rsplit(".", 1)[0]
             quantizers.setdefault(block_of(owner), []).append(m)
+            if name.endswith("weight_quantizer"):
+                weight_qs.add(id(m))
+
+    def of_kind(qs: list, weights: bool) -> list:
+        return [q for q in qs if (id(q) in weight_qs) == weights]
     macs = layer_macs(loaded.unet, calib.x[:1], calib.t[:1], {c: v[:1] for c, v in calib.cond.items()})
     total = sum(macs.values())
     full = errors([])
@@ -352,6 +373,15 @@ def block_sensitivity(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, r
         top = rows[:k]
         together.append({"blocks": [r["block"] for r in top], "macs_share": sum(r["macs_share"] for r in top),
                          **errors([q for r in top for q in quantizers[r["block"]]], full["rel_mse"])})
+    # Weights or activations? The error with only one kind quantized, over the model and in each of the first
+    # blocks of the ranking (the share of the error removed by that block's weights / activations alone in FP):
+    # int8 weights with int16 or FP16 activations (or the reverse) is a different deployment question.
+    every = [q for qs in quantizers.values() for q in qs]
+    kinds = {"weights_only": errors(of_kind(every, False), full["rel_mse"]),
+             "activations_only": errors(of_kind(every, True), full["rel_mse"])}
+    for r in rows[:cumulative]:
+        r["removed_by_weights"] = errors(of_kind(quantizers[r["block"]], True), full["rel_mse"])["removed"]
+        r["removed_by_activations"] = errors(of_kind(quantizers[r["block"]], False), full["rel_mse"])["removed"]
     return {"recipe": recipe, "guidance_scale": guidance.scale, "n": len(calib.t), "rel_mse": full["rel_mse"],
-            "rel_mse_data_end": full["rel_mse_data_end"],
+            "rel_mse_data_end": full["rel_mse_data_end"], **kinds,
             "quantized_macs_share": sum(macs.get(n, 0) for n in layers) / total, "blocks": rows, "together": together}

@@ -280,6 +280,13 @@ def cmd_calibrate(args) -> int:
         for name, layers, r in lines:
             e = "" if r["rel_mse_data_end"] is None else f"{r['rel_mse_data_end']:.3e}"
             print(f"{name:34s} {layers:>6s} {r['macs_share']:6.1%} {r['rel_mse']:10.3e} {e:>10s} {r['removed']:8.1%}")
+        w, a = rep["weights_only"], rep["activations_only"]
+        print(f"weights or activations: with only the weights quantized {w['rel_mse']:.3e}, only the activations "
+              f"{a['rel_mse']:.3e}; share of the error removed by the weights / the activations alone in FP:")
+        for r in rep["blocks"]:
+            if "removed_by_weights" in r:
+                print(f"{r['block']:34s} weights {r['removed_by_weights']:6.1%}   activations "
+                      f"{r['removed_by_activations']:6.1%}")
         if rep["together"]:
             print("keep them in FP with: --keep-fp " + " ".join(f"'{b}.*'" for b in rep["together"][-1]["blocks"]))
         return 0
