@@ -271,6 +271,8 @@ def test_keep_fp_adds_to_the_default_exclusions(tiny_cls_pipeline_dir, tmp_path,
     assert main(["calibrate", *common, "--sensitivity", "blocks"]) == 0
     out = capsys.readouterr().out
     assert "relative MSE of the guided prediction (guidance 3)" in out and "the first 4 together" in out
+    assert "weights or activations: with only the weights quantized" in out
+    assert len([line for line in out.splitlines() if "%   activations " in line]) == 4  # the first 4 blocks
     keep = out.strip().splitlines()[-1]
     assert keep.startswith("keep them in FP with: --keep-fp '") and keep.count(".*'") == 4
     assert "mid_block.resnets.0 " in out and "up_blocks.0.attentions.1 " in out
