@@ -22,6 +22,7 @@ from trt_dm.calibrate import block_of, calibrate, fake_quant_unet, fp_calibratio
 from trt_dm.core.guidance import cfg_denoiser
 from trt_dm.evaluate import psnr
 from trt_dm.quant import DEFAULT_EXCLUDE, QuantConfig, apply_ranges
+from trt_dm.runners import switched_denoiser
 
 TOP = ("down_blocks.0.resnets.0", "up_blocks.2.resnets.0", "up_blocks.2.resnets.1")
 FIRST_RESOLUTION = ("down_blocks.0.*", "up_blocks.2.*")
@@ -112,15 +113,10 @@ def timesteps(loaded, spec: CalibSpec, recipe: str, keep_fp: tuple[str, ...], sp
     b, rb = quantized(loaded, spec, recipe, keep_fp)
     int8, kept = as_denoiser(a, ra), as_denoiser(b, rb)
 
-    def switched(t0: int, above: bool):
-        def fn(x, t, **c):
-            fp_rows = (t >= t0) if above else (t < t0)
-            out = torch.empty_like(x)
-            for rows, den in ((fp_rows, kept), (~fp_rows, int8)):
-                if rows.any():
-                    out[rows] = den(x[rows], t[rows], **{k: v[rows] for k, v in c.items()})
-            return out
-        return fn
+    last = api.schedule(loaded).num_train_timesteps - 1
+
+    def switched(t0: int, above: bool):  # two "timestep groups", (t_max, t_min) each, as group engines are run
+        return switched_denoiser([kept, int8] if above else [int8, kept], [(last, t0), (t0 - 1, 0)])
 
     def draw(fn):
         return api.draw(loaded, api.Denoiser(fn, torch.device("cpu"), {}), settings, progress=False)[0]

@@ -318,21 +318,23 @@ def block_sensitivity(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, r
 
     def quantized_prediction(disabled: list) -> torch.Tensor:
         out = torch.empty_like(calib.x)
-        stored = [(fp_weights[id(q)][0], fp_weights[id(q)][0].weight.data) for q in disabled if id(q) in fp_weights]
-        for k in torch.unique(groups).tolist():
-            apply_ranges(qunet, res.ranges.amax(k))  # with every quantizer enabled: it checks the names
-            for q in disabled:
-                q.disable()
-                if id(q) in fp_weights:
-                    layer, w = fp_weights[id(q)]
-                    layer.weight.data = w
-            try:
-                out[groups == k] = predict(qunet, k)
-            finally:
+        swapped = [fp_weights[id(q)] for q in disabled if id(q) in fp_weights]
+        rounded = [layer.weight.data for layer, _ in swapped]
+        for layer, w in swapped:
+            layer.weight.data = w
+        try:
+            for k in torch.unique(groups).tolist():
+                apply_ranges(qunet, res.ranges.amax(k))  # with every quantizer enabled: it checks the names
                 for q in disabled:
-                    q.enable()
-                for layer, w in stored:
-                    layer.weight.data = w
+                    q.disable()
+                try:
+                    out[groups == k] = predict(qunet, k)
+                finally:
+                    for q in disabled:
+                        q.enable()
+        finally:
+            for (layer, _), w in zip(swapped, rounded):
+                layer.weight.data = w
         return out
 
     ref = predict(loaded.unet)
