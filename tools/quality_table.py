@@ -90,6 +90,10 @@ COND_ROWS: list[tuple[str, str, list[str]]] = [
      "(up_blocks.1.resnets: 60.1 % of the MACs) in FP, guidance 3",
      [*_COND, "--recipe", "ptq4dm-g4", "--guidance-scale", "3", "--keep-fp", "down_blocks.0.*", "up_blocks.2.*",
       "up_blocks.1.resnets.*"]),
+    ("cond-w8a8-g4-fp-res0-t500-w3", "default-cond W8A8 ptq4dm-g4, first resolution in FP at the noisy steps t >= 500 "
+     "only (--keep-fp-from-t 500: 18.8 % of a run's MACs), guidance 3",
+     [*_COND, "--recipe", "ptq4dm-g4", "--guidance-scale", "3", "--keep-fp", "down_blocks.0.*", "up_blocks.2.*",
+      "--keep-fp-from-t", "500"]),
 ]
 ALL_ROWS = ROWS + COND_ROWS
 

@@ -163,6 +163,9 @@ def sensitivity(loaded: LoadedModel, quant: QuantSettings, *, by: str = "blocks"
     ranges, nothing excluded)."""
     from .calibrate import block_sensitivity, layer_sensitivity
     q = quant.resolved(loaded)
+    if q.qcfg.fp_from_t is not None:
+        raise ValueError("the sensitivity report ranks layers kept in FP at every step; --keep-fp-from-t is for "
+                         "evaluation and deployment (eval --recipe, export, engine)")
     if by == "blocks":
         return block_sensitivity(loaded, q.spec, q.qcfg, q.recipe, cache_root=q.cache_root, batch_size=q.batch,
                                  progress=progress)
@@ -248,12 +251,10 @@ def open_denoiser(loaded: LoadedModel, *, engines: Sequence[str | Path] = (), on
                 describe["t_ranges"] = t_ranges
             yield Denoiser(fn, runners[0].device, describe)
         elif ranges is not None:
-            from .calibrate import fake_quant_unet, grouped_denoiser
+            from .calibrate import fake_quant_denoiser
             from .quant import QuantConfig
-            qunet = fake_quant_unet(loaded, qcfg or QuantConfig(), ranges, fold_weights=True, weights=weights)
-            runner = stack.enter_context(TorchRunner(qunet, device="cpu", dtype=torch.float32, name="fakequant"))
-            fn = grouped_denoiser(qunet, ranges) if ranges.is_grouped else as_denoiser(runner)
-            yield Denoiser(fn, runner.device, {"runner": runner.name, "groups": len(ranges.groups)})
+            fn, describe = fake_quant_denoiser(loaded, qcfg or QuantConfig(), ranges, weights=weights, stack=stack)
+            yield Denoiser(fn, torch.device("cpu"), describe)
         else:
             # a runner moves its module to its device and dtype: off the CPU it gets a copy, so that the loaded
             # model (which calibration and export copy from) stays fp32 on the CPU
@@ -360,6 +361,8 @@ class EvalResult:
     weight_calib: str | None = None
     rounding: str | None = None  # learned weight rounding (adaround), when not round-to-nearest
     w8_layers: list | None = None  # W4A8 / W7A8: the layers whose weights stay 8-bit (fnmatch patterns)
+    keep_fp: list | None = None  # layers kept in high precision beyond the defaults (fnmatch patterns)
+    keep_fp_from_t: int | None = None  # ... at the steps t >= this only (quantized below)
     shortcut_split: bool | None = None
     calibration: str | None = None
     calib_n: int | None = None
@@ -496,6 +499,9 @@ def evaluate(loaded: LoadedModel, settings: SampleSettings, *, quant: QuantSetti
         res.shortcut_split, res.calibration, res.calib_n = q.shortcut_split, quant.spec.timesteps.describe(), quant.spec.n
         res.rounding = q.rounding if q.rounding != "nearest" else None
         res.w8_layers = list(q.w8_layers) or None
+        from .quant import DEFAULT_EXCLUDE
+        res.keep_fp = [p for p in q.exclude if p not in DEFAULT_EXCLUDE] + list(q.noisy_fp) or None
+        res.keep_fp_from_t = q.fp_from_t
         den_ctx = open_denoiser(loaded, ranges=calib.ranges, qcfg=q, weights=calib.weights_path)
     with den_ctx as test, open_denoiser(loaded, device=device) as fp:
         res.ov_precision = test.describe.get("precision") if openvino else None

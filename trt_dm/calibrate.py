@@ -14,6 +14,7 @@ entry is made; rerun with the same inputs and the entry is reused.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -182,7 +183,13 @@ def fake_quant_unet(loaded: LoadedModel, qcfg: QuantConfig, ranges: RangeSet, *,
     (ModelOpt's ``fold_weight``), so sampling does not re-quantize the weights on every call. The
     outputs are bit-identical; the model can then no longer be exported (the weight Q/DQ are gone), so
     evaluation uses it and export does not."""
-    qunet = quantize_model(copy.deepcopy(loaded.unet), qcfg)
+    if qcfg.fp_from_t is not None:
+        raise ValueError("a config with --keep-fp-from-t is two models (one per timestep segment): use segment_unets")
+    return _finish(quantize_model(copy.deepcopy(loaded.unet), qcfg), qcfg, ranges, fold_weights, weights)
+
+
+def _finish(qunet: torch.nn.Module, qcfg: QuantConfig, ranges: RangeSet, fold_weights: bool,
+            weights: Path | None) -> torch.nn.Module:
     apply_ranges(qunet, ranges.amax(0))
     if qcfg.rounding != "nearest":
         if weights is None:
@@ -193,6 +200,43 @@ def fake_quant_unet(loaded: LoadedModel, qcfg: QuantConfig, ranges: RangeSet, *,
         import modelopt.torch.quantization as mtq
         mtq.fold_weight(qunet)
     return qunet
+
+
+@dataclass
+class Segment:
+    """The fake-quant model of the timesteps ``t_range`` ((t_max, t_min); None: every step) and its ranges."""
+    t_range: tuple[int, int] | None
+    qcfg: QuantConfig
+    unet: torch.nn.Module
+    ranges: RangeSet
+
+
+def segment_unets(loaded: LoadedModel, qcfg: QuantConfig, ranges: RangeSet, *, fold_weights: bool = False,
+                  weights: Path | None = None) -> list[Segment]:
+    """``fake_quant_unet`` per timestep segment of ``qcfg`` (``QuantConfig.segments``): one model, or with
+    ``fp_from_t`` the noisy steps' (``noisy_fp`` layers unquantized, their ranges dropped) and the other steps'."""
+    out = []
+    for t_range, q in qcfg.segments(int(loaded.scheduler_config["num_train_timesteps"])):
+        qunet = quantize_model(copy.deepcopy(loaded.unet), q)
+        r = ranges.subset(range_names(qunet, q)) if t_range is not None else ranges
+        out.append(Segment(t_range, q, _finish(qunet, q, r, fold_weights, weights), r))
+    return out
+
+
+def fake_quant_denoiser(loaded: LoadedModel, qcfg: QuantConfig, ranges: RangeSet, *, weights: Path | None = None,
+                        stack: contextlib.ExitStack):
+    """(denoiser, describe) of the fake-quant model on the CPU: its range groups switched by t
+    (``grouped_denoiser``), its segments too (``fp_from_t``); runners entered on ``stack``."""
+    from .runners import TorchRunner, as_denoiser, switched_denoiser
+    segs = segment_unets(loaded, qcfg, ranges, fold_weights=True, weights=weights)
+    fns = []
+    for s in segs:
+        runner = stack.enter_context(TorchRunner(s.unet, device="cpu", dtype=torch.float32, name="fakequant"))
+        fns.append(grouped_denoiser(s.unet, s.ranges) if s.ranges.is_grouped else as_denoiser(runner))
+    describe = {"runner": "fakequant", "groups": len(ranges.groups)}
+    if len(segs) == 1:
+        return fns[0], describe
+    return switched_denoiser(fns, [s.t_range for s in segs]), {**describe, "t_ranges": [s.t_range for s in segs]}
 
 
 def grouped_denoiser(qunet: torch.nn.Module, ranges: RangeSet):

@@ -150,11 +150,16 @@ def _quant(args):
                      guidance_scale=scale, guidance_rescale=args.guidance_rescale, prompts=prompts,
                      negative_prompt=getattr(args, "negative_prompt", ""))
     base = tuple(args.exclude) if args.exclude is not None else DEFAULT_EXCLUDE  # --keep-fp adds to it
+    more = tuple(p for p in dict.fromkeys(args.keep_fp) if p not in base)
+    if args.keep_fp_from_t is not None and not more:
+        raise UsageError("--keep-fp-from-t T keeps the --keep-fp layers in FP at the steps t >= T: give --keep-fp "
+                         "PATTERN ... (layers not in --exclude)")
+    keep = (dict(exclude=base + more) if args.keep_fp_from_t is None
+            else dict(exclude=base, noisy_fp=more, fp_from_t=args.keep_fp_from_t))
     qcfg = QuantConfig(weight_bits=args.weight_bits, weight_calib=args.weight_calib, shortcut_split=args.shortcut_split,
                        rounding=args.rounding, recon_iters=args.recon_iters, recon_act_iters=args.recon_act_iters,
                        recon_temb=args.recon_temb, w8_layers=tuple(args.w8_layers or ()),
-                       quantize_attention=args.quantize_attention,
-                       exclude=base + tuple(p for p in dict.fromkeys(args.keep_fp) if p not in base))
+                       quantize_attention=args.quantize_attention, **keep)
     recipe = args.recipe
     if recipe is None:  # the default for these settings (and target), said when it is not the usual one
         from .api import default_recipe
@@ -255,6 +260,9 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-fp", nargs="+", default=(), metavar="PATTERN",
                    help="more layer name patterns kept in high precision, added to --exclude (or its defaults), "
                         "e.g. 'down_blocks.0.*' 'up_blocks.2.*'; `calibrate --sensitivity blocks` ranks the blocks")
+    p.add_argument("--keep-fp-from-t", type=int, default=None, metavar="T",
+                   help="the --keep-fp layers in FP only at the noisy steps t >= T, quantized below: two graphs / "
+                        "engines switched by t (e.g. 500: the first resolution at the noisy half of the steps)")
     p.add_argument("--cache-dir", default="calib_cache")
 
 

@@ -16,7 +16,7 @@ import contextlib
 import fnmatch
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Mapping
 
 import torch
@@ -76,8 +76,25 @@ class QuantConfig:
     # With weight_bits < 8: fnmatch patterns on module names whose weights stay 8-bit (mixed precision, as
     # Q-Diffusion keeps its most sensitive layers at 8 bits): e.g. the first resolution, "down_blocks.0.*"
     w8_layers: tuple[str, ...] = ()
+    # Precision by timestep: layers (fnmatch patterns) kept in high precision at the noisy steps t >= fp_from_t
+    # only, quantized below it. Deployed as two graphs / engines switched by t (the noisy one without those layers'
+    # Q/DQ); the statistics and ranges are the plain config's (every layer is quantized at some step).
+    noisy_fp: tuple[str, ...] = ()
+    fp_from_t: int | None = None
 
     def __post_init__(self) -> None:
+        if bool(self.noisy_fp) != (self.fp_from_t is not None):
+            raise ValueError("noisy_fp (--keep-fp with --keep-fp-from-t) names the layers kept in FP at the noisy "
+                             "steps and fp_from_t where those begin: give both or neither")
+        if self.fp_from_t is not None and self.fp_from_t < 1:
+            raise ValueError(f"fp_from_t (--keep-fp-from-t) must be >= 1, got {self.fp_from_t}")
+        if self.fp_from_t is not None and self.rounding != "nearest":
+            raise ValueError("--keep-fp-from-t with learned rounding: the rounding is learned for one set of quantized "
+                             "layers, two are deployed here; use --keep-fp (every step) or --rounding nearest")
+        both = [p for p in self.noisy_fp if p in self.exclude]
+        if both:
+            raise ValueError(f"pattern {both[0]!r} is excluded at every step already (--exclude); --keep-fp with "
+                             "--keep-fp-from-t names layers quantized at the steps below it")
         if self.w8_layers and self.weight_bits == 8:
             raise ValueError("w8_layers keeps some layers' weights at 8 bits in a lower-bit model: it needs "
                              "weight_bits 4 or 7 (--weight-bits 4)")
@@ -119,7 +136,19 @@ class QuantConfig:
                 **({"recon_iters": self.recon_iters} if self.rounding != "nearest" else {}),
                 **({"recon_act_iters": self.recon_act_iters} if self.recon_act_iters else {}),
                 **({"recon_temb": self.recon_temb} if self.recon_temb != "block" else {}),
-                **({"w8_layers": list(self.w8_layers)} if self.w8_layers else {})}
+                **({"w8_layers": list(self.w8_layers)} if self.w8_layers else {}),
+                **({"noisy_fp": list(self.noisy_fp), "fp_from_t": self.fp_from_t} if self.noisy_fp else {})}
+
+    def segments(self, num_train_timesteps: int) -> list[tuple[tuple[int, int] | None, QuantConfig]]:
+        """[(t_range, config)] of the deployment: one ``(None, self)``, or with ``fp_from_t`` the noisy steps
+        ``((T - 1, fp_from_t), noisy_fp excluded)`` and the rest ``((fp_from_t - 1, 0), the layers quantized)``."""
+        if self.fp_from_t is None:
+            return [(None, self)]
+        if self.fp_from_t >= num_train_timesteps:
+            raise ValueError(f"--keep-fp-from-t {self.fp_from_t} is beyond the schedule's timesteps 0..{num_train_timesteps - 1}")
+        plain = replace(self, noisy_fp=(), fp_from_t=None)
+        return [((num_train_timesteps - 1, self.fp_from_t), replace(plain, exclude=self.exclude + self.noisy_fp)),
+                ((self.fp_from_t - 1, 0), plain)]
 
 
 SPLIT_SUFFIXES = ("#h", "#skip")  # range names of the two halves of a split layer's input

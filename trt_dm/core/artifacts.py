@@ -158,6 +158,14 @@ class RangeSet:
         """{quantizer: amax} of group ``k`` (the only one for pooled ranges)."""
         return dict(self.groups[k].amax)
 
+    def subset(self, names: Sequence[str]) -> RangeSet:
+        """The ranges of ``names`` only (same groups): a model with fewer quantized layers; a name without a
+        range is an error."""
+        missing = sorted(set(names) - set(self.names))
+        if missing:
+            raise ValueError(f"no ranges for {missing[:5]} ({len(missing)} quantizers)")
+        return RangeSet(tuple(dataclasses.replace(g, amax={n: g.amax[n] for n in sorted(names)}) for g in self.groups))
+
     def widest(self) -> dict[str, float]:
         """{quantizer: the largest amax over the groups}."""
         return {n: max(g.amax[n] for g in self.groups) for n in self.names}
