@@ -123,6 +123,10 @@ SCREEN: list[tuple[str, str, list[str]]] = [
      "(--w8-layers 'down_blocks.0.*' 'up_blocks.2.*', Q-Diffusion-style mixed precision)",
      ["--recipe", "ptq4dm", "--weight-bits", "4", "--weight-calib", "mse", "--rounding", "adaround",
       "--recon-act-iters", "500", "--w8-layers", "down_blocks.0.*", "up_blocks.2.*"]),
+    ("w4a8-wmse-adaround-act-w8d0r0", "W4A8, as w4a8-wmse-adaround-act with only the block the W4 block report ranks "
+     "first at 8 bits (--w8-layers 'down_blocks.0.resnets.0.*': 2.1 % of the weights)",
+     ["--recipe", "ptq4dm", "--weight-bits", "4", "--weight-calib", "mse", "--rounding", "adaround",
+      "--recon-act-iters", "500", "--w8-layers", "down_blocks.0.resnets.0.*"]),
     ("w4a8-adaround", "W4A8, abs-max weight ranges + learned rounding (block reconstruction, 500 steps/block)",
      ["--recipe", "ptq4dm", "--weight-bits", "4", "--rounding", "adaround"]),
     ("w8a8-adaround", "W8A8 ptq4dm + learned rounding (block reconstruction, 500 steps/block)",

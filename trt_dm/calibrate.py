@@ -214,11 +214,12 @@ class Segment:
 def segment_unets(loaded: LoadedModel, qcfg: QuantConfig, ranges: RangeSet, *, fold_weights: bool = False,
                   weights: Path | None = None) -> list[Segment]:
     """``fake_quant_unet`` per timestep segment of ``qcfg`` (``QuantConfig.segments``): one model, or with
-    ``fp_from_t`` the noisy steps' (``noisy_fp`` layers unquantized, their ranges dropped) and the other steps'."""
+    ``fp_from_t`` the noisy steps' (``noisy_fp`` layers unquantized, their ranges dropped) and the other steps',
+    each with the range groups of its timesteps (``RangeSet.clip``)."""
     out = []
     for t_range, q in qcfg.segments(int(loaded.scheduler_config["num_train_timesteps"])):
         qunet = quantize_model(copy.deepcopy(loaded.unet), q)
-        r = ranges.subset(range_names(qunet, q)) if t_range is not None else ranges
+        r = ranges.subset(range_names(qunet, q)).clip(*t_range) if t_range is not None else ranges
         out.append(Segment(t_range, q, _finish(qunet, q, r, fold_weights, weights), r))
     return out
 

@@ -166,6 +166,23 @@ class RangeSet:
             raise ValueError(f"no ranges for {missing[:5]} ({len(missing)} quantizers)")
         return RangeSet(tuple(dataclasses.replace(g, amax={n: g.amax[n] for n in sorted(names)}) for g in self.groups))
 
+    def clip(self, t_max: int, t_min: int) -> RangeSet:
+        """The groups for the timesteps t_min..t_max only (a segment of a config whose precision changes with t):
+        those overlapping it (else the nearest one), bounds cut to it, the first and last widened to its ends so
+        that every t in it finds its group inside it; one group left comes back pooled (it holds for all of
+        them). Pooled ranges are returned as they are."""
+        if not self.is_grouped:
+            return self
+        keep = [g for g in self.groups if g.t_max >= t_min and g.t_min <= t_max]
+        if not keep:
+            mid = torch.tensor([(t_max + t_min) // 2])
+            keep = [self.groups[int(group_index(mid, self.t_ranges)[0])]]
+        if len(keep) == 1:
+            return RangeSet.pooled(keep[0].amax)
+        return RangeSet(tuple(dataclasses.replace(g, t_max=t_max if i == 0 else min(g.t_max, t_max),
+                                                  t_min=t_min if i == len(keep) - 1 else max(g.t_min, t_min))
+                              for i, g in enumerate(keep)))
+
     def widest(self) -> dict[str, float]:
         """{quantizer: the largest amax over the groups}."""
         return {n: max(g.amax[n] for g in self.groups) for n in self.names}
@@ -253,14 +270,22 @@ class ExportReport:
 
     @classmethod
     def load(cls, onnx_path: str | os.PathLike) -> ExportReport | None:
-        """The report next to an ONNX file, or None when there is none."""
-        p = Path(f"{onnx_path}.json")
+        """The report next to an ONNX file, or None when there is none. The FP32 Q/DQ graph of an FP16 export
+        (``X.fp32.onnx``) has the report of ``X.onnx`` when that names it as its ``fp32_onnx``."""
+        p, name = Path(f"{onnx_path}.json"), Path(onnx_path).name
+        twin = name.endswith(".fp32.onnx") and not p.is_file()
+        if twin:
+            p = Path(onnx_path).with_name(name.removesuffix(".fp32.onnx") + ".onnx.json")
         if not p.is_file():
             return None
         try:
             d = json.loads(p.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{p}: export report is not valid JSON ({e})") from None
+        if twin:
+            if d.get("fp32_onnx") != name:
+                return None
+            d.update(onnx=name, precision="fp32")
         d.setdefault("onnx", Path(onnx_path).name)
         d.setdefault("target", "tensorrt")
         d.setdefault("int8", d.get("recipe") is not None)

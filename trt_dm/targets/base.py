@@ -63,15 +63,21 @@ def recipe_slug(recipe: str) -> str:
 def graph_stem(model_name: str, recipe: str, qcfg=None) -> str:
     """File-name stem of a deployment's graphs and engines: '<model>-<recipe slug>', with '-w4' for W4A8 ('-w<bits>'),
     '-wmse' for MSE-searched weight ranges, '-ada' for learned rounding ('-act' with learned input ranges, '-temb' with
-    the time-embedding projections reconstructed on their own), '-w8<hash>' when some layers keep 8-bit weights, so
-    that no two weight configurations overwrite each other's files."""
+    the time-embedding projections reconstructed on their own), '-w8<hash>' when some layers keep 8-bit weights,
+    '-fp<hash>' when other layers than the default stay in FP ('-fp<hash>-t<T>': at the steps t >= T only), so that
+    no two configurations overwrite each other's files."""
     bits = getattr(qcfg, "weight_bits", 8)
     parts = [f"-w{bits}" if bits != 8 else "", "-wmse" if getattr(qcfg, "weight_calib", "max") == "mse" else ""]
     if getattr(qcfg, "rounding", "nearest") != "nearest":
         parts.append("-ada" + ("-act" if getattr(qcfg, "recon_act_iters", 0) else "")
                      + ("-temb" if getattr(qcfg, "recon_temb", "block") != "block" else ""))
+    import hashlib
     w8 = getattr(qcfg, "w8_layers", ())
     if w8:  # '-w8<hash>': which layers keep 8-bit weights
-        import hashlib
         parts.append("-w8" + hashlib.sha256("\0".join(w8).encode()).hexdigest()[:6])
+    from ..quant import DEFAULT_EXCLUDE
+    exclude, noisy = tuple(getattr(qcfg, "exclude", DEFAULT_EXCLUDE)), tuple(getattr(qcfg, "noisy_fp", ()))
+    if exclude != DEFAULT_EXCLUDE or noisy:  # '-fp<hash>': which layers stay in FP ('-t<T>': at t >= T only)
+        parts.append("-fp" + hashlib.sha256("\0".join(exclude + ("|",) + noisy).encode()).hexdigest()[:6]
+                     + (f"-t{qcfg.fp_from_t}" if noisy else ""))
     return f"{model_name}-{recipe_slug(recipe)}" + "".join(parts)

@@ -30,6 +30,9 @@ class OrtCpuTarget(Target):
             raise ValueError("the ort-cpu target quantizes weights with ONNX Runtime's own abs-max ranges, rounded to "
                              "nearest: --weight-calib mse and --rounding adaround need --target tensorrt or openvino "
                              "(the Q/DQ graph carries the weights as calibrated)")
+        if qcfg.fp_from_t is not None:
+            raise ValueError("the ort-cpu target writes one graph; --keep-fp-from-t deploys one per timestep segment "
+                             "(targets tensorrt and openvino)")
         if recipe.merge.startswith("groups"):
             raise ValueError(f"the ort-cpu target takes one range set; {recipe.name!r} has timestep groups (for the "
                              "tensorrt and openvino targets): use a one-range recipe such as ptq4dm (the ort-cpu "

@@ -138,18 +138,28 @@ class TensorRTTarget(Target):
 
     def export(self, job: ExportJob, progress: Callable[[str], None] = print) -> list[Exported]:
         """Export the calibrated fake-quant UNet (a groups=K recipe: one graph, or one per timestep group with the
-        ``group_engines`` option), run every check, write reports.
+        ``group_engines`` option; with ``fp_from_t``, that per timestep segment, ``.t<t_max>-<t_min>`` in the names),
+        run every check, write reports.
         Raises ``ExportCheckError`` listing the violations when a check fails (the ONNX files stay)."""
         from ..calib.ranges import get_recipe
-        from ..calibrate import fake_quant_unet
-        from ..export import compare_layers, export_onnx, to_fp16
-        from ..export import weight_code_ranges
-        from ..quant import apply_ranges, quantized_layers, weights_on_int8_grid
+        from ..calibrate import segment_unets
         if job.precision not in ("fp16", "fp32"):
             raise ValueError(f"precision must be fp16 or fp32, got {job.precision!r}")
         self.check(job.qcfg, get_recipe(job.recipe), job.options)
-        loaded, calib, ranges = job.loaded, job.calib, job.calib.ranges
-        qunet = fake_quant_unet(loaded, job.qcfg, ranges, weights=calib.weights_path)
+        loaded, calib = job.loaded, job.calib
+        feed = probe_inputs(loaded)
+        stem = graph_stem(loaded.name, job.recipe, job.qcfg)
+        out = []
+        # one segment, or with --keep-fp-from-t two (the noisy steps' without the kept layers' Q/DQ): each its graphs
+        for seg in segment_unets(loaded, job.qcfg, calib.ranges, weights=calib.weights_path):
+            out += self._export_segment(job, seg, stem, feed, progress)
+        return out
+
+    def _export_segment(self, job: ExportJob, seg, stem: str, feed: dict, progress) -> list[Exported]:
+        from ..export import compare_layers, export_onnx, to_fp16
+        from ..export import weight_code_ranges
+        from ..quant import apply_ranges, quantized_layers, weights_on_int8_grid
+        loaded, calib, ranges, qunet = job.loaded, job.calib, seg.ranges, seg.unet
         low_bits = job.qcfg.weight_bits < 8
         if low_bits:  # no int4 convolution in TensorRT; W7 for CPUs without VNNI: the codes go on the int8 grid
             converted = weights_on_int8_grid(qunet)
@@ -163,11 +173,10 @@ class TensorRTTarget(Target):
             from ..onegraph import one_graph
             qunet = one_graph(qunet, ranges)
         quantized = set(quantized_layers(qunet))
-        feed = probe_inputs(loaded)
-        stem = graph_stem(loaded.name, job.recipe, job.qcfg)
+        part = "" if seg.t_range is None else f".t{seg.t_range[0]}-{seg.t_range[1]}"
         out = []
         for k, group in enumerate(ranges.groups[:1] if one else ranges.groups):
-            suffix = ".onegraph" if one else f".g{k}" if ranges.is_grouped else ""
+            suffix = part + (".onegraph" if one else f".g{k}" if ranges.is_grouped else "")
             if ranges.is_grouped and not one:
                 apply_ranges(qunet, ranges.amax(k))
             t0 = time.perf_counter()
@@ -203,6 +212,10 @@ class TensorRTTarget(Target):
                 report.extra["one_graph"] = {"groups": len(ranges.groups), "t_ranges": ranges.t_ranges}
             elif ranges.is_grouped:
                 report.group, report.groups, report.t_range = k, len(ranges.groups), [group.t_max, group.t_min]
+            if seg.t_range is not None:  # this graph's part of the run: the runners switch graphs by it
+                report.t_range = report.t_range or list(seg.t_range)
+                report.extra["precision_by_t"] = {"t_range": list(seg.t_range), "quantized_layers": len(quantized),
+                                                   "fp_layers": [p for p in seg.qcfg.exclude if p not in job.qcfg.exclude]}
             target = fp32
             if job.precision == "fp16":
                 _require_graph_memory(fp32, FP16_MEMORY_PER_GRAPH_BYTE, "the FP16 conversion", "--precision fp32 builds "
