@@ -47,7 +47,8 @@ def test_fake_quant_switches_precision_by_timestep(tiny_pipeline_dir, tmp_path, 
     q = QuantConfig(noisy_fp=KEEP, fp_from_t=SPLIT)
     res = calibrate(loaded, SPEC, q, recipe, cache_root=tmp_path, batch_size=8, progress=False)
     plain = calibrate(loaded, SPEC, QuantConfig(), recipe, cache_root=tmp_path, batch_size=8, progress=False)
-    assert plain.stats_reused and plain.stats_dir == res.stats_dir and res.ranges == plain.ranges  # the plain config's statistics and ranges
+    # the plain config's statistics and ranges
+    assert plain.stats_reused and plain.stats_dir == res.stats_dir and res.ranges == plain.ranges
 
     noisy, data = segment_unets(loaded, q, res.ranges)
     assert not any(n.startswith("down_blocks.0.") for n in quantized_layers(noisy.unet))

@@ -127,6 +127,10 @@ SCREEN: list[tuple[str, str, list[str]]] = [
      "first at 8 bits (--w8-layers 'down_blocks.0.resnets.0.*': 2.1 % of the weights)",
      ["--recipe", "ptq4dm", "--weight-bits", "4", "--weight-calib", "mse", "--rounding", "adaround",
       "--recon-act-iters", "500", "--w8-layers", "down_blocks.0.resnets.0.*"]),
+    ("w4a8-wmse-adaround-act-w8u2", "W4A8, as w4a8-wmse-adaround-act with the last up block's weights at 8 bits "
+     "(--w8-layers 'up_blocks.2.*': is the first resolution's decoder half what the images need?)",
+     ["--recipe", "ptq4dm", "--weight-bits", "4", "--weight-calib", "mse", "--rounding", "adaround",
+      "--recon-act-iters", "500", "--w8-layers", "up_blocks.2.*"]),
     ("w4a8-adaround", "W4A8, abs-max weight ranges + learned rounding (block reconstruction, 500 steps/block)",
      ["--recipe", "ptq4dm", "--weight-bits", "4", "--rounding", "adaround"]),
     ("w8a8-adaround", "W8A8 ptq4dm + learned rounding (block reconstruction, 500 steps/block)",

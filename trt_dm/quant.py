@@ -145,7 +145,8 @@ class QuantConfig:
         if self.fp_from_t is None:
             return [(None, self)]
         if self.fp_from_t >= num_train_timesteps:
-            raise ValueError(f"--keep-fp-from-t {self.fp_from_t} is beyond the schedule's timesteps 0..{num_train_timesteps - 1}")
+            raise ValueError(f"--keep-fp-from-t {self.fp_from_t} is beyond the schedule's timesteps "
+                             f"0..{num_train_timesteps - 1}")
         plain = replace(self, noisy_fp=(), fp_from_t=None)
         return [((num_train_timesteps - 1, self.fp_from_t), replace(plain, exclude=self.exclude + self.noisy_fp)),
                 ((self.fp_from_t - 1, 0), plain)]

@@ -214,8 +214,9 @@ class TensorRTTarget(Target):
                 report.group, report.groups, report.t_range = k, len(ranges.groups), [group.t_max, group.t_min]
             if seg.t_range is not None:  # this graph's part of the run: the runners switch graphs by it
                 report.t_range = report.t_range or list(seg.t_range)
+                kept = [p for p in seg.qcfg.exclude if p not in job.qcfg.exclude]
                 report.extra["precision_by_t"] = {"t_range": list(seg.t_range), "quantized_layers": len(quantized),
-                                                   "fp_layers": [p for p in seg.qcfg.exclude if p not in job.qcfg.exclude]}
+                                                   "fp_layers": kept}
             target = fp32
             if job.precision == "fp16":
                 _require_graph_memory(fp32, FP16_MEMORY_PER_GRAPH_BYTE, "the FP16 conversion", "--precision fp32 builds "
