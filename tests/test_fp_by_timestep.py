@@ -65,7 +65,7 @@ def test_fake_quant_switches_precision_by_timestep(tiny_pipeline_dir, tmp_path, 
     x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     with contextlib.ExitStack() as stack:
         den, describe = fake_quant_denoiser(loaded, q, res.ranges, stack=stack)
-        assert describe["t_ranges"] == [(99, SPLIT), (SPLIT - 1, 0)]
+        assert describe["t_ranges"] == [(99, SPLIT), (SPLIT - 1, 0)] and describe["runner"] == "fakequant-cpu-float32"
         hi, lo = torch.tensor([90, SPLIT, 70]), torch.tensor([10, SPLIT - 1, 0])
         out_hi, out_lo = den(x, hi), den(x, lo)
         assert torch.equal(out_hi, reference(DEFAULT_EXCLUDE + KEEP, hi))

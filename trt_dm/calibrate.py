@@ -230,11 +230,11 @@ def fake_quant_denoiser(loaded: LoadedModel, qcfg: QuantConfig, ranges: RangeSet
     (``grouped_denoiser``), its segments too (``fp_from_t``); runners entered on ``stack``."""
     from .runners import TorchRunner, as_denoiser, switched_denoiser
     segs = segment_unets(loaded, qcfg, ranges, fold_weights=True, weights=weights)
-    fns = []
+    fns, runner = [], None
     for s in segs:
         runner = stack.enter_context(TorchRunner(s.unet, device="cpu", dtype=torch.float32, name="fakequant"))
         fns.append(grouped_denoiser(s.unet, s.ranges) if s.ranges.is_grouped else as_denoiser(runner))
-    describe = {"runner": "fakequant", "groups": len(ranges.groups)}
+    describe = {"runner": runner.name, "groups": len(ranges.groups)}
     if len(segs) == 1:
         return fns[0], describe
     return switched_denoiser(fns, [s.t_range for s in segs]), {**describe, "t_ranges": [s.t_range for s in segs]}
