@@ -74,6 +74,8 @@ ROWS: list[tuple[str, str, list[str]]] = [
 ]
 # The class-conditional default model (issue #12): same seeds, every class in turn, guidance 1 and 3.
 _COND = ["--model", "default-cond", "--classes", "all"]
+_T500 = "default-cond-ptq4dm-g4-fpf6039c-t500"  # stem of `trt-dm export --model default-cond --guidance-scale 3
+# --keep-fp 'down_blocks.0.*' 'up_blocks.2.*' --keep-fp-from-t 500`
 COND_ROWS: list[tuple[str, str, list[str]]] = [
     ("cond-fp-w1", "default-cond FP32, guidance 1", _COND),
     ("cond-fp-w3", "default-cond FP32, guidance 3", [*_COND, "--guidance-scale", "3"]),
@@ -173,6 +175,14 @@ SCREEN: list[tuple[str, str, list[str]]] = [
      "ranks first (down_blocks.0.resnets.0, up_blocks.2.resnets.0: 24.2 % of the MACs) kept in FP",
      [*_COND, "--recipe", "ptq4dm-g4", "--guidance-scale", "3", "--exclude", *DEFAULT_EXCLUDE,
       "down_blocks.0.resnets.0.*", "up_blocks.2.resnets.0.*"]),
+    ("cond-g4-w3-fp-res0-t500", "default-cond, guidance 3: ptq4dm-g4 with the first resolution in FP at t >= 500 "
+     "only (fake-quant: two models switched by t)",
+     [*_COND, "--recipe", "ptq4dm-g4", "--guidance-scale", "3", "--keep-fp", "down_blocks.0.*", "up_blocks.2.*",
+      "--keep-fp-from-t", "500"]),
+    ("cond-g4-w3-fp-res0-t500-ort", "default-cond, guidance 3: the same as the two exported FP32 Q/DQ graphs "
+     "(`trt-dm export ... --keep-fp-from-t 500`) in ONNX Runtime, switched by t",
+     [*_COND, "--guidance-scale", "3", "--onnx", f"engines/{_T500}.t999-500.onegraph.fp32.onnx",
+      f"engines/{_T500}.t499-0.onegraph.fp32.onnx"]),
     ("ndtc-0.4-0.4", "ndtc mu=0.4 sigma=0.4 (PTQ4DM's published script)",
      ["--recipe", "ptq4dm", "--timesteps", "ndtc:0.4,0.4"]),
     ("ex-d0r0c1", "also keep down_blocks.0.resnets.0.conv1 in FP (most sensitive quantized layer)",

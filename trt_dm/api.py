@@ -404,22 +404,25 @@ class EvalResult:
 
 
 def evaluate(loaded: LoadedModel, settings: SampleSettings, *, quant: QuantSettings | None = None,
-             onnx: str | Path | None = None, openvino: str | Path | Sequence[str | Path] | None = None,
+             onnx: str | Path | Sequence[str | Path] | None = None,
+             openvino: str | Path | Sequence[str | Path] | None = None,
              ov_precision: str = "fp32", ov_streams: int | None = None, extractor=None, ref: str = "test",
              ref_limit: int | None = None,
              eps_n: int = 256, cache_root: Path = DEFAULT_CACHE_ROOT, device: str | None = None,
              threads: int | None = None, progress: bool = True) -> EvalResult:
     """FD (FD-EffNet by default, or the given feature ``extractor``) and KID against Fashion-MNIST ``ref``; with
-    ``quant`` (a fake-quant recipe), ``onnx`` (an exported graph in ONNX Runtime) or ``openvino`` (exported
+    ``quant`` (a fake-quant recipe), ``onnx`` (exported graphs in ONNX Runtime: one, or the timestep groups /
+    segments of one deployment) or ``openvino`` (exported
     graphs in OpenVINO, ``ov_precision`` for their non-quantized math, ``ov_streams`` its streams) also the same-seed fidelity to FP: FD
     change, PSNR of the images, per-timestep noise-prediction error on ``eps_n`` images."""
     from . import evaluate as E
     openvino = [openvino] if isinstance(openvino, (str, Path)) else list(openvino or [])
+    onnx = [onnx] if isinstance(onnx, (str, Path)) else list(onnx or [])
     given = [k for k, v in (("--recipe", quant), ("--onnx", onnx), ("--openvino", openvino)) if v]
     if len(given) > 1:
         raise ValueError("--recipe evaluates the torch fake-quant model, --onnx / --openvino an exported graph in "
                          f"ONNX Runtime / OpenVINO: give one, not {' and '.join(given)}")
-    files = ([("--onnx", onnx)] if onnx is not None else []) + [("--openvino", p) for p in openvino]
+    files = [("--onnx", p) for p in onnx] + [("--openvino", p) for p in openvino]
     for flag, path in files:
         if not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: no such file")
@@ -478,15 +481,15 @@ def evaluate(loaded: LoadedModel, settings: SampleSettings, *, quant: QuantSetti
         feats = E.extract_features(images, extractor, disable=disable)
         return (E.frechet_distance(feats, reference), *E.kid(feats, reference, subset_size=kid_size))
 
-    if quant is None and onnx is None and not openvino:
+    if quant is None and not onnx and not openvino:
         fp_images, fp_secs, _, _ = fp_samples(loaded, settings, cache_root=cache_root, device=device,
                                               progress=progress)
         res.images, res.sampling_seconds = fp_images, round(fp_secs, 1)
         res.fd, res.kid_mean, res.kid_std = score(fp_images)
         res.class_accuracy = accuracy(fp_images)
         return res
-    if onnx is not None:
-        res.onnx = str(onnx)
+    if onnx:
+        res.onnx = " ".join(map(str, onnx))
         den_ctx = open_denoiser(loaded, onnx=onnx, threads=threads)
     elif openvino:
         res.openvino = " ".join(map(str, openvino))

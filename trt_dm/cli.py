@@ -565,8 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="reports/eval", help="where result.json and grid.png go")
     p.add_argument("--recipe", default=None,
                    help="evaluate the fake-quant model calibrated with this recipe against FP (same seeds)")
-    p.add_argument("--onnx", default=None,
-                   help="evaluate this exported ONNX graph in ONNX Runtime (e.g. the ort-cpu int8 target) against FP")
+    p.add_argument("--onnx", nargs="+", default=None,
+                   help="evaluate this exported ONNX graph in ONNX Runtime (e.g. the ort-cpu int8 target) against FP; "
+                        "several: the timestep groups / segments of one deployment, switched by t")
     p.add_argument("--eps-n", type=int, default=256,
                    help="images whose per-timestep noise-prediction error is measured (recipe runs)")
     _openvino_args(p)
