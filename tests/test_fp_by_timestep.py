@@ -147,3 +147,8 @@ def test_engine_per_segment_runs_in_onnx_runtime_and_tensorrt_rtx(tiny_pipeline_
     n_convs = [sum(isinstance(m, torch.nn.Conv2d) for m in quantized_layers(s.unet).values()) for s in segs]
     assert noisy_convs == {"Int8": n_convs[0], "Half": 2 + n_convs[1] - n_convs[0]} and n_convs[0] < n_convs[1]
     assert data_convs == {"Int8": n_convs[1], "Half": 2}
+    # `trt-dm eval --onnx A B`: the pair scored against FP like any deployment, both graphs named in the result
+    assert main(["eval", "--model", str(tiny_pipeline_dir), "--onnx", *map(str, graphs), "--steps", "4", "--n", "4",
+                 "--eps-n", "2", "--ref-limit", "16", "--no-progress", "--out-dir", str(tmp_path / "ev")]) == 0
+    result = json.loads((tmp_path / "ev" / "result.json").read_text())
+    assert result["onnx"] == " ".join(map(str, graphs)) and result["psnr_vs_fp"] > 0
