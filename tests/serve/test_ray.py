@@ -41,7 +41,13 @@ def test_deployment_options_follow_the_flags(tiny_cls_pipeline_dir):
         ray_app.build({"serve_args": "--model x", "replicas": 2})
 
 
-def test_two_replicas_serve_the_sampled_images(tiny_cls_pipeline_dir):
+def test_patient_proxy_env_keeps_what_the_user_set():
+    env = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "7"}
+    assert ray_app.patient_proxy_env(env) == {"RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
+    assert env == {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "7", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
+
+
+def test_two_replicas_serve_the_sampled_images(tiny_cls_pipeline_dir, monkeypatch):
     import ray
     from ray import serve
     model = api.load(str(tiny_cls_pipeline_dir))
@@ -55,6 +61,8 @@ def test_two_replicas_serve_the_sampled_images(tiny_cls_pipeline_dir):
             refs.append(to_uint8(api.draw(model, den, s, progress=False)[0]))
 
     port = _free_port()
+    for k, v in ray_app.PROXY_PATIENCE.items():  # as `trt-dm serve --ray` starts Ray: proxy start-up on loaded cores
+        monkeypatch.setenv(k, v)
     ray.init(num_cpus=4, include_dashboard=False, object_store_memory=200 * 2 ** 20, logging_level="ERROR")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -18,15 +18,34 @@ per-deployment metrics for the whole application).
 Backpressure: a replica takes at most ``max_queue + max_rows`` requests at once (``max_ongoing_requests``); its
 ``Service`` answers 429 beyond ``--max-queue`` images, as without Ray; Ray queues at most ``--max-queue`` requests
 itself when every replica is full, and answers 503 beyond that.
+
+Start-up on a busy machine: Ray Serve's controller gives its HTTP proxy 5 s to report ready and kills it after three
+misses; a proxy starting on loaded cores takes longer (measured: killed while two sampling jobs held both cores of
+this 2-core VM), and `serve.start` then fails with "the actor never ran". When `trt-dm serve --ray` starts Ray
+itself it gives the proxy ``PROXY_PATIENCE`` instead (unless those variables are set); a cluster's controller
+reads them from its own nodes' environment.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shlex
 import signal
 import sys
 import time
+
+
+# Ray Serve's proxy readiness and health-check timeouts (seconds; Ray's defaults: 5 and 10), read by the controller
+# process at its start, which inherits them from the process that starts Ray.
+PROXY_PATIENCE = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
+
+
+def patient_proxy_env(environ=os.environ) -> dict[str, str]:
+    """Set ``PROXY_PATIENCE`` in ``environ`` where not set already (before a local `ray.init`); returns what it set."""
+    added = {k: v for k, v in PROXY_PATIENCE.items() if k not in environ}
+    environ.update(added)
+    return added
 
 
 def parse_serve_args(serve_args) -> argparse.Namespace:
@@ -116,6 +135,8 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.recipe:  # calibrate once here, so that replicas on this machine find the ranges in the cache
         from .. import api
         api.calibrate(_load(args), _quant(args), progress=not args.no_progress)
+    if args.ray_address is None:
+        patient_proxy_env()
     ray.init(address=args.ray_address, include_dashboard=False, logging_level="WARNING" if not args.verbose else "INFO")
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
