@@ -26,6 +26,15 @@ def test_nested_stages_have_their_own_peaks_and_outer_ones_the_maximum():
     assert "peak RSS GiB" in log.table() and "big" in log.table()
 
 
+def test_table_columns_line_up_for_long_stage_names():
+    log = stages.StageLog(rows=[{"stage": "calibration", "seconds": 8.7, "peak_rss_mb": 1023},
+                {"stage": "export " + "m-r-fp1234-t500.t999-500.onegraph" * 2 + ": FP16 conversion", "seconds": 30.5,
+                 "peak_rss_mb": None}])
+    lines = log.table().splitlines()
+    assert len({len(line) for line in lines}) == 1  # every row as wide as the header: the numbers in one column
+    assert lines[1].endswith("8.7          1.00") and lines[2].endswith("30.5           n/a")
+
+
 def test_stage_outside_a_recording_does_nothing():
     with stages.stage("nowhere"):
         pass

@@ -146,10 +146,11 @@ class StageLog:
                 self.on_stage(self.rows)
 
     def table(self) -> str:
-        lines = [f"{'stage':56s} {'wall s':>9s} {'peak RSS GiB':>13s}"]
+        w = max([56, *(len(r["stage"]) for r in self.rows)])  # long graph names: the columns still line up
+        lines = [f"{'stage':{w}s} {'wall s':>9s} {'peak RSS GiB':>13s}"]
         for r in self.rows:
             peak = f"{r['peak_rss_mb'] / 1024:.2f}" if r["peak_rss_mb"] is not None else "n/a"
-            lines.append(f"{r['stage']:56s} {r['seconds']:9.1f} {peak:>13s}")
+            lines.append(f"{r['stage']:{w}s} {r['seconds']:9.1f} {peak:>13s}")
         return "\n".join(lines)
 
 
