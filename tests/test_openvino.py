@@ -285,6 +285,8 @@ def test_target_reuses_the_tensorrt_graph_and_reports_int8_layers(cls_graph):
     assert len(convs) >= 20 and all(r["precision"] in ("i8", "u8") and r["runtime_type"] == "Convolution" for r in convs)
     assert all(r["precision"] in ("i8", "u8") for r in quantized)  # every quantized conv / linear runs int8
     assert doc["fallbacks"] == [] and doc["unmapped"] == []
+    # unfused FakeQuantize ops: each quantizes a tensor that also feeds float layers (int8 out), none runs in float
+    assert doc["standalone_fake_quantize"] > 0 and doc["standalone_fake_quantize_float_out"] == 0
     floats = {r["layer"] for r in rows if r["op"] == "Conv" and not r["quantized"]}
     assert floats == {"conv_in", "conv_out"}  # the default exclusions stay float
     assert all(r["precision"] == "f32" for r in rows if r["op"] == "Conv" and not r["quantized"])
@@ -296,6 +298,7 @@ def test_target_reuses_the_tensorrt_graph_and_reports_int8_layers(cls_graph):
     assert 0 < vs_fp["graph"] < 0.5 and 0 < vs_fp["openvino"] < 1
     text = (out / (graph.name + ".openvino.txt")).read_text()
     assert "run in int8" in text and "quantized in the graph but run in float: none" in text
+    assert f"{doc['standalone_fake_quantize']} quantize a tensor to int8" in text and "0 run a Q/DQ pair in float" in text
     assert ("--weight-bits 7" in text) is doc["int8_pair_sums_saturate"]  # the remedy, named where it applies
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
 

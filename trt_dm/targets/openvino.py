@@ -79,8 +79,8 @@ def layer_precisions(compiled, model) -> list[dict]:
 
 def precision_report(onnx_path: Path, *, probe: dict | None = None, fp_output=None, threads: int | None = None) -> dict:
     """Compile ``onnx_path`` with OpenVINO (CPU, FP32 math) and describe what runs: per-layer rows, counts, the
-    float fallbacks, the standalone (unfused) FakeQuantize ops, the CPU's int8 instructions and whether the
-    graph's weight codes can saturate its kernels; with ``probe`` (a feed of torch tensors), also OpenVINO vs the
+    float fallbacks, the standalone (unfused) FakeQuantize ops by output precision, the CPU's int8 instructions and
+    whether the graph's weight codes can saturate its kernels; with ``probe`` (a feed of torch tensors), also OpenVINO vs the
     graph's float Q/DQ reference (ONNX Runtime, optimisations off), and with ``fp_output`` (the unquantized
     model's output on the probe) both against it."""
     try:
@@ -121,7 +121,11 @@ def precision_report(onnx_path: Path, *, probe: dict | None = None, fp_output=No
         "int8_kernels": dict(Counter(r["kernel"] for r in rows if r["int8"])),
         "fallbacks": [r["layer"] for r in rows if r["fallback"]],
         "unmapped": [r["node"] for r in rows if r["runtime_type"] is None],
-        "standalone_fake_quantize": sum(_rt(i, "layerType") == "FakeQuantize" for i in ops),
+        # FakeQuantize ops OpenVINO did not fuse into a neighbour: with an int8 output they are the quantize step
+        # as its own kernel (the tensor also feeds float layers, e.g. a concat feeding a norm and a shortcut conv,
+        # or three linears: an extra pass over it, nothing lost); with a float output, a Q/DQ pair run in float
+        "standalone_fake_quantize": len(fqs := [i for i in ops if _rt(i, "layerType") == "FakeQuantize"]),
+        "standalone_fake_quantize_float_out": sum(_rt(i, "outputPrecisions") not in INT8 for i in fqs),
         "layers": rows,
     }
     if probe is not None:
@@ -167,8 +171,10 @@ def summary(doc: dict) -> str:
     lines.append("  quantized in the graph but run in float: " + (", ".join(doc["fallbacks"]) or "none"))
     if doc["unmapped"]:
         lines.append("  not found in the runtime graph: " + ", ".join(doc["unmapped"]))
-    lines.append(f"  standalone FakeQuantize ops (Q/DQ not fused into a kernel, run in float): "
-                 f"{doc['standalone_fake_quantize']}")
+    n_fq, n_float = doc["standalone_fake_quantize"], doc.get("standalone_fake_quantize_float_out")
+    lines.append(f"  standalone FakeQuantize ops (not fused into a neighbouring kernel): {n_fq}" + (
+        "" if n_float is None or not n_fq else f"; {n_fq - n_float} quantize a tensor to int8 for int8 layers (an extra pass), "
+                                   f"{n_float} run a Q/DQ pair in float"))
     if "vs_qdq_reference" in doc:
         v = doc["vs_qdq_reference"]
         lines.append(f"  vs the graph's float Q/DQ reference (ONNX Runtime, optimisations off; {v['rows']} probe rows): "
