@@ -298,7 +298,8 @@ def test_target_reuses_the_tensorrt_graph_and_reports_int8_layers(cls_graph):
     assert 0 < vs_fp["graph"] < 0.5 and 0 < vs_fp["openvino"] < 1
     text = (out / (graph.name + ".openvino.txt")).read_text()
     assert "run in int8" in text and "quantized in the graph but run in float: none" in text
-    assert f"{doc['standalone_fake_quantize']} quantize a tensor to int8" in text and "0 run a Q/DQ pair in float" in text
+    n_fq = doc["standalone_fake_quantize"]
+    assert f"{n_fq} quantize a tensor to int8" in text and "0 run a Q/DQ pair in float" in text
     assert ("--weight-bits 7" in text) is doc["int8_pair_sums_saturate"]  # the remedy, named where it applies
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
 

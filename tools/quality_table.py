@@ -66,8 +66,8 @@ ROWS: list[tuple[str, str, list[str]]] = [
      "(--w8-layers 'down_blocks.0.*' 'up_blocks.2.*': 10 % of the weights)",
      ["--recipe", "ptq4dm", "--weight-bits", "4", "--weight-calib", "mse", "--rounding", "adaround",
       "--recon-act-iters", "500", "--w8-layers", "down_blocks.0.*", "up_blocks.2.*"]),
-    ("w4a8-ndtc-ptq4dm-wmse-adaround-act-w8u2", "W4A8 as the adaround-act row, only the last up block's weights at 8 bits "
-     "(--w8-layers 'up_blocks.2.*': 7.2 % of the weights; the best W4 mix screened)",
+    ("w4a8-ndtc-ptq4dm-wmse-adaround-act-w8u2", "W4A8 as the adaround-act row, only the last up block's weights at "
+     "8 bits (--w8-layers 'up_blocks.2.*': 7.2 % of the weights; the best W4 mix screened)",
      ["--recipe", "ptq4dm", "--weight-bits", "4", "--weight-calib", "mse", "--rounding", "adaround",
       "--recon-act-iters", "500", "--w8-layers", "up_blocks.2.*"]),
     ("ddpm250-fp", "FP32, DDPM 250", ["--sampler", "ddpm", "--steps", "250"]),

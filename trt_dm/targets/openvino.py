@@ -80,9 +80,9 @@ def layer_precisions(compiled, model) -> list[dict]:
 def precision_report(onnx_path: Path, *, probe: dict | None = None, fp_output=None, threads: int | None = None) -> dict:
     """Compile ``onnx_path`` with OpenVINO (CPU, FP32 math) and describe what runs: per-layer rows, counts, the
     float fallbacks, the standalone (unfused) FakeQuantize ops by output precision, the CPU's int8 instructions and
-    whether the graph's weight codes can saturate its kernels; with ``probe`` (a feed of torch tensors), also OpenVINO vs the
-    graph's float Q/DQ reference (ONNX Runtime, optimisations off), and with ``fp_output`` (the unquantized
-    model's output on the probe) both against it."""
+    whether the graph's weight codes can saturate its kernels; with ``probe`` (a feed of torch tensors), also
+    OpenVINO vs the graph's float Q/DQ reference (ONNX Runtime, optimisations off), and with ``fp_output`` (the
+    unquantized model's output on the probe) both against it."""
     try:
         import openvino as ov
     except ImportError as e:
@@ -172,9 +172,9 @@ def summary(doc: dict) -> str:
     if doc["unmapped"]:
         lines.append("  not found in the runtime graph: " + ", ".join(doc["unmapped"]))
     n_fq, n_float = doc["standalone_fake_quantize"], doc.get("standalone_fake_quantize_float_out")
-    lines.append(f"  standalone FakeQuantize ops (not fused into a neighbouring kernel): {n_fq}" + (
-        "" if n_float is None or not n_fq else f"; {n_fq - n_float} quantize a tensor to int8 for int8 layers (an extra pass), "
-                                   f"{n_float} run a Q/DQ pair in float"))
+    split = "" if n_float is None or not n_fq else (f"; {n_fq - n_float} quantize a tensor to int8 for int8 layers "
+                                                     f"(an extra pass), {n_float} run a Q/DQ pair in float")
+    lines.append(f"  standalone FakeQuantize ops (not fused into a neighbouring kernel): {n_fq}{split}")
     if "vs_qdq_reference" in doc:
         v = doc["vs_qdq_reference"]
         lines.append(f"  vs the graph's float Q/DQ reference (ONNX Runtime, optimisations off; {v['rows']} probe rows): "
