@@ -100,6 +100,10 @@ COND_ROWS: list[tuple[str, str, list[str]]] = [
      "only (--keep-fp-from-t 500: 18.8 % of a run's MACs), guidance 3",
      [*_COND, "--recipe", "ptq4dm-g4", "--guidance-scale", "3", "--keep-fp", "down_blocks.0.*", "up_blocks.2.*",
       "--keep-fp-from-t", "500"]),
+    ("cond-w8a8-g4-fp-res01u-t500-w3", "default-cond W8A8 ptq4dm-g4, first resolution and the 16 x 16 decoder resnets "
+     "in FP at the noisy steps t >= 500 only (30.0 % of a run's MACs), guidance 3",
+     [*_COND, "--recipe", "ptq4dm-g4", "--guidance-scale", "3", "--keep-fp", "down_blocks.0.*", "up_blocks.2.*",
+      "up_blocks.1.resnets.*", "--keep-fp-from-t", "500"]),
 ]
 ALL_ROWS = ROWS + COND_ROWS
 
