@@ -193,6 +193,11 @@ def _t_range(path: Path) -> tuple[int, int] | None:
     return tuple(meta.t_range) if meta is not None and meta.t_range else None
 
 
+def _paths(given) -> list:
+    """One path (str / Path) or several (a sequence, or None for none) -> a list of them."""
+    return [given] if isinstance(given, (str, Path)) else list(given or ())
+
+
 @contextlib.contextmanager
 def open_denoiser(loaded: LoadedModel, *, engines: Sequence[str | Path] = (), onnx: Sequence[str | Path] | str | Path = (),
                   openvino: Sequence[str | Path] | str | Path = (), ranges: RangeSet | None = None, qcfg=None,
@@ -207,9 +212,7 @@ def open_denoiser(loaded: LoadedModel, *, engines: Sequence[str | Path] = (), on
     (``ranges`` [+ ``qcfg``, + ``weights``: reconstructed weights for ``qcfg.rounding`` other than nearest, the
     calibration's ``weights_path``]), or the torch FP model (none given). Several engines / graphs must be the timestep groups of one ``groups=K`` recipe. Runners are active
     inside the ``with`` block and freed after it."""
-    onnx = [onnx] if isinstance(onnx, (str, Path)) else list(onnx)
-    openvino = [openvino] if isinstance(openvino, (str, Path)) else list(openvino)
-    engines = list(engines)
+    onnx, openvino, engines = _paths(onnx), _paths(openvino), list(engines)
     given = [k for k, v in (("engines", engines), ("onnx", onnx), ("openvino", openvino), ("ranges", ranges)) if v]
     if len(given) > 1:
         raise ValueError(f"give one of engines, onnx, openvino or ranges, not {' and '.join(given)}")
@@ -416,8 +419,7 @@ def evaluate(loaded: LoadedModel, settings: SampleSettings, *, quant: QuantSetti
     graphs in OpenVINO, ``ov_precision`` for their non-quantized math, ``ov_streams`` its streams) also the same-seed fidelity to FP: FD
     change, PSNR of the images, per-timestep noise-prediction error on ``eps_n`` images."""
     from . import evaluate as E
-    openvino = [openvino] if isinstance(openvino, (str, Path)) else list(openvino or [])
-    onnx = [onnx] if isinstance(onnx, (str, Path)) else list(onnx or [])
+    onnx, openvino = _paths(onnx), _paths(openvino)
     given = [k for k, v in (("--recipe", quant), ("--onnx", onnx), ("--openvino", openvino)) if v]
     if len(given) > 1:
         raise ValueError("--recipe evaluates the torch fake-quant model, --onnx / --openvino an exported graph in "

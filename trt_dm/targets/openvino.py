@@ -105,6 +105,7 @@ def precision_report(onnx_path: Path, *, probe: dict | None = None, fp_output=No
     codes = weight_code_ranges(model).values()  # the graph loaded once, above
     code_max = max((max(-lo, hi) for lo, hi in codes), default=0)
     saturate = pair_sums_saturate(isa)
+    fqs = [i for i in ops if _rt(i, "layerType") == "FakeQuantize"]
     doc = {
         "onnx": Path(onnx_path).name, "onnx_sha256": sha256_file(onnx_path), "openvino": ov.get_version(),
         "device": core.get_property("CPU", "FULL_DEVICE_NAME"),
@@ -124,7 +125,7 @@ def precision_report(onnx_path: Path, *, probe: dict | None = None, fp_output=No
         # FakeQuantize ops OpenVINO did not fuse into a neighbour: with an int8 output they are the quantize step
         # as its own kernel (the tensor also feeds float layers, e.g. a concat feeding a norm and a shortcut conv,
         # or three linears: an extra pass over it, nothing lost); with a float output, a Q/DQ pair run in float
-        "standalone_fake_quantize": len(fqs := [i for i in ops if _rt(i, "layerType") == "FakeQuantize"]),
+        "standalone_fake_quantize": len(fqs),
         "standalone_fake_quantize_float_out": sum(_rt(i, "outputPrecisions") not in INT8 for i in fqs),
         "layers": rows,
     }
