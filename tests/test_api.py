@@ -22,13 +22,14 @@ def grouped_graphs(tiny_pipeline_dir, tmp_path_factory):
 
 def test_default_recipe_is_ptq4dm_g4_unless_the_settings_take_one_range_set():
     """No recipe named: ptq4dm-g4 (deployed as one graph), and the paper's ptq4dm, with the reason, where a
-    groups=K recipe cannot go: the ort-cpu layout, learned rounding, split shortcuts, quantized attention matmuls,
-    fewer calibration steps than groups. A named recipe is never replaced."""
+    groups=K recipe cannot go: the ort-cpu layout, learned input ranges (one per layer), split shortcuts, quantized
+    attention matmuls, fewer calibration steps than groups. A named recipe is never replaced."""
     from trt_dm.quant import QuantConfig
     assert api.default_recipe() == ("ptq4dm-g4", "")
+    assert api.default_recipe(QuantConfig(weight_bits=4, rounding="adaround")) == ("ptq4dm-g4", "")
     assert api.default_recipe(QuantConfig(weight_bits=4), SPEC, "openvino") == ("ptq4dm-g4", "")
     for qcfg, spec, target, flag in ((None, None, "ort-cpu", "--target ort-cpu"),
-                                     (QuantConfig(rounding="adaround"), None, None, "--rounding adaround"),
+                                     (QuantConfig(rounding="adaround", recon_act_iters=5), None, None, "--recon-act-iters"),
                                      (QuantConfig(shortcut_split=True), None, None, "--shortcut-split"),
                                      (QuantConfig(quantize_attention=True), None, "tensorrt", "--quantize-attention"),
                                      (None, CalibSpec(steps=3), None, "--calib-steps 3")):

@@ -141,6 +141,12 @@ SCREEN: list[tuple[str, str, list[str]]] = [
      "(--w8-layers 'up_blocks.2.*': is the first resolution's decoder half what the images need?)",
      ["--recipe", "ptq4dm", "--weight-bits", "4", "--weight-calib", "mse", "--rounding", "adaround",
       "--recon-act-iters", "500", "--w8-layers", "up_blocks.2.*"]),
+    ("w4a8-wmse-g4", "W4A8, MSE-searched weight clip with the default's four activation range sets (ptq4dm-g4): "
+     "how much of W4A8's error is the pooled activation ranges?",
+     ["--recipe", "ptq4dm-g4", "--weight-bits", "4", "--weight-calib", "mse"]),
+    ("w4a8-wmse-g4-adaround", "W4A8, MSE-searched weight clip + learned rounding under the four activation range "
+     "sets (ptq4dm-g4; each calibration row reconstructed with its timestep group's ranges)",
+     ["--recipe", "ptq4dm-g4", "--weight-bits", "4", "--weight-calib", "mse", "--rounding", "adaround"]),
     ("w4a8-adaround", "W4A8, abs-max weight ranges + learned rounding (block reconstruction, 500 steps/block)",
      ["--recipe", "ptq4dm", "--weight-bits", "4", "--rounding", "adaround"]),
     ("w8a8-adaround", "W8A8 ptq4dm + learned rounding (block reconstruction, 500 steps/block)",

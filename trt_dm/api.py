@@ -105,13 +105,13 @@ class SampleSettings:
 def default_recipe(qcfg=None, spec=None, target: str | None = None) -> tuple[str, str]:
     """The recipe used when none is named, and why when it is not ``DEFAULT_RECIPE``: ``ptq4dm-g4`` (four
     timestep-dependent range sets, deployed as one graph), or the paper's ``ptq4dm`` where the settings take one
-    range set: the ort-cpu target, learned rounding (one set of weights), split shortcuts or quantized attention
-    matmuls (no one-graph form), fewer calibration steps than groups."""
+    range set: the ort-cpu target, learned input ranges (``--recon-act-iters``: one range per layer), split shortcuts or
+    quantized attention matmuls (no one-graph form), fewer calibration steps than groups."""
     from .calib.ranges import DEFAULT_RECIPE, ONE_RANGE_RECIPE
     from .quant import QuantConfig
     qcfg = qcfg or QuantConfig()
     why = [reason for cond, reason in (
-        (target == "ort-cpu", "--target ort-cpu"), (qcfg.rounding != "nearest", f"--rounding {qcfg.rounding}"),
+        (target == "ort-cpu", "--target ort-cpu"), (qcfg.recon_act_iters > 0, "--recon-act-iters"),
         (qcfg.shortcut_split, "--shortcut-split"), (qcfg.quantize_attention, "--quantize-attention"),
         (spec is not None and spec.steps < 4, f"--calib-steps {getattr(spec, 'steps', '')}")) if cond]
     if why:

@@ -152,9 +152,9 @@ def reconstructed_weights(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfi
     """The weights with learned rounding (``qcfg.rounding``) for these ranges, cached beside the statistics as
     ``<recipe>.<rounding>-<key>.safetensors`` (key: quantization config, ranges, reconstruction settings)."""
     from .calib.reconstruct import ReconConfig, reconstruct, save_weights
-    if ranges.is_grouped:
-        raise ValueError(f"--rounding {qcfg.rounding} needs one range set; {recipe!r} has {len(ranges.groups)} timestep "
-                         "groups (the weights would be shared by engines with different activation ranges)")
+    if ranges.is_grouped and qcfg.recon_act_iters:
+        raise ValueError(f"--recon-act-iters learns one input range per layer: it needs one range set; {recipe!r} has "
+                         f"{len(ranges.groups)} timestep groups (use --rounding adaround alone, or a pooled recipe)")
     rc = ReconConfig(iters=qcfg.recon_iters, seed=spec.seed, act_iters=qcfg.recon_act_iters, temb=qcfg.recon_temb)
     blob = json.dumps({"quant": qcfg.to_dict(), "ranges": ranges.to_dict(), "recon": rc.key()}, sort_keys=True)
     path = directory / f"{recipe}.{qcfg.rounding}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}.safetensors"
@@ -167,11 +167,29 @@ def reconstructed_weights(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfi
                                                                 recon_temb="block"), ranges)
         calib, guidance = fp_calibration_set(loaded, spec, batch_size=batch_size, progress=progress)
         batches = list(calib.unet_batches(batch_size, guidance))
-        weights, act_amax = reconstruct(qunet, copy.deepcopy(loaded.unet), batches, rc, progress=progress)
+        grouping = {}
+        if ranges.is_grouped:  # each row with its timestep group's ranges, as the one-graph / K engines run it
+            batches, groups = _split_batches_by_group(batches, ranges.t_ranges)
+            grouping = {"batch_groups": groups, "set_group": lambda k: apply_ranges(qunet, ranges.amax(k))}
+        weights, act_amax = reconstruct(qunet, copy.deepcopy(loaded.unet), batches, rc, progress=progress,
+                                        **grouping)
         save_weights(path, weights, {"quant": qcfg.to_dict(), "recon": dataclasses.asdict(rc), "recipe": recipe,
                                      "model": loaded.fingerprint(), "seconds": round(time.perf_counter() - t0, 1),
                                      **({"input_amax": act_amax} if rc.act_iters else {})})
     return path
+
+
+def _split_batches_by_group(batches: list, t_ranges) -> tuple[list, list[int]]:
+    """The UNet batches [(x, t, conditioning)] cut so that each holds rows of one timestep group; and each one's group."""
+    out, groups = [], []
+    for x, t, cond in batches:
+        gi = group_index(t, t_ranges)
+        for k in torch.unique(gi).tolist():
+            rows = torch.nonzero(gi == k).flatten()
+            out.append((x[rows], t[rows], {n: v[rows] if torch.is_tensor(v) and v.dim() and v.shape[0] == len(t)
+                                           else v for n, v in cond.items()}))
+            groups.append(k)
+    return out, groups
 
 
 def fake_quant_unet(loaded: LoadedModel, qcfg: QuantConfig, ranges: RangeSet, *,

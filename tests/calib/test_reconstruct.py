@@ -78,8 +78,61 @@ def test_adaround_lowers_w4_error_is_on_grid_cached_and_reproducible(tiny_pipeli
     assert err_ada < err_near, (err_ada, err_near)
     with pytest.raises(ValueError, match="needs the reconstructed weights"):
         fake_quant_unet(loaded, ada_cfg, a.ranges)
+    act_cfg = QuantConfig(weight_bits=4, rounding="adaround", recon_iters=5, recon_act_iters=5)
+    with pytest.raises(ValueError, match="needs one range set"):  # one learned range per layer: not K range sets
+        calibrate(loaded, SPEC, act_cfg, "max@groups=2", cache_root=tmp_path, batch_size=8, progress=False)
+    assert not list(tmp_path.glob("*/*/max@groups=2.adaround-*"))  # nothing written
+
+
+def test_adaround_with_timestep_groups_learns_under_each_rows_ranges(tiny_pipeline_dir, tmp_path):
+    """A groups=K recipe with learned rounding: every calibration row runs with its timestep group's ranges (the
+    capture batches are cut by group, each training step draws one group's rows); one set of weights, on the W4
+    grid, bit-identical on a rerun, and the K-range model's error against FP (each row with its group's ranges,
+    as deployed) below round-to-nearest's with the same ranges."""
+    from trt_dm.calib.reconstruct import _RowGroups
+    from trt_dm.calibrate import _split_batches_by_group, grouped_denoiser
+    from trt_dm.core.artifacts import group_index
+    loaded = load_model(tiny_pipeline_dir)
+    recipe = "mse:2.4@groups=2"
+    near_cfg = QuantConfig(weight_bits=4)
+    ada_cfg = QuantConfig(weight_bits=4, rounding="adaround", recon_iters=60)
+    near = calibrate(loaded, SPEC, near_cfg, recipe, cache_root=tmp_path, batch_size=8, progress=False)
+    a = calibrate(loaded, SPEC, ada_cfg, recipe, cache_root=tmp_path, batch_size=8, progress=False)
+    assert a.ranges.is_grouped and a.ranges == near.ranges and a.weights_path.exists()
+    c = calibrate(loaded, SPEC, ada_cfg, recipe, cache_root=tmp_path / "fresh", batch_size=8, progress=False)
+    wa, wc = load_file(str(a.weights_path)), load_file(str(c.weights_path))
+    assert wa.keys() == wc.keys() and all(torch.equal(wa[k], wc[k]) for k in wa)
+    pooled = calibrate(loaded, SPEC, ada_cfg, "ptq4dm", cache_root=tmp_path, batch_size=8, progress=False)
+    wp = load_file(str(pooled.weights_path))
+    assert any(not torch.equal(wa[k], wp[k]) for k in wa)  # the groups' ranges changed what was learned
+
+    calib, guidance = fp_calibration_set(loaded, SPEC, batch_size=8, progress=False)
+    batches = list(calib.unet_batches(8, guidance))
+    cut, groups = _split_batches_by_group(batches, a.ranges.t_ranges)
+    assert sum(b[0].shape[0] for b in cut) == sum(b[0].shape[0] for b in batches) and len(set(groups)) == 2
+    for (x, t, _c), k in zip(cut, groups):
+        assert (group_index(t, a.ranges.t_ranges) == k).all()
+    used = []
+    rg = _RowGroups([b[0].shape[0] for b in cut], groups, used.append, 0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # a training batch holds one group's rows
+        assert len(torch.unique(rg.row[rg.draw(g, 8)])) == 1
+    split = list(rg.split(torch.arange(len(rg.row))))
+    assert [k for k, _ in split] == sorted(set(groups)) and used == [k for k, _ in split]
     with pytest.raises(ValueError, match="needs one range set"):
-        calibrate(loaded, SPEC, ada_cfg, "max@groups=2", cache_root=tmp_path, batch_size=8, progress=False)
+        _RowGroups([4], [0], used.append, 3)
+
+    held_out = CalibSpec(SPEC.timesteps, n=16, steps=8, seed=1)
+    hcal, _ = fp_calibration_set(loaded, held_out, batch_size=16, progress=False)
+    x, t, _cond = next(hcal.batches(16))
+    assert len(torch.unique(group_index(t, a.ranges.t_ranges))) == 2
+    with torch.no_grad():
+        ref = loaded.unet(x, t).sample
+    errs = []
+    for cfg, res in ((near_cfg, near), (ada_cfg, a)):
+        q = fake_quant_unet(loaded, cfg, res.ranges, weights=res.weights_path)
+        errs.append((grouped_denoiser(q, res.ranges)(x, t) - ref).pow(2).mean().item())
+    assert errs[1] < errs[0], errs
 
 
 def test_separate_time_embedding_unit_comes_first_and_lowers_the_error(tiny_pipeline_dir, tmp_path):
@@ -137,12 +190,17 @@ def test_bad_rounding_settings_are_refused():
 def test_cli_calibrate_with_learned_rounding_and_bad_iters(tiny_pipeline_dir, tmp_path, capsys):
     from trt_dm.cli import main
     base = ["calibrate", "--model", str(tiny_pipeline_dir), "--cache-dir", str(tmp_path), "--calib-n", "8",
-            "--calib-steps", "4", "--batch", "8", "--no-progress", "--weight-bits", "4", "--rounding", "adaround"]
+            "--calib-steps", "4", "--timesteps", "all", "--batch", "8", "--no-progress", "--weight-bits", "4",
+            "--rounding", "adaround"]
     assert main(base + ["--recon-iters", "5"]) == 0
     out, err = capsys.readouterr()
-    assert "weights with learned rounding (adaround) ->" in out and ".adaround-" in out
-    # no recipe named: the default ptq4dm-g4 has 4 range sets, learned rounding takes one; the CLI says so
-    assert "recipe ptq4dm (the default ptq4dm-g4" in err and "--rounding adaround takes one" in err
+    # no recipe named: the default ptq4dm-g4, its 4 range sets applied by timestep while the rounding is learned
+    assert "weights with learned rounding (adaround) ->" in out and "ptq4dm-g4.adaround-" in out
+    assert "the default ptq4dm-g4" not in err
+    assert main(base + ["--recon-iters", "5", "--recon-act-iters", "5"]) == 0
+    out, err = capsys.readouterr()  # learned input ranges take one range set; the CLI says so
+    assert "recipe ptq4dm (the default ptq4dm-g4" in err and "--recon-act-iters takes one" in err
+    assert "ptq4dm.adaround-" in out
     assert main(base + ["--recon-iters", "0"]) == 2
     assert "recon_iters must be >= 1" in capsys.readouterr().err
 

@@ -26,6 +26,12 @@ with the block's rounding fixed, the input range of each of its layers is learne
 regulariser), LSQ-style (Esser et al. 2020): amax = amax0 * exp(u), rounding with a straight-through gradient, so
 the loss reaches u through the step and the clipping. The learned ranges replace the recipe's for those layers
 (per-tensor scales, so the graph is still the standard Q/DQ export); later blocks see them.
+
+Timestep-dependent activation ranges (a ``groups=K`` recipe, ``set_group``): every calibration row is run with the
+range set of its timestep's group, as the deployed graph runs it (one set of weights, K range sets switched by t), both
+where the blocks' inputs are captured and in the block loss; each training step draws its rows from one group (the
+group of a uniformly drawn row, so groups weigh by their rows as in the ungrouped loss). Input-range refinement
+learns one range per layer, so it needs one range set.
 """
 from __future__ import annotations
 
@@ -177,9 +183,10 @@ def separate_temb(units: list[tuple[str, nn.Module, list[str]]], q_modules: dict
     return [(TEMB_UNIT, _Together([q_modules[ly] for ly in temb]), temb), *[u for u in rest if u[2]]]
 
 
-def _capture(model: nn.Module, modules: list[nn.Module], batches, output: bool) -> list[list]:
+def _capture(model: nn.Module, modules: list[nn.Module], batches, output: bool,
+             before: Callable[[int], None] | None = None) -> list[list]:
     """Inputs (args, kwargs) or the output of each of ``modules`` for each batch, in one pass of ``model`` over
-    ``batches``: one list per module."""
+    ``batches`` (``before(i)`` called ahead of batch i): one list per module."""
     got: list[list] = [[] for _ in modules]
 
     def hook(k, args, kwargs, out=None):
@@ -194,7 +201,9 @@ def _capture(model: nn.Module, modules: list[nn.Module], batches, output: bool) 
                for k, m in enumerate(modules)]
     try:
         with torch.no_grad():
-            for x, t, c in batches:
+            for i, (x, t, c) in enumerate(batches):
+                if before is not None:
+                    before(i)
                 model(x, t, **c)
     finally:
         for h in handles:
@@ -256,13 +265,15 @@ def _trainable_attention(qunet: nn.Module):
 
 
 def reconstruct(qunet: nn.Module, fp_unet: nn.Module, batches: list, cfg: ReconConfig = ReconConfig(),
-                progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+                progress: bool = True, *, batch_groups: list[int] | None = None,
+                set_group: Callable[[int], None] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Learn the rounding of every quantized layer's weight in ``qunet`` (a calibrated fake-quant model) block
     by block against ``fp_unet`` on ``batches`` ([(x, t, conditioning)], as the UNet is called). The hard
     rounding is folded into ``qunet``'s weights in place (on the quantizers' grids; the weight quantizers stay on
     and reproduce them exactly). With ``cfg.act_iters``, each block's per-tensor input ranges are then learned
-    and set in ``qunet``'s quantizers. Returns ({layer: rounded weight}, {layer: learned input amax}; empty without
-    ``act_iters``) and logs each block's error before / after."""
+    and set in ``qunet``'s quantizers. With timestep-grouped ranges, ``batch_groups`` gives each batch's group (every
+    batch within one group) and ``set_group(k)`` puts range set k into ``qunet``. Returns ({layer: rounded weight},
+    {layer: learned input amax}; empty without ``act_iters``) and logs each block's error before / after."""
     from tqdm.auto import tqdm
     qunet.eval()
     fp_unet.eval()
@@ -270,6 +281,7 @@ def reconstruct(qunet: nn.Module, fp_unet: nn.Module, batches: list, cfg: ReconC
         p.requires_grad_(False)
     sizes = [b[0].shape[0] for b in batches]
     n = sum(sizes)
+    grouped = _RowGroups(sizes, batch_groups, set_group, cfg.act_iters) if batch_groups is not None else None
     units = blocks_in_order(qunet, lambda: qunet(*batches[0][:2], **batches[0][2]))
     fp_modules, q_modules = dict(fp_unet.named_modules()), dict(qunet.named_modules())
     if cfg.temb == "separate":
@@ -280,12 +292,14 @@ def reconstruct(qunet: nn.Module, fp_unet: nn.Module, batches: list, cfg: ReconC
     bar = tqdm(units, desc="reconstruction", unit="block", disable=not progress)
     for name, block, layers in bar:
         if name == TEMB_UNIT:  # each layer's own inputs (quantized model) and outputs (FP), side by side
-            ins = _capture(qunet, [q_modules[ly] for ly in layers], batches, output=False)
+            ins = _capture(qunet, [q_modules[ly] for ly in layers], batches, output=False,
+                           before=grouped.before_batch if grouped else None)
             inputs = (tuple(_collate(got, sizes)[0][0] for got in ins), {})
             outs = _capture(fp_unet, [fp_modules[ly] for ly in layers], batches, output=True)
             target = torch.cat([_collate(got, sizes).flatten(1) for got in outs], 1)
         else:
-            inputs = _collate(_capture(qunet, [block], batches, output=False)[0], sizes)
+            inputs = _collate(_capture(qunet, [block], batches, output=False,
+                                       before=grouped.before_batch if grouped else None)[0], sizes)
             target = _collate(_capture(fp_unet, [fp_modules[name]], batches, output=True)[0], sizes)
         params, quantizers = [], []
         for layer in layers:  # the layer's weight quantizer is swapped for the learned rounding while training
@@ -300,8 +314,14 @@ def reconstruct(qunet: nn.Module, fp_unet: nn.Module, batches: list, cfg: ReconC
         warm = int(cfg.warmup * cfg.iters)
 
         def block_loss(idx):
-            args, kwargs = _rows(inputs, idx, n)
-            return (_first(block(*args, **kwargs)) - _rows(target, idx, n)).pow(2).mean()
+            if grouped is None:
+                args, kwargs = _rows(inputs, idx, n)
+                return (_first(block(*args, **kwargs)) - _rows(target, idx, n)).pow(2).mean()
+            total = 0.0
+            for k, rows in grouped.split(idx):  # each row with its group's ranges; the mean over all rows
+                args, kwargs = _rows(inputs, rows, n)
+                total = total + (_first(block(*args, **kwargs)) - _rows(target, rows, n)).pow(2).sum()
+            return total / (len(idx) * target[0].numel())
 
         with torch.no_grad():
             probe = torch.randperm(n, generator=g)[:min(n, 4 * cfg.batch)]
@@ -318,7 +338,8 @@ def reconstruct(qunet: nn.Module, fp_unet: nn.Module, batches: list, cfg: ReconC
             beta = cfg.beta[1] + 0.5 * (cfg.beta[0] - cfg.beta[1]) * (1 + math.cos(math.pi * frac))
             return cfg.reg * sum(p.regulariser(beta) for p in params)
 
-        _train(block, [p.v for p in params], cfg.lr, cfg.iters, block_loss, n, g, cfg.batch, rounding_penalty)
+        _train(block, [p.v for p in params], cfg.lr, cfg.iters, block_loss, n, g, cfg.batch, rounding_penalty,
+               draw=grouped.draw if grouped else None)
         with torch.no_grad():
             for p in params:
                 p.hard = True
@@ -337,19 +358,60 @@ def reconstruct(qunet: nn.Module, fp_unet: nn.Module, batches: list, cfg: ReconC
 
 
 def _train(block, variables, lr: float, iters: int, block_loss, n: int, g: torch.Generator, batch: int,
-           penalty: Callable[[int], torch.Tensor | None] | None = None) -> None:
-    """Adam on ``variables`` for ``iters`` steps of ``block_loss`` on random row batches drawn from ``g`` (plus
-    ``penalty(step)`` where it returns a term): the loop the rounding and the input ranges both learn by."""
+           penalty: Callable[[int], torch.Tensor | None] | None = None,
+           draw: Callable[[torch.Generator, int], torch.Tensor] | None = None) -> None:
+    """Adam on ``variables`` for ``iters`` steps of ``block_loss`` on random row batches drawn from ``g`` (by
+    ``draw(g, batch)`` where given; plus ``penalty(step)`` where it returns a term): the loop the rounding and the
+    input ranges both learn by."""
     opt = torch.optim.Adam(variables, lr=lr)
     with _trainable_attention(block):
         for i in range(iters):
-            loss = block_loss(torch.randint(0, n, (min(batch, n),), generator=g))
+            idx = draw(g, batch) if draw is not None else torch.randint(0, n, (min(batch, n),), generator=g)
+            loss = block_loss(idx)
             extra = penalty(i) if penalty is not None else None
             if extra is not None:
                 loss = loss + extra
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+
+
+class _RowGroups:
+    """The timestep group of every calibration row (``batch_groups``: one per batch) and the range set in force
+    (``set_group`` called only when it changes)."""
+
+    def __init__(self, sizes: list[int], batch_groups: list[int], set_group: Callable[[int], None] | None,
+                 act_iters: int) -> None:
+        if set_group is None or len(batch_groups) != len(sizes):
+            raise ValueError(f"grouped reconstruction needs set_group and one group per batch ({len(sizes)} batches, "
+                             f"{len(batch_groups)} groups)")
+        if act_iters:
+            raise ValueError("input-range refinement (act_iters) learns one range per layer: it needs one range set, "
+                             "not timestep groups")
+        self.batch_groups, self.set_group, self.current = list(batch_groups), set_group, None
+        self.row = torch.cat([torch.full((s,), k, dtype=torch.int64) for s, k in zip(sizes, batch_groups)])
+        self.members = {k: torch.nonzero(self.row == k).flatten() for k in sorted(set(self.batch_groups))}
+
+    def use(self, k: int) -> None:
+        if k != self.current:
+            self.set_group(k)
+            self.current = k
+
+    def before_batch(self, i: int) -> None:
+        self.use(self.batch_groups[i])
+
+    def split(self, idx: torch.Tensor):
+        """(group, the rows of ``idx`` in it) for each group present, that group's ranges put in force first."""
+        groups = self.row[idx]
+        for k in torch.unique(groups).tolist():
+            self.use(k)
+            yield k, idx[groups == k]
+
+    def draw(self, g: torch.Generator, batch: int) -> torch.Tensor:
+        """A training batch from one group: the group of a uniformly drawn row, rows uniform within it."""
+        k = int(self.row[torch.randint(0, len(self.row), (1,), generator=g)])
+        rows = self.members[k]
+        return rows[torch.randint(0, len(rows), (min(batch, len(rows)),), generator=g)]
 
 
 def _refine_ranges(block, layers, q_modules, block_loss, probe, n, g, cfg: ReconConfig, act_amax: dict) -> float:
