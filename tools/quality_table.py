@@ -147,6 +147,10 @@ SCREEN: list[tuple[str, str, list[str]]] = [
     ("w4a8-wmse-g4-adaround", "W4A8, MSE-searched weight clip + learned rounding under the four activation range "
      "sets (ptq4dm-g4; each calibration row reconstructed with its timestep group's ranges)",
      ["--recipe", "ptq4dm-g4", "--weight-bits", "4", "--weight-calib", "mse", "--rounding", "adaround"]),
+    ("w4a8-wmse-g4-adaround-2k", "W4A8, as w4a8-wmse-g4-adaround with 2000 reconstruction steps per block (--recon-iters "
+     "2000; Q-Diffusion uses 20,000)",
+     ["--recipe", "ptq4dm-g4", "--weight-bits", "4", "--weight-calib", "mse", "--rounding", "adaround",
+      "--recon-iters", "2000"]),
     ("w4a8-adaround", "W4A8, abs-max weight ranges + learned rounding (block reconstruction, 500 steps/block)",
      ["--recipe", "ptq4dm", "--weight-bits", "4", "--rounding", "adaround"]),
     ("w8a8-adaround", "W8A8 ptq4dm + learned rounding (block reconstruction, 500 steps/block)",
