@@ -151,6 +151,10 @@ SCREEN: list[tuple[str, str, list[str]]] = [
      "2000; Q-Diffusion uses 20,000)",
      ["--recipe", "ptq4dm-g4", "--weight-bits", "4", "--weight-calib", "mse", "--rounding", "adaround",
       "--recon-iters", "2000"]),
+    ("w4a8-wmse-g4-adaround-uniform", "W4A8, as w4a8-wmse-g4-adaround with the calibration (and reconstruction) "
+     "set's timesteps uniform instead of NDTC's skew toward the data end",
+     ["--recipe", "ptq4dm-g4", "--timesteps", "uniform", "--weight-bits", "4", "--weight-calib", "mse", "--rounding",
+      "adaround"]),
     ("w4a8-adaround", "W4A8, abs-max weight ranges + learned rounding (block reconstruction, 500 steps/block)",
      ["--recipe", "ptq4dm", "--weight-bits", "4", "--rounding", "adaround"]),
     ("w8a8-adaround", "W8A8 ptq4dm + learned rounding (block reconstruction, 500 steps/block)",
