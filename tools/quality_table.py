@@ -70,6 +70,10 @@ ROWS: list[tuple[str, str, list[str]]] = [
      "8 bits (--w8-layers 'up_blocks.2.*': 7.2 % of the weights; the best W4 mix screened)",
      ["--recipe", "ptq4dm", "--weight-bits", "4", "--weight-calib", "mse", "--rounding", "adaround",
       "--recon-act-iters", "500", "--w8-layers", "up_blocks.2.*"]),
+    ("w4a8-ndtc-g4-wmse-adaround-2k", "W4A8 ndtc, mse@groups=4 (ptq4dm-g4), MSE-searched weights + learned rounding "
+     "with 2000 steps per block, every weight at 4 bits",
+     ["--recipe", "ptq4dm-g4", "--weight-bits", "4", "--weight-calib", "mse", "--rounding", "adaround",
+      "--recon-iters", "2000"]),
     ("ddpm250-fp", "FP32, DDPM 250", ["--sampler", "ddpm", "--steps", "250"]),
     ("ddpm250-w8a8-ndtc-ptq4dm", "W8A8 ndtc, mse@pooled (ptq4dm), DDPM 250",
      ["--sampler", "ddpm", "--steps", "250", "--recipe", "ptq4dm"]),
