@@ -318,7 +318,7 @@ def reconstruct(qunet: nn.Module, fp_unet: nn.Module, batches: list, cfg: ReconC
                 args, kwargs = _rows(inputs, idx, n)
                 return (_first(block(*args, **kwargs)) - _rows(target, idx, n)).pow(2).mean()
             total = 0.0
-            for k, rows in grouped.split(idx):  # each row with its group's ranges; the mean over all rows
+            for _k, rows in grouped.split(idx):  # each row with its group's ranges; the mean over all rows
                 args, kwargs = _rows(inputs, rows, n)
                 total = total + (_first(block(*args, **kwargs)) - _rows(target, rows, n)).pow(2).sum()
             return total / (len(idx) * target[0].numel())
