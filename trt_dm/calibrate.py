@@ -33,7 +33,8 @@ from .core.artifacts import RangeSet, group_index, split_by_group
 from .core.guidance import Guidance, cfg_denoiser
 from .core.stages import stage
 from .models import LoadedModel
-from .quant import QuantConfig, apply_ranges, concat_splits, observing, quantize_model, quantized_layers, range_names
+from .quant import (QuantConfig, apply_ranges, concat_splits, observing, quantize_model, quantized_layers, range_names,
+                    range_switch)
 from .sampling import Schedule, unet_denoiser
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ def reconstructed_weights(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfi
         grouping = {}
         if ranges.is_grouped:  # each row with its timestep group's ranges, as the one-graph / K engines run it
             batches, groups = _split_batches_by_group(batches, ranges.t_ranges)
-            grouping = {"batch_groups": groups, "set_group": lambda k: apply_ranges(qunet, ranges.amax(k))}
+            grouping = {"batch_groups": groups, "set_group": range_switch(qunet, ranges)}
         weights, act_amax = reconstruct(qunet, copy.deepcopy(loaded.unet), batches, rc, progress=progress,
                                         **grouping)
         save_weights(path, weights, {"quant": qcfg.to_dict(), "recon": dataclasses.asdict(rc), "recipe": recipe,
@@ -181,13 +182,13 @@ def reconstructed_weights(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfi
 
 def _split_batches_by_group(batches: list, t_ranges) -> tuple[list, list[int]]:
     """The UNet batches [(x, t, conditioning)] cut so that each holds rows of one timestep group; and each one's group."""
+    from .calib.reconstruct import _rows
     out, groups = [], []
     for x, t, cond in batches:
         gi = group_index(t, t_ranges)
         for k in torch.unique(gi).tolist():
-            rows = torch.nonzero(gi == k).flatten()
-            out.append((x[rows], t[rows], {n: v[rows] if torch.is_tensor(v) and v.dim() and v.shape[0] == len(t)
-                                           else v for n, v in cond.items()}))
+            (xk, tk), ck = _rows(((x, t), cond), torch.nonzero(gi == k).flatten(), len(t))
+            out.append((xk, tk, ck))
             groups.append(k)
     return out, groups
 
@@ -266,10 +267,11 @@ def grouped_denoiser(qunet: torch.nn.Module, ranges: RangeSet):
     if bounds is None:
         raise ValueError("grouped_denoiser needs groups=K ranges; pooled ranges are one fake-quant model")
     current: list[int] = [-1]
+    use = range_switch(qunet, ranges)
 
     def run(k: int, x: torch.Tensor, t: torch.Tensor, **extra) -> torch.Tensor:
         if k != current[0]:
-            apply_ranges(qunet, ranges.amax(k))
+            use(k)
             current[0] = k
         with torch.no_grad():
             return qunet(x, t, **extra).sample

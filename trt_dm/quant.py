@@ -361,6 +361,23 @@ def apply_ranges(unet: nn.Module, ranges: Mapping[str, float]) -> None:
     check_calibrated(unet)
 
 
+def range_switch(unet: nn.Module, ranges) -> Callable[[int], None]:
+    """A function that puts range set k of ``ranges`` (a grouped ``RangeSet``) into ``unet``'s activation quantizers:
+    each set is checked and converted once by ``apply_ranges``, a switch then only copies the stored amax values (it
+    runs per sampler call or reconstruction step, where matching names every time costs ~15 ms on the default
+    model). The model holds the last set until the first switch."""
+    acts = list(activation_quantizers(unet).values())
+    saved = []
+    for k in range(len(ranges.groups)):
+        apply_ranges(unet, ranges.amax(k))
+        saved.append([q.amax.detach().clone() for q in acts])
+
+    def use(k: int) -> None:
+        for q, amax in zip(acts, saved[k]):
+            q.amax = amax
+    return use
+
+
 def weights_on_int8_grid(unet: nn.Module) -> int:
     """Store every weight whose quantizer has fewer than 8 bits (W4A8, W7A8) on the int8 grid, so an ordinary
     int8 engine runs it: the weight becomes its fake-quantized value k * s (s = amax / (2^(b-1) - 1) per output
