@@ -74,6 +74,10 @@ ROWS: list[tuple[str, str, list[str]]] = [
      "with 2000 steps per block, every weight at 4 bits",
      ["--recipe", "ptq4dm-g4", "--weight-bits", "4", "--weight-calib", "mse", "--rounding", "adaround",
       "--recon-iters", "2000"]),
+    ("w4a8-uniform-g4-wmse-adaround-2k", "W4A8 uniform, mse@groups=4, MSE-searched weights + learned rounding "
+     "with 2000 steps per block, every weight at 4 bits",
+     ["--recipe", "ptq4dm-g4", "--timesteps", "uniform", "--weight-bits", "4", "--weight-calib", "mse",
+      "--rounding", "adaround", "--recon-iters", "2000"]),
     ("ddpm250-fp", "FP32, DDPM 250", ["--sampler", "ddpm", "--steps", "250"]),
     ("ddpm250-w8a8-ndtc-ptq4dm", "W8A8 ndtc, mse@pooled (ptq4dm), DDPM 250",
      ["--sampler", "ddpm", "--steps", "250", "--recipe", "ptq4dm"]),
@@ -159,6 +163,10 @@ SCREEN: list[tuple[str, str, list[str]]] = [
      "set's timesteps uniform instead of NDTC's skew toward the data end",
      ["--recipe", "ptq4dm-g4", "--timesteps", "uniform", "--weight-bits", "4", "--weight-calib", "mse", "--rounding",
       "adaround"]),
+    ("w4a8-wmse-g4-adaround-2k-uniform", "W4A8, as w4a8-wmse-g4-adaround-2k with uniform calibration timesteps "
+     "(both changes that helped, together)",
+     ["--recipe", "ptq4dm-g4", "--timesteps", "uniform", "--weight-bits", "4", "--weight-calib", "mse", "--rounding",
+      "adaround", "--recon-iters", "2000"]),
     ("w4a8-adaround", "W4A8, abs-max weight ranges + learned rounding (block reconstruction, 500 steps/block)",
      ["--recipe", "ptq4dm", "--weight-bits", "4", "--rounding", "adaround"]),
     ("w8a8-adaround", "W8A8 ptq4dm + learned rounding (block reconstruction, 500 steps/block)",

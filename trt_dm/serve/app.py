@@ -25,6 +25,7 @@ import hmac
 import io
 import logging
 import math
+import re
 import sys
 import threading
 import time
@@ -158,6 +159,25 @@ def _png(images: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
+def _as_request_error(msg: str, fields) -> tuple[str, str]:
+    """A conditioning error worded for the CLI (``--class-labels L [L ...]``) -> (the request field it is about,
+    the message in the request's own field names: ``"class_labels"``). Flags that name no request field stay."""
+    named = []
+
+    def field(m: re.Match) -> str:
+        name = m.group(1).replace("-", "_")
+        if name not in fields:
+            return m.group(0)
+        named.append(name)
+        return f'"{name}"'
+
+    msg = re.sub(r"--([a-z][a-z-]*)", field, msg)
+    if named:
+        return named[0], msg
+    return ("guidance_scale" if "guidance" in msg else "prompt" if "prompt" in msg or "text" in msg
+            else "class_labels"), msg
+
+
 def create_app(service: Service, *, api_key: str | None = None, max_body: int = 64 * 1024, max_n: int = 64,
                max_steps: int = 1000, timeout_s: float = 300.0, warmup: bool = True, replica: str | None = None):
     """The FastAPI app over a (not yet started) ``Service``; its lifespan starts, warms up and drains it.
@@ -269,9 +289,7 @@ def create_app(service: Service, *, api_key: str | None = None, max_body: int = 
             guidance = await asyncio.to_thread(loaded.guidance, body.guidance_scale, body.guidance_rescale,
                                                negative_prompt=body.negative_prompt)
         except ValueError as e:
-            msg = str(e)
-            field = ("guidance_scale" if "guidance" in msg else "prompt" if "prompt" in msg or "text" in msg
-                     else "class_labels")
+            field, msg = _as_request_error(str(e), Generate.model_fields)
             fail(422, [{"loc": ["body", field], "msg": msg}], "invalid")
         try:
             h = service.submit(Request(n=body.n, sampler=body.sampler, steps=body.steps, eta=body.eta, seed=body.seed,
