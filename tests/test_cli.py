@@ -67,6 +67,9 @@ def test_calibrate_then_eval_recipe(tiny_pipeline_dir, tmp_path, monkeypatch, ca
     (["calibrate", "--model", "{tiny}", "--recipe", "mse:2.4@sometimes", "--cache-dir", "{tmp}"], "sometimes"),
     (["calibrate", "--model", "{tiny}", "--timesteps", "gaussian", "--cache-dir", "{tmp}"], "gaussian"),
     (["sample", "--model", "{tiny}", "--onnx", "{tmp}/none.onnx"], "no such ONNX file"),
+    (["sample", "--model", "{tiny}", "--steps", "5000", "--out", "{tmp}/g.png"], "--steps 5000 is more than the"),
+    (["eval", "--model", "{tiny}", "--recipe", "ptq4dm", "--steps", "5000", "--n", "2", "--cache-dir", "{tmp}/cc",
+      "--out-dir", "{tmp}/rep"], "--steps 5000 is more than the"),  # refused before calibrating
 ])
 def test_cli_errors_are_clear(argv, msg, tiny_pipeline_dir, tmp_path, capsys):
     argv = [a.format(tiny=tiny_pipeline_dir, tmp=tmp_path) for a in argv]

@@ -287,7 +287,12 @@ def draw(loaded: LoadedModel, denoiser: Denoiser, settings: SampleSettings, *, p
 def conditioning(loaded: LoadedModel, settings: SampleSettings, n: int | None = None):
     """(per-image conditioning {input: (n, ...)}, Guidance) of ``settings`` for this model; ValueError naming what
     is accepted for a label out of range, labels for an unconditional model, none for a conditional one, a prompt
-    for a model without a text encoder, embeddings of the wrong shape, or guidance the model cannot do."""
+    for a model without a text encoder, embeddings of the wrong shape, guidance the model cannot do, or more
+    sampling steps than the model's schedule has."""
+    steps = schedule(loaded).num_train_timesteps
+    if settings.steps > steps:
+        raise ValueError(f"--steps {settings.steps} is more than the {steps} timesteps {loaded.name!r} was trained "
+                         f"with; accepted: 1..{steps}")
     embeds = negative = None
     if settings.embeddings is not None:
         from .text import load_embeddings
