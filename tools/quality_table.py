@@ -78,6 +78,8 @@ ROWS: list[tuple[str, str, list[str]]] = [
      "with 2000 steps per block, every weight at 4 bits",
      ["--recipe", "ptq4dm-g4", "--timesteps", "uniform", "--weight-bits", "4", "--weight-calib", "mse",
       "--rounding", "adaround", "--recon-iters", "2000"]),
+    ("w8a8-ndtc-g4-adaround", "W8A8 ndtc, mse@groups=4 (ptq4dm-g4, the default) + learned rounding (500 steps "
+     "per block)", ["--recipe", "ptq4dm-g4", "--rounding", "adaround"]),
     ("ddpm250-fp", "FP32, DDPM 250", ["--sampler", "ddpm", "--steps", "250"]),
     ("ddpm250-w8a8-ndtc-ptq4dm", "W8A8 ndtc, mse@pooled (ptq4dm), DDPM 250",
      ["--sampler", "ddpm", "--steps", "250", "--recipe", "ptq4dm"]),
