@@ -74,10 +74,6 @@ ROWS: list[tuple[str, str, list[str]]] = [
      "with 2000 steps per block, every weight at 4 bits",
      ["--recipe", "ptq4dm-g4", "--weight-bits", "4", "--weight-calib", "mse", "--rounding", "adaround",
       "--recon-iters", "2000"]),
-    ("w4a8-uniform-g4-wmse-adaround-2k", "W4A8 uniform, mse@groups=4, MSE-searched weights + learned rounding "
-     "with 2000 steps per block, every weight at 4 bits",
-     ["--recipe", "ptq4dm-g4", "--timesteps", "uniform", "--weight-bits", "4", "--weight-calib", "mse",
-      "--rounding", "adaround", "--recon-iters", "2000"]),
     ("w8a8-ndtc-g4-adaround", "W8A8 ndtc, mse@groups=4 (ptq4dm-g4, the default) + learned rounding (500 steps "
      "per block)", ["--recipe", "ptq4dm-g4", "--rounding", "adaround"]),
     ("ddpm250-fp", "FP32, DDPM 250", ["--sampler", "ddpm", "--steps", "250"]),
@@ -165,6 +161,10 @@ SCREEN: list[tuple[str, str, list[str]]] = [
      "set's timesteps uniform instead of NDTC's skew toward the data end",
      ["--recipe", "ptq4dm-g4", "--timesteps", "uniform", "--weight-bits", "4", "--weight-calib", "mse", "--rounding",
       "adaround"]),
+    ("w4a8-wmse-g4-adaround-5k", "W4A8, as w4a8-wmse-g4-adaround-2k with 5000 reconstruction steps per block "
+     "(does longer training keep paying?)",
+     ["--recipe", "ptq4dm-g4", "--weight-bits", "4", "--weight-calib", "mse", "--rounding", "adaround",
+      "--recon-iters", "5000"]),
     ("w4a8-wmse-g4-adaround-2k-uniform", "W4A8, as w4a8-wmse-g4-adaround-2k with uniform calibration timesteps "
      "(both changes that helped, together)",
      ["--recipe", "ptq4dm-g4", "--timesteps", "uniform", "--weight-bits", "4", "--weight-calib", "mse", "--rounding",
