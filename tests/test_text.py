@@ -216,6 +216,9 @@ def test_served_prompt_images_equal_sampled_ones(sd):
                 got = np.array(Image.open(io.BytesIO(base64.b64decode(b))))[2:-2, 2:-2].astype(int)
                 assert np.abs(got - ref[i].astype(int)).max() <= 1
             assert client.post("/v1/generate", json={"n": 1, "class_labels": [1]}).status_code == 422
+            bad = client.post("/v1/generate", json={"n": 1})  # no prompt: the request's field, no file options
+            assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "prompt"]
+            assert bad.json()["detail"][0]["msg"].endswith('give "prompt" TEXT'), bad.text
             assert client.get("/v1/models").json()["text_pipeline"]["vae"].endswith("vae")
 
 

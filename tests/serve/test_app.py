@@ -78,6 +78,22 @@ def test_validation_errors_name_the_field(model, body, field):
     assert "--" not in detail["msg"], "the message names the request's fields, not the CLI's flags"
 
 
+@pytest.mark.parametrize("cli_msg,field,msg", [
+    ("'m' is text-conditional: give --prompt TEXT, --prompts FILE or --embeddings FILE.safetensors", "prompt",
+     "'m' is text-conditional: give \"prompt\" TEXT"),  # no file-path alternatives over HTTP
+    ("'m' is text-conditional: give --prompt / --prompts / --embeddings, not class labels", "prompt",
+     "'m' is text-conditional: give \"prompt\", not class labels"),
+    ("--guidance-scale 3 needs a conditional model; 'm' is unconditional", "guidance_scale",
+     "\"guidance_scale\" 3 needs a conditional model; 'm' is unconditional"),
+    ("class labels [13] are out of range for 'm': accepted 0..9", "class_labels",
+     "class labels [13] are out of range for 'm': accepted 0..9"),
+])
+def test_conditioning_errors_are_worded_for_the_request(cli_msg, field, msg):
+    from trt_dm.serve.app import _as_request_error
+    fields = {"n", "class_labels", "classes", "prompt", "negative_prompt", "guidance_scale"}
+    assert _as_request_error(cli_msg, fields) == (field, msg)
+
+
 def test_api_key_body_limit_and_queue_limit(model):
     client, service = _client(model, api_key="s3cret", max_body=200, max_queue=2)
     with client:

@@ -161,8 +161,15 @@ def _png(images: torch.Tensor) -> bytes:
 
 def _as_request_error(msg: str, fields) -> tuple[str, str]:
     """A conditioning error worded for the CLI (``--class-labels L [L ...]``) -> (the request field it is about,
-    the message in the request's own field names: ``"class_labels"``). Flags that name no request field stay."""
+    the message in the request's own field names: ``"class_labels"``). A flag that names no request field is
+    dropped where it is one of a list of alternatives (``--prompt / --prompts FILE``: files are not accepted here)
+    and kept elsewhere."""
     named = []
+
+    def alternative(m: re.Match) -> str:
+        return m.group(0) if m.group(1).replace("-", "_") in fields else ""
+
+    msg = re.sub(r"(?:,\s*|\s*/\s*|\s+or\s+)--([a-z][a-z-]*)(?:\s+[A-Z][A-Za-z._]*)?", alternative, msg)
 
     def field(m: re.Match) -> str:
         name = m.group(1).replace("-", "_")
