@@ -70,6 +70,10 @@ def test_calibrate_then_eval_recipe(tiny_pipeline_dir, tmp_path, monkeypatch, ca
     (["sample", "--model", "{tiny}", "--steps", "5000", "--out", "{tmp}/g.png"], "--steps 5000 is more than the"),
     (["eval", "--model", "{tiny}", "--recipe", "ptq4dm", "--steps", "5000", "--n", "2", "--cache-dir", "{tmp}/cc",
       "--out-dir", "{tmp}/rep"], "--steps 5000 is more than the"),  # refused before calibrating
+    (["calibrate", "--model", "{tiny}", "--calib-steps", "5000", "--cache-dir", "{tmp}/cc"],
+     "--calib-steps 5000 is more than the"),
+    (["calibrate", "--model", "{tiny}", "--calib-n", "0", "--cache-dir", "{tmp}/cc"],
+     "(--calib-n, --calib-steps) must be >= 1, got n=0"),
 ])
 def test_cli_errors_are_clear(argv, msg, tiny_pipeline_dir, tmp_path, capsys):
     argv = [a.format(tiny=tiny_pipeline_dir, tmp=tmp_path) for a in argv]

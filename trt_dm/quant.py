@@ -101,9 +101,9 @@ class QuantConfig:
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
         if self.recon_iters < 1:
-            raise ValueError(f"recon_iters must be >= 1, got {self.recon_iters}")
+            raise ValueError(f"recon_iters (--recon-iters) must be >= 1, got {self.recon_iters}")
         if self.recon_act_iters < 0:
-            raise ValueError(f"recon_act_iters must be >= 0, got {self.recon_act_iters}")
+            raise ValueError(f"recon_act_iters (--recon-act-iters) must be >= 0, got {self.recon_act_iters}")
         if self.recon_act_iters and self.rounding == "nearest":
             raise ValueError("recon_act_iters refines activation ranges after learned rounding: it needs "
                              "rounding 'adaround' (--rounding adaround)")

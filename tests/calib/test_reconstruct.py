@@ -179,7 +179,7 @@ def test_separate_time_embedding_unit_comes_first_and_lowers_the_error(tiny_pipe
 def test_bad_rounding_settings_are_refused():
     with pytest.raises(ValueError, match="rounding must be one of nearest, adaround"):
         QuantConfig(rounding="stochastic")
-    with pytest.raises(ValueError, match="recon_iters must be >= 1"):
+    with pytest.raises(ValueError, match=r"recon_iters \(--recon-iters\) must be >= 1"):
         QuantConfig(rounding="adaround", recon_iters=0)
     with pytest.raises(ValueError, match="recon_temb must be one of block, separate"):
         QuantConfig(rounding="adaround", recon_temb="first")
@@ -202,7 +202,7 @@ def test_cli_calibrate_with_learned_rounding_and_bad_iters(tiny_pipeline_dir, tm
     assert "recipe ptq4dm (the default ptq4dm-g4" in err and "--recon-act-iters takes one" in err
     assert "ptq4dm.adaround-" in out
     assert main(base + ["--recon-iters", "0"]) == 2
-    assert "recon_iters must be >= 1" in capsys.readouterr().err
+    assert "recon_iters (--recon-iters) must be >= 1" in capsys.readouterr().err
 
 
 def test_learned_range_starts_at_the_quantizers_output_and_learns_through_the_step(tiny_pipeline_dir, tmp_path):

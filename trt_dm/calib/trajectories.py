@@ -52,7 +52,8 @@ class CalibSpec:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; accepted: {SAMPLERS}")
         if self.n < 1 or self.steps < 1:
-            raise ValueError(f"n and steps must be >= 1, got n={self.n}, steps={self.steps}")
+            raise ValueError(f"calibration size and steps (--calib-n, --calib-steps) must be >= 1, got n={self.n}, "
+                             f"steps={self.steps}")
         if isinstance(self.prompts, list):
             object.__setattr__(self, "prompts", tuple(self.prompts))
         if self.prompts is not None and not self.prompts:
