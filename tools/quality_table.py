@@ -74,6 +74,10 @@ ROWS: list[tuple[str, str, list[str]]] = [
      "with 2000 steps per block, every weight at 4 bits",
      ["--recipe", "ptq4dm-g4", "--weight-bits", "4", "--weight-calib", "mse", "--rounding", "adaround",
       "--recon-iters", "2000"]),
+    ("w4a8-ndtc-g4-wmse-adaround-5k", "W4A8 ndtc, mse@groups=4 (ptq4dm-g4), MSE-searched weights + learned rounding "
+     "with 5000 steps per block, every weight at 4 bits",
+     ["--recipe", "ptq4dm-g4", "--weight-bits", "4", "--weight-calib", "mse", "--rounding", "adaround",
+      "--recon-iters", "5000"]),
     ("w8a8-ndtc-g4-adaround", "W8A8 ndtc, mse@groups=4 (ptq4dm-g4, the default) + learned rounding (500 steps "
      "per block)", ["--recipe", "ptq4dm-g4", "--rounding", "adaround"]),
     ("ddpm250-fp", "FP32, DDPM 250", ["--sampler", "ddpm", "--steps", "250"]),
