@@ -215,6 +215,9 @@ SCREEN: list[tuple[str, str, list[str]]] = [
      "ranks first (down_blocks.0.resnets.0, up_blocks.2.resnets.0: 24.2 % of the MACs) kept in FP",
      [*_COND, "--recipe", "ptq4dm-g4", "--guidance-scale", "3", "--exclude", *DEFAULT_EXCLUDE,
       "down_blocks.0.resnets.0.*", "up_blocks.2.resnets.0.*"]),
+    ("cond-g4-w3-adaround", "default-cond, guidance 3: ptq4dm-g4 + learned rounding (500 steps per block, blocks "
+     "reconstructed on both halves of the guided calls): does reconstruction lower the guided error?",
+     [*_COND, "--recipe", "ptq4dm-g4", "--guidance-scale", "3", "--rounding", "adaround"]),
     ("cond-g4-w3-fp-res0-t500", "default-cond, guidance 3: ptq4dm-g4 with the first resolution in FP at t >= 500 "
      "only (fake-quant: two models switched by t)",
      [*_COND, "--recipe", "ptq4dm-g4", "--guidance-scale", "3", "--keep-fp", "down_blocks.0.*", "up_blocks.2.*",
