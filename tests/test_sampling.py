@@ -119,8 +119,14 @@ def test_schedule_rejects_unsupported_config(bad, match):
 
 def test_bad_arguments(unet):
     schedule = Schedule.from_config({})
-    with pytest.raises(ValueError, match=r"num_steps must be in \[1, 1000\], got 0"):
+    with pytest.raises(ValueError, match=r"^num_steps 0 is not a step count; accepted: 1\.\.1000$"):
         schedule.timesteps(0)
+    with pytest.raises(ValueError, match=r"^num_steps 1001 is more than the 1000 timesteps the model was trained"):
+        schedule.timesteps(1001)
+    with pytest.raises(ValueError, match=r"^--steps 2000 is more than the 1000 timesteps 'm' was trained with; "
+                                         r"accepted: 1\.\.1000$"):
+        schedule.check_steps(2000, "--steps", "m")
+    schedule.check_steps(1000, "--steps", "m")
     with pytest.raises(ValueError, match="unknown sampler 'euler'.*accepted"):
         sample(lambda x, t: x, schedule, [0], (1, 4, 4), sampler="euler")
     with pytest.raises(ValueError, match="eta must be >= 0"):

@@ -289,10 +289,7 @@ def conditioning(loaded: LoadedModel, settings: SampleSettings, n: int | None = 
     is accepted for a label out of range, labels for an unconditional model, none for a conditional one, a prompt
     for a model without a text encoder, embeddings of the wrong shape, guidance the model cannot do, or more
     sampling steps than the model's schedule has."""
-    trained = schedule(loaded).num_train_timesteps
-    if settings.steps > trained:
-        raise ValueError(f"--steps {settings.steps} is more than the {trained} timesteps {loaded.name!r} was trained "
-                         f"with; accepted: 1..{trained}")
+    schedule(loaded).check_steps(settings.steps, "--steps", loaded.name)
     embeds = negative = None
     if settings.embeddings is not None:
         from .text import load_embeddings

@@ -68,9 +68,7 @@ def collect_stats(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, *, ca
     Conditional models: the trajectories run with the spec's class labels and classifier-free guidance, and
     the statistics pass feeds the UNet exactly what a guided sampler does, both halves of every 2B call."""
     schedule = Schedule.from_config(loaded.scheduler_config)
-    if spec.steps > schedule.num_train_timesteps:
-        raise ValueError(f"--calib-steps {spec.steps} is more than the {schedule.num_train_timesteps} timesteps "
-                         f"{loaded.name!r} was trained with; accepted: 1..{schedule.num_train_timesteps}")
+    schedule.check_steps(spec.steps, "--calib-steps", loaded.name)
     qunet = quantize_model(copy.deepcopy(loaded.unet), qcfg)
     layers = range_names(qunet, qcfg)
     directory = Path(cache_root) / loaded.data_key()[:16] / stats_key(spec, layers, bins)

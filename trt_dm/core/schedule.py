@@ -89,11 +89,21 @@ class Schedule:
                    set_alpha_to_one=bool(cfg.get("set_alpha_to_one", True)), variance_type=variance,
                    config=cfg)
 
+    def check_steps(self, num_steps: int, what: str = "num_steps", model: str | None = None) -> None:
+        """ValueError unless ``1 <= num_steps <=`` the training timesteps; ``what`` names the setting (a CLI flag)
+        and ``model`` the model in the message."""
+        T = self.num_train_timesteps
+        if num_steps < 1:
+            raise ValueError(f"{what} {num_steps} is not a step count; accepted: 1..{T}")
+        if num_steps > T:
+            whose = f" {model!r}" if model else " the model"
+            raise ValueError(f"{what} {num_steps} is more than the {T} timesteps{whose} was trained with; "
+                             f"accepted: 1..{T}")
+
     def timesteps(self, num_steps: int) -> list[int]:
         """The training timesteps visited by an ``num_steps``-step sampler, first (noisiest) to last."""
+        self.check_steps(num_steps)
         T = self.num_train_timesteps
-        if not 1 <= num_steps <= T:
-            raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
         if self.timestep_spacing == "linspace":
             ts = np.linspace(0, T - 1, num_steps).round()[::-1]
         elif self.timestep_spacing == "leading":
