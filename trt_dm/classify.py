@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-CLASSIFIER_DIR = Path(__file__).resolve().parents[1] / "models" / "classifier"
+from .models import EMBEDDED_ROOT
+
+CLASSIFIER_DIR = EMBEDDED_ROOT / "classifier"
 WEIGHTS = "classifier.safetensors"
 
 

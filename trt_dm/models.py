@@ -32,7 +32,18 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
 DEFAULT_MODEL_ENV = "TRT_DM_DEFAULT_MODEL"
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
+
+
+def _embedded_root() -> Path:
+    """The embedded models' folder: the copy a wheel installs inside the package (``trt_dm/embedded``), else
+    ``models/`` of the source checkout (what an editable install reads too)."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "embedded"
+    return packaged if packaged.is_dir() else here.parent / "models"
+
+
+EMBEDDED_ROOT = _embedded_root()
+DEFAULT_MODEL_DIR = EMBEDDED_ROOT / "default"
 # Embedded models by name, under models/ ("default" can be redirected with TRT_DM_DEFAULT_MODEL).
 EMBEDDED = {"default": "default", "default-cond": "default-cond"}
 # Conditioning facts a UNet config cannot hold, next to it: {"null_class_label": int, "num_classes": int,
