@@ -283,3 +283,13 @@ def test_keep_fp_adds_to_the_default_exclusions(tiny_cls_pipeline_dir, tmp_path,
     keep = out.strip().splitlines()[-1]
     assert keep.startswith("keep them in FP with: --keep-fp '") and keep.count(".*'") == 4
     assert "mid_block.resnets.0 " in out and "up_blocks.0.attentions.1 " in out
+
+
+def test_version_names_trt_dm_and_its_libraries(capsys):
+    from importlib.metadata import version
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"trt-dm {version('trt_dm')} (") and "\n" not in line
+    assert f"torch {torch.__version__}" in line and f"nvidia-modelopt {version('nvidia-modelopt')}" in line

@@ -27,6 +27,31 @@ class UsageError(ValueError):
     """A bad command line: exit code 2, one line."""
 
 
+# Distributions whose versions decide results, in `trt-dm --version` (for bug reports); absent ones are skipped.
+_VERSIONED = ("torch", "diffusers", "nvidia-modelopt", "onnx", "onnxruntime", "tensorrt", "tensorrt-rtx-cu13",
+              "openvino")
+
+
+class _Version(argparse.Action):
+    """``--version``: trt-dm's version and those of the libraries it runs on, one line; exit 0."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, help="print versions (trt-dm and its libraries) and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import PackageNotFoundError, version
+
+        from . import __version__
+        found = []
+        for dist in _VERSIONED:
+            try:
+                found.append(f"{dist} {version(dist)}")
+            except PackageNotFoundError:
+                pass
+        print(f"trt-dm {__version__} ({', '.join(found)})")  # stdout, as argparse's own version action
+        parser.exit(0)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with its usage errors in one line (exit code 2)."""
 
@@ -538,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="trt-dm", description="Post-training int8 quantization for "
                                      "diffusion UNets (PTQ4DM), deployed as TensorRT engines.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO) and show tracebacks")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("sample", help="draw images and write a grid")
