@@ -55,7 +55,6 @@ def test_installed_wheel_loads_its_own_embedded_models(wheel, tmp_path):
     script = (
         "import sys; sys.path.insert(0, sys.argv[1])\n"
         "import trt_dm, trt_dm.classify as c, trt_dm.models as m\n"
-        "from safetensors.torch import load_file\n"
         "loaded = m.load_model('default'); cond = m.load_model('default-cond'); c.load_classifier()\n"
         "print(trt_dm.__file__); print(m.DEFAULT_MODEL_DIR); print(c.CLASSIFIER_DIR)\n"
         "print(loaded.data_key()); print(cond.data_key())\n"
