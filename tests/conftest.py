@@ -1,7 +1,7 @@
 """Shared fixtures: tiny diffusers models saved to disk once per session, the default model, GPU skips.
 
 The session-scoped directories are shared by every test: treat them as read-only (copy them with
-`shutil.copytree` before changing anything). Tiny models are built by `trt_dm.models.tiny_unet2d` /
+`shutil.copytree` before changing anything). Tiny models are built by `trt_dm.builders.tiny_unet2d` /
 `tiny_unet2d_condition` with seed `TINY_SEED`, so a test can rebuild the exact saved model in memory.
 """
 from __future__ import annotations
@@ -13,8 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from support import EXPORT
 
-from trt_dm import models
+from trt_dm import api
+from trt_dm.cli.main import main
+from trt_dm.models import builders
+from trt_dm.models import loading as models
+from trt_dm.quant.calib.timesteps import parse
+from trt_dm.quant.calib.trajectories import CalibSpec
 
 TINY_SEED = 0
 # Scheduler saved in the tiny pipeline: DDPM linear betas scaled for T=100 (1e-3..0.2, alpha_bar_T ~ 5e-5),
@@ -42,7 +48,7 @@ def pytest_collection_modifyitems(config, items):
 def tiny_unet_dir(tmp_path_factory) -> Path:
     """A tiny UNet2DModel (16 px, 1 channel) in save_pretrained layout (config.json + safetensors)."""
     path = tmp_path_factory.mktemp("tiny_unet") / "tiny_unet"
-    models.tiny_unet2d(TINY_SEED).save_pretrained(path, safe_serialization=True)
+    builders.tiny_unet2d(TINY_SEED).save_pretrained(path, safe_serialization=True)
     return path
 
 
@@ -50,7 +56,7 @@ def tiny_unet_dir(tmp_path_factory) -> Path:
 def tiny_cond_unet_dir(tmp_path_factory) -> Path:
     """A tiny UNet2DConditionModel (8 px, 1 channel, cross_attention_dim 16) in save_pretrained layout."""
     path = tmp_path_factory.mktemp("tiny_cond_unet") / "tiny_cond_unet"
-    models.tiny_unet2d_condition(TINY_SEED).save_pretrained(path, safe_serialization=True)
+    builders.tiny_unet2d_condition(TINY_SEED).save_pretrained(path, safe_serialization=True)
     return path
 
 
@@ -58,7 +64,7 @@ def tiny_cond_unet_dir(tmp_path_factory) -> Path:
 def tiny_pipeline_dir(tmp_path_factory) -> Path:
     """A DDPM pipeline directory: the tiny UNet2DModel in unet/, TINY_SCHEDULER_CONFIG in scheduler/."""
     path = tmp_path_factory.mktemp("tiny_pipeline") / "tiny_pipeline"
-    models.tiny_unet2d(TINY_SEED).save_pretrained(path / "unet", safe_serialization=True)
+    builders.tiny_unet2d(TINY_SEED).save_pretrained(path / "unet", safe_serialization=True)
     DDPMScheduler(**TINY_SCHEDULER_CONFIG).save_pretrained(path / "scheduler")
     (path / "model_index.json").write_text(json.dumps(
         {"_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"],
@@ -74,7 +80,7 @@ def tiny_cls_pipeline_dir(tmp_path_factory) -> Path:
     """A class-conditional DDPM pipeline: tiny UNet2DModel with num_class_embeds = 11 in unet/, the tiny
     scheduler, and trt_dm.json naming label 10 as the null label (for classifier-free guidance)."""
     path = tmp_path_factory.mktemp("tiny_cls") / "tiny_cls"
-    models.tiny_unet2d(TINY_SEED, num_class_embeds=TINY_CLASSES + 1).save_pretrained(path / "unet",
+    builders.tiny_unet2d(TINY_SEED, num_class_embeds=TINY_CLASSES + 1).save_pretrained(path / "unet",
                                                                                      safe_serialization=True)
     DDPMScheduler(**TINY_SCHEDULER_CONFIG).save_pretrained(path / "scheduler")
     (path / "trt_dm.json").write_text(json.dumps({"null_class_label": TINY_CLASSES, "num_classes": TINY_CLASSES}))
@@ -110,5 +116,31 @@ def tiny_sd_pipeline_dir(tmp_path_factory) -> Path:
     tokenizer and text model (width 16, sequence 8), a 2-level VAE (16 px images, 4x8x8 latents), a
     UNet2DConditionModel on the latents and a DDIM scheduler config as Stable Diffusion's."""
     pytest.importorskip("transformers")
-    from trt_dm.text import write_tiny_sd_pipeline
+    from trt_dm.models.builders import write_tiny_sd_pipeline
     return write_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny_sd") / "tiny_sd", seed=TINY_SEED)
+
+
+# from test_onegraph.py
+@pytest.fixture(scope="module")
+def grouped(tiny_pipeline_dir, tmp_path_factory):
+    loaded = api.load(str(tiny_pipeline_dir))
+    quant = api.QuantSettings(recipe="max@groups=4", spec=CalibSpec(parse("uniform"), n=32, steps=20),
+                              cache_root=tmp_path_factory.mktemp("cc"), batch=16).resolved(loaded)
+    return loaded, quant, api.calibrate(loaded, quant, progress=False).ranges
+
+
+# from test_openvino.py
+@pytest.fixture(scope="module")
+def cls_graph(tiny_cls_pipeline_dir, tmp_path_factory):
+    """`trt-dm export --target openvino` of the tiny class-conditional pipeline: (model dir, graph, out dir)."""
+    pytest.importorskip("openvino")
+    out = tmp_path_factory.mktemp("ov")
+    assert main(["export", "--target", "openvino", "--model", str(tiny_cls_pipeline_dir), "--out-dir", str(out),
+                 "--cache-dir", str(out / "cc"), *EXPORT]) == 0
+    return tiny_cls_pipeline_dir, out / f"{tiny_cls_pipeline_dir.name}-ptq4dm.fp32.onnx", out
+
+
+# from test_text.py
+@pytest.fixture(scope="module")
+def sd(tiny_sd_pipeline_dir):
+    return api.load(str(tiny_sd_pipeline_dir))

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from trt_dm import api
-from trt_dm.calib.timesteps import TimestepSpec
-from trt_dm.calib.trajectories import CalibSpec
+from trt_dm.quant.calib.timesteps import TimestepSpec
+from trt_dm.quant.calib.trajectories import CalibSpec
 
 SPEC = CalibSpec(TimestepSpec("uniform"), n=8, steps=4, seed=0)
 
@@ -24,7 +24,7 @@ def test_default_recipe_is_ptq4dm_g4_unless_the_settings_take_one_range_set():
     """No recipe named: ptq4dm-g4 (deployed as one graph), and the paper's ptq4dm, with the reason, where a
     groups=K recipe cannot go: the ort-cpu layout, learned input ranges (one per layer), split shortcuts, quantized
     attention matmuls, fewer calibration steps than groups. A named recipe is never replaced."""
-    from trt_dm.quant import QuantConfig
+    from trt_dm.quant.config import QuantConfig
     assert api.default_recipe() == ("ptq4dm-g4", "")
     assert api.default_recipe(QuantConfig(weight_bits=4, rounding="adaround")) == ("ptq4dm-g4", "")
     assert api.default_recipe(QuantConfig(weight_bits=4), SPEC, "openvino") == ("ptq4dm-g4", "")

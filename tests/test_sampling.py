@@ -4,9 +4,11 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from trt_dm.models import tiny_unet2d
-from trt_dm.runners import TorchRunner, as_denoiser
-from trt_dm.sampling import Schedule, make_generators, sample, sample_ddim, sample_ddpm, sample_many
+from trt_dm.core.schedule import Schedule, make_generators
+from trt_dm.models.builders import tiny_unet2d
+from trt_dm.runtime.base import as_denoiser
+from trt_dm.runtime.torch_runner import TorchRunner
+from trt_dm.sampling import sample, sample_ddim, sample_ddpm, sample_many
 
 SEEDS = [3, 14, 15]
 

@@ -55,7 +55,7 @@ def main() -> int:
     m = re.search(r"collected in ([\d.]+) s: FP trajectories ([\d.]+) s \+ statistics pass ([\d.]+) s", cold_out)
     collect, traj, stats_pass = (float(v) for v in m.groups()) if m else (float("nan"),) * 3
 
-    from trt_dm.profile import markdown, ratios  # noqa: E402  (after the runs: the report module only)
+    from trt_dm.eval.profile import markdown, ratios  # noqa: E402  (after the runs: the report module only)
     lines = ["# Benchmarks", "",
              f"Written by `make bench` (`python tools/bench.py --threads {args.threads}`) on "
              f"{time.strftime('%Y-%m-%d')}; the raw numbers are in `docs/bench/profile.json`.", "",

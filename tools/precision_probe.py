@@ -16,13 +16,16 @@ import dataclasses
 import torch
 
 from trt_dm import api
-from trt_dm.calib.trajectories import CalibSpec
-from trt_dm.core.artifacts import group_index
-from trt_dm.calibrate import block_of, calibrate, fake_quant_unet, fp_calibration_set, grouped_denoiser
 from trt_dm.core.guidance import cfg_denoiser
-from trt_dm.evaluate import psnr
-from trt_dm.quant import DEFAULT_EXCLUDE, QuantConfig, apply_ranges
-from trt_dm.runners import switched_denoiser
+from trt_dm.core.ranges import group_index
+from trt_dm.eval.metrics import psnr
+from trt_dm.quant.calib.trajectories import CalibSpec
+from trt_dm.quant.calibrate import calibrate, fp_calibration_set
+from trt_dm.quant.config import DEFAULT_EXCLUDE, QuantConfig
+from trt_dm.quant.fakequant import fake_quant_unet, grouped_denoiser
+from trt_dm.quant.modules import apply_ranges
+from trt_dm.quant.sensitivity import block_of
+from trt_dm.runtime.base import switched_denoiser
 
 TOP = ("down_blocks.0.resnets.0", "up_blocks.2.resnets.0", "up_blocks.2.resnets.1")
 FIRST_RESOLUTION = ("down_blocks.0.*", "up_blocks.2.*")

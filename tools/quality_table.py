@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from trt_dm.quant import DEFAULT_EXCLUDE
+from trt_dm.quant.config import DEFAULT_EXCLUDE
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "reports" / "quality"
@@ -336,7 +336,7 @@ def cmd_screen(args) -> int:
             if rc:
                 print(f"{row}: exit {rc}, see {res.parent / 'log.txt'}")
                 return rc
-    print(f"| Variant | N | PSNR vs FP (dB) | eps MSE vs FP | eps MSE, t <= 100 | eps MSE, t >= 900 |")
+    print("| Variant | N | PSNR vs FP (dB) | eps MSE vs FP | eps MSE, t <= 100 | eps MSE, t >= 900 |")
     print("|---|---:|---:|---:|---:|---:|")
     for row, label, _ in SCREEN:
         p = SCREEN_OUT / row / "result.json"

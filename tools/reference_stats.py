@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trt_dm import evaluate  # noqa: E402
+from trt_dm.eval import metrics as evaluate  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,7 +32,7 @@ def main() -> int:
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
     model = args.dir / "sd15"
     if not (model / "model_index.json").exists():
-        from trt_dm.text import write_sd15_layout_pipeline
+        from trt_dm.models.builders import write_sd15_layout_pipeline
         t0 = time.perf_counter()
         write_sd15_layout_pipeline(model)
         print(f"wrote {model} in {time.perf_counter() - t0:.0f} s")

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trt_dm import data  # noqa: E402
-from trt_dm.classify import WEIGHTS, FashionCNN  # noqa: E402
+from trt_dm.eval import data  # noqa: E402
+from trt_dm.eval.classify import WEIGHTS, FashionCNN  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trt_dm import data  # noqa: E402
+from trt_dm.eval import data  # noqa: E402
 
 # The default model's architecture: 3 resolution levels (32, 16, 8 px), self-attention at 8 px,
 # skip connections between the down and up paths (UNet2DModel's own), ~1.1M parameters.
@@ -73,6 +73,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--classes", type=int, default=0, help="class-conditional with this many classes (0: unconditional)")
     p.add_argument("--label-dropout", type=float, default=0.1,
                    help="class-conditional: probability of training on the null label instead (for CFG)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="warm start: a diffusers UNet directory of the same architecture (e.g. models/default-cond/unet) "
+                        "whose weights start both the trained and the EMA model; ignored when --work has a checkpoint")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="after the warm-up: constant, or cosine decay to 0 at --steps")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop (after a checkpoint) once this much wall time has passed in this run")
     args = p.parse_args(argv)
@@ -90,7 +95,13 @@ def main(argv: list[str] | None = None) -> None:
     ema.requires_grad_(False)
     sched = DDPMScheduler(**SCHEDULER_CONFIG)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    lr_at = lambda s: args.lr * min(1.0, (s + 1) / args.warmup)  # noqa: E731  linear warm-up, then constant
+
+    def lr_at(s: int) -> float:  # linear warm-up, then constant or cosine decay (Loshchilov & Hutter 2017)
+        if s < args.warmup:
+            return args.lr * (s + 1) / args.warmup
+        if args.lr_schedule == "cosine":
+            return args.lr * 0.5 * (1 + math.cos(math.pi * (s - args.warmup) / max(1, args.steps - args.warmup)))
+        return args.lr
 
     step, elapsed = 0, 0.0
     ckpt = args.work / "checkpoint.safetensors"
@@ -103,6 +114,14 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_rng_state(extra["rng"])
         step, elapsed = int(extra["step"]), float(extra["elapsed"])
         print(f"resumed from step {step}")
+    elif args.init is not None:  # warm start: same architecture, weights only (optimizer and EMA start afresh)
+        init = UNet2DModel.from_pretrained(args.init)
+        try:
+            model.load_state_dict(init.state_dict())  # strict: refuses another architecture
+        except RuntimeError as e:
+            p.error(f"--init {args.init}: not the architecture trained here ({str(e).splitlines()[0]})")
+        ema.load_state_dict(init.state_dict())
+        print(f"warm start from {args.init}")
 
     def save_checkpoint() -> None:
         tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
@@ -170,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
             {"null_class_label": args.classes, "num_classes": args.classes, "label_dropout": args.label_dropout,
              "class_names": list(data.CLASS_NAMES)}, indent=2) + "\n")
     record = dict(steps=step, batch=args.batch, classes=args.classes or None,
-                  label_dropout=args.label_dropout if args.classes else None, lr=args.lr, warmup=args.warmup, ema=args.ema,
+                  label_dropout=args.label_dropout if args.classes else None, lr=args.lr, warmup=args.warmup,
+                  lr_schedule=args.lr_schedule, init=str(args.init) if args.init else None, ema=args.ema,
                   seed=args.seed, threads=args.threads, bf16_autocast=not args.no_bf16,
                   wall_time_s=round(elapsed, 1), params=sum(p.numel() for p in ema.parameters()),
                   final_loss_mean_last_200=None, cpu=platform.processor() or platform.machine(),

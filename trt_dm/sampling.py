@@ -12,26 +12,28 @@ image, so an image depends on its seed only, never on the batch it was drawn in.
 """
 from __future__ import annotations
 
+import hashlib
+import time
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .core.schedule import (BETA_SCHEDULES, PREDICTION_TYPES, SAMPLERS, SPACINGS, Schedule, StepOutput,  # noqa: F401
-                            ddim_step, ddpm_step, make_generators, randn_per_sample)
+from trt_dm.core.errors import InputError
+from trt_dm.core.guidance import cfg_denoiser, check_scale
+from trt_dm.core.io import sha256_file
+from trt_dm.core.schedule import (
+    Schedule,
+    make_generators,
+    randn_per_sample,
+    sampler_rule,
+)
+from trt_dm.models.loading import LoadedModel
+from trt_dm.models.text import load_embeddings, prompts_key
 
-Denoiser = Callable[..., torch.Tensor]
+DenoiserFn = Callable[..., torch.Tensor]
 Callback = Callable[[dict[str, Any]], None]
-
-
-def unet_denoiser(unet: torch.nn.Module) -> Denoiser:
-    """A diffusers UNet module (FP or fake-quant) as a denoiser, computed as the module is (device, dtype)."""
-
-    @torch.no_grad()
-    def denoiser(x: torch.Tensor, t: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
-        return unet(x, t, **extra).sample.float()
-
-    return denoiser
 
 
 def initial_noise(seeds: Sequence[int], shape: Sequence[int], device="cpu", dtype=torch.float32):
@@ -40,16 +42,16 @@ def initial_noise(seeds: Sequence[int], shape: Sequence[int], device="cpu", dtyp
     return randn_per_sample(gens, shape, device, dtype), gens
 
 
-def _loop(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, timesteps: Sequence[int], sampler: str,
-          step: Callable[..., StepOutput], draw_noise: Callable[[int], bool], generators, extra_args, callback,
-          disable) -> torch.Tensor:
-    ts = list(timesteps)
-    prev = schedule.prev_timesteps(sampler, ts)
+def _loop(denoiser: DenoiserFn, x: torch.Tensor, schedule: Schedule, timesteps: Sequence[int], sampler: str, eta: float,
+          generators, extra_args, callback, disable) -> torch.Tensor:
+    rule = sampler_rule(sampler)
+    ts = [int(t) for t in timesteps]
+    prev = rule.prev_timesteps(schedule, ts)
     for i, t in enumerate(tqdm(ts, desc=sampler, disable=disable, leave=False)):
         tt = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
         out = denoiser(x, tt, **(extra_args or {})).to(x.dtype)
-        noise = randn_per_sample(generators, x.shape[1:], x.device, x.dtype) if draw_noise(t) else None
-        res = step(schedule, out, x, tt.cpu(), torch.full((x.shape[0],), prev[i], dtype=torch.int64), noise)
+        noise = randn_per_sample(generators, x.shape[1:], x.device, x.dtype) if rule.draws_noise(t, eta) else None
+        res = rule.step(schedule, out, x, tt.cpu(), torch.full((x.shape[0],), prev[i], dtype=torch.int64), noise, eta)
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "model_output": out, "eps": res.eps, "denoised": res.denoised})
         x = res.prev_sample
@@ -57,7 +59,7 @@ def _loop(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, timesteps: Se
 
 
 @torch.no_grad()
-def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, timesteps: Sequence[int], *,
+def sample_ddpm(denoiser: DenoiserFn, x: torch.Tensor, schedule: Schedule, timesteps: Sequence[int], *,
                 generators: Sequence[torch.Generator], extra_args: dict | None = None,
                 callback: Callback | None = None, disable: bool | None = None) -> torch.Tensor:
     """Ancestral DDPM sampling (``ddpm_step`` at every listed timestep; ``timesteps`` from
@@ -65,12 +67,11 @@ def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, timeste
     "model_output", "eps", "denoised"}."""
     if len(generators) != x.shape[0]:
         raise ValueError(f"need one generator per image: {len(generators)} generators, batch {x.shape[0]}")
-    return _loop(denoiser, x, schedule, timesteps, "ddpm", ddpm_step, lambda t: t > 0, generators, extra_args,
-                 callback, disable)
+    return _loop(denoiser, x, schedule, timesteps, "ddpm", 0.0, generators, extra_args, callback, disable)
 
 
 @torch.no_grad()
-def sample_ddim(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, timesteps: Sequence[int], *,
+def sample_ddim(denoiser: DenoiserFn, x: torch.Tensor, schedule: Schedule, timesteps: Sequence[int], *,
                 eta: float = 0.0, generators: Sequence[torch.Generator] | None = None,
                 extra_args: dict | None = None, callback: Callback | None = None,
                 disable: bool | None = None) -> torch.Tensor:
@@ -80,24 +81,15 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, timeste
         raise ValueError(f"eta must be >= 0, got {eta}")
     if eta > 0 and (generators is None or len(generators) != x.shape[0]):
         raise ValueError("eta > 0 needs one generator per image (generators=make_generators(seeds))")
-
-    def step(schedule, out, x, t, prev_t, noise):
-        return ddim_step(schedule, out, x, t, prev_t, eta=eta, noise=noise)
-
-    return _loop(denoiser, x, schedule, timesteps, "ddim", step, lambda t: eta > 0, generators, extra_args,
-                 callback, disable)
+    return _loop(denoiser, x, schedule, timesteps, "ddim", eta, generators, extra_args, callback, disable)
 
 
-SAMPLERS = ("ddim", "ddpm")
-
-
-def sample(denoiser: Denoiser, schedule: Schedule, seeds: Sequence[int], shape: Sequence[int], *,
+def sample(denoiser: DenoiserFn, schedule: Schedule, seeds: Sequence[int], shape: Sequence[int], *,
            sampler: str = "ddim", steps: int = 50, eta: float = 0.0, extra_args: dict | None = None,
            callback: Callback | None = None, disable: bool | None = None, device="cpu",
            dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Draw one image per seed with the named sampler; returns x0 in the model's range (B, *shape)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; accepted: {SAMPLERS}")
+    sampler_rule(sampler)  # an unknown sampler is refused, naming the accepted ones
     ts = schedule.timesteps(steps)
     x, gens = initial_noise(seeds, shape, device, dtype)
     if sampler == "ddpm":
@@ -107,7 +99,7 @@ def sample(denoiser: Denoiser, schedule: Schedule, seeds: Sequence[int], shape: 
                        callback=callback, disable=disable)
 
 
-def sample_many(denoiser: Denoiser, schedule: Schedule, seeds: Sequence[int], shape: Sequence[int], *,
+def sample_many(denoiser: DenoiserFn, schedule: Schedule, seeds: Sequence[int], shape: Sequence[int], *,
                 batch_size: int = 64, progress: bool = True, callback: Callback | None = None,
                 conditioning: Mapping[str, torch.Tensor] | None = None, **kwargs) -> torch.Tensor:
     """``sample`` over many seeds in batches, with one progress bar over images; returns CPU float32.
@@ -135,3 +127,99 @@ def sample_many(denoiser: Denoiser, schedule: Schedule, seeds: Sequence[int], sh
                                **kwargs).float().cpu())
             bar.update(len(chunk))
     return torch.cat(outs) if outs else torch.empty(0, *shape)
+
+
+# ---- sampling a loaded model ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """How images are drawn: image i uses seed ``seed + i``; ``batch`` images per UNet call."""
+    sampler: str = "ddim"
+    steps: int = 50
+    eta: float = 0.0  # DDIM only; 0 = deterministic
+    seed: int = 0
+    n: int = 64
+    batch: int = 64  # images per batch (a guided UNet call takes 2 rows per image)
+    labels: tuple[int, ...] | str | None = None  # class-conditional models: labels cycled over the images, or "all"
+    guidance_scale: float = 1.0  # classifier-free guidance w (1 = none)
+    guidance_rescale: float = 0.0
+    # text-conditional models: prompts cycled over the images, the negative prompt of guidance, or a safetensors file
+    # of precomputed prompt_embeds (N, S, D) [+ negative_prompt_embeds (1, S, D)]
+    prompts: tuple[str, ...] | None = None
+    negative_prompt: str = ""
+    embeddings: str | None = None
+
+    def __post_init__(self) -> None:
+        check_scale(self.guidance_scale)
+        if isinstance(self.labels, list):
+            object.__setattr__(self, "labels", tuple(self.labels))
+        if isinstance(self.prompts, (list, str)):
+            object.__setattr__(self, "prompts", (self.prompts,) if isinstance(self.prompts, str) else tuple(self.prompts))
+        if self.prompts is not None and self.embeddings is not None:
+            raise InputError("give --prompt / --prompts or --embeddings, not both", field="prompt", flag="--prompt",
+                             request_message='give "prompt" or embeddings, not both')
+        if self.prompts is not None and (not self.prompts or not all(isinstance(p, str) for p in self.prompts)):
+            raise InputError("prompts must be a non-empty list of strings", field="prompt", flag="--prompt")
+        sampler_rule(self.sampler)  # an unknown sampler is refused, naming the accepted ones
+        for name in ("n", "steps", "batch"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name} must be >= 1, got {getattr(self, name)}", field=name, flag=f"--{name}",
+                                 request_message=f'"{name}" must be >= 1, got {getattr(self, name)}')
+        if not self.eta >= 0:
+            raise InputError(f"--eta must be >= 0, got {self.eta}", field="eta", flag="--eta",
+                             request_message=f'"eta" must be >= 0, got {self.eta}')
+
+    @property
+    def seeds(self) -> range:
+        return range(self.seed, self.seed + self.n)
+
+    def key(self) -> str:
+        key = f"{self.sampler}{self.steps}-eta{self.eta:g}-s{self.seed}-n{self.n}"
+        if self.labels is not None:
+            labels = self.labels if isinstance(self.labels, str) else ",".join(map(str, self.labels))
+            key += f"-c{labels if len(labels) <= 24 else hashlib.sha256(labels.encode()).hexdigest()[:12]}"
+        if self.guidance_scale != 1.0 or self.guidance_rescale:
+            key += f"-w{self.guidance_scale:g}" + (f"r{self.guidance_rescale:g}" if self.guidance_rescale else "")
+        if self.prompts is not None:
+            key += f"-p{prompts_key(self.prompts, self.negative_prompt)[:12]}"
+        if self.embeddings is not None:
+            key += f"-e{sha256_file(self.embeddings)[:12]}"
+        return key
+
+
+def schedule(loaded: LoadedModel) -> Schedule:
+    return Schedule.from_config(loaded.scheduler_config)
+
+
+def draw(loaded: LoadedModel, denoiser: DenoiserFn, settings: SampleSettings, *, progress: bool = True,
+         seeds: Sequence[int] | None = None) -> tuple[torch.Tensor, float]:
+    """(images (N, C, H, W) float32 on CPU in the model's range, seconds) for ``settings`` (or other ``seeds``):
+    class labels and classifier-free guidance from the settings (one UNet call of 2B rows per step with guidance)."""
+    seeds = settings.seeds if seeds is None else seeds
+    cond, guidance = conditioning(loaded, settings, len(seeds))
+    t0 = time.perf_counter()
+    images = sample_many(cfg_denoiser(denoiser, guidance), schedule(loaded), seeds, loaded.sample_shape,
+                         batch_size=settings.batch, sampler=settings.sampler, steps=settings.steps, eta=settings.eta,
+                         progress=progress, device=denoiser.device, conditioning=cond)
+    return loaded.decode(images), time.perf_counter() - t0  # a latent pipeline's VAE decodes (in torch)
+
+
+def conditioning(loaded: LoadedModel, settings: SampleSettings, n: int | None = None):
+    """(per-image conditioning {input: (n, ...)}, Guidance) of ``settings`` for this model; ValueError naming what
+    is accepted for a label out of range, labels for an unconditional model, none for a conditional one, a prompt
+    for a model without a text encoder, embeddings of the wrong shape, guidance the model cannot do, or more
+    sampling steps than the model's schedule has."""
+    schedule(loaded).check_steps(settings.steps, "--steps", loaded.name)
+    embeds = negative = None
+    if settings.embeddings is not None:
+        dim = loaded.config.get("cross_attention_dim")
+        if not loaded.text_conditioned:
+            raise InputError(f"--embeddings was given, but {loaded.name!r} is not text-conditional",
+                             field="embeddings", flag="--embeddings",
+                             request_message=f'"embeddings" were given, but {loaded.name!r} is not text-conditional')
+        embeds, negative = load_embeddings(settings.embeddings, loaded.seq_len, dim)  # bare UNet: any length
+    cond = loaded.conditioning_for(settings.n if n is None else n, settings.labels, prompts=settings.prompts,
+                                   embeddings=embeds)
+    guidance = loaded.guidance(settings.guidance_scale, settings.guidance_rescale,
+                               negative_prompt=settings.negative_prompt, negative_embeddings=negative)
+    return cond, guidance

@@ -6,8 +6,10 @@ import os
 import pytest
 import torch
 
-from trt_dm.core.artifacts import (EngineError, ExportReport, RangeGroup, RangeSet, Sidecar, atomic_write,
-                                   check_sidecar, group_index, sha256_file)
+from trt_dm.core.artifacts import ExportReport, Sidecar, check_sidecar
+from trt_dm.core.flavour import EngineError
+from trt_dm.core.io import atomic_write, sha256_file
+from trt_dm.core.ranges import RangeGroup, RangeSet, group_index
 
 
 def test_range_set_pooled_and_grouped_round_trip():

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from trt_dm.core.guidance import Guidance, cfg_denoiser, check_scale, class_labels_for, combine, pack
-from trt_dm.models import tiny_unet2d
-from trt_dm.sampling import Schedule, sample_many
+from trt_dm.core.schedule import Schedule
+from trt_dm.models.builders import tiny_unet2d
+from trt_dm.sampling import sample_many
 
 NULL = 10
 

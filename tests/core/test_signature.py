@@ -4,11 +4,13 @@ import onnx
 import pytest
 import torch
 
-from trt_dm.core.signature import Signature
-from trt_dm.export import check_layers, check_qdq, export_onnx
-from trt_dm.models import tiny_unet2d, tiny_unet2d_condition
-from trt_dm.quant import QuantConfig, activation_quantizers, apply_ranges, quantize_model, quantized_layers
-from trt_dm.runners import OUTPUT_NAME, OrtRunner, TorchRunner
+from trt_dm.core.signature import OUTPUT_NAME, Signature
+from trt_dm.export.onnx import check_layers, check_qdq, export_onnx
+from trt_dm.models.builders import tiny_unet2d, tiny_unet2d_condition
+from trt_dm.quant.config import QuantConfig
+from trt_dm.quant.modules import activation_quantizers, apply_ranges, quantize_model, quantized_layers
+from trt_dm.runtime.ort import OrtRunner
+from trt_dm.runtime.torch_runner import TorchRunner
 
 
 def test_signature_feeds_and_checks():

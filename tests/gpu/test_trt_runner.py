@@ -3,12 +3,16 @@ Skipped without CUDA (marked gpu); run by tools/gpu_check.sh on a lent GPU machi
 import pytest
 import torch
 
-from trt_dm.engine import BuildOptions, EngineError, build_engine, trt_module
-from trt_dm.export import export_onnx, to_fp16
-from trt_dm.models import tiny_unet2d
-from trt_dm.quant import QuantConfig, activation_quantizers, apply_ranges, quantize_model
-from trt_dm.runners import OUTPUT_NAME, TorchRunner, as_denoiser
-from trt_dm.trt_runner import TrtRunner
+from trt_dm.core.flavour import EngineError, trt_module
+from trt_dm.core.signature import OUTPUT_NAME
+from trt_dm.export.onnx import export_onnx, to_fp16
+from trt_dm.models.builders import tiny_unet2d
+from trt_dm.quant.config import QuantConfig
+from trt_dm.quant.modules import activation_quantizers, apply_ranges, quantize_model
+from trt_dm.runtime.base import as_denoiser
+from trt_dm.runtime.tensorrt import TrtRunner
+from trt_dm.runtime.torch_runner import TorchRunner
+from trt_dm.targets.trt_builder import BuildOptions, build_engine
 
 pytestmark = pytest.mark.gpu
 
@@ -18,8 +22,8 @@ def _flavour():
         trt, flavour = trt_module()
     except EngineError as e:
         pytest.skip(f"no TensorRT here: {e}")
-    if flavour == "tensorrt_rtx":
-        from trt_dm.trt_runner import rtx_supports
+    if flavour.compute_targets:
+        from trt_dm.runtime.tensorrt import rtx_supports
         ok, known = rtx_supports(trt, torch.cuda.get_device_capability())
         if not ok:
             pytest.skip(f"TensorRT-RTX targets {known}, not this GPU ({torch.cuda.get_device_name()}); "
@@ -62,7 +66,7 @@ def test_cuda_graph_replay_equals_eager_across_shape_changes(engine):
         for batch in (2, 2, 2, 3, 3, 2, 2):  # capture at the 2nd call of a shape; new shapes drop the graph
             feed = _feed(batch, seed=batch)
             assert torch.equal(eager.infer(feed)[OUTPUT_NAME], graph.infer(feed)[OUTPUT_NAME])
-        if graph._flavour == "tensorrt":  # TensorRT-RTX captures its own graphs inside the context
+        if not graph._flavour.jit_runtime:  # TensorRT-RTX captures its own graphs inside the context
             assert graph._graph is not None and graph.state.capture_failed is None
 
 
@@ -76,7 +80,8 @@ def test_batch_outside_profile_is_refused_and_the_runner_recovers(engine):
 
 
 def test_sampler_end_to_end(engine):
-    from trt_dm.sampling import Schedule, sample
+    from trt_dm.core.schedule import Schedule
+    from trt_dm.sampling import sample
     q, plan = engine
     sched = Schedule.from_config({"num_train_timesteps": 1000})
     with TrtRunner(plan, cuda_graph=True) as r, TorchRunner(q, device="cpu", dtype=torch.float32) as ref:
@@ -88,7 +93,7 @@ def test_sampler_end_to_end(engine):
 
 def test_group_engines_share_one_device_memory_block(engine):
     """Two contexts on one shared block (the K group engines' layout) compute what a context of its own does."""
-    from trt_dm.trt_runner import SharedDeviceMemory
+    from trt_dm.runtime.tensorrt import SharedDeviceMemory
     _, plan = engine
     shared = SharedDeviceMemory()
     with TrtRunner(plan) as alone, TrtRunner(plan, shared_memory=shared) as a, TrtRunner(plan, shared_memory=shared) as b:

@@ -14,8 +14,11 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from trt_dm import api  # noqa: E402
-from trt_dm.images import to_uint8  # noqa: E402
-from trt_dm.serve.app import Service, create_app  # noqa: E402
+from trt_dm.core.errors import InputError  # noqa: E402
+from trt_dm.core.guidance import check_scale  # noqa: E402
+from trt_dm.core.images import to_uint8  # noqa: E402
+from trt_dm.serve.engine import Service  # noqa: E402
+from trt_dm.serve.http import create_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -59,39 +62,79 @@ def test_generate_png_and_json_equal_sampled_images(model):
     assert "trt_dm_images_generated_total 6.0" in metrics  # warm-up image + 3 + 2
 
 
-@pytest.mark.parametrize("body,field", [
-    ({"n": 0, "classes": "all"}, "n"),
-    ({"steps": 5000, "classes": "all"}, "steps"),
-    ({"class_labels": [11]}, "class_labels"),
-    ({}, "class_labels"),  # a conditional model needs labels
-    ({"classes": "all", "guidance_scale": 0.5}, "guidance_scale"),
-    ({"classes": "all", "path": "/etc/passwd"}, "path"),  # unknown fields are refused
-    ({"classes": "all", "class_labels": [1]}, "classes"),
+@pytest.mark.parametrize("body,field,words", [
+    ({"n": 0, "classes": "all"}, "n", ""),
+    ({"steps": 5000, "classes": "all"}, "steps", ""),
+    ({"class_labels": [11]}, "class_labels", "class labels [11] are out of range for 'tiny_cls': accepted 0..9"),
+    ({}, "class_labels", 'give "class_labels" L [L ...] (0..9) or "classes" all'),  # a conditional model needs labels
+    ({"classes": "all", "guidance_scale": 0.5}, "guidance_scale", ""),
+    ({"classes": "all", "path": "/etc/passwd"}, "path", ""),  # unknown fields are refused
+    ({"classes": "all", "class_labels": [1]}, "classes", "give class_labels or classes, not both"),
 ])
-def test_validation_errors_name_the_field(model, body, field):
+def test_validation_errors_name_the_field(model, body, field, words):
     client, _ = _client(model)
     with client:
         r = client.post("/v1/generate", json=body)
+        metrics = client.get("/metrics").text
     assert r.status_code == 422
     detail = r.json()["detail"][0]
-    assert detail["loc"] == ["body", field]
+    assert detail["loc"] == ["body", field] and words in detail["msg"]
     assert "--" not in detail["msg"], "the message names the request's fields, not the CLI's flags"
+    if words:  # refused by the model, not by the schema: counted as invalid
+        assert 'trt_dm_requests_total{status="invalid"} 1.0' in metrics
 
 
-@pytest.mark.parametrize("cli_msg,field,msg", [
-    ("'m' is text-conditional: give --prompt TEXT, --prompts FILE or --embeddings FILE.safetensors", "prompt",
-     "'m' is text-conditional: give \"prompt\" TEXT"),  # no file-path alternatives over HTTP
-    ("'m' is text-conditional: give --prompt / --prompts / --embeddings, not class labels", "prompt",
-     "'m' is text-conditional: give \"prompt\", not class labels"),
-    ("--guidance-scale 3 needs a conditional model; 'm' is unconditional", "guidance_scale",
-     "\"guidance_scale\" 3 needs a conditional model; 'm' is unconditional"),
-    ("class labels [13] are out of range for 'm': accepted 0..9", "class_labels",
-     "class labels [13] are out of range for 'm': accepted 0..9"),
-])
-def test_conditioning_errors_are_worded_for_the_request(cli_msg, field, msg):
-    from trt_dm.serve.app import _as_request_error
-    fields = {"n", "class_labels", "classes", "prompt", "negative_prompt", "guidance_scale"}
-    assert _as_request_error(cli_msg, fields) == (field, msg)
+# (what raises, field, flag, the CLI's message, the request's): {m} is the model's name
+INPUT_ERRORS = [
+    (lambda m: m["cls"].conditioning_for(1, [13]), "class_labels", "--class-labels",
+     "class labels [13] are out of range for {m}: accepted 0..9",
+     "class labels [13] are out of range for {m}: accepted 0..9"),
+    (lambda m: m["cls"].conditioning_for(1), "class_labels", "--class-labels",
+     "{m} is class-conditional: give --class-labels L [L ...] (0..9) or --classes all",
+     '{m} is class-conditional: give "class_labels" L [L ...] (0..9) or "classes" all'),
+    (lambda m: m["cls"].conditioning_for(1, "some"), "classes", "--classes",
+     "--classes takes 'all', got 'some'; or give --class-labels L [L ...]",
+     '"classes" takes \'all\', got \'some\'; or give "class_labels" L [L ...]'),
+    (lambda m: m["uncond"].conditioning_for(1, [1]), "class_labels", "--class-labels",
+     "class labels were given, but {m} is an unconditional model (no class_labels input); drop --class-labels / "
+     "--classes",
+     'class labels were given, but {m} is an unconditional model (no class_labels input); drop "class_labels" / '
+     '"classes"'),
+    (lambda m: m["uncond"].guidance(3.0), "guidance_scale", "--guidance-scale",
+     "--guidance-scale 3 needs a conditional model; {m} is unconditional",
+     '"guidance_scale" 3 needs a conditional model; {m} is unconditional'),
+    (lambda m: m["text"].conditioning_for(1), "prompt", "--prompt",
+     "{m} is text-conditional: give --prompt TEXT, --prompts FILE or --embeddings FILE.safetensors",
+     '{m} is text-conditional: give "prompt" TEXT'),  # no file-path alternatives over HTTP
+    (lambda m: m["text"].conditioning_for(1, [1]), "prompt", "--prompt",
+     "{m} is text-conditional: give --prompt / --prompts / --embeddings, not class labels",
+     '{m} is text-conditional: give "prompt", not class labels'),
+    (lambda m: check_scale(0.5), "guidance_scale", "--guidance-scale",
+     "--guidance-scale must be a finite number >= 1 (1 = no guidance), got 0.5",
+     '"guidance_scale" must be a finite number >= 1 (1 = no guidance), got 0.5'),
+    (lambda m: api.schedule(m["cls"]).check_steps(2000, "--steps", "m"), "steps", "--steps",
+     "--steps 2000 is more than the 100 timesteps 'm' was trained with; accepted: 1..100",
+     "\"steps\" 2000 is more than the 100 timesteps 'm' was trained with; accepted: 1..100"),
+    (lambda m: api.SampleSettings(n=0), "n", "--n", "--n must be >= 1, got 0", '"n" must be >= 1, got 0'),
+]
+
+
+@pytest.mark.parametrize("raises,field,flag,cli_msg,request_msg", INPUT_ERRORS)
+def test_input_errors_name_their_field_in_cli_and_request_words(model, tiny_pipeline_dir, tiny_cond_unet_dir, raises,
+                                                                 field, flag, cli_msg, request_msg):
+    """Input errors are typed (``InputError``): the CLI prints its message with flags, the service answers with the
+    error's field and its message in the request's own field names; both survive pickling (Ray)."""
+    import pickle
+    models = {"cls": model, "uncond": api.load(str(tiny_pipeline_dir)), "text": api.load(str(tiny_cond_unet_dir))}
+    with pytest.raises(InputError) as info:
+        raises(models)
+    e = info.value
+    name = next((repr(m.name) for m in models.values() if repr(m.name) in str(e)), None)
+    assert (str(e), e.field, e.flag) == (cli_msg.format(m=name), field, flag)
+    assert e.request_message == request_msg.format(m=name) and "--" not in e.request_message
+    again = pickle.loads(pickle.dumps(e))
+    assert (type(again), str(again), again.field, again.flag, again.request_message) == (
+        InputError, str(e), e.field, e.flag, e.request_message)
 
 
 def test_api_key_body_limit_and_queue_limit(model):
@@ -133,64 +176,6 @@ def test_a_runner_error_is_500_and_the_service_keeps_serving(model):
     assert bad.status_code == 500 and "injected fault" in bad.json()["detail"]
     assert good.status_code == 200
     assert 'trt_dm_requests_total{status="error"} 1.0' in metrics
-
-
-def test_trt_dm_serve_on_loopback_answers_and_drains_on_sigterm(tiny_cls_pipeline_dir, tmp_path):
-    """The real command: `trt-dm serve` on 127.0.0.1, ready after its warm-up, concurrent requests served, SIGTERM
-    stops it after draining. Bounded: a few requests, 120 s at most."""
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-
-    import httpx
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "trt_dm.cli", "serve", "--model", str(tiny_cls_pipeline_dir),
-                             "--port", str(port), "--max-rows", "8", "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stderr.read()
-            time.sleep(0.3)
-        else:
-            pytest.fail("the service did not get ready in 120 s")
-        bodies = [{"classes": "all", "n": 2, "steps": 3, "seed": s, "output": "json"} for s in range(4)]
-        with ThreadPoolExecutor(4) as pool:
-            answers = list(pool.map(lambda b: httpx.post(f"{url}/v1/generate", json=b, timeout=60), bodies))
-        assert [a.status_code for a in answers] == [200] * 4
-        assert [a.json()["seeds"] for a in answers] == [[s, s + 1] for s in range(4)]
-        assert "trt_dm_unet_calls_total" in httpx.get(f"{url}/metrics", timeout=5).text
-        # a client that gives up: its request is dropped (counted as disconnected), the service goes on
-        with pytest.raises(httpx.TimeoutException):
-            httpx.post(f"{url}/v1/generate", json={"classes": "all", "n": 32, "steps": 100}, timeout=0.3)
-        for _ in range(100):
-            if 'trt_dm_requests_total{status="disconnected"} 1.0' in httpx.get(f"{url}/metrics", timeout=5).text:
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail("the disconnected request was not dropped")
-        assert httpx.post(f"{url}/v1/generate", json=bodies[0], timeout=60).status_code == 200
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    # uvicorn shuts down gracefully (the app drains in its lifespan) and then re-raises the signal, as it should
-    assert rc in (0, -signal.SIGTERM)
-    assert "stopped after draining" in proc.stderr.read()
 
 
 def test_every_accepted_request_ends_with_images_or_an_error_under_concurrent_load_with_faults(model):

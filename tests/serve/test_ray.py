@@ -15,7 +15,9 @@ pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
 from trt_dm import api  # noqa: E402
-from trt_dm.images import to_uint8  # noqa: E402
+from trt_dm.cli import serve as cli_serve  # noqa: E402
+from trt_dm.cli.parser import parse_serve_args  # noqa: E402
+from trt_dm.core.images import to_uint8  # noqa: E402
 from trt_dm.serve import ray_app  # noqa: E402
 
 
@@ -26,19 +28,19 @@ def _free_port() -> int:
 
 
 def test_deployment_options_follow_the_flags(tiny_cls_pipeline_dir):
-    args = ray_app.parse_serve_args(f"--model {tiny_cls_pipeline_dir} --replicas 2 --max-rows 16 --max-queue 32")
+    args = parse_serve_args(f"--model {tiny_cls_pipeline_dir} --replicas 2 --max-rows 16 --max-queue 32")
     opts = ray_app.deployment_options(args)
     assert opts["num_replicas"] == 2 and "autoscaling_config" not in opts
     assert opts["max_ongoing_requests"] == 48 and opts["max_queued_requests"] == 32
     assert opts["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0}
-    auto = ray_app.deployment_options(ray_app.parse_serve_args(
+    auto = ray_app.deployment_options(parse_serve_args(
         f"--model {tiny_cls_pipeline_dir} --replicas 1 --max-replicas 3 --engine a.plan --threads 2"))
     assert auto["autoscaling_config"]["min_replicas"] == 1 and auto["autoscaling_config"]["max_replicas"] == 3
     assert "num_replicas" not in auto and auto["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1}
     with pytest.raises(ValueError, match="--max-replicas"):
-        ray_app.deployment_options(ray_app.parse_serve_args(f"--model x --replicas 3 --max-replicas 2"))
+        ray_app.deployment_options(parse_serve_args("--model x --replicas 3 --max-replicas 2"))
     with pytest.raises(ValueError, match="unknown application args"):
-        ray_app.build({"serve_args": "--model x", "replicas": 2})
+        cli_serve.build({"serve_args": "--model x", "replicas": 2})
 
 
 def test_patient_proxy_env_keeps_what_the_user_set():
@@ -66,7 +68,7 @@ def test_two_replicas_serve_the_sampled_images(tiny_cls_pipeline_dir, monkeypatc
     ray.init(num_cpus=4, include_dashboard=False, object_store_memory=200 * 2 ** 20, logging_level="ERROR")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(ray_app.build({"serve_args": f"--model {tiny_cls_pipeline_dir} --replicas 2 --max-rows 8 "
+        serve.run(cli_serve.build({"serve_args": f"--model {tiny_cls_pipeline_dir} --replicas 2 --max-rows 8 "
                                                f"--threads 1"}), name="trt-dm", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         with httpx.Client(timeout=120) as client:
@@ -95,11 +97,6 @@ def test_two_replicas_serve_the_sampled_images(tiny_cls_pipeline_dir, monkeypatc
         ray.shutdown()
 
 
-def test_ray_flags_without_ray_are_a_usage_error(tiny_cls_pipeline_dir):
-    from trt_dm.cli import main
-    assert main(["serve", "--model", str(tiny_cls_pipeline_dir), "--replicas", "2"]) == 2
-
-
 def test_kuberay_manifest_is_a_valid_serve_config():
     """deploy/rayservice.yaml: serveConfigV2 passes Ray Serve's own schema, its import path is this module's builder
     and its serve_args parse as `trt-dm serve` flags into deployment options."""
@@ -111,7 +108,7 @@ def test_kuberay_manifest_is_a_valid_serve_config():
     assert manifest["kind"] == "RayService"
     config = ServeDeploySchema.model_validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
     (app,) = config.applications
-    assert app.import_path == "trt_dm.serve.ray_app:build"
-    args = ray_app.parse_serve_args(app.args["serve_args"])
+    assert app.import_path == "trt_dm.cli.serve:build"
+    args = parse_serve_args(app.args["serve_args"])
     assert args.engine and ray_app.deployment_options(args)["ray_actor_options"]["num_gpus"] == 1
     assert [d.name for d in app.deployments] == ["trt-dm"]

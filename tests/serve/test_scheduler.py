@@ -116,7 +116,7 @@ def test_cancelled_requests_leave_at_the_next_tick_and_bad_requests_are_refused(
 
 def test_scheduler_over_an_onnx_runtime_graph(model, tmp_path):
     """Any runner: the class-conditional graph in ONNX Runtime serves what `trt-dm sample --onnx` draws."""
-    from trt_dm.export import export_onnx
+    from trt_dm.export.onnx import export_onnx
     path = export_onnx(model.unet, tmp_path / "cls.onnx")
     settings = [SETTINGS[0], SETTINGS[1]]
     with api.open_denoiser(model, onnx=path) as den:
@@ -134,8 +134,9 @@ def test_scheduler_over_openvino_with_two_streams(model, tmp_path):
     pytest.importorskip("openvino")
     import contextlib
 
-    from trt_dm.cli import build_parser, open_service
-    from trt_dm.export import export_onnx
+    from trt_dm.cli.parser import build_parser
+    from trt_dm.cli.serve import open_service
+    from trt_dm.export.onnx import export_onnx
     path = export_onnx(model.unet, tmp_path / "cls.onnx")
     args = build_parser().parse_args(["serve", "--model", str(model.source), "--openvino", str(path), "--threads",
                                       "2", "--max-rows", "6"])

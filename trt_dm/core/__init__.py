@@ -1,3 +1,3 @@
-"""The project's shared vocabulary, importing nothing else of trt_dm: the UNet's input signature
-(``signature``) and the artifacts every stage reads or writes (``artifacts``: atomic writes, hashes, range
-sets, export reports, engine sidecars)."""
+"""The project's shared vocabulary, importing nothing else of trt_dm: the input signature and dtypes, the noise
+schedule and sampler rules, guidance, range sets, export reports and engine sidecars, TensorRT flavours, atomic
+writes, images, stage costs, the CPU's int8 instructions and typed input errors."""

@@ -20,6 +20,8 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from trt_dm.core.errors import InputError
+
 Conditioning = Mapping[str, torch.Tensor]  # name -> (B, ...) tensor, one row per image
 
 
@@ -34,7 +36,9 @@ class Guidance:
     def __post_init__(self) -> None:
         check_scale(self.scale)
         if not (math.isfinite(self.rescale) and 0.0 <= self.rescale <= 1.0):
-            raise ValueError(f"--guidance-rescale must be in [0, 1], got {self.rescale}")
+            raise InputError(f"--guidance-rescale must be in [0, 1], got {self.rescale}", field="guidance_rescale",
+                             flag="--guidance-rescale",
+                             request_message=f'"guidance_rescale" must be in [0, 1], got {self.rescale}')
         if self.scale != 1.0 and not self.null:
             raise ValueError("classifier-free guidance needs the model's unconditional (null) inputs")
 
@@ -50,7 +54,10 @@ class Guidance:
 
 def check_scale(scale: float) -> float:
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale < 1.0:
-        raise ValueError(f"--guidance-scale must be a finite number >= 1 (1 = no guidance), got {scale!r}")
+        raise InputError(f"--guidance-scale must be a finite number >= 1 (1 = no guidance), got {scale!r}",
+                         field="guidance_scale", flag="--guidance-scale",
+                         request_message=f'"guidance_scale" must be a finite number >= 1 (1 = no guidance), got '
+                                         f'{scale!r}')
     return float(scale)
 
 

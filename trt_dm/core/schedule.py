@@ -15,10 +15,12 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
+
+from trt_dm.core.errors import InputError
 
 SAMPLERS = ("ddim", "ddpm")
 SPACINGS = ("leading", "trailing", "linspace")
@@ -90,15 +92,18 @@ class Schedule:
                    config=cfg)
 
     def check_steps(self, num_steps: int, what: str = "num_steps", model: str | None = None) -> None:
-        """ValueError unless ``1 <= num_steps <=`` the training timesteps; ``what`` names the setting (a CLI flag)
-        and ``model`` the model in the message."""
+        """``InputError`` (a ValueError) unless ``1 <= num_steps <=`` the training timesteps; ``what`` names the
+        setting (a CLI flag; its field is the flag's name, "--calib-steps" -> calib_steps) and ``model`` the model."""
         T = self.num_train_timesteps
+        name = what.lstrip("-").replace("-", "_")  # "--calib-steps" -> the setting calib_steps
+        flag = what if what.startswith("--") else None
         if num_steps < 1:
-            raise ValueError(f"{what} {num_steps} is not a step count; accepted: 1..{T}")
+            why = f"{num_steps} is not a step count; accepted: 1..{T}"
+            raise InputError(f"{what} {why}", field=name, flag=flag, request_message=f'"{name}" {why}')
         if num_steps > T:
             whose = f" {model!r}" if model else " the model"
-            raise ValueError(f"{what} {num_steps} is more than the {T} timesteps{whose} was trained with; "
-                             f"accepted: 1..{T}")
+            why = f"{num_steps} is more than the {T} timesteps{whose} was trained with; accepted: 1..{T}"
+            raise InputError(f"{what} {why}", field=name, flag=flag, request_message=f'"{name}" {why}')
 
     def timesteps(self, num_steps: int) -> list[int]:
         """The training timesteps visited by an ``num_steps``-step sampler, first (noisiest) to last."""
@@ -121,15 +126,8 @@ class Schedule:
         return h.hexdigest()
 
     def prev_timesteps(self, sampler: str, timesteps: Sequence[int]) -> list[int]:
-        """The timestep each listed one steps to (-1: the end, x0): DDPM goes to the next listed timestep;
-        DDIM, as diffusers' DDIMScheduler, to t - T // num_steps (not always the next listed one)."""
-        ts = [int(t) for t in timesteps]
-        if sampler == "ddpm":
-            return ts[1:] + [-1]
-        if sampler == "ddim":
-            stride = self.num_train_timesteps // len(ts)
-            return [max(t - stride, -1) for t in ts]
-        raise ValueError(f"unknown sampler {sampler!r}; accepted: {SAMPLERS}")
+        """The timestep each listed one steps to (-1: the end, x0), by the sampler's rule (``SamplerRule``)."""
+        return sampler_rule(sampler).prev_timesteps(self, [int(t) for t in timesteps])
 
     def alpha_bar(self, t: torch.Tensor, final: float = 1.0) -> torch.Tensor:
         """alpha-bar per row of ``t`` (B,) in float64, ``final`` where t < 0 (the step past t = 0)."""
@@ -236,3 +234,42 @@ def ddim_step(schedule: Schedule, model_output: torch.Tensor, x: torch.Tensor, t
             raise ValueError(f"ddim_step with eta > 0 needs noise of shape {tuple(x.shape)}")
         prev = prev + _rows(sigma, x) * noise.to(x.device, x.dtype)
     return StepOutput(prev, x0, eps)
+
+
+# ---- the samplers' rules, in one place -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SamplerRule:
+    """What a sampler is, per step: where each listed timestep steps to, whether the step at t draws noise, and
+    the step itself. The offline loops (``trt_dm.sampling``), calibration trajectories and the serving scheduler
+    all step through these."""
+    name: str
+    # the timestep each listed one steps to (-1: x0)
+    prev_timesteps: Callable[[Schedule, list[int]], list[int]]
+    # (t, eta) -> does the step at t add noise (drawn from the image's generator)
+    draws_noise: Callable[[int, float], bool]
+    # (schedule, model_output, x, t, prev_t, noise, eta) -> StepOutput
+    step: Callable[..., StepOutput]
+
+
+def _ddim_prev(schedule: Schedule, ts: list[int]) -> list[int]:
+    # as diffusers' DDIMScheduler: t - T // num_steps, not always the next listed timestep
+    stride = schedule.num_train_timesteps // len(ts)
+    return [max(t - stride, -1) for t in ts]
+
+
+SAMPLER_RULES: dict[str, SamplerRule] = {
+    "ddim": SamplerRule("ddim", _ddim_prev, lambda t, eta: eta > 0,
+                        lambda sch, out, x, t, prev, noise, eta: ddim_step(sch, out, x, t, prev, eta=eta, noise=noise)),
+    # DDPM steps to the next listed timestep and adds noise at every t > 0
+    "ddpm": SamplerRule("ddpm", lambda schedule, ts: ts[1:] + [-1], lambda t, eta: t > 0,
+                        lambda sch, out, x, t, prev, noise, eta: ddpm_step(sch, out, x, t, prev, noise)),
+}
+assert tuple(SAMPLER_RULES) == SAMPLERS
+
+
+def sampler_rule(name: str) -> SamplerRule:
+    """The rule of sampler ``name``; ValueError naming the accepted samplers for another name."""
+    if name not in SAMPLER_RULES:
+        raise ValueError(f"unknown sampler {name!r}; accepted: {SAMPLERS}")
+    return SAMPLER_RULES[name]

@@ -20,7 +20,20 @@ import torch
 
 OUTPUT_NAME = "out_sample"
 DEFAULT_SEQ_LEN = 77  # CLIP's; the profile's opt sequence length and example feeds
-_DTYPES = {"float32": torch.float32, "int64": torch.int64, "float16": torch.float16, "int32": torch.int32}
+# The interface dtypes, each with its name in trt_dm's JSON (signatures, sidecars), ONNX Runtime's type string and
+# OpenVINO's element type: the one table every reader of a graph's or file's inputs maps through (``dtypes``).
+_DTYPE_NAMES = {torch.float32: ("float32", "tensor(float)", "f32"), torch.int64: ("int64", "tensor(int64)", "i64"),
+                torch.float16: ("float16", "tensor(float16)", "f16"), torch.int32: ("int32", "tensor(int32)", "i32")}
+DTYPE_SPELLINGS = ("json", "onnxruntime", "openvino")
+
+
+def dtypes(spelling: str) -> dict[str, torch.dtype]:
+    """{name: torch dtype} of the interface dtypes as ``spelling`` (one of ``DTYPE_SPELLINGS``) writes them."""
+    i = DTYPE_SPELLINGS.index(spelling)
+    return {names[i]: dtype for dtype, names in _DTYPE_NAMES.items()}
+
+
+_DTYPES = dtypes("json")
 Dim = int | str  # a fixed size, or the name of a dynamic axis
 
 

@@ -3,13 +3,15 @@
     trt-dm serve --ray --replicas 2 [--max-replicas 4] [--ray-address ADDRESS] <the usual `trt-dm serve` flags>
 
 On a Ray cluster (KubeRay RayService, `serve run`, `serve deploy`) the application builder is
-``trt_dm.serve.ray_app:build`` with ``args: {serve_args: "<the same flags>"}`` (see deploy/rayservice.yaml).
+``trt_dm.cli.serve:build`` with ``args: {serve_args: "<the same flags>"}`` (see deploy/rayservice.yaml).
 
-Each replica (a Ray actor) parses the flags, loads the model and its denoiser, and runs its own ``Service``: the
-FastAPI app of ``trt_dm.serve.app`` with its StepScheduler thread, so step-level batching happens inside each
-replica. Ray's HTTP proxy routes requests between replicas (its router prefers the replica with fewer ongoing
-requests of two it samples) and, with ``--max-replicas``, its autoscaler adds and removes replicas on ongoing
-requests per replica. Ray runs the app's lifespan before it routes to a replica, so a replica takes traffic only
+Each replica (a Ray actor) calls the factory it was deployed with (``trt_dm.cli.serve.ServiceFactory``: the parsed
+flags, pickled), which loads the model and its denoiser and builds its own ``Service``: the service engine of
+``trt_dm.serve.engine`` behind the FastAPI app of ``trt_dm.serve.http``, so step-level batching happens inside each
+replica. This module knows nothing of the CLI: it takes the factory and the deployment's options (``running``
+deploys; the command waits and reports). Ray's HTTP proxy routes requests between replicas (its router prefers the
+replica with fewer ongoing requests of two it samples) and, with ``--max-replicas``, its autoscaler adds and
+removes replicas on ongoing requests per replica. Ray runs the app's lifespan before it routes to a replica, so a replica takes traffic only
 after its warm-up UNet call; stopping a replica runs the lifespan's shutdown: admission stops and what is in flight
 drains (``graceful_shutdown_timeout_s`` = ``--timeout``). Every response names its replica
 (``X-TRT-DM-Replica``); /metrics is the answering replica's own registry (Ray's metrics export has Ray Serve's
@@ -27,14 +29,9 @@ reads them from its own nodes' environment.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
-import shlex
-import signal
-import sys
-import time
-
+from typing import Callable
 
 # Ray Serve's proxy readiness and health-check timeouts (seconds; Ray's defaults: 5 and 10), read by the controller
 # process at its start, which inherits them from the process that starts Ray.
@@ -48,25 +45,15 @@ def patient_proxy_env(environ=os.environ) -> dict[str, str]:
     return added
 
 
-def parse_serve_args(serve_args) -> argparse.Namespace:
-    """`trt-dm serve` flags (a string or a list) -> the parsed arguments, as the CLI parses them."""
-    from ..cli import build_parser
-    argv = shlex.split(serve_args) if isinstance(serve_args, str) else [str(a) for a in serve_args]
-    return build_parser().parse_args(["serve", *argv])
-
-
 class Replica:
-    """One Ray Serve replica: the service `trt-dm serve` runs, built from the parsed flags (a plain dict, so that
-    the deployment's arguments pickle without the CLI's parser)."""
+    """One Ray Serve replica: the service built by ``factory(stack, replica_id) -> (service, app)`` (a picklable
+    callable; the denoiser stays open until the replica stops)."""
 
-    def __init__(self, options: dict) -> None:
+    def __init__(self, factory: Callable) -> None:
         from ray import serve
-
-        from ..cli import open_service
-        args = argparse.Namespace(**options)
         replica = serve.get_replica_context().replica_id.unique_id
         self._stack = contextlib.ExitStack()
-        self.service, self._app, _ = open_service(args, self._stack, replica=replica)
+        self.service, self._app = factory(self._stack, replica)
 
     def __serve_build_asgi_app__(self):  # Ray Serve asks for the ASGI app after the constructor
         return self._app
@@ -78,8 +65,9 @@ class Replica:
             raise RuntimeError("the step scheduler thread has stopped")
 
 
-def deployment_options(args: argparse.Namespace) -> dict:
-    """Ray Serve deployment options from the flags (replicas, autoscaling, resources, backpressure, drain)."""
+def deployment_options(args) -> dict:
+    """Ray Serve deployment options from the `trt-dm serve` flags (an argparse namespace or anything with the same
+    attributes: replicas, autoscaling, resources, backpressure, drain)."""
     if args.replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
     if args.max_replicas is not None and args.max_replicas < args.replicas:
@@ -103,57 +91,27 @@ def deployment_options(args: argparse.Namespace) -> dict:
     return opts
 
 
-def application(args: argparse.Namespace):
-    """The Ray Serve application (not yet running) for parsed `trt-dm serve` flags."""
+def application(factory: Callable, args):
+    """The Ray Serve application (not yet running): replicas built by ``factory``, deployed as ``args`` (the
+    `trt-dm serve` flags) say."""
     from ray import serve
-    options = {k: v for k, v in vars(args).items() if k != "func"}
     deployment = serve.deployment(serve.ingress()(Replica))
-    return deployment.options(**deployment_options(args)).bind(options)
+    return deployment.options(**deployment_options(args)).bind(factory)
 
 
-def build(args: dict):
-    """Application builder for `serve run` / `serve deploy` / KubeRay: ``args = {"serve_args": "--model ..."}``."""
-    unknown = set(args) - {"serve_args"}
-    if unknown:
-        raise ValueError(f"unknown application args {sorted(unknown)}; accepted: serve_args (the `trt-dm serve` flags)")
-    return application(parse_serve_args(args.get("serve_args", "")))
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """`trt-dm serve --ray`: join (or start) Ray, start Serve's proxy on --host/--port, deploy, wait for SIGINT or
-    SIGTERM, then shut Serve down (each replica drains)."""
-    from ..cli import UsageError, _load, _quant
-    try:
-        import ray
-        from ray import serve
-    except ImportError as e:
-        raise UsageError(f"trt-dm serve --ray needs the [ray] extra (pip install 'trt_dm[ray]'): {e}") from None
-    try:
-        app = application(args)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if args.recipe:  # calibrate once here, so that replicas on this machine find the ranges in the cache
-        from .. import api
-        api.calibrate(_load(args), _quant(args), progress=not args.no_progress)
-    if args.ray_address is None:
+@contextlib.contextmanager
+def running(app, *, host: str, port: int, address: str | None, verbose: bool):
+    """Join (or start, with ``PROXY_PATIENCE``) Ray, start Serve's proxy on ``host``:``port`` and deploy ``app``;
+    on leaving, shut Serve down (each replica drains) and disconnect from Ray."""
+    import ray
+    from ray import serve
+    if address is None:
         patient_proxy_env()
-    ray.init(address=args.ray_address, include_dashboard=False, logging_level="WARNING" if not args.verbose else "INFO")
+    ray.init(address=address, include_dashboard=False, logging_level="WARNING" if not verbose else "INFO")
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.start(http_options={"host": host, "port": port})
         serve.run(app, name="trt-dm", route_prefix="/")
-        n = f"{args.replicas}-{args.max_replicas} replicas (autoscaled)" if args.max_replicas else \
-            f"{args.replicas} replica{'s' * (args.replicas > 1)}"
-        print(f"serving {args.model} through Ray Serve on http://{args.host}:{args.port} with {n}; Ctrl-C or SIGTERM "
-              f"stops and drains", flush=True)
-        stop = []
-        signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-        try:
-            while not stop:
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
-        print("trt-dm serve: draining replicas", file=sys.stderr, flush=True)
+        yield
         serve.shutdown()
     finally:
         ray.shutdown()
-    return 0

@@ -9,14 +9,14 @@ image's own generator for the noise), retires finished images and admits new one
 An image served equals the image ``trt-dm sample`` draws for the same seed, label and settings: the same noise
 draws in the same order from the image's own generator, the same step arithmetic; only the other rows of a
 UNet call differ, which moves float rounding (~1e-6, times the guidance scale). A runner error fails the
-requests with an image in that call (``Handle.error``) and the scheduler goes on. Independent of HTTP: the
-service (``trt-dm serve``, a later issue) drives ``tick`` from its own loop.
+requests with an image in that call (``Handle.error``) and the scheduler goes on. Plain data and arithmetic, no
+threads, locks or events, independent of HTTP: the service engine (``trt_dm.serve.engine``) drives ``tick`` from
+its own thread and tells waiters when a request has ended.
 """
 from __future__ import annotations
 
 import itertools
 import logging
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,8 +24,13 @@ from typing import Callable
 
 import torch
 
-from ..core.guidance import Guidance, combine
-from ..core.schedule import SAMPLERS, Schedule, ddim_step, ddpm_step, make_generators, randn_per_sample
+from trt_dm.core.guidance import Guidance, combine
+from trt_dm.core.schedule import (
+    Schedule,
+    make_generators,
+    randn_per_sample,
+    sampler_rule,
+)
 
 log = logging.getLogger(__name__)
 # "step": continuous step-level batching (the service's); "request": whole requests batched as they arrive, a new
@@ -45,8 +50,7 @@ class Request:
     guidance: Guidance = field(default_factory=Guidance)
 
     def __post_init__(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; accepted: {SAMPLERS}")
+        sampler_rule(self.sampler)  # an unknown sampler is refused, naming the accepted ones
         if self.n < 1 or self.steps < 1 or not self.eta >= 0:
             raise ValueError(f"need n >= 1, steps >= 1, eta >= 0; got n={self.n}, steps={self.steps}, eta={self.eta}")
         bad = {k: tuple(v.shape) for k, v in self.conditioning.items() if v.shape[0] != self.n}
@@ -55,7 +59,8 @@ class Request:
 
 
 class Handle:
-    """A submitted request: ``done``, ``images`` (n, C, H, W) float32 CPU when done, or ``error``."""
+    """A submitted request's state in the scheduler: ``done``, ``images`` (n, C, H, W) float32 CPU when done, or
+    ``error``; its timings (``submitted``, ``first_call``, ``finished``: ``time.perf_counter`` seconds)."""
 
     def __init__(self, rid: int, request: Request, shape) -> None:
         self.id, self.request = rid, request
@@ -66,8 +71,6 @@ class Handle:
         self.submitted = time.perf_counter()
         self.finished: float | None = None
         self.first_call: float | None = None  # when its first image joined a UNet call (set by the scheduler)
-        self.event = threading.Event()        # set by the service when the request has ended
-        self.callbacks: list[Callable[[], None]] = []  # run after ``event`` is set (e.g. wake an asyncio waiter)
 
     @property
     def done(self) -> bool:
@@ -119,20 +122,24 @@ class StepScheduler:
 
     # ---- submission ------------------------------------------------------------------------------------------
     def submit(self, request: Request) -> Handle:
+        """Queue ``request`` (admitted at a later tick, first come, first served); its handle."""
         handle = Handle(next(self._ids), request, self.shape)
         self._waiting.append((handle, 0))
         return handle
 
     @property
     def in_flight(self) -> int:
+        """Images being denoised."""
         return len(self._flight)
 
     @property
     def queued(self) -> int:
+        """Images waiting for admission."""
         return sum(h.request.n - i for h, i in self._waiting)
 
     @property
     def idle(self) -> bool:
+        """Nothing waiting and nothing in flight."""
         return not self._flight and not self._waiting
 
     # ---- one tick --------------------------------------------------------------------------------------------
@@ -210,7 +217,8 @@ class StepScheduler:
             idx = torch.tensor(ks)
             tt = t[idx]
             prev = torch.tensor([batch[k].prev[batch[k].i] for k in ks], dtype=torch.int64)
-            noisy = {k for k in ks if (sampler == "ddpm" and batch[k].ts[batch[k].i] > 0) or (sampler == "ddim" and eta > 0)}
+            rule = sampler_rule(sampler)
+            noisy = {k for k in ks if rule.draws_noise(batch[k].ts[batch[k].i], eta)}
             noise = None
             if noisy:  # rows without noise get zeros (ignored by the step); draws only from the noisy images
                 noise = torch.zeros((len(ks), *self.shape), dtype=x.dtype)
@@ -218,8 +226,7 @@ class StepScheduler:
                     if k in noisy:
                         noise[j] = randn_per_sample([batch[k].gen], self.shape)[0]
             xs, outs = x[idx.to(x.device)], out[idx.to(out.device)]
-            res = (ddpm_step(self.schedule, outs, xs, tt, prev, noise) if sampler == "ddpm"
-                   else ddim_step(self.schedule, outs, xs, tt, prev, eta=eta, noise=noise))
+            res = rule.step(self.schedule, outs, xs, tt, prev, noise, eta)
             for j, k in enumerate(ks):
                 im = batch[k]
                 im.x = res.prev_sample[j].float().cpu()

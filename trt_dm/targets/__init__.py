@@ -1,7 +1,7 @@
 """Deployment targets behind one interface (``base.Target``): what each can express, how it exports a
 calibrated model, and what it builds. A target is one module in this folder that defines ``TARGET``; the
 registry finds it, so adding a target (e.g. OpenVINO) is one new module. Targets never import the runtime
-(``trt_dm.runners``): running an artifact is the runtime's job.
+(``trt_dm.runtime``): running an artifact is the runtime's job.
 
     target = get_target("tensorrt")
     target.check(qcfg, recipe, options)      # refuse what it cannot express, before any work
@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import ExportJob, Exported, Target  # noqa: F401
+from trt_dm.targets.base import Target
 
 
 def _discover() -> dict[str, Target]:

@@ -1,12 +1,13 @@
-"""The OpenVINO CPU target (``--target openvino``): the TensorRT target's checked Q/DQ graph with FP32 math
-(``engines/M-R.fp32.onnx``, the same file and checks), compiled by OpenVINO for this CPU, and a report of the
-precision OpenVINO actually executes per convolution / matmul, read from the compiled model's runtime graph:
+"""The OpenVINO CPU target (``--target openvino``): the shared checked Q/DQ graph with FP32 math
+(``engines/M-R.fp32.onnx``: the same file and checks as the TensorRT target's, from ``trt_dm.export.qdq``), compiled
+by OpenVINO for this CPU, and a report of the precision OpenVINO actually executes per convolution / matmul, read
+from the compiled model's runtime graph:
 
-    engines/M-R.fp32.onnx                  the graph (the TensorRT target's export; its report M-R.fp32.onnx.json)
+    engines/M-R.fp32.onnx                  the graph (the shared Q/DQ export; its report M-R.fp32.onnx.json)
     engines/M-R.fp32.onnx.openvino.json    per layer: runtime layer type, precision, kernel; counts; float fallbacks
     engines/M-R.fp32.onnx.openvino.txt     the same, short
 
-Nothing to build: OpenVINO compiles when a runner starts, and caches the result (``trt_dm.ov_runner``).
+Nothing to build: OpenVINO compiles when a runner starts, and caches the result (``trt_dm.runtime.openvino``).
 """
 from __future__ import annotations
 
@@ -16,18 +17,25 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from ..core.artifacts import atomic_write, sha256_file, write_json
-from ..core.cpu import INSTALL_HINT, SAFE_WEIGHT_CODE, cpu_int8_isa, pair_sums_saturate
-from .base import ExportJob, Exported, Target
+import numpy as np
+import torch
+
+from trt_dm.core.cpu import INSTALL_HINT, SAFE_WEIGHT_CODE, cpu_int8_isa, pair_sums_saturate
+from trt_dm.core.io import atomic_write, sha256_file, write_json
+from trt_dm.export.job import Exported, ExportJob
+from trt_dm.export.onnx import constants, layer_of, weight_code_ranges
+from trt_dm.export.qdq import check_settings, export_qdq, probe_inputs
+from trt_dm.targets.base import Target
 
 INT8 = ("i8", "u8")
 # runtime layer types that do a convolution's / matmul's work (Subgraph: OpenVINO's fused attention snippets)
 COMPUTE = ("Convolution", "Deconvolution", "GroupConvolution", "FullyConnected", "MatMul", "Subgraph",
            "ScaledDotProductAttention")
+
+
 def graph_layers(model) -> dict[str, dict]:
     """{ONNX node name: {layer, op, weighted, quantized}} for every Conv / Gemm / MatMul of a graph; ``quantized``:
     its first input comes from a DequantizeLinear (what the recipe's Q/DQ marks for int8)."""
-    from ..export import constants, layer_of
     producer = {o: n for n in model.graph.node for o in n.output}
     consts = constants(model)
     out = {}
@@ -45,6 +53,7 @@ def graph_layers(model) -> dict[str, dict]:
 
 
 def _rt(info, key: str) -> str:
+    """A runtime op's rt_info entry as text ("" when it has none)."""
     return info[key].astype(str) if key in info else ""
 
 
@@ -101,7 +110,6 @@ def precision_report(onnx_path: Path, *, probe: dict | None = None, fp_output=No
         kinds[(kind, "int8" if r["int8"] else "float", "quantized" if r["quantized"] else "not quantized")] += 1
     ops = [op.get_rt_info() for op in compiled.get_runtime_model().get_ordered_ops()]
     isa = cpu_int8_isa()
-    from ..export import weight_code_ranges
     codes = weight_code_ranges(model).values()  # the graph loaded once, above
     code_max = max((max(-lo, hi) for lo, hi in codes), default=0)
     saturate = pair_sums_saturate(isa)
@@ -135,7 +143,7 @@ def precision_report(onnx_path: Path, *, probe: dict | None = None, fp_output=No
 
 
 def _rel_rmse(a, b) -> float:
-    import numpy as np
+    """Relative RMSE of ``a`` against ``b``, in float64."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.sqrt(((a - b) ** 2).mean() / (b ** 2).mean()))
 
@@ -146,7 +154,6 @@ def _compare_with_reference(compiled, onnx_path: Path, probe: dict, fp_output=No
     fuses int8 MatMul kernels that saturate like OpenVINO's on CPUs without VNNI). Max |diff|, relative RMSE; with
     ``fp_output``, the relative RMSE of each against the unquantized model (``vs_fp``: what quantization costs as
     the graph defines it, and as OpenVINO computes it on this CPU)."""
-    import numpy as np
     import onnxruntime as ort
     feed = {k: v.numpy() for k, v in probe.items()}
     so = ort.SessionOptions()
@@ -193,13 +200,13 @@ def summary(doc: dict) -> str:
 
 def _fp_output(loaded, probe: dict):
     """The unquantized UNet's output on the probe (float64 numpy), the reference of the report's ``vs_fp``."""
-    import torch
     kw = {k: v for k, v in probe.items() if k not in ("sample", "timestep")}
     with torch.no_grad():
         return loaded.unet(probe["sample"], probe["timestep"], **kw).sample.double().numpy()
 
 
 class OpenVinoTarget(Target):
+    """The shared Q/DQ graph with FP32 math, compiled by OpenVINO for this CPU, with a per-layer precision report."""
     name = "openvino"
     help = ("the TensorRT target's checked Q/DQ graph with FP32 math, run by OpenVINO on the CPU (int8 kernels "
             "from the same Q/DQ; report of the precision each layer runs in)")
@@ -207,22 +214,20 @@ class OpenVinoTarget(Target):
     default_precision = "fp32"  # the graph's non-quantized math; bf16 is a run-time choice (--ov-precision)
 
     def check(self, qcfg, recipe, options: dict | None = None) -> None:
-        from .tensorrt import TARGET as tensorrt
-        tensorrt.check(qcfg, recipe, options)
+        """What the Q/DQ graph cannot express (``trt_dm.export.qdq.check_settings``), and OpenVINO missing."""
+        check_settings(qcfg, recipe, options)
         try:
             import openvino  # noqa: F401  (before any calibration work)
         except ImportError as e:
             raise RuntimeError(f"the openvino target needs OpenVINO ({e}): {INSTALL_HINT}") from None
 
     def export(self, job: ExportJob, progress: Callable[[str], None] = print) -> list[Exported]:
-        """The TensorRT target's FP32 Q/DQ export (checks and layer-by-layer comparison included), then per graph
-        OpenVINO's compile and the precision report."""
-        from .tensorrt import TARGET as tensorrt
-        from .tensorrt import probe_inputs
+        """The shared FP32 Q/DQ export (``trt_dm.export.qdq``: checks and layer-by-layer comparison included), then
+        per graph OpenVINO's compile and the precision report."""
         if job.precision != "fp32":
             raise ValueError(f"the openvino target runs the FP32 Q/DQ graph, got precision {job.precision!r}; "
                              "bf16 math is a run-time option (trt-dm sample --openvino G --ov-precision bf16)")
-        graphs = tensorrt.export(replace(job, precision="fp32"), progress)
+        graphs = export_qdq(replace(job, precision="fp32"), progress)
         probe = probe_inputs(job.loaded)
         fp = _fp_output(job.loaded, probe)
         for g in graphs:
@@ -236,6 +241,7 @@ class OpenVinoTarget(Target):
         return graphs
 
     def usage(self, paths: list[Path]) -> str:
+        """One line telling the user how to run what was produced."""
         return f"sample on CPU with: trt-dm sample --openvino {' '.join(str(p) for p in paths)}"
 
 

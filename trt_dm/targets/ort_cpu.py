@@ -8,19 +8,25 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from ..core.artifacts import ExportReport
-from .base import ExportJob, Exported, Target, recipe_slug
+from trt_dm.core.artifacts import ExportReport
+from trt_dm.export.job import Exported, ExportJob, recipe_slug
+from trt_dm.export.ort_int8 import INT8_OPS, export_ort_int8, optimized_op_types
+from trt_dm.quant.calib.ranges import get_recipe
+from trt_dm.quant.calib.stats import CalibStats
+from trt_dm.targets.base import Target
 
 OPS = ("layers", "all")
 
 
 class OrtCpuTarget(Target):
+    """ONNX Runtime's int8 CPU layout from the same calibration statistics; nothing to build."""
     name = "ort-cpu"
     help = ("ONNX Runtime's fast int8 CPU layout (uint8 activations, Q/DQ around inputs and outputs of the recipe's "
             "layers), from the same statistics")
     order = 10
 
     def check(self, qcfg, recipe, options: dict | None = None) -> None:
+        """What ONNX Runtime's int8 layout cannot express: W8A8 on Conv/Linear inputs, one range set, one graph."""
         if qcfg.weight_bits != 8 or qcfg.shortcut_split or qcfg.quantize_attention:
             raise ValueError("the ort-cpu target supports W8A8 on Conv/Linear inputs only (no --weight-bits 4, "
                              "--shortcut-split or --quantize-attention)")
@@ -44,10 +50,8 @@ class OrtCpuTarget(Target):
         if (job.options or {}).get("one_graph"):
             raise ValueError("--one-graph is a form of the TensorRT-layout graph (targets tensorrt, openvino); the "
                              "ort-cpu layout has one range set")
-        from ..calib.ranges import get_recipe
-        from ..calib.stats import CalibStats
-        from ..calibrate import fp_calibration_set
-        from ..ortcpu import INT8_OPS, export_ort_int8, optimized_op_types
+        # (here, not at the top: quant.calibrate loads the runtime's torch runner, which a target never imports)
+        from trt_dm.quant.calibrate import fp_calibration_set
         ops = (job.options or {}).get("ops", "layers")
         if ops not in OPS:
             raise ValueError(f"ort-cpu ops must be one of {OPS}, got {ops!r}")
@@ -77,6 +81,7 @@ class OrtCpuTarget(Target):
         return [Exported(out, report)]
 
     def usage(self, paths: list[Path]) -> str:
+        """One line telling the user how to run what was produced."""
         return f"sample on CPU with: trt-dm sample --onnx {' '.join(str(p) for p in paths)}"
 
 

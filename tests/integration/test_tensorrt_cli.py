@@ -1,0 +1,131 @@
+"""`trt-dm engine` / `build` end to end: TensorRT-RTX plans, sidecars, guidance, W4A8, memory refusals."""
+import json
+import os
+
+import pytest
+
+from trt_dm.core.flavour import EngineError
+from trt_dm.models.builders import tiny_unet2d
+from trt_dm.targets.trt_builder import load_sidecar
+
+# CI installs TensorRT-RTX (make test installs the [rtx] extra): there a missing module is a failure, not a skip.
+trt = __import__("tensorrt_rtx") if os.environ.get("CI") else pytest.importorskip("tensorrt_rtx")
+
+
+def test_engine_stops_after_checked_onnx_without_tensorrt(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
+    import trt_dm.targets.deploy as D
+    from trt_dm.cli.main import main
+
+    def none(flavour=None):
+        raise EngineError("no TensorRT found (tensorrt or tensorrt_rtx not importable): pip install tensorrt-rtx-cu13")
+    monkeypatch.setattr(D, "trt_module", none)
+    rc = main(["engine", "--model", str(tiny_pipeline_dir), "--out-dir", str(tmp_path), "--cache-dir",
+               str(tmp_path / "cc"), "--calib-n", "4", "--calib-steps", "4", "--batch", "4", "--no-progress",
+               "--no-baseline", "--precision", "fp32", "--recipe", "ptq4dm"])
+    assert rc == 0
+    assert "stopping after the checked ONNX" in capsys.readouterr().out
+    assert (tmp_path / f"{tiny_pipeline_dir.name}-ptq4dm.fp32.onnx").exists()
+    assert not list(tmp_path.glob("*.plan"))
+
+
+def test_groups_recipe_exports_and_builds_one_engine_per_timestep_group(tiny_pipeline_dir, tmp_path, capsys):
+    """A groups=K recipe with --group-engines: K checked graphs and K engines, each sidecar carrying its timestep
+    range (without the flag they go into one graph: tests/test_onegraph.py)."""
+    from trt_dm.cli.main import main
+    assert main(["engine", "--model", str(tiny_pipeline_dir), "--recipe", "max@groups=2", "--group-engines",
+                 "--timesteps", "uniform",
+                 "--out-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cc"), "--calib-n", "8", "--calib-steps",
+                 "4", "--batch", "4", "--no-progress", "--no-baseline", "--rtx-targets", "SM89", "--opt-level", "0",
+                 "--max-batch", "4", "--opt-batch", "2"]) == 0
+    name = f"{tiny_pipeline_dir.name}-max_groups2"
+    sides = [load_sidecar(tmp_path / f"{name}.g{k}.plan") for k in range(2)]
+    assert [s.group for s in sides] == [0, 1] and all(s.groups == 2 for s in sides)
+    (hi_max, hi_min), (lo_max, lo_min) = (s.t_range for s in sides)
+    assert hi_max >= hi_min > lo_max >= lo_min  # group 0 holds the noisy end, group 1 the data end
+    assert f"{name}.g0.plan" in capsys.readouterr().out
+
+
+def test_class_conditional_engine_with_guidance(tiny_cls_pipeline_dir, tmp_path, capsys):
+    """`trt-dm engine` on a class-conditional pipeline with guidance 3: calibration on every class with guidance,
+    a checked graph with its class_labels input, and an engine whose profiles hold 2 UNet rows per image."""
+    from trt_dm.cli.main import main
+    assert main(["engine", "--model", str(tiny_cls_pipeline_dir), "--recipe", "ptq4dm", "--guidance-scale", "3",
+                 "--out-dir", str(tmp_path),
+                 "--cache-dir", str(tmp_path / "cc"), "--calib-n", "8", "--calib-steps", "4", "--batch", "4",
+                 "--no-progress", "--no-baseline", "--rtx-targets", "SM89", "--opt-level", "0", "--min-batch", "1",
+                 "--max-batch", "4", "--opt-batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "profiles sized for 2 UNet rows per image (batch 2..8)" in out
+    name = f"{tiny_cls_pipeline_dir.name}-ptq4dm"
+    report = json.loads((tmp_path / f"{name}.onnx.json").read_text())
+    assert report["guidance_scale"] == 3.0 and report["violations"] == []
+    assert [i["name"] for i in report["signature"]["inputs"]] == ["sample", "timestep", "class_labels"]
+    assert report["layer_comparison_fp32"]["max_code_diff"] <= 1  # probe inputs carry class labels too
+    side = load_sidecar(tmp_path / f"{name}.plan")
+    assert side.guidance_scale == 3.0 and side.inputs["class_labels"]["max"] == [8]
+    assert side.inputs["sample"]["min"][0] == 2 and side.inputs["sample"]["opt"][0] == 4
+
+
+def test_other_class_conditional_architecture_through_engine_and_ort_cpu(tmp_path, capsys):
+    """A class-conditional UNet unlike the fixtures' (3 channels, 24 px, channels 16/32, scale-shift time
+    conditioning, 6 classes + a null label 6, guidance 2): `trt-dm engine` (TensorRT-RTX) and
+    `trt-dm export --target ort-cpu`, then sampling from the ONNX Runtime int8 graph with labels and guidance."""
+    from diffusers import DDPMScheduler
+
+    from trt_dm.cli.main import main
+
+    path = tmp_path / "cls3"
+    tiny_unet2d(3, num_class_embeds=7, in_channels=3, out_channels=3, sample_size=24, block_out_channels=(16, 32),
+                resnet_time_scale_shift="scale_shift").save_pretrained(path / "unet", safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=100, beta_start=1e-3, beta_end=0.2).save_pretrained(path / "scheduler")
+    (path / "trt_dm.json").write_text(json.dumps({"null_class_label": 6, "num_classes": 6}))
+    common = ["--model", str(path), "--guidance-scale", "2", "--out-dir", str(tmp_path / "out"), "--cache-dir",
+              str(tmp_path / "cc"), "--calib-n", "6", "--calib-steps", "3", "--batch", "4", "--no-progress"]
+    assert main(["engine", *common, "--no-baseline", "--rtx-targets", "SM89", "--opt-level", "0", "--min-batch", "1",
+                 "--max-batch", "2", "--opt-batch", "1"]) == 0
+    side = load_sidecar(tmp_path / "out" / "cls3-ptq4dm.plan")
+    assert side.inputs["sample"]["max"] == [4, 3, 24, 24] and side.inputs["class_labels"]["max"] == [4]
+    assert json.loads((tmp_path / "out" / "cls3-ptq4dm.onnx.json").read_text())["violations"] == []
+    assert main(["export", "--target", "ort-cpu", *common]) == 0
+    graph = tmp_path / "out" / "cls3-ptq4dm.ort-int8.onnx"
+    assert main(["sample", "--model", str(path), "--onnx", str(graph), "--class-labels", "0", "5", "--guidance-scale",
+                 "2", "--steps", "3", "--n", "2", "--no-progress", "--out", str(tmp_path / "g.png")]) == 0
+    assert (tmp_path / "g.png").is_file()
+
+
+def test_w4a8_engine_builds_with_4bit_codes_on_the_int8_grid(tiny_pipeline_dir, tmp_path, capsys):
+    """`trt-dm engine --weight-bits 4`: an ordinary int8 engine whose weight codes are the 4-bit integers, named
+    apart from the W8 graphs; the stage table (wall time, peak memory) is written beside them."""
+    from trt_dm.cli.main import main
+    assert main(["engine", "--model", str(tiny_pipeline_dir), "--recipe", "ptq4dm", "--weight-bits", "4",
+                 "--out-dir", str(tmp_path),
+                 "--cache-dir", str(tmp_path / "cc"), "--calib-n", "8", "--calib-steps", "4", "--batch", "4",
+                 "--no-progress", "--no-baseline", "--rtx-targets", "SM89", "--opt-level", "0", "--max-batch", "4",
+                 "--opt-batch", "2"]) == 0
+    out = capsys.readouterr().out
+    name = f"{tiny_pipeline_dir.name}-ptq4dm-w4"
+    side = load_sidecar(tmp_path / f"{name}.plan")
+    assert side.precision == "int8" and "Int8" in side.layer_precisions["correlation"]
+    report = json.loads((tmp_path / f"{name}.onnx.json").read_text())
+    assert report["violations"] == []
+    codes = report["extra"]["weight_codes"]
+    assert codes["bits"] == 4 and -8 <= codes["min"] and codes["max"] == 7
+    assert not (tmp_path / f"{tiny_pipeline_dir.name}-ptq4dm.plan").exists()
+    stages = json.loads((tmp_path / f"{name}.stages.json").read_text())["stages"]
+    names = [s["stage"] for s in stages]
+    assert {"calibration", "export", "build", f"build {name}.plan"} <= set(names)
+    assert all(s["seconds"] >= 0 and s["peak_rss_mb"] > 0 for s in stages)
+    assert "peak RSS GiB" in out
+
+
+def test_fp16_conversion_refused_without_memory_names_the_fp32_graph(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
+    import trt_dm.export.qdq as Q
+    from trt_dm.cli.main import main
+    monkeypatch.setattr(Q, "FP16_MEMORY_PER_GRAPH_BYTE", 1e9)
+    assert main(["export", "--model", str(tiny_pipeline_dir), "--out-dir", str(tmp_path), "--cache-dir",
+                 str(tmp_path / "cc"), "--calib-n", "4", "--calib-steps", "4", "--batch", "4", "--no-progress",
+                 "--recipe", "ptq4dm"]) == 1
+    err = capsys.readouterr().err
+    assert "the FP16 conversion of" in err and "--precision fp32" in err
+    assert (tmp_path / f"{tiny_pipeline_dir.name}-ptq4dm.fp32.onnx").exists()  # the checked FP32 graph stays
+    assert not (tmp_path / f"{tiny_pipeline_dir.name}-ptq4dm.onnx").exists()

@@ -1,0 +1,116 @@
+"""Command-line arguments -> the library's settings (``SampleSettings``, ``QuantSettings``, build options), with
+usage errors (exit code 2) for what cannot be turned into them."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from trt_dm import api
+from trt_dm.core.guidance import check_scale
+from trt_dm.models.text import read_prompts
+from trt_dm.quant.calib.timesteps import parse
+from trt_dm.quant.calib.trajectories import CalibSpec
+from trt_dm.quant.config import DEFAULT_EXCLUDE, QuantConfig, QuantSettings, default_recipe
+from trt_dm.sampling import SampleSettings
+from trt_dm.targets.trt_builder import BuildOptions
+
+
+class UsageError(ValueError):
+    """A bad command line: exit code 2, one line."""
+
+
+
+TEXT_GUIDANCE_DEFAULT = 7.5  # Stable Diffusion pipelines' default
+
+
+
+def is_text_model(spec) -> bool:
+    """A Stable Diffusion layout pipeline directory (a cheap look at the files, before loading anything)."""
+    root = Path(str(spec))
+    return root.is_dir() and (root / "unet").is_dir() and (root / "text_encoder").exists()
+
+
+
+def guidance_scale_of(args) -> float:
+    """--guidance-scale, or its default: 7.5 for text (prompts, embeddings or a text-to-image pipeline), else 1."""
+    if getattr(args, "guidance_scale", None) is not None:
+        return args.guidance_scale
+    texty = any(getattr(args, k, None) for k in ("prompt", "prompts", "embeddings", "calib_prompts"))
+    return TEXT_GUIDANCE_DEFAULT if texty or is_text_model(getattr(args, "model", "")) else 1.0
+
+
+
+def prompts_of(args) -> tuple[str, ...] | None:
+    if getattr(args, "prompt", None):
+        return tuple(args.prompt)
+    if getattr(args, "prompts", None):
+        return read_prompts(args.prompts)
+    return None
+
+
+
+def labels_of(args):
+    """--class-labels / --classes as the API takes them: a tuple, "all", or None."""
+    if getattr(args, "class_labels", None) is not None:
+        return tuple(args.class_labels)
+    return getattr(args, "classes", None)
+
+
+
+def load_model_of(args):
+    loaded = api.load(args.model, allow_pickle=args.allow_pickle, threads=args.threads)
+    if getattr(args, "null_label", None) is not None:
+        loaded.set_null_label(args.null_label)
+    return loaded
+
+
+
+def sample_settings(args):
+    try:
+        return SampleSettings(sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed, n=args.n,
+                              batch=args.batch, labels=labels_of(args), guidance_scale=guidance_scale_of(args),
+                              guidance_rescale=args.guidance_rescale, prompts=prompts_of(args),
+                              negative_prompt=getattr(args, "negative_prompt", ""),
+                              embeddings=getattr(args, "embeddings", None))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+
+def quant_settings(args):
+    labels = labels_of(args)
+    scale = guidance_scale_of(args)
+    try:
+        check_scale(scale)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    prompts = read_prompts(args.calib_prompts) if getattr(args, "calib_prompts", None) else None
+    spec = CalibSpec(parse(args.timesteps), n=args.calib_n, sampler=args.calib_sampler, steps=args.calib_steps,
+                     seed=args.calib_seed, labels=labels if labels is None or labels == "all" else ",".join(map(str, labels)),
+                     guidance_scale=scale, guidance_rescale=args.guidance_rescale, prompts=prompts,
+                     negative_prompt=getattr(args, "negative_prompt", ""))
+    base = tuple(args.exclude) if args.exclude is not None else DEFAULT_EXCLUDE  # --keep-fp adds to it
+    more = tuple(p for p in dict.fromkeys(args.keep_fp) if p not in base)
+    if args.keep_fp_from_t is not None and not more:
+        raise UsageError("--keep-fp-from-t T keeps the --keep-fp layers in FP at the steps t >= T: give --keep-fp "
+                         "PATTERN ... (layers not in --exclude)")
+    keep = (dict(exclude=base + more) if args.keep_fp_from_t is None
+            else dict(exclude=base, noisy_fp=more, fp_from_t=args.keep_fp_from_t))
+    qcfg = QuantConfig(weight_bits=args.weight_bits, weight_calib=args.weight_calib, shortcut_split=args.shortcut_split,
+                       rounding=args.rounding, recon_iters=args.recon_iters, recon_act_iters=args.recon_act_iters,
+                       recon_temb=args.recon_temb, w8_layers=tuple(args.w8_layers or ()),
+                       quantize_attention=args.quantize_attention, **keep)
+    recipe = args.recipe
+    if recipe is None:  # the default for these settings (and target), said when it is not the usual one
+        recipe, why = default_recipe(qcfg, spec, getattr(args, "target", None))
+        if why:
+            print(why, file=sys.stderr)
+    return QuantSettings(recipe=recipe, spec=spec, qcfg=qcfg, cache_root=Path(args.cache_dir),
+                         batch=args.batch).resolved()
+
+
+
+def build_options(args):
+    return BuildOptions(min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch,
+                        opt_level=args.opt_level, timing_cache=args.timing_cache,
+                        rtx_targets=tuple(args.rtx_targets), workspace_mib=args.workspace_mib)

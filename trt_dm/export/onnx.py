@@ -1,0 +1,414 @@
+"""Q/DQ ONNX export of a (fake-quant) UNet, and TensorRT explicit-quantization conformance checks.
+
+Export uses torch's legacy exporter (``dynamo=False``: the dynamo exporter fails on a data-dependent
+branch in modelopt's CPU fake-quant), opset 17, dynamic batch, constants folded. modelopt's quantizers
+export as QuantizeLinear/DequantizeLinear pairs. Written to a temporary name, then renamed.
+
+Conformance (TensorRT explicit quantization, "Working with Quantized Types" in the TensorRT developer
+guide): every Q/DQ is int8 with zero point 0 (symmetric), scales are finite and positive, per-channel
+scales name a valid axis of their input, and every Q feeds a DQ with the same scale.
+
+The checks (``check_qdq``, ``check_layers``, ``weight_code_ranges``, ``compare_layers``) live here, beside the
+writer, not in the export pipeline (``trt_dm.export.qdq``): they read the graph with the same readers
+(``constants``, ``layer_of``, external data left on disk), and the CLI and the OpenVINO report use them on their own.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from trt_dm.core.signature import OUTPUT_NAME, Signature
+from trt_dm.core.stages import import_detached
+from trt_dm.quant.modules import quantized_layers
+
+log = logging.getLogger(__name__)
+OPSET = 17
+# A protobuf message cannot exceed 2 GiB: above this many bytes of tensors, a graph is written in ONNX's external
+# data layout (its tensors in one `<name>.data` file beside it), which TensorRT's parse_from_file, ONNX Runtime
+# and OpenVINO read from the graph's directory.
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+def _tensor_bytes(model) -> int:
+    return sum(t.ByteSize() for t in model.graph.initializer)
+
+
+def save_onnx(model, path: str | os.PathLike) -> Path:
+    """Write ``model`` to ``path`` atomically (a private temporary directory beside it, then renames). Over
+    ``EXTERNAL_DATA_BYTES`` of tensors, they go to ``<name>.data`` beside the graph (renamed into place before the
+    graph, so a graph never names a data file that is not there). Saving externally moves the tensors out of
+    ``model`` (ONNX does): do not use it afterwards."""
+    import onnx
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = path.with_name(path.name + ".data")
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        if _tensor_bytes(model) > EXTERNAL_DATA_BYTES:
+            onnx.save_model(model, str(tmpdir / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data.name, size_threshold=0)
+            os.replace(tmpdir / data.name, data)
+        else:
+            onnx.save_model(model, str(tmpdir / path.name))
+            data.unlink(missing_ok=True)  # from an earlier, external save of the same name
+        os.replace(tmpdir / path.name, path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return path
+
+
+def onnx_files(path: str | os.PathLike) -> list[Path]:
+    """The files of an ONNX graph: the graph, and its external data file when it has one."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    return [path, data] if data.is_file() else [path]
+
+
+class _Wrapper(nn.Module):
+    """diffusers UNets return a dataclass; ONNX wants plain tensors with stable names, in signature order."""
+
+    def __init__(self, unet: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.unet = unet
+        self.names = names
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.unet(**dict(zip(self.names, inputs))).sample
+
+
+def export_onnx(unet: nn.Module, path: str | os.PathLike, *, batch: int = 2, seq_len: int = 8) -> Path:
+    """Export ``unet`` (FP or fake-quant, fp32) to ``path`` atomically, with every input of its signature
+    (``trt_dm.core.signature``: conditioning included) as a graph input and its named dynamic axes."""
+    path = Path(path)
+    signature = Signature.from_unet(unet)
+    example = signature.example(batch, seq_len=seq_len, timestep=10)
+    names = signature.names
+    args = tuple(example[n] for n in names)
+    dyn = signature.dynamic_axes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # torch writes a graph over 2 GB as one file per tensor beside it: export into a private directory, then
+    # (large graphs) gather the tensors into one `<name>.data` with save_onnx
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = tmpdir / "model.onnx"
+    try:
+        with torch.no_grad():
+            torch.onnx.export(_Wrapper(unet, names).eval(), args, str(tmp), input_names=names, output_names=[OUTPUT_NAME],
+                              dynamic_axes=dyn, opset_version=OPSET, do_constant_folding=True, dynamo=False)
+        if len(list(tmpdir.iterdir())) > 1 or tmp.stat().st_size > EXTERNAL_DATA_BYTES:
+            import onnx
+            save_onnx(onnx.load(str(tmp)), path)
+        else:
+            os.replace(tmp, path)
+            path.with_name(path.name + ".data").unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    log.info("exported %s", path)
+    return path
+
+
+@dataclass
+class QdqReport:
+    quantize: int = 0
+    dequantize: int = 0
+    per_channel: int = 0
+    violations: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+
+class _Constants(Mapping):
+    """{tensor name: value}, each read on first access (a > 2 GB graph's weights are not all loaded to check its
+    scales); tensors in external data are read from ``base_dir``."""
+
+    def __init__(self, protos: dict, base_dir: str) -> None:
+        self._protos, self._base, self._values = protos, base_dir, {}
+
+    def __contains__(self, name) -> bool:  # (Mapping's would read the tensor)
+        return name in self._protos
+
+    def __iter__(self):
+        return iter(self._protos)
+
+    def __len__(self) -> int:
+        return len(self._protos)
+
+    def __getitem__(self, name):
+        if name not in self._values:
+            from onnx import numpy_helper
+            self._values[name] = numpy_helper.to_array(self._protos[name], base_dir=self._base)
+        return self._values[name]
+
+
+def constants(model, base_dir: str | os.PathLike = "") -> Mapping[str, np.ndarray]:
+    """{tensor name: value} of every initializer and Constant node output of an ONNX model, each read when first
+    used (``base_dir``: where a graph loaded without its external data keeps it)."""
+    protos = {t.name: t for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    protos[n.output[0]] = a.t
+    return _Constants(protos, str(base_dir))
+
+
+def _graph(model_or_path) -> tuple:
+    """(model, directory of its external data): a path is loaded without its external data, whose tensors
+    ``constants(model, directory)`` then reads one by one when used (a > 2 GB graph is never all in memory)."""
+    import onnx
+    if isinstance(model_or_path, (str, os.PathLike)):
+        return onnx.load(str(model_or_path), load_external_data=False), str(Path(model_or_path).parent)
+    return model_or_path, ""
+
+
+def check_qdq(model_or_path) -> QdqReport:
+    """Check every QuantizeLinear / DequantizeLinear against TensorRT's explicit-quantization rules."""
+    model, base = _graph(model_or_path)
+    consts = constants(model, base)
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    rep = QdqReport()
+    for n in model.graph.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        if n.op_type == "QuantizeLinear":
+            rep.quantize += 1
+        else:
+            rep.dequantize += 1
+        where = f"{n.op_type} {n.name or n.output[0]!r}"
+        scale = consts.get(n.input[1]) if len(n.input) > 1 else None
+        if scale is None:
+            rep.violations.append(f"{where}: scale is not a constant")
+            continue
+        if not np.all(np.isfinite(scale)) or not np.all(scale > 0):
+            rep.violations.append(f"{where}: scales must be finite and > 0 (found {scale.ravel()[:4]})")
+        zp = consts.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        if zp is None:
+            rep.violations.append(f"{where}: zero point missing (TensorRT needs an explicit int8 zero point 0)")
+        else:
+            if zp.dtype != np.int8:
+                rep.violations.append(f"{where}: zero point type {zp.dtype}, TensorRT int8 needs int8")
+            if np.any(zp != 0):
+                rep.violations.append(f"{where}: non-zero zero point (TensorRT quantization is symmetric)")
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        if scale.size > 1:
+            rep.per_channel += 1
+            if axis != 0:  # weights: per output channel; activations: per tensor only in TensorRT
+                rep.violations.append(f"{where}: per-channel scales must be on axis 0 (weights' output "
+                                      f"channels), found axis {axis}")
+        if n.op_type == "QuantizeLinear":
+            nxt = consumers.get(n.output[0], [])
+            if not nxt or any(c.op_type != "DequantizeLinear" for c in nxt):
+                rep.violations.append(f"{where}: must feed DequantizeLinear only")
+            elif any(consts.get(c.input[1]) is None or not np.array_equal(consts[c.input[1]], scale) for c in nxt):
+                rep.violations.append(f"{where}: its DequantizeLinear uses another scale")
+    return rep
+
+
+def weight_code_ranges(model_or_path) -> dict[str, tuple[int, int]]:
+    """{layer: (min, max) int8 code} of every quantized weight in an ONNX graph: a DequantizeLinear with
+    per-channel scales whose input is a constant int8 tensor or the QuantizeLinear of a constant float one
+    (codes = round-half-even(W / scale), saturated to int8, as QuantizeLinear computes them). W4A8 graphs must
+    keep these within the 4-bit integers [-8, 7]."""
+    model, base = _graph(model_or_path)
+    consts = constants(model, base)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumer = {i: n for n in reversed(model.graph.node) for i in n.input}  # the first consumer of each
+    out = {}
+    for n in model.graph.node:
+        scale = consts.get(n.input[1]) if n.op_type == "DequantizeLinear" else None
+        if scale is None or scale.size < 2:
+            continue
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        x = consts.get(n.input[0])
+        if x is None:
+            q = producer.get(n.input[0])
+            w = consts.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+            if w is None:
+                continue
+            shape = [1] * w.ndim
+            shape[axis] = -1
+            x = np.clip(np.rint(w.astype(np.float64) / scale.astype(np.float64).reshape(shape)), -128, 127)
+        key = layer_of(consumer[n.output[0]]) if n.output[0] in consumer else n.name
+        out[key] = (int(x.min()), int(x.max()))
+    return out
+
+
+def layer_of(node) -> str:
+    """ONNX node name from the legacy exporter ("/unet/up_blocks.1/resnets.0/conv1/Conv") -> module name."""
+    parts = node.name.strip("/").split("/")
+    return ".".join(parts[1:-1]) if len(parts) > 2 else node.name
+
+
+def check_layers(model_or_path, quantized: set[str] | list[str]) -> list[str]:
+    """Every Conv/Gemm/MatMul that reads a weight must have Q/DQ on its input and weight exactly when its
+    layer is in ``quantized`` (the recipe's layers): missing and unexpected quantization are violations."""
+    model, base = _graph(model_or_path)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consts = constants(model, base)
+    quantized = set(quantized)
+    seen, problems = set(), []
+    for n in model.graph.node:
+        if n.op_type not in ("Conv", "Gemm", "MatMul") or len(n.input) < 2:
+            continue
+        # a weight is a constant, possibly through [QuantizeLinear ->] DequantizeLinear [-> Transpose]
+        src, q_w = n.input[1], False
+        while src not in consts and (p := producer.get(src)) is not None and p.op_type in (
+                "QuantizeLinear", "DequantizeLinear", "Transpose"):
+            q_w |= p.op_type == "DequantizeLinear"
+            src = p.input[0]
+        if src not in consts:
+            continue  # activation x activation matmul (attention)
+        layer = layer_of(n)
+        q_in = (p := producer.get(n.input[0])) is not None and p.op_type == "DequantizeLinear"
+        if layer in quantized:
+            seen.add(layer)
+            if not (q_in and q_w):
+                problems.append(f"{layer}: quantized by the recipe but its {'input' if not q_in else 'weight'} "
+                                "has no Q/DQ in the graph")
+        elif q_in or q_w:
+            problems.append(f"{layer}: not quantized by the recipe but has Q/DQ in the graph")
+    problems += [f"{layer}: quantized by the recipe but not found in the graph" for layer in sorted(quantized - seen)]
+    return problems
+
+
+def _activation_q_nodes(model) -> dict[str, str]:
+    """{layer name: output of the QuantizeLinear on that layer's input} (weights' Q/DQ excluded)."""
+    consts = constants(model)
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    dq_or_cast = {d.output[0] for d in model.graph.node if d.op_type in ("DequantizeLinear", "Cast")}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type != "QuantizeLinear" or n.input[0] in consts:
+            continue
+        frontier = list(consumers.get(n.output[0], []))
+        while frontier:  # Q -> DQ [-> Cast] -> Conv / Gemm / MatMul
+            c = frontier.pop()
+            if c.op_type in ("DequantizeLinear", "Cast"):
+                frontier += consumers.get(c.output[0], [])
+            elif c.op_type in ("Conv", "Gemm", "MatMul") and c.input[0] in dq_or_cast:
+                out[layer_of(c)] = n.output[0]
+    return out
+
+
+def compare_layers(qunet: nn.Module, onnx_path: str | os.PathLike, feed: dict[str, torch.Tensor]) -> list[dict]:
+    """Layer by layer: the int8 codes of every quantized layer's input in torch fake-quant vs in the ONNX graph
+    run by ONNX Runtime, on the same ``feed``. One row per layer, in execution order:
+    {layer, n, flips, flip_rate, max_diff, flips_e2e, flip_rate_e2e, max_diff_e2e}.
+
+    ``flips``: the torch run is *forced* onto ONNX Runtime's codes: every torch quantizer records the codes it
+    computes, then passes on ONNX Runtime's codes instead, so each layer's codes are computed from the same
+    quantized inputs in both frameworks and a difference comes from that layer alone. What remains are
+    rounding flips: a value within float error of a rounding boundary (x/scale = k + 0.5) rounds to k in one
+    framework and to k + 1 in the other, because they order sums differently (in FP16 graphs, at another
+    precision). A wrong scale, layout or rounding mode would show instead as many codes off, often by more
+    than one. ``*_e2e``: both run freely end to end; a flip moves downstream values by about one quantization
+    step, so end-to-end flips spread and grow with depth (what the sampler's output sees).
+    """
+    q_out, got = _ort_codes(onnx_path, feed)
+    quantizers = {layer: mod.input_quantizer for layer, mod in quantized_layers(qunet).items()
+                  if getattr(mod, "input_quantizer", None) is not None and layer in q_out}
+    missing = sorted(set(q_out) - set(quantizers))
+    if missing:
+        raise ValueError(f"layers quantized in {onnx_path} but not in the torch model: {missing[:5]}")
+    forced, order = _torch_codes(qunet, quantizers, feed, {layer: got[q_out[layer]] for layer in quantizers})
+    free, _ = _torch_codes(qunet, quantizers, feed, None)
+    rows = []
+    for layer in order:
+        ref = got[q_out[layer]].reshape(forced[layer].shape)
+        row = {"layer": layer, "n": ref.numel()}
+        for key, codes in (("", forced[layer]), ("_e2e", free[layer])):
+            d = (codes - ref).abs()
+            flips = int((d > 0).sum())
+            row.update({f"flips{key}": flips, f"flip_rate{key}": flips / ref.numel(), f"max_diff{key}": int(d.max())})
+        rows.append(row)
+    return rows
+
+
+def _ort_codes(onnx_path: str | os.PathLike, feed: dict[str, torch.Tensor]) -> tuple[dict[str, str], dict]:
+    """({layer: output of the QuantizeLinear on its input}, {that output: its int8 codes as int16}): ONNX Runtime's
+    codes of every quantized layer's input on ``feed`` (the graph run with those tensors as extra outputs)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+    model, _ = _graph(onnx_path)  # without external data: the weights stay in the graph's data file
+    q_out = _activation_q_nodes(model)
+    have = {o.name for o in model.graph.output}
+    for name in q_out.values():
+        if name not in have:
+            model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.INT8, None))
+            have.add(name)
+    if any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer):
+        # the probe graph (the same graph with more outputs) goes beside the original, whose data file it names
+        probe = Path(onnx_path).with_name(f".{Path(onnx_path).name}.probe-{os.getpid()}.onnx")
+        try:
+            onnx.save_model(model, str(probe))
+            sess = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
+        finally:
+            probe.unlink(missing_ok=True)
+    else:
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    input_names = {i.name for i in sess.get_inputs()}
+    ort_feed = {k: v.detach().cpu().numpy() for k, v in feed.items() if k in input_names}
+    outs = list(q_out.values())
+    got = {o: torch.from_numpy(a.astype(np.int16)) for o, a in zip(outs, sess.run(outs, ort_feed))}
+    return q_out, got  # (the session and the model go here: the torch runs after do not need their memory)
+
+
+def _torch_codes(qunet: nn.Module, quantizers: dict, feed: dict[str, torch.Tensor],
+                 forced: dict[str, torch.Tensor] | None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """({layer: the int8 codes torch computes for its input}, layers in execution order) on ``feed``; with
+    ``forced`` ({layer: codes}), each quantizer passes those codes on instead of its own."""
+    codes: dict[str, torch.Tensor] = {}
+    order: list[str] = []
+    handles = []
+    for layer, quantizer in quantizers.items():
+        def hook(_m, _args, out, layer=layer, quantizer=quantizer):
+            step = quantizer.amax.detach().float() / 127.0
+            codes[layer] = torch.round(out.detach().float() / step).to(torch.int16)
+            order.append(layer)
+            if forced is not None:  # continue from ONNX Runtime's codes
+                return (forced[layer].reshape(out.shape).float() * step).to(out.dtype)
+            return None
+        handles.append(quantizer.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            qunet(**feed)
+    finally:
+        for h in handles:
+            h.remove()
+    return codes, order
+
+
+def to_fp16(src: str | os.PathLike, dst: str | os.PathLike, keep_fp32: tuple[str, ...] = (r"/unet/time_proj/.*",)) -> Path:
+    """The FP16 version of an exported ONNX (quantized or not) for strongly-typed TensorRT: non-quantized math
+    in FP16, Q/DQ scales in FP16 (opset 19), inputs and outputs kept FP32. Uses ModelOpt's ONNX autocast,
+    which also keeps in FP32 any node whose values exceed FP16's safe range on a reference run. The
+    sinusoidal timestep projection stays FP32 (sin/cos of t * frequency with t up to 1000 needs it)."""
+    import_detached("modelopt.onnx.autocast")
+    from modelopt.onnx.autocast import convert_to_mixed_precision
+    # modelopt sets INFO on each of its ONNX loggers; its warnings (opset raised to 19, shared constants
+    # duplicated) are expected here: shown in verbose runs (root logger at INFO) only
+    quiet = logging.WARNING if logging.getLogger().level <= logging.INFO else logging.ERROR
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("modelopt.onnx", "onnxscript")):
+            logging.getLogger(name).setLevel(quiet)
+    dst = Path(dst)
+    model = convert_to_mixed_precision(str(src), low_precision_type="fp16", keep_io_types=True,
+                                       nodes_to_exclude=list(keep_fp32))
+    return save_onnx(model, dst)

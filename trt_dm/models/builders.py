@@ -1,0 +1,143 @@
+"""Random-weight models built offline, for tests and profiling: tiny UNets, the profiled architectures (``ARCHS``:
+the default model, DDPM-CIFAR10, SD 1.5's UNet) and Stable Diffusion layout pipeline directories."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+from torch import nn
+
+from trt_dm.models.loading import TINY_UNET2D_CONDITION_CONFIG, TINY_UNET2D_CONFIG, ModelLoadError, load_model
+
+
+def _tiny(cls: type, base: MappingProxyType, seed: int, overrides: dict[str, Any]) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(**{**base, **overrides}).eval()
+
+
+
+def tiny_unet2d(seed: int = 0, **overrides: Any) -> UNet2DModel:
+    """A tiny random UNet2DModel (16 px, 1 channel), deterministic for `seed`; `overrides` go to the config."""
+    return _tiny(UNet2DModel, TINY_UNET2D_CONFIG, seed, overrides)
+
+
+
+def tiny_unet2d_condition(seed: int = 0, **overrides: Any) -> UNet2DConditionModel:
+    """A tiny random UNet2DConditionModel (8 px, 1 channel, cross_attention_dim 16), deterministic for `seed`."""
+    return _tiny(UNet2DConditionModel, TINY_UNET2D_CONDITION_CONFIG, seed, overrides)
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2 / CLIP byte-to-unicode table: the 256 symbols byte-level BPE vocabularies are made of."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+
+_TINY_MERGES = ("t h", "th e</w>", "a n", "an d</w>", "o n</w>", "i n", "e r</w>")
+
+
+
+def write_tiny_sd_pipeline(path: str | Path, seed: int = 0, *, hidden: int = 16, seq: int = 8, layers: int = 2,
+                           heads: int = 2, unet: dict | None = None, latent_channels: int = 4,
+                           vae_channels: tuple[int, ...] = (8, 16), scaling_factor: float = 0.18215,
+                           intermediate: int | None = None, vae_groups: int = 4, vae_layers: int = 1) -> Path:
+    """A tiny random text-to-image pipeline in the Stable Diffusion layout (model_index.json, unet/, scheduler/,
+    text_encoder/, tokenizer/, vae/), all safetensors, deterministic for ``seed``: a byte-level BPE CLIP tokenizer
+    (256 byte symbols and their word-final forms, a few merges), a CLIP text model of width ``hidden`` and
+    sequence length ``seq``, a VAE with ``len(vae_channels)`` levels and a UNet2DConditionModel on its latents."""
+    import transformers
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    path = Path(path)
+    chars = _byte_chars()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
+    for m in _TINY_MERGES:
+        vocab.setdefault(m.replace(" ", ""), len(vocab))
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    tok_dir = path / "tokenizer"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(_TINY_MERGES) + "\n", encoding="utf-8")
+    tokenizer = transformers.CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"),
+                                           model_max_length=seq)
+    tokenizer.save_pretrained(str(tok_dir))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        te = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=heads, max_position_embeddings=seq, bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])).eval()
+        te.save_pretrained(str(path / "text_encoder"), safe_serialization=True)
+        n = len(vae_channels)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                            up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(vae_channels),
+                            latent_channels=latent_channels, norm_num_groups=vae_groups, layers_per_block=vae_layers,
+                            scaling_factor=scaling_factor)
+        vae.save_pretrained(str(path / "vae"), safe_serialization=True)
+        cfg = dict(sample_size=8, in_channels=latent_channels, out_channels=latent_channels, block_out_channels=(8, 16),
+                   layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=4, cross_attention_dim=hidden,
+                   attention_head_dim=2)
+        UNet2DConditionModel(**{**cfg, **(unet or {})}).save_pretrained(str(path / "unet"), safe_serialization=True)
+    DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                  clip_sample=False, set_alpha_to_one=False, steps_offset=1).save_pretrained(str(path / "scheduler"))
+    (path / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+        "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "safety_checker": [None, None], "feature_extractor": [None, None],
+        "requires_safety_checker": False}, indent=2))
+    return path
+
+
+
+def write_sd15_layout_pipeline(path: str | Path, seed: int = 0, *, text_layers: int = 12) -> Path:
+    """A random-weight pipeline at Stable Diffusion 1.5's sizes, for scale runs (no downloads): the 859.5 M
+    parameter UNet (``trt_dm.profile.ARCHS['sd15-unet']``, 64x64 latents), a CLIP ViT-L/14-sized text encoder
+    (width 768, 12 heads, 77 tokens, MLP 3072, ``text_layers`` layers; the tiny byte-level tokenizer, so a small
+    vocabulary) and a VAE with SD's channels (128, 256, 512, 512; 8x: 512x512 images)."""
+    unet = dict(ARCHS["sd15-unet"][1], down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, norm_num_groups=32)
+    return write_tiny_sd_pipeline(path, seed, hidden=768, seq=77, layers=text_layers, heads=12, intermediate=3072,
+                                  unet=unet, vae_channels=(128, 256, 512, 512), vae_groups=32, vae_layers=2)
+
+
+# Architectures with random weights (diffusers configs). ddpm-cifar10: Ho et al.'s CIFAR-10 UNet as in
+# google/ddpm-cifar10-32 (35.7 M parameters); sd15-unet: Stable Diffusion 1.5's UNet (859.5 M).
+ARCHS: dict[str, tuple[str, dict]] = {
+    "ddpm-cifar10": ("UNet2DModel", dict(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_eps=1e-6,
+        downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, attention_head_dim=None)),
+    "sd15-unet": ("UNet2DConditionModel", dict(
+        sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768, attention_head_dim=8,
+        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)),
+}
+
+
+
+def build_arch(name: str, seed: int = 0):
+    """(unet, schedule config) for an ARCHS entry (random weights), 'default' or a model directory."""
+    if name not in ARCHS:
+        try:
+            m = load_model(name)
+        except ModelLoadError as e:
+            raise ValueError(f"--arch {name!r} is neither one of {', '.join(ARCHS)} nor a loadable model ({e})") from None
+        return m.unet, m.scheduler_config
+    import diffusers
+    cls, cfg = ARCHS[name]
+    torch.manual_seed(seed)
+    return getattr(diffusers, cls)(**cfg).eval(), {"num_train_timesteps": 1000}

@@ -1,0 +1,76 @@
+"""A diffusers drop-in: any trt_dm denoiser (TensorRT engine, ONNX Runtime or OpenVINO graph, torch fake-quant or
+FP) behind the UNet's forward signature, so a user's existing diffusers pipeline runs it unchanged:
+
+    from trt_dm import api
+    from trt_dm.models.dropin import DropInUNet
+    loaded = api.load("path/to/sd-pipeline")
+    with api.open_denoiser(loaded, engines=["engines/sd-ptq4dm.plan"]) as den:
+        pipe = StableDiffusionPipeline.from_pretrained("path/to/sd-pipeline")
+        pipe.unet = DropInUNet(loaded, den)
+        image = pipe("a red apple", generator=torch.Generator().manual_seed(0)).images[0]
+
+The object carries what diffusers pipelines read from a UNet (``config``, ``dtype``, ``device``, ``in_channels``,
+``add_embedding``) and returns the usual output class; the timestep (a scalar or one per row) is broadcast to one
+per row, as the runners take it. Forward arguments the deployed graph has no input for (``timestep_cond``,
+``added_cond_kwargs``, ``cross_attention_kwargs``, adapters and ControlNet residuals) are refused with a clear error
+instead of being dropped silently.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+_REFUSED = ("timestep_cond", "attention_mask", "cross_attention_kwargs", "added_cond_kwargs",
+            "down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals",
+            "encoder_attention_mask")
+
+
+class DropInUNet(nn.Module):
+    """``loaded``'s UNet interface over ``denoiser`` (an open ``trt_dm.api.Denoiser`` or any denoiser callable)."""
+
+    def __init__(self, loaded, denoiser) -> None:
+        super().__init__()
+        self._denoiser = denoiser
+        self.config = loaded.unet.config  # diffusers' FrozenDict: attribute and key access, as pipelines use it
+        self._names = loaded.signature.names
+        self._device = torch.device(getattr(denoiser, "device", "cpu"))
+        self.add_embedding = None  # SDXL-style added conditioning: not part of the deployed graph
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32  # runners take and return float32 at their interface
+
+    @property
+    def in_channels(self) -> int:
+        return self.config.in_channels
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
+                encoder_hidden_states: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,
+                return_dict: bool = True, **kwargs: Any):
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+        given = sorted(k for k in _REFUSED if kwargs.get(k) is not None)
+        unknown = sorted(k for k in kwargs if k not in _REFUSED)
+        if given or unknown:
+            raise ValueError(f"DropInUNet: {given + unknown} cannot be fed to the deployed UNet (its graph inputs are "
+                             f"{self._names})")
+        b = sample.shape[0]
+        t = torch.as_tensor(timestep, device=sample.device)
+        t = (t.reshape(1) if t.ndim == 0 else t).to(torch.int64).expand(b) if t.numel() in (1, b) else None
+        if t is None:
+            raise ValueError(f"DropInUNet: timestep has {torch.as_tensor(timestep).numel()} values for a batch of {b}")
+        extra = {}
+        for name, value in (("encoder_hidden_states", encoder_hidden_states), ("class_labels", class_labels)):
+            if name in self._names:
+                if value is None:
+                    raise ValueError(f"DropInUNet: the deployed UNet needs {name}")
+                extra[name] = value.float() if value.is_floating_point() else value
+            elif value is not None:
+                raise ValueError(f"DropInUNet: {name} was given, but the deployed UNet has no such input")
+        out = self._denoiser(sample.float(), t.contiguous(), **extra).to(sample.dtype)
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)

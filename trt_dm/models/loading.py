@@ -1,0 +1,499 @@
+"""Load diffusers UNets (UNet2DModel, UNet2DConditionModel) and the embedded default model.
+
+`load_model(spec)` accepts "default", a UNet directory in diffusers `save_pretrained` layout, or a
+pipeline directory (unet/ [+ scheduler/]). It reads and validates config.json itself, builds the model
+from the config and loads the weights with safetensors; pickled `.bin` weights only on opt-in, and then
+with `torch.load(weights_only=True)`. Every failure is a `ModelLoadError` naming the path and what is
+accepted. `tiny_unet2d` / `tiny_unet2d_condition` build tiny random models for tests and tools.
+
+A loaded model carries its input ``signature`` (``trt_dm.core.signature``: the one description of the UNet's
+inputs every stage reads) and two fingerprints: of the UNet (config + weights) and of its noise schedule.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Sequence
+
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+from safetensors.torch import load_file
+from torch import nn
+
+from trt_dm.core.errors import InputError
+from trt_dm.core.guidance import Guidance, check_scale, class_labels_for
+from trt_dm.core.schedule import Schedule
+from trt_dm.core.signature import Signature
+from trt_dm.models.text import is_text_pipeline, load_text_pipeline
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+DEFAULT_MODEL_ENV = "TRT_DM_DEFAULT_MODEL"
+
+
+def _embedded_root() -> Path:
+    """The embedded models' folder: the copy a wheel installs inside the package (``trt_dm/embedded``), else
+    ``models/`` of the source checkout (what an editable install reads too)."""
+    package = Path(__file__).resolve().parents[1]  # trt_dm/
+    packaged = package / "embedded"
+    return packaged if packaged.is_dir() else package.parent / "models"
+
+
+EMBEDDED_ROOT = _embedded_root()
+DEFAULT_MODEL_DIR = EMBEDDED_ROOT / "default"
+# Embedded models by name, under models/ ("default" can be redirected with TRT_DM_DEFAULT_MODEL).
+EMBEDDED = {"default": "default", "default-cond": "default-cond"}
+# Conditioning facts a UNet config cannot hold, next to it: {"null_class_label": int, "num_classes": int,
+# "class_names": [...]} (written by tools/train_default.py; the model card says how it was trained).
+CONDITIONING_FILE = "trt_dm.json"
+# DDPM (Ho et al. 2020, Sec. 4): linear betas 1e-4..0.02 over T=1000, epsilon prediction. Used when the
+# model directory carries no scheduler/scheduler_config.json.
+DEFAULT_SCHEDULER_CONFIG = MappingProxyType(dict(
+    num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+    prediction_type="epsilon", clip_sample=True))
+
+SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
+PICKLE_WEIGHTS = "diffusion_pytorch_model.bin"
+_ACCEPTED = (f'"default", a diffusers UNet directory (config.json + {SAFE_WEIGHTS}, or shards listed in '
+             f"{SAFE_WEIGHTS}.index.json), or a pipeline directory with unet/ (and optionally scheduler/)")
+# Config keys that need forward inputs this project does not describe (added_cond_kwargs etc.).
+_UNSUPPORTED_KEYS = ("addition_embed_type", "encoder_hid_dim_type")
+_CLASS_EMBED_TYPES = (None, "timestep", "projection")
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be loaded; the message names the path and what is accepted."""
+
+
+@dataclass
+class LoadedModel:
+    unet: nn.Module
+    kind: str                    # "UNet2DModel" | "UNet2DConditionModel"
+    source: Path                 # resolved directory given (pipeline root or UNet dir)
+    name: str                    # "default" or the directory's name
+    config: dict[str, Any]       # config.json as read
+    scheduler_config: dict[str, Any]
+    scheduler_source: str        # "dir" (pipeline's scheduler/scheduler_config.json) or "default" (DDPM)
+    weight_files: tuple[Path, ...] = ()
+    weight_names: tuple[str, ...] = ()  # state_dict keys at load; fingerprint() hashes exactly these
+    null_class_label: int | None = None  # the class label the model was trained with as "no class" (for CFG)
+    num_classes: int | None = None       # labels 0 .. num_classes - 1 are real classes
+    class_names: tuple[str, ...] | None = None
+    text: Any = None  # trt_dm.text.TextPipeline of a Stable Diffusion layout pipeline (tokenizer, text encoder, VAE)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image the UNet denoises."""
+        c = self.unet.config
+        s = c.sample_size
+        h, w = (s, s) if isinstance(s, int) else tuple(s)
+        return (c.in_channels, h, w)
+
+    @property
+    def signature(self) -> Signature:
+        """The UNet's inputs (names, interface dtypes, named dynamic axes, which are conditioning)."""
+        return Signature.from_config(self.kind, self.config)
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical config JSON and every weight's name, dtype, shape and bytes (sorted).
+
+        Computed from the current weights (an in-place change shows), over the keys present at load, so
+        quantizer buffers added later (e.g. modelopt's `_amax`) do not change it.
+        """
+        h = hashlib.sha256(_canonical_config(self.config).encode())
+        state = self.unet.state_dict()
+        names = self.weight_names or tuple(state)
+        missing = [n for n in names if n not in state]
+        if missing:
+            raise ValueError(f"fingerprint: weights {missing[:5]} were removed from the model after loading")
+        for name in sorted(names):
+            t = state[name].detach().to("cpu").contiguous()
+            h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        return h.hexdigest()
+
+    @property
+    def class_labels_spec(self):
+        """The class_labels input of the signature, or None for models without class conditioning."""
+        sig = self.signature
+        return sig["class_labels"] if "class_labels" in sig else None
+
+    @property
+    def text_conditioned(self) -> bool:
+        return "encoder_hidden_states" in self.signature.conditioning
+
+    @property
+    def seq_len(self) -> int | None:
+        """The text encoder's sequence length (the tokenizer pads to it), or None without a text encoder."""
+        return self.text.max_length if self.text is not None else None
+
+    def conditioning_for(self, n: int, labels: Sequence[int] | str | None = None, *,
+                         prompts: Sequence[str] | None = None, embeddings: torch.Tensor | None = None
+                         ) -> dict[str, torch.Tensor]:
+        """The conditioning of ``n`` images: ``labels`` cycled over them (image i gets labels[i % len]), "all"
+        for every class in turn; for text-conditional UNets ``prompts`` (encoded by the pipeline's text encoder)
+        or precomputed ``embeddings`` (N, S, D), cycled likewise; nothing for an unconditional model. Raises
+        ValueError naming what is accepted."""
+        if self.text_conditioned:
+            if labels is not None:
+                raise InputError(f"{self.name!r} is text-conditional: give --prompt / --prompts / --embeddings, "
+                                 "not class labels", field="prompt", flag="--prompt",
+                                 request_message=f'{self.name!r} is text-conditional: give "prompt", not class labels')
+            return {"encoder_hidden_states": self._text_rows(n, prompts, embeddings)}
+        if prompts is not None or embeddings is not None:
+            why = (f"a prompt or embeddings were given, but {self.kind} {self.name!r} is not text-conditional (no "
+                   "encoder_hidden_states input)")
+            raise InputError(f"{why}; drop --prompt / --embeddings", field="prompt", flag="--prompt",
+                             request_message=f'{why}; drop "prompt"')
+        spec = self.class_labels_spec
+        if spec is None:
+            if labels is not None:
+                why = f"class labels were given, but {self.name!r} is an unconditional model (no class_labels input)"
+                raise InputError(f"{why}; drop --class-labels / --classes", field="class_labels", flag="--class-labels",
+                                 request_message=f'{why}; drop "class_labels" / "classes"')
+            return {}
+        if spec.dtype != torch.int64:
+            raise InputError(f"{self.name!r} takes class_labels of shape {list(spec.shape)} ({spec.dtype}: "
+                             "class_embed_type 'projection'), which trt_dm cannot build from labels",
+                             field="class_labels", flag="--class-labels")
+        k = self.num_classes or spec.num_values
+        if labels is None:
+            raise InputError(f"{self.name!r} is class-conditional: give --class-labels L [L ...] (0..{k - 1}) or "
+                             "--classes all", field="class_labels", flag="--class-labels",
+                             request_message=f'{self.name!r} is class-conditional: give "class_labels" L [L ...] '
+                                             f'(0..{k - 1}) or "classes" all')
+        if isinstance(labels, str):
+            if labels != "all":
+                raise InputError(f"--classes takes 'all', got {labels!r}; or give --class-labels L [L ...]",
+                                 field="classes", flag="--classes",
+                                 request_message=f'"classes" takes \'all\', got {labels!r}; or give "class_labels" '
+                                                 'L [L ...]')
+            labels = list(range(k))
+        labels = [int(v) for v in labels]
+        bad = [v for v in labels if not 0 <= v < k or v == self.null_class_label]
+        if bad:
+            raise InputError(f"class labels {bad} are out of range for {self.name!r}: accepted 0..{k - 1}"
+                             + (f" (label {self.null_class_label} is its null label)" if self.null_class_label
+                                is not None and self.null_class_label < k else ""),
+                             field="class_labels", flag="--class-labels")
+        return {"class_labels": class_labels_for(n, labels)}
+
+    def _text_rows(self, n: int, prompts: Sequence[str] | None, embeddings: torch.Tensor | None) -> torch.Tensor:
+        if prompts is not None and embeddings is not None:
+            raise InputError("give prompts or embeddings, not both", field="prompt", flag="--prompt")
+        if embeddings is not None:
+            rows = embeddings
+        elif prompts is not None:
+            if isinstance(prompts, str):
+                prompts = [prompts]
+            if not prompts:
+                raise InputError("no prompts given", field="prompt", flag="--prompt")
+            if self.text is None:
+                why = (f"{self.name!r} has no text encoder (not a Stable Diffusion layout pipeline with "
+                       "text_encoder/ and tokenizer/): prompts cannot be encoded")
+                raise InputError(f"{why}; give --embeddings FILE.safetensors with prompt_embeds (N, S, D)",
+                                 field="prompt", flag="--prompt",
+                                 request_message=f"{why}, and a request cannot give precomputed embeddings")
+            unique = list(dict.fromkeys(prompts))
+            enc = self.text.encode(unique)
+            rows = enc[torch.tensor([unique.index(p) for p in prompts])]
+        else:
+            raise InputError(f"{self.name!r} is text-conditional: give --prompt TEXT, --prompts FILE or --embeddings "
+                             "FILE.safetensors", field="prompt", flag="--prompt",
+                             request_message=f'{self.name!r} is text-conditional: give "prompt" TEXT')
+        dim = self.config.get("cross_attention_dim")
+        if rows.ndim != 3 or (isinstance(dim, int) and rows.shape[2] != dim):
+            raise InputError(f"embeddings of shape {tuple(rows.shape)} do not fit {self.name!r}: it takes "
+                             f"(N, S, {dim}) encoder_hidden_states", field="embeddings", flag="--embeddings")
+        return rows[torch.arange(n) % rows.shape[0]].float()
+
+    def guidance(self, scale: float = 1.0, rescale: float = 0.0, *, negative_prompt: str = "",
+                 negative_embeddings: torch.Tensor | None = None):
+        """Classifier-free guidance for this model (``trt_dm.core.guidance.Guidance``); scale 1 needs nothing,
+        another scale needs the null class label the model was trained with, or for a text-conditional model the
+        embedding of the negative prompt (the empty prompt by default) or precomputed negative embeddings."""
+        check_scale(scale)
+        if scale == 1.0:
+            return Guidance(1.0, rescale)
+        if self.text_conditioned:
+            if negative_embeddings is None:
+                if self.text is None:
+                    why = f"{scale:g} on {self.name!r} (no text encoder) needs negative_prompt_embeds (1, S, D)"
+                    raise InputError(f"--guidance-scale {why} in the --embeddings file", field="guidance_scale",
+                                     flag="--guidance-scale",
+                                     request_message=f'"guidance_scale" {why}, which a request cannot give; send '
+                                                     '"guidance_scale" 1')
+                negative_embeddings = self.text.encode([negative_prompt])
+            return Guidance(scale, rescale, {"encoder_hidden_states": negative_embeddings[:1].float()})
+        if self.class_labels_spec is None:
+            raise InputError(f"--guidance-scale {scale:g} needs a conditional model; {self.name!r} is unconditional",
+                             field="guidance_scale", flag="--guidance-scale",
+                             request_message=f'"guidance_scale" {scale:g} needs a conditional model; {self.name!r} is '
+                                             'unconditional')
+        if self.null_class_label is None:
+            why = (f"{scale:g} needs the null class label {self.name!r} was trained with (classifier-free guidance); "
+                   f"it has no {CONDITIONING_FILE} naming one")
+            raise InputError(f"--guidance-scale {why}. Give --null-label N if you know it, or sample with "
+                             "--guidance-scale 1", field="guidance_scale", flag="--guidance-scale",
+                             request_message=f'"guidance_scale" {why}; send "guidance_scale" 1')
+        return Guidance(scale, rescale, {"class_labels": torch.tensor([self.null_class_label], dtype=torch.int64)})
+
+    def set_null_label(self, label: int) -> None:
+        """Declare the null class label (when the model directory does not): checked against the embedding."""
+        spec = self.class_labels_spec
+        if spec is None or spec.num_values is None:
+            raise InputError(f"--null-label: {self.name!r} has no class-label embedding", field="null_label",
+                             flag="--null-label",
+                             request_message=f'"null_label": {self.name!r} has no class-label embedding')
+        if not 0 <= int(label) < spec.num_values:
+            raise InputError(f"--null-label {label} is outside the model's {spec.num_values} class embeddings",
+                             field="null_label", flag="--null-label",
+                             request_message=f'"null_label" {label} is outside the model\'s {spec.num_values} class '
+                                             'embeddings')
+        self.null_class_label = int(label)
+        if self.num_classes is None and label == spec.num_values - 1:
+            self.num_classes = int(label)
+
+    def schedule_fingerprint(self) -> str:
+        """sha256 of the noise schedule as the samplers use it (see ``Schedule.fingerprint``):
+        two scheduler configs that sample alike share it, any change that moves a trajectory does not."""
+        return Schedule.from_config(self.scheduler_config).fingerprint()
+
+    def data_key(self) -> str:
+        """What every cache of data drawn from this model is keyed by: the UNet AND its noise schedule (the same
+        UNet under another scheduler config draws other trajectories, so it must not share their cache), and for a
+        text-to-image pipeline its text encoder (the embeddings) and VAE (the decoded images)."""
+        parts = [self.fingerprint(), self.schedule_fingerprint()]
+        if self.text is not None:
+            parts += [self.text.fingerprints["text_encoder"], self.text.fingerprints["vae"]]
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """What the sampler made -> images: a latent pipeline's VAE decodes its latents; others are images already."""
+        return self.text.decode(samples) if self.text is not None else samples
+
+
+def _canonical_config(config: dict[str, Any]) -> str:
+    # Drop bookkeeping keys (_diffusers_version, _name_or_path, ...) but keep the class name.
+    kept = {k: v for k, v in config.items() if not k.startswith("_") or k == "_class_name"}
+    return json.dumps(kept, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: the {what} is not valid JSON ({e}); expected the JSON object "
+                             "that diffusers' save_pretrained writes") from e
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: the {what} must be a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _resolve(spec: str | os.PathLike) -> tuple[Path, str]:
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"model spec must be a str or os.PathLike, got {type(spec).__name__}: {spec!r}")
+    if os.fspath(spec) in EMBEDDED:
+        name = os.fspath(spec)
+        env = os.environ.get(DEFAULT_MODEL_ENV) if name == "default" else None
+        root = Path(env).expanduser() if env else DEFAULT_MODEL_DIR.parent / EMBEDDED[name]
+        if not root.exists():
+            if env:
+                raise ModelLoadError(f"{DEFAULT_MODEL_ENV}={env!r} names a path that does not exist; point it "
+                                     f"at {_ACCEPTED}, or unset it to use {DEFAULT_MODEL_DIR}")
+            raise ModelLoadError(
+                f"the embedded {name} model is missing: {root} does not exist. Produce it with "
+                f"`python tools/train_default.py` (see the model card in models/), or give a model directory")
+        return root.resolve(), name
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path {str(path)!r} does not exist; accepted: {_ACCEPTED}")
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {str(path)!r} is a file, not a directory; accepted: {_ACCEPTED}")
+    return path.resolve(), path.resolve().name
+
+
+def _shards(index: Path) -> list[Path]:
+    weight_map = _read_json(index, "weights index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelLoadError(f"{index}: no 'weight_map' object mapping tensor names to shard files")
+    files = [index.parent / f for f in sorted(set(weight_map.values()))]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise ModelLoadError(f"{index}: shard files listed in the index are missing: {missing[:5]}")
+    return files
+
+
+def _find_weights(unet_dir: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
+    """Weight files, safetensors first; returns (files, are_pickles)."""
+    if (unet_dir / SAFE_WEIGHTS).is_file():
+        return [unet_dir / SAFE_WEIGHTS], False
+    if (unet_dir / f"{SAFE_WEIGHTS}.index.json").is_file():
+        return _shards(unet_dir / f"{SAFE_WEIGHTS}.index.json"), False
+    for pkl in (unet_dir / PICKLE_WEIGHTS, unet_dir / f"{PICKLE_WEIGHTS}.index.json"):
+        if pkl.is_file():
+            if not allow_pickle:
+                raise ModelLoadError(
+                    f"{pkl}: weights exist only as a pickle, which is refused by default (pickles can run "
+                    "code). Opt in with load_model(..., allow_pickle=True) / CLI flag --allow-pickle (loads "
+                    "with torch.load(weights_only=True)), or better, convert once to safetensors: "
+                    "model.save_pretrained(dir, safe_serialization=True)")
+            return ([pkl] if pkl.name == PICKLE_WEIGHTS else _shards(pkl)), True
+    found = sorted(p.name for p in unet_dir.iterdir())[:8]
+    raise ModelLoadError(f"{unet_dir}: no weights found (files: {found}); expected {SAFE_WEIGHTS}, or shards "
+                         f"with {SAFE_WEIGHTS}.index.json, or (with allow_pickle=True) {PICKLE_WEIGHTS}")
+
+
+def _read_weights(files: list[Path], pickles: bool) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            part = torch.load(f, map_location="cpu", weights_only=True) if pickles else load_file(str(f))
+        except Exception as e:  # safetensors/pickle raise many types for truncated or corrupt files
+            raise ModelLoadError(f"{f}: cannot read the weights ({type(e).__name__}: {e}); the file is "
+                                 "truncated, corrupt or not a plain tensor dict. Re-save the model with "
+                                 "save_pretrained(dir, safe_serialization=True)") from e
+        if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
+            raise ModelLoadError(f"{f}: expected a dict of tensor name -> tensor, found {type(part).__name__}")
+        state.update(part)
+    return state
+
+
+def _check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str) -> None:
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+             for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    problems = [f"{len(v)} {what} (e.g. {', '.join(v[:4])})" for what, v in
+                (("missing", missing), ("unexpected", unexpected), ("with wrong shape (file vs config)", wrong))
+                if v]
+    if problems:
+        raise ModelLoadError(f"{where}: the weights do not match the model built from config.json: "
+                             + "; ".join(problems) + ". Accepted: the weights save_pretrained wrote for this config")
+
+
+def _check_config(config: dict[str, Any], path: Path) -> str:
+    kind = config.get("_class_name")
+    if kind not in SUPPORTED_CLASSES:
+        raise ModelLoadError(f"{path}: _class_name is {kind!r}, not a supported UNet; supported: "
+                             f"{', '.join(SUPPORTED_CLASSES)}")
+    for key in _UNSUPPORTED_KEYS:
+        if config.get(key) is not None:
+            raise ModelLoadError(f"{path}: {key}={config[key]!r} needs extra forward inputs that trt_dm does "
+                                 f"not describe; supported: {key}=None")
+    if config.get("class_embed_type") not in _CLASS_EMBED_TYPES:
+        raise ModelLoadError(f"{path}: class_embed_type={config['class_embed_type']!r} is not supported; "
+                             f"supported: {_CLASS_EMBED_TYPES}")
+    return kind
+
+
+def load_model(spec: str | os.PathLike, *, allow_pickle: bool = False,
+               dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a diffusers UNet (see the module docstring for `spec`); the model is in eval mode."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype!r} is not a floating torch dtype; accepted: torch.float32, "
+                         "torch.float16, torch.bfloat16, torch.float64")
+    root, name = _resolve(spec)
+    scheduler_json = None
+    if (root / "config.json").is_file():
+        unet_dir = root
+        if (root.parent / "scheduler" / "scheduler_config.json").is_file():
+            logger.warning("%s is the unet/ of a pipeline; its scheduler is NOT used (the DDPM default is). "
+                           "Pass the pipeline directory %s to use it", root, root.parent)
+    elif (root / "unet").is_dir():
+        unet_dir = root / "unet"
+        if (root / "scheduler" / "scheduler_config.json").is_file():
+            scheduler_json = root / "scheduler" / "scheduler_config.json"
+    else:
+        raise ModelLoadError(f"{root}: no config.json and no unet/ subfolder; accepted: {_ACCEPTED}")
+    config_path = unet_dir / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{unet_dir}: pipeline unet/ folder has no config.json; accepted: {_ACCEPTED}")
+    config = _read_json(config_path, "model config")
+    kind = _check_config(config, config_path)
+
+    files, pickles = _find_weights(unet_dir, allow_pickle)
+    state = _read_weights(files, pickles)
+    with torch.random.fork_rng(devices=[]):  # random init must not move the caller's RNG
+        try:
+            unet = SUPPORTED_CLASSES[kind].from_config(config)
+        except Exception as e:
+            raise ModelLoadError(f"{config_path}: cannot build {kind} from this config "
+                                 f"({type(e).__name__}: {e})") from e
+    fix_keys = getattr(unet, "_fix_state_dict_keys_on_load", None)  # diffusers' private rename of
+    if fix_keys is not None:                                          # old attention keys (query, proj_attn)
+        fix_keys(state)
+    _check_state(state, unet.state_dict(), ", ".join(str(f) for f in files))
+    unet.load_state_dict(state, strict=True)
+    # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast ("should be kept in float32: []")
+    # even when no module must stay fp32, as for both UNet classes.
+    nn.Module.to(unet, dtype).eval()
+
+    if scheduler_json is not None:
+        scheduler_config, scheduler_source = _read_json(scheduler_json, "scheduler config"), "dir"
+    else:
+        scheduler_config, scheduler_source = dict(DEFAULT_SCHEDULER_CONFIG), "default"
+    loaded = LoadedModel(unet=unet, kind=kind, source=root, name=name, config=config,
+                         scheduler_config=scheduler_config, scheduler_source=scheduler_source,
+                         weight_files=tuple(files), weight_names=tuple(unet.state_dict()))
+    _read_conditioning(loaded, [root, unet_dir])
+    if unet_dir != root:
+        if is_text_pipeline(root):
+            if kind != "UNet2DConditionModel":
+                raise ModelLoadError(f"{root}: a text encoder / tokenizer comes with a {kind}, which takes no text")
+            loaded.text = load_text_pipeline(root)
+            if loaded.text.hidden_size != config.get("cross_attention_dim"):
+                raise ModelLoadError(f"{root}: the text encoder's width {loaded.text.hidden_size} is not the UNet's "
+                                     f"cross_attention_dim {config.get('cross_attention_dim')}")
+    logger.info("loaded %s %r from %s (%.3fM params, %s, schedule: %s)", kind, name, root,
+                sum(p.numel() for p in unet.parameters()) / 1e6, dtype, scheduler_source)
+    return loaded
+
+
+def _read_conditioning(loaded: LoadedModel, dirs: list[Path]) -> None:
+    """Null class label, class count and names from trt_dm.json (pipeline root first, then unet/), checked
+    against the model's class embedding."""
+    path = next((d / CONDITIONING_FILE for d in dirs if (d / CONDITIONING_FILE).is_file()), None)
+    if path is None:
+        return
+    doc = _read_json(path, "conditioning description")
+    spec = loaded.class_labels_spec
+    n = None if spec is None else spec.num_values
+    null, k, names = doc.get("null_class_label"), doc.get("num_classes"), doc.get("class_names")
+    if n is None:
+        if null is not None or k is not None:
+            raise ModelLoadError(f"{path}: names class labels, but the model has no class-label embedding")
+        return
+    if null is not None and not (isinstance(null, int) and 0 <= null < n):
+        raise ModelLoadError(f"{path}: null_class_label {null!r} must be an integer in 0..{n - 1} (the model has "
+                             f"{n} class embeddings)")
+    if k is not None and not (isinstance(k, int) and 1 <= k <= n and (null is None or null >= k)):
+        raise ModelLoadError(f"{path}: num_classes {k!r} must be an integer in 1..{n}, below the null label")
+    if names is not None and (not isinstance(names, list) or (k is not None and len(names) != k)):
+        raise ModelLoadError(f"{path}: class_names must be a list of num_classes names")
+    loaded.null_class_label, loaded.num_classes = null, k
+    loaded.class_names = tuple(names) if names else None
+
+
+# Tiny models for tests and tools: ~45k / ~52k parameters, one attention level (+ mid block), 1 channel.
+TINY_UNET2D_CONFIG = MappingProxyType(dict(
+    sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=4, attention_head_dim=8))
+TINY_UNET2D_CONDITION_CONFIG = MappingProxyType(dict(
+    sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),  # + the cross-attention mid block
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    norm_num_groups=4, cross_attention_dim=16, attention_head_dim=2))  # diffusers: this is the HEAD COUNT
+
+
