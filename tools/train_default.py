@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> None:
                         "whose weights start both the trained and the EMA model; ignored when --work has a checkpoint")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                    help="after the warm-up: constant, or cosine decay to 0 at --steps")
+    p.add_argument("--guidance-interval", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="class-conditional: the model's default guidance interval, recorded in trt_dm.json (measure it "
+                        "with tools/guidance_curve.py; the model card says why)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop (after a checkpoint) once this much wall time has passed in this run")
     args = p.parse_args(argv)
@@ -187,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.classes:
         (args.out / "trt_dm.json").write_text(json.dumps(
             {"null_class_label": args.classes, "num_classes": args.classes, "label_dropout": args.label_dropout,
-             "class_names": list(data.CLASS_NAMES)}, indent=2) + "\n")
+             "class_names": list(data.CLASS_NAMES),
+             **({"guidance_interval": args.guidance_interval} if args.guidance_interval else {})}, indent=2) + "\n")
     record = dict(steps=step, batch=args.batch, classes=args.classes or None,
                   label_dropout=args.label_dropout if args.classes else None, lr=args.lr, warmup=args.warmup,
                   lr_schedule=args.lr_schedule, init=str(args.init) if args.init else None, ema=args.ema,

@@ -12,6 +12,7 @@ image, so an image depends on its seed only, never on the batch it was drawn in.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from trt_dm.core.errors import InputError
-from trt_dm.core.guidance import cfg_denoiser, check_scale
+from trt_dm.core.guidance import cfg_denoiser, check_interval, check_scale
 from trt_dm.core.io import sha256_file
 from trt_dm.core.schedule import (
     Schedule,
@@ -143,6 +144,7 @@ class SampleSettings:
     labels: tuple[int, ...] | str | None = None  # class-conditional models: labels cycled over the images, or "all"
     guidance_scale: float = 1.0  # classifier-free guidance w (1 = none)
     guidance_rescale: float = 0.0
+    guidance_interval: tuple[int, int] | None = None  # timesteps where w applies; None: the model's default
     # text-conditional models: prompts cycled over the images, the negative prompt of guidance, or a safetensors file
     # of precomputed prompt_embeds (N, S, D) [+ negative_prompt_embeds (1, S, D)]
     prompts: tuple[str, ...] | None = None
@@ -151,6 +153,8 @@ class SampleSettings:
 
     def __post_init__(self) -> None:
         check_scale(self.guidance_scale)
+        if self.guidance_interval is not None:
+            object.__setattr__(self, "guidance_interval", check_interval(self.guidance_interval))
         if isinstance(self.labels, list):
             object.__setattr__(self, "labels", tuple(self.labels))
         if isinstance(self.prompts, (list, str)):
@@ -173,6 +177,12 @@ class SampleSettings:
     def seeds(self) -> range:
         return range(self.seed, self.seed + self.n)
 
+    def for_model(self, loaded: LoadedModel) -> SampleSettings:
+        """These settings with the model's defaults made explicit (its guidance interval), as keys and reports
+        need them."""
+        return dataclasses.replace(self, guidance_interval=loaded.resolve_interval(self.guidance_scale,
+                                                                                   self.guidance_interval))
+
     def key(self) -> str:
         key = f"{self.sampler}{self.steps}-eta{self.eta:g}-s{self.seed}-n{self.n}"
         if self.labels is not None:
@@ -180,6 +190,8 @@ class SampleSettings:
             key += f"-c{labels if len(labels) <= 24 else hashlib.sha256(labels.encode()).hexdigest()[:12]}"
         if self.guidance_scale != 1.0 or self.guidance_rescale:
             key += f"-w{self.guidance_scale:g}" + (f"r{self.guidance_rescale:g}" if self.guidance_rescale else "")
+            if self.guidance_interval is not None:
+                key += f"i{self.guidance_interval[0]}-{self.guidance_interval[1]}"
         if self.prompts is not None:
             key += f"-p{prompts_key(self.prompts, self.negative_prompt)[:12]}"
         if self.embeddings is not None:
@@ -220,6 +232,6 @@ def conditioning(loaded: LoadedModel, settings: SampleSettings, n: int | None = 
         embeds, negative = load_embeddings(settings.embeddings, loaded.seq_len, dim)  # bare UNet: any length
     cond = loaded.conditioning_for(settings.n if n is None else n, settings.labels, prompts=settings.prompts,
                                    embeddings=embeds)
-    guidance = loaded.guidance(settings.guidance_scale, settings.guidance_rescale,
-                               negative_prompt=settings.negative_prompt, negative_embeddings=negative)
+    guidance = loaded.guidance(settings.guidance_scale, settings.guidance_rescale, negative_prompt=settings.negative_prompt,
+                               negative_embeddings=negative, interval=settings.guidance_interval)
     return cond, guidance

@@ -1,12 +1,22 @@
 """Classifier-free guidance: one packed call of 2B equals the direct two-call reference; rescale against an
-independent float64 formula; an image depends on its own seed and label only."""
+independent float64 formula; an image depends on its own seed and label only; a guidance interval guides the
+rows inside it and leaves the unconditional rows of the others out of the call."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from trt_dm.core.guidance import Guidance, cfg_denoiser, check_scale, class_labels_for, combine, pack
+from trt_dm.core.guidance import (
+    Guidance,
+    cfg_denoiser,
+    check_interval,
+    check_scale,
+    class_labels_for,
+    combine,
+    pack,
+    split,
+)
 from trt_dm.core.schedule import Schedule
 from trt_dm.models.builders import tiny_unet2d
 from trt_dm.sampling import sample_many
@@ -77,3 +87,34 @@ def test_bad_guidance_scales(bad):
     x = torch.zeros(2, 1, 2, 2)
     with pytest.raises(ValueError, match="differ"):
         pack(x, torch.tensor([1, 2]), {"class_labels": torch.tensor([1, 2])}, {})
+
+
+def test_guidance_interval_guides_inside_and_skips_the_null_rows_outside(unet):
+    g = torch.Generator().manual_seed(2)
+    x, t, y = torch.randn(4, 1, 16, 16, generator=g), torch.tensor([900, 400, 300, 10]), torch.tensor([0, 4, 9, 2])
+    null = {"class_labels": torch.tensor([NULL])}
+    full = cfg_denoiser(_den(unet, []), Guidance(3.0, 0.5, null))(x, t, class_labels=y)
+    calls = []
+    inside = cfg_denoiser(_den(unet, calls), Guidance(3.0, 0.5, null, interval=(0, 400)))(x, t, class_labels=y)
+    assert calls == [4 + 3]  # four conditional rows, null rows only for t = 400, 300, 10
+    with torch.no_grad():
+        cond = unet(x, t, class_labels=y).sample
+    torch.testing.assert_close(inside[1:], full[1:], atol=1e-5, rtol=0)  # guided as without an interval
+    torch.testing.assert_close(inside[:1], cond[:1], atol=1e-5, rtol=0)  # t = 900: the conditional prediction
+    assert not torch.allclose(inside[:1], full[:1], atol=1e-3)
+    calls.clear()
+    none = cfg_denoiser(_den(unet, calls), Guidance(3.0, null=null, interval=(0, 5)))(x[:1], t[:1], class_labels=y[:1])
+    assert calls == [1]
+    torch.testing.assert_close(none, cond[:1], atol=1e-5, rtol=0)
+    # every row inside: the same call (and bits) as no interval at all
+    xx, tt, cc, rows = split(x, t, {"class_labels": y}, Guidance(3.0, null=null, interval=(0, 999)))
+    ref = pack(x, t, {"class_labels": y}, null)
+    assert torch.equal(xx, ref[0]) and torch.equal(tt, ref[1]) and torch.equal(cc["class_labels"], ref[2]["class_labels"])
+    assert rows.tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("bad", [(5, 2), (-1, 3), (0,), (0, 1, 2), (0.5, 3), "0 300", (True, 3), (0, 1000)])
+def test_bad_guidance_intervals(bad):
+    with pytest.raises(ValueError, match="--guidance-interval must be two integer timesteps LO HI"):
+        check_interval(bad, 999)
+    assert check_interval([0, 300], 999) == (0, 300)

@@ -164,10 +164,19 @@ def test_class_conditional_sample_with_guidance(tiny_cls_pipeline_dir, tmp_path,
         ref, _ = api.draw(loaded, den, api.SampleSettings(steps=3, n=4, batch=4, labels=(3, 7), guidance_scale=3.0),
                           progress=False)
         unguided, _ = api.draw(loaded, den, api.SampleSettings(steps=3, n=4, labels=(3, 7)), progress=False)
-    got = load_file(str(raw))["samples"]
+    got = full = load_file(str(raw))["samples"]
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)  # other batch split: float rounding only (x w)
     assert not torch.allclose(got, unguided, atol=1e-3)
     assert main([*base, "--classes", "all"]) == 0
+    # --guidance-interval: the library's images for the same interval, not the fully guided ones
+    assert main([*base, "--class-labels", "3", "7", "--guidance-scale", "3", "--guidance-interval", "0", "40",
+                 "--save-samples", str(raw)]) == 0
+    with api.open_denoiser(loaded, device="cpu") as den:
+        ref, _ = api.draw(loaded, den, api.SampleSettings(steps=3, n=4, labels=(3, 7), guidance_scale=3.0,
+                                                          guidance_interval=(0, 40)), progress=False)
+    got = load_file(str(raw))["samples"]
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    assert not torch.allclose(got, unguided, atol=1e-3) and not torch.allclose(got, full, atol=1e-3)
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -177,6 +186,10 @@ def test_class_conditional_sample_with_guidance(tiny_cls_pipeline_dir, tmp_path,
     (["--classes", "all", "--guidance-scale", "0.5"], "--guidance-scale must be a finite number >= 1"),
     (["--classes", "all", "--guidance-scale", "nan"], "--guidance-scale must be a finite number >= 1"),
     (["--classes", "all", "--guidance-rescale", "2"], "--guidance-rescale must be in [0, 1]"),
+    (["--classes", "all", "--guidance-scale", "2", "--guidance-interval", "50", "10"],
+     "--guidance-interval must be two integer timesteps LO HI with 0 <= LO <= HI"),
+    (["--classes", "all", "--guidance-scale", "2", "--guidance-interval", "0", "100"],
+     "--guidance-interval must be two integer timesteps LO HI with 0 <= LO <= HI <= 99"),
 ])
 def test_class_conditional_bad_input(argv, msg, tiny_cls_pipeline_dir, tmp_path, capsys):
     out = tmp_path / "out"
@@ -294,3 +307,16 @@ def test_version_names_trt_dm_and_its_libraries(capsys):
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"trt-dm {version('trt_dm')} (") and "\n" not in line
     assert f"torch {torch.__version__}" in line and f"nvidia-modelopt {version('nvidia-modelopt')}" in line
+
+
+def test_info_shows_the_models_conditioning_facts(tiny_cls_pipeline_dir, tmp_path, capsys):
+    """`trt-dm info`: the null label, class count and the default guidance interval of trt_dm.json."""
+    import shutil
+    model = shutil.copytree(tiny_cls_pipeline_dir, tmp_path / "m")
+    doc = json.loads((model / "trt_dm.json").read_text())
+    (model / "trt_dm.json").write_text(json.dumps({**doc, "guidance_interval": [0, 30]}))
+    assert main(["info", "--model", str(model)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["null_class_label"], info["num_classes"], info["guidance_interval"]) == (10, 10, [0, 30])
+    assert main(["info", "--model", str(tiny_cls_pipeline_dir)]) == 0
+    assert "guidance_interval" not in json.loads(capsys.readouterr().out)

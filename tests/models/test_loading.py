@@ -292,3 +292,31 @@ def test_schedule_fingerprint_and_data_key(tiny_pipeline_dir):
     assert bare2.schedule_fingerprint() == bare.schedule_fingerprint()
     bare2.scheduler_config = dict(bare.scheduler_config, timestep_spacing="trailing")
     assert bare2.schedule_fingerprint() != bare.schedule_fingerprint()
+
+
+def test_model_guidance_interval_from_trt_dm_json(tiny_cls_pipeline_dir, tmp_path):
+    """trt_dm.json's guidance_interval is the model's default: guidance at other timesteps is off unless the
+    caller names another interval; sample keys and calibration specs say which; a bad one is refused at load,
+    naming the file."""
+    from trt_dm import api
+    from trt_dm.quant.calib.trajectories import CalibSpec
+    path = _copy(tiny_cls_pipeline_dir, tmp_path)
+    doc = json.loads((path / "trt_dm.json").read_text())
+    (path / "trt_dm.json").write_text(json.dumps({**doc, "guidance_interval": [0, 40]}))
+    loaded = load_model(path)
+    assert loaded.guidance_interval == (0, 40)
+    assert loaded.guidance(3.0).interval == (0, 40) and loaded.guidance(3.0, interval=(0, 99)).interval == (0, 99)
+    assert loaded.guidance(1.0).interval is None
+    settings = api.SampleSettings(steps=4, n=2, labels=(1, 2), guidance_scale=3.0)
+    assert settings.for_model(loaded).key().endswith("-w3i0-40") and "i0-" not in settings.key()
+    assert api.SampleSettings(steps=4, n=2, labels=(1,)).for_model(loaded).guidance_interval is None
+    spec = CalibSpec(n=4, steps=4, guidance_scale=3.0)
+    resolved = api.QuantSettings(recipe="max", spec=spec).resolved(loaded).spec
+    assert resolved.guidance_interval == (0, 40) and resolved.to_dict()["guidance_interval"] == (0, 40)
+    assert "guidance_interval" not in api.QuantSettings(recipe="max", spec=CalibSpec()).resolved(loaded).spec.to_dict()
+    with pytest.raises(ValueError, match=r"--guidance-interval must be .*HI <= 99"):
+        loaded.guidance(3.0, interval=(0, 100))
+    for bad in ([40, 0], [0, 100], "0-40"):
+        (path / "trt_dm.json").write_text(json.dumps({**doc, "guidance_interval": bad}))
+        with pytest.raises(ModelLoadError, match=r"trt_dm.json: guidance_interval: be two integer timesteps"):
+            load_model(path)

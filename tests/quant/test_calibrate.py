@@ -185,6 +185,14 @@ def test_conditional_calibration_sees_both_halves_of_every_guided_call(tiny_cls_
     assert api.calibrate(loaded, q3, progress=False).stats_reused
     with pytest.raises(ValueError, match="out of range"):
         api.calibrate(loaded, dataclasses.replace(q1, spec=dataclasses.replace(SPEC, labels="11")), progress=False)
+    # a guidance interval: null rows only for the samples inside it, as the sampler calls the UNet; keyed
+    from trt_dm.quant.calibrate import fp_calibration_set
+    spec = dataclasses.replace(SPEC, guidance_scale=3.0, guidance_interval=(0, 50))
+    part = api.calibrate(loaded, dataclasses.replace(q1, spec=spec), progress=False)
+    calib, _ = fp_calibration_set(loaded, dataclasses.replace(spec, labels="all"), batch_size=4, progress=False)
+    inside = int((calib.t <= 50).sum())
+    assert 0 < inside < SPEC.n and sum(CalibStats.load(part.stats_dir).counts.values()) == SPEC.n + inside
+    assert part.stats_dir not in (plain.stats_dir, guided.stats_dir)
 
 
 def test_block_sensitivity_matches_excluding_the_block(tiny_cls_pipeline_dir, tmp_path):

@@ -53,13 +53,17 @@ def test_generate_png_and_json_equal_sampled_images(model):
         for i in range(3):  # PNG of one image: images.make_grid's 2-px white border around it
             img = got[i][2:-2, 2:-2]
             assert np.abs(img.astype(int) - ref[i, ..., 0].astype(int)).max() <= 1  # uint8 rounding of ~1e-5 diffs
+        interval = client.post("/v1/generate", json={"n": 3, "steps": 4, "seed": 5, "class_labels": [2, 8],
+                                                     "guidance_scale": 2.0, "guidance_interval": [0, 30],
+                                                     "output": "json"})
+        assert interval.status_code == 200 and interval.json()["images"] != r.json()["images"]
         png = client.post("/v1/generate", json={"n": 2, "steps": 2, "classes": "all"})
         assert png.status_code == 200 and png.headers["content-type"] == "image/png"
         models = client.get("/v1/models").json()
         assert models["model"] == model.name and models["null_class_label"] == 10
         metrics = client.get("/metrics").text
-    assert 'trt_dm_requests_total{status="ok"} 2.0' in metrics and "trt_dm_unet_batch_rows_bucket" in metrics
-    assert "trt_dm_images_generated_total 6.0" in metrics  # warm-up image + 3 + 2
+    assert 'trt_dm_requests_total{status="ok"} 3.0' in metrics and "trt_dm_unet_batch_rows_bucket" in metrics
+    assert "trt_dm_images_generated_total 9.0" in metrics  # warm-up image + 3 + 3 + 2
 
 
 @pytest.mark.parametrize("body,field,words", [
@@ -70,6 +74,10 @@ def test_generate_png_and_json_equal_sampled_images(model):
     ({"classes": "all", "guidance_scale": 0.5}, "guidance_scale", ""),
     ({"classes": "all", "path": "/etc/passwd"}, "path", ""),  # unknown fields are refused
     ({"classes": "all", "class_labels": [1]}, "classes", "give class_labels or classes, not both"),
+    ({"classes": "all", "guidance_interval": [0]}, "guidance_interval", ""),
+    ({"classes": "all", "guidance_interval": [0, 100]}, "guidance_interval", ""),  # past the schedule's last t
+    ({"classes": "all", "guidance_scale": 2, "guidance_interval": [50, 10]}, "guidance_interval",
+     '"guidance_interval" must be [LO, HI]: two integer timesteps LO HI with 0 <= LO <= HI <= 99'),
 ])
 def test_validation_errors_name_the_field(model, body, field, words):
     client, _ = _client(model)
@@ -78,7 +86,7 @@ def test_validation_errors_name_the_field(model, body, field, words):
         metrics = client.get("/metrics").text
     assert r.status_code == 422
     detail = r.json()["detail"][0]
-    assert detail["loc"] == ["body", field] and words in detail["msg"]
+    assert detail["loc"][:2] == ["body", field] and words in detail["msg"]  # (+ the index of a bad list item)
     assert "--" not in detail["msg"], "the message names the request's fields, not the CLI's flags"
     if words:  # refused by the model, not by the schema: counted as invalid
         assert 'trt_dm_requests_total{status="invalid"} 1.0' in metrics

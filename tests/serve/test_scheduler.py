@@ -1,5 +1,6 @@
 """Step-level batching: served images equal `trt-dm sample`'s for the same seed, label and settings, alone or
-sharing UNet calls with other requests at other timesteps; first come, first served; faults stay local."""
+sharing UNet calls with other requests at other timesteps (with a guidance interval too); first come, first
+served; faults stay local."""
 import pytest
 import torch
 
@@ -28,6 +29,8 @@ SETTINGS = [
     api.SampleSettings(sampler="ddpm", steps=4, n=3, seed=10, labels=(1,)),
     api.SampleSettings(sampler="ddim", steps=6, eta=0.5, n=2, seed=20, labels="all", guidance_scale=2.0,
                        guidance_rescale=0.5),
+    api.SampleSettings(sampler="ddim", steps=5, n=2, seed=30, labels=(2, 5), guidance_scale=4.0,
+                       guidance_interval=(0, 45)),  # guided at t = 40, 20, 0 only
 ]
 
 

@@ -196,12 +196,20 @@ def cmd_check(args) -> int:
 
 
 
+def _conditioning_info(loaded) -> dict:
+    """The model's trt_dm.json facts (null label, classes, default guidance interval), those it has."""
+    info = {"null_class_label": loaded.null_class_label, "num_classes": loaded.num_classes,
+            "class_names": list(loaded.class_names) if loaded.class_names else None,
+            "guidance_interval": list(loaded.guidance_interval) if loaded.guidance_interval else None}
+    return {k: v for k, v in info.items() if v is not None}
+
+
 def cmd_info(args) -> int:
     loaded = load_model_of(args)
     n_params = sum(p.numel() for p in loaded.unet.parameters())
     print(json.dumps({"name": loaded.name, "kind": loaded.kind, "source": str(loaded.source),
                       "parameters": n_params, "fingerprint": loaded.fingerprint(),
                       "schedule_fingerprint": loaded.schedule_fingerprint(),
-                      "scheduler_source": loaded.scheduler_source, "signature": loaded.signature.to_dict()},
-                     indent=2))
+                      "scheduler_source": loaded.scheduler_source, "signature": loaded.signature.to_dict(),
+                      **_conditioning_info(loaded)}, indent=2))
     return 0

@@ -85,6 +85,10 @@ def _add_cond_args(p: argparse.ArgumentParser) -> None:
                         "needs the null class label the model was trained with, or a text encoder")
     p.add_argument("--guidance-rescale", type=float, default=0.0,
                    help="guidance rescale phi in [0, 1] (Lin et al. 2024); 0 = off")
+    p.add_argument("--guidance-interval", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="apply the guidance scale only at timesteps LO <= t <= HI (Kynkaanniemi et al. 2024), the "
+                        "conditional prediction alone elsewhere (one UNet row instead of two); default: the model's "
+                        "(trt_dm.json guidance_interval, shown by `trt-dm info`), else every timestep")
     p.add_argument("--null-label", type=int, default=None,
                    help="the model's null (unconditional) class label, when its directory does not name one")
 
@@ -344,7 +348,8 @@ def _serve_command(sub) -> None:
                    help="with --ray: the Ray cluster to join (default: start a local Ray instance)")
     p.add_argument("--no-progress", action="store_true")
     _calib_args(p)
-    p.set_defaults(guidance_scale=None, guidance_rescale=0.0, class_labels=None, classes=None, batch=64)
+    p.set_defaults(guidance_scale=None, guidance_rescale=0.0, guidance_interval=None, class_labels=None, classes=None,
+                   batch=64)
 
 
 def _check_command(sub) -> None:

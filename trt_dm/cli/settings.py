@@ -65,11 +65,17 @@ def load_model_of(args):
 
 
 
+def _interval(args) -> tuple[int, int] | None:
+    v = getattr(args, "guidance_interval", None)
+    return tuple(v) if v is not None else None
+
+
 def sample_settings(args):
     try:
         return SampleSettings(sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed, n=args.n,
                               batch=args.batch, labels=labels_of(args), guidance_scale=guidance_scale_of(args),
                               guidance_rescale=args.guidance_rescale, prompts=prompts_of(args),
+                              guidance_interval=_interval(args),
                               negative_prompt=getattr(args, "negative_prompt", ""),
                               embeddings=getattr(args, "embeddings", None))
     except ValueError as e:
@@ -88,6 +94,7 @@ def quant_settings(args):
     spec = CalibSpec(parse(args.timesteps), n=args.calib_n, sampler=args.calib_sampler, steps=args.calib_steps,
                      seed=args.calib_seed, labels=labels if labels is None or labels == "all" else ",".join(map(str, labels)),
                      guidance_scale=scale, guidance_rescale=args.guidance_rescale, prompts=prompts,
+                     guidance_interval=_interval(args),
                      negative_prompt=getattr(args, "negative_prompt", ""))
     base = tuple(args.exclude) if args.exclude is not None else DEFAULT_EXCLUDE  # --keep-fp adds to it
     more = tuple(p for p in dict.fromkeys(args.keep_fp) if p not in base)

@@ -34,7 +34,7 @@ def fp_samples(loaded: LoadedModel, settings: SampleSettings, *, cache_root: Pat
     from safetensors.torch import load_file
 
     from trt_dm.core.images import save_samples
-    path = Path(cache_root) / loaded.data_key()[:16] / "samples" / f"{settings.key()}.safetensors"
+    path = Path(cache_root) / loaded.data_key()[:16] / "samples" / f"{settings.for_model(loaded).key()}.safetensors"
     if path.exists():
         log.info("reusing FP samples %s", path)
         return load_file(str(path))["samples"], 0.0, path, True
@@ -71,6 +71,7 @@ class EvalResult:
     labels: str | None = None
     guidance_scale: float | None = None
     guidance_rescale: float | None = None
+    guidance_interval: list[int] | None = None  # timesteps where the guidance scale applied (None: all)
     class_accuracy: float | None = None  # share of images the project's classifier assigns the requested class
     fp_class_accuracy: float | None = None
     # quantized runs of conditional models: the class accuracy's change vs FP on the same seeds and labels (points,
@@ -173,6 +174,7 @@ def _new_result(loaded: LoadedModel, settings: SampleSettings, cond: dict, score
         res.labels = settings.labels if isinstance(settings.labels, str) else ",".join(map(str, settings.labels))
     if cond:
         res.guidance_scale, res.guidance_rescale = settings.guidance_scale, settings.guidance_rescale
+        res.guidance_interval = list(settings.guidance_interval) if settings.guidance_interval else None
     if scores.text:
         if settings.prompts is not None:
             res.prompts = {"n": len(settings.prompts), "sha256": prompts_key(settings.prompts, settings.negative_prompt),
@@ -238,6 +240,7 @@ def evaluate(loaded: LoadedModel, settings: SampleSettings, *, quant: QuantSetti
     if quant is not None and quant.spec.guidance_scale != settings.guidance_scale:
         log.info("calibrating with guidance %g, sampling with %g", quant.spec.guidance_scale, settings.guidance_scale)
     cond, _ = conditioning(loaded, settings)  # bad labels / guidance fail before any work
+    settings = settings.for_model(loaded)  # the model's guidance interval, explicit in the cache key and result
     scores = _Scores(loaded, settings, cond, extractor=extractor, ref=ref, ref_limit=ref_limit, progress=progress)
     res = _new_result(loaded, settings, cond, scores, ref)
     if quant is None and not onnx and not openvino:

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from trt_dm.core.errors import InputError
-from trt_dm.core.guidance import Guidance, check_scale, class_labels_for
+from trt_dm.core.guidance import Guidance, check_interval, check_scale, class_labels_for
 from trt_dm.core.schedule import Schedule
 from trt_dm.core.signature import Signature
 from trt_dm.models.text import is_text_pipeline, load_text_pipeline
@@ -50,7 +50,8 @@ DEFAULT_MODEL_DIR = EMBEDDED_ROOT / "default"
 # Embedded models by name, under models/ ("default" can be redirected with TRT_DM_DEFAULT_MODEL).
 EMBEDDED = {"default": "default", "default-cond": "default-cond"}
 # Conditioning facts a UNet config cannot hold, next to it: {"null_class_label": int, "num_classes": int,
-# "class_names": [...]} (written by tools/train_default.py; the model card says how it was trained).
+# "class_names": [...], "guidance_interval": [lo, hi]} (written by tools/train_default.py; the model card says how
+# it was trained and why the interval).
 CONDITIONING_FILE = "trt_dm.json"
 # DDPM (Ho et al. 2020, Sec. 4): linear betas 1e-4..0.02 over T=1000, epsilon prediction. Used when the
 # model directory carries no scheduler/scheduler_config.json.
@@ -85,6 +86,7 @@ class LoadedModel:
     null_class_label: int | None = None  # the class label the model was trained with as "no class" (for CFG)
     num_classes: int | None = None       # labels 0 .. num_classes - 1 are real classes
     class_names: tuple[str, ...] | None = None
+    guidance_interval: tuple[int, int] | None = None  # the default timesteps where guidance applies (None: all)
     text: Any = None  # trt_dm.text.TextPipeline of a Stable Diffusion layout pipeline (tokenizer, text encoder, VAE)
 
     @property
@@ -217,14 +219,26 @@ class LoadedModel:
                              f"(N, S, {dim}) encoder_hidden_states", field="embeddings", flag="--embeddings")
         return rows[torch.arange(n) % rows.shape[0]].float()
 
+    def resolve_interval(self, scale: float, interval: Sequence[int] | None) -> tuple[int, int] | None:
+        """The guidance interval a request means: None takes the model's default (``guidance_interval`` of its
+        trt_dm.json; None = every timestep), a given one is checked against the schedule. None without guidance."""
+        if scale == 1.0:
+            return None
+        if interval is None:
+            return self.guidance_interval
+        return check_interval(tuple(interval) if isinstance(interval, list) else interval,
+                              int(self.scheduler_config.get("num_train_timesteps", 1000)) - 1)
+
     def guidance(self, scale: float = 1.0, rescale: float = 0.0, *, negative_prompt: str = "",
-                 negative_embeddings: torch.Tensor | None = None):
+                 negative_embeddings: torch.Tensor | None = None, interval: Sequence[int] | None = None):
         """Classifier-free guidance for this model (``trt_dm.core.guidance.Guidance``); scale 1 needs nothing,
         another scale needs the null class label the model was trained with, or for a text-conditional model the
-        embedding of the negative prompt (the empty prompt by default) or precomputed negative embeddings."""
+        embedding of the negative prompt (the empty prompt by default) or precomputed negative embeddings.
+        ``interval``: the timesteps where it applies (``resolve_interval``: None is the model's default)."""
         check_scale(scale)
         if scale == 1.0:
             return Guidance(1.0, rescale)
+        interval = self.resolve_interval(scale, interval)
         if self.text_conditioned:
             if negative_embeddings is None:
                 if self.text is None:
@@ -234,7 +248,7 @@ class LoadedModel:
                                      request_message=f'"guidance_scale" {why}, which a request cannot give; send '
                                                      '"guidance_scale" 1')
                 negative_embeddings = self.text.encode([negative_prompt])
-            return Guidance(scale, rescale, {"encoder_hidden_states": negative_embeddings[:1].float()})
+            return Guidance(scale, rescale, {"encoder_hidden_states": negative_embeddings[:1].float()}, interval)
         if self.class_labels_spec is None:
             raise InputError(f"--guidance-scale {scale:g} needs a conditional model; {self.name!r} is unconditional",
                              field="guidance_scale", flag="--guidance-scale",
@@ -246,7 +260,8 @@ class LoadedModel:
             raise InputError(f"--guidance-scale {why}. Give --null-label N if you know it, or sample with "
                              "--guidance-scale 1", field="guidance_scale", flag="--guidance-scale",
                              request_message=f'"guidance_scale" {why}; send "guidance_scale" 1')
-        return Guidance(scale, rescale, {"class_labels": torch.tensor([self.null_class_label], dtype=torch.int64)})
+        return Guidance(scale, rescale, {"class_labels": torch.tensor([self.null_class_label], dtype=torch.int64)},
+                        interval)
 
     def set_null_label(self, label: int) -> None:
         """Declare the null class label (when the model directory does not): checked against the embedding."""
@@ -467,6 +482,12 @@ def _read_conditioning(loaded: LoadedModel, dirs: list[Path]) -> None:
     if path is None:
         return
     doc = _read_json(path, "conditioning description")
+    if doc.get("guidance_interval") is not None:  # the timesteps where guidance helps this model (its card says why)
+        last = int(loaded.scheduler_config.get("num_train_timesteps", 1000)) - 1
+        try:
+            loaded.guidance_interval = check_interval(doc["guidance_interval"], last)
+        except InputError as e:
+            raise ModelLoadError(f"{path}: guidance_interval: {str(e).split(' must ', 1)[1]}") from e
     spec = loaded.class_labels_spec
     n = None if spec is None else spec.num_values
     null, k, names = doc.get("null_class_label"), doc.get("num_classes"), doc.get("class_names")

@@ -115,7 +115,8 @@ def fp_calibration_set(loaded: LoadedModel, spec: CalibSpec, *, batch_size: int 
     """The FP model's calibration set for ``spec``: trajectories sampled with its class labels and classifier-free
     guidance (labels and guidance are checked first), and that guidance, for feeding the UNet what it sees."""
     cond = loaded.conditioning_for(spec.n, spec.label_list, prompts=spec.prompts)
-    guidance = loaded.guidance(spec.guidance_scale, spec.guidance_rescale, negative_prompt=spec.negative_prompt)
+    guidance = loaded.guidance(spec.guidance_scale, spec.guidance_rescale, negative_prompt=spec.negative_prompt,
+                               interval=spec.guidance_interval)
     calib = collect(cfg_denoiser(unet_denoiser(loaded.unet), guidance), Schedule.from_config(loaded.scheduler_config),
                     loaded.sample_shape, spec, batch_size=batch_size, conditioning=cond, progress=progress)
     return calib, guidance

@@ -181,7 +181,8 @@ class QuantSettings:
 
     def resolved(self, loaded: LoadedModel | None = None, target: str | None = None) -> QuantSettings:
         """Defaults filled in (the recipe for ``target`` when deploying); with ``loaded``, a class-conditional
-        model calibrates on every class in turn (balanced) unless the spec names labels."""
+        model calibrates on every class in turn (balanced) unless the spec names labels, and guided trajectories
+        take the model's guidance interval unless the spec names one."""
         spec = self.spec or CalibSpec()
         recipe = self.recipe or default_recipe(self.qcfg, spec, target)[0]
         get_recipe(recipe)  # validate before any work
@@ -189,5 +190,8 @@ class QuantSettings:
             spec = dataclasses.replace(spec, labels="all")
         if loaded is not None and loaded.text_conditioned and spec.prompts is None:
             spec = dataclasses.replace(spec, prompts=builtin_prompts())  # the project's 141 prompts
+        if loaded is not None:  # the model's guidance interval, explicit in the statistics' cache key
+            spec = dataclasses.replace(spec, guidance_interval=loaded.resolve_interval(spec.guidance_scale,
+                                                                                       spec.guidance_interval))
         return dataclasses.replace(self, recipe=recipe, spec=spec, qcfg=self.qcfg or QuantConfig(),
                                    cache_root=Path(self.cache_root))

@@ -45,6 +45,7 @@ class Generation:
     negative_prompt: str = ""
     guidance_scale: float = 1.0
     guidance_rescale: float = 0.0
+    guidance_interval: Sequence[int] | None = None  # None: the model's default
 
 
 class Job:
@@ -210,7 +211,8 @@ class Service:
         labels = tuple(g.class_labels) if g.class_labels is not None else g.classes
         prompts = [g.prompt] if isinstance(g.prompt, str) else g.prompt
         cond = self.loaded.conditioning_for(g.n, labels, prompts=prompts)
-        guidance = self.loaded.guidance(g.guidance_scale, g.guidance_rescale, negative_prompt=g.negative_prompt)
+        guidance = self.loaded.guidance(g.guidance_scale, g.guidance_rescale, negative_prompt=g.negative_prompt,
+                                        interval=g.guidance_interval)
         return Request(n=g.n, sampler=g.sampler, steps=g.steps, eta=g.eta, seed=g.seed, conditioning=cond,
                        guidance=guidance if guidance.active else Guidance())
 
@@ -240,6 +242,7 @@ class Service:
                 "batching": self.scheduler.policy,
                 "schedule_fingerprint": loaded.schedule_fingerprint(), "signature": loaded.signature.to_dict(),
                 "null_class_label": loaded.null_class_label, "num_classes": loaded.num_classes,
+                "guidance_interval": list(loaded.guidance_interval) if loaded.guidance_interval else None,
                 "text_pipeline": loaded.text.describe() if loaded.text is not None else None,
                 "max_rows": self.scheduler.max_rows, "replica": replica, **self.describe}
 

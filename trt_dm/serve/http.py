@@ -1,7 +1,8 @@
 """`trt-dm serve`: the HTTP front of the service engine (FastAPI; run by uvicorn or Ray Serve).
 
     POST /v1/generate   {"n", "steps", "sampler", "eta", "seed", "class_labels" | "classes" | "prompt",
-                         "negative_prompt", "guidance_scale", "guidance_rescale", "output": "png" | "json"}
+                         "negative_prompt", "guidance_scale", "guidance_rescale",
+                         "guidance_interval", "output": "png" | "json"}
                         -> a PNG grid, or base64 PNGs in JSON
     GET  /v1/models     what is served: model, runner, recipe / engine sidecar, signature
     GET  /health/live   the process answers;  GET /health/ready  ready after a warm-up UNet call
@@ -26,7 +27,7 @@ import hmac
 import math
 import time
 from contextlib import asynccontextmanager
-from typing import Literal, NoReturn
+from typing import Annotated, Literal, NoReturn
 
 from trt_dm.core.errors import InputError
 from trt_dm.serve.engine import Generation, Job, QueueFull, Service, png
@@ -67,6 +68,10 @@ def request_model(service: Service, *, max_n: int, max_steps: int):
         negative_prompt: str = Field("", max_length=2000)
         guidance_scale: float = Field(default_scale, ge=1.0, le=50.0)
         guidance_rescale: float = Field(0.0, ge=0.0, le=1.0)
+        guidance_interval: list[Annotated[int, Field(ge=0, le=T - 1)]] | None = Field(
+            None, min_length=2, max_length=2,
+            description="[LO, HI]: guidance applies at timesteps LO <= t <= HI (default: the model's, "
+                        f"{list(service.loaded.guidance_interval or (0, T - 1))})")
         output: Literal["png", "json"] = "png"
 
         @field_validator("prompt")

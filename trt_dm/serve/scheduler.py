@@ -2,7 +2,8 @@
 
 A UNet call does not care which request or timestep each row belongs to (the timestep input is per row), so
 the scheduler batches *steps*, not requests: each tick it takes up to ``max_rows`` rows from the images in
-flight (oldest request first; a guided image takes two rows, its conditional and its null row), runs the
+flight (oldest request first; a guided image takes two rows, its conditional and its null row, the null row
+left out of the call at steps outside the image's guidance interval), runs the
 denoiser once, advances every image with its own sampler step (``trt_dm.core.schedule``: per-row timesteps, the
 image's own generator for the noise), retires finished images and admits new ones into the freed rows.
 
@@ -181,7 +182,8 @@ class StepScheduler:
                 im.handle.first_call = now
         x = torch.stack([im.x for im in batch]).to(self.device)
         t = torch.tensor([im.ts[im.i] for im in batch], dtype=torch.int64)
-        guided = [k for k, im in enumerate(batch) if im.rows == 2]
+        guided = [k for k, im in enumerate(batch)  # guided at this step (a guidance interval leaves some out)
+                  if im.rows == 2 and bool(im.handle.request.guidance.applies(t[k:k + 1]))]
         names = sorted({n for im in batch for n in im.cond})
         rows_x = torch.cat([x, x[guided]]) if guided else x
         rows_t = torch.cat([t, t[guided]]) if guided else t

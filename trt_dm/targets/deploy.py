@@ -67,7 +67,7 @@ def _deploy(loaded: LoadedModel, quant: QuantSettings, *, target: str = "tensorr
     quant = quant.resolved(loaded, target)
     tgt.check(quant.qcfg, get_recipe(quant.recipe), options)
     guidance = loaded.guidance(quant.spec.guidance_scale, quant.spec.guidance_rescale,  # refuse before any work
-                               negative_prompt=quant.spec.negative_prompt)
+                               negative_prompt=quant.spec.negative_prompt, interval=quant.spec.guidance_interval)
     if not loaded.text_conditioned:  # (prompts are encoded once, by the calibration itself)
         loaded.conditioning_for(quant.spec.n, quant.spec.label_list)
     elif loaded.text is None:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from trt_dm.core.guidance import Guidance, pack
+from trt_dm.core.guidance import Guidance, check_interval, split
 from trt_dm.core.schedule import Schedule, sampler_rule
 from trt_dm.quant.calib.timesteps import TimestepSpec, draw_timesteps
 from trt_dm.sampling import DenoiserFn, initial_noise, sample_ddim, sample_ddpm
@@ -44,6 +44,7 @@ class CalibSpec:
     labels: str | None = None
     guidance_scale: float = 1.0
     guidance_rescale: float = 0.0
+    guidance_interval: tuple[int, int] | None = None  # None: everywhere (after QuantSettings.resolved: model default)
     # Text-conditional models: the prompts of the trajectories (cycled over the samples) and the negative prompt of
     # guidance; the cache key holds their sha256, not the text.
     prompts: tuple[str, ...] | None = None
@@ -56,6 +57,8 @@ class CalibSpec:
                              f"steps={self.steps}")
         if isinstance(self.prompts, list):
             object.__setattr__(self, "prompts", tuple(self.prompts))
+        if self.guidance_interval is not None:
+            object.__setattr__(self, "guidance_interval", check_interval(self.guidance_interval))
         if self.prompts is not None and not self.prompts:
             raise ValueError("calibration prompts: the list is empty")
 
@@ -68,7 +71,8 @@ class CalibSpec:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for key, default in (("labels", None), ("guidance_scale", 1.0), ("guidance_rescale", 0.0), ("prompts", None),
+        for key, default in (("labels", None), ("guidance_scale", 1.0), ("guidance_rescale", 0.0),
+                             ("guidance_interval", None), ("prompts", None),
                              ("negative_prompt", "")):
             if d[key] == default:
                 del d[key]
@@ -97,9 +101,9 @@ class CalibSet:
 
     def unet_batches(self, batch_size: int, guidance: Guidance | None = None):
         """``batches`` as the sampler's UNet calls see them: with active guidance, each batch's conditional rows
-        then its null rows (2 x batch_size rows)."""
+        then the null rows of those guided at their timestep (2 x batch_size rows without a guidance interval)."""
         for x, t, c in self.batches(batch_size):
-            yield pack(x, t, c, guidance.null) if guidance is not None and guidance.active else (x, t, c)
+            yield split(x, t, c, guidance)[:3] if guidance is not None and guidance.active else (x, t, c)
 
 
 def collect(denoiser: DenoiserFn, schedule: Schedule, shape: Sequence[int], spec: CalibSpec, *,

@@ -1,0 +1,83 @@
+"""The guidance curve of a class-conditional model: FD-EffNet and class accuracy at each guidance scale.
+
+    python tools/guidance_curve.py --model default-cond --scales 1 1.5 2 3 4 5 --n 1000 --steps 50 \\
+        --out reports/guidance/default-cond-interval.json
+    python tools/guidance_curve.py ... --interval 0 999          # guidance at every timestep (no interval)
+    python tools/guidance_curve.py ... --classifier DIR          # also score with another classifier
+
+Every scale draws the same seeds (seed .. seed + n - 1) with every class in turn (``--classes all``, so each
+class n / 10 times), through ``trt_dm.api.evaluate`` (FD-EffNet and KID against the Fashion-MNIST test set, class
+accuracy by the project's classifier, FP samples cached like `trt-dm eval`'s). ``--interval``: the guidance
+interval (default: the model's own, from its trt_dm.json). ``--classifier DIR``: a second classifier (e.g. one
+trained by ``tools/train_classifier.py --seed 1``) scores the same images, with per-class accuracies. Results
+are written after each scale (to a temporary name, then renamed), and scales already in the file are kept.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from trt_dm import api  # noqa: E402
+from trt_dm.eval.classify import load_classifier, predict  # noqa: E402
+
+
+def _per_class(images: torch.Tensor, labels: torch.Tensor, net) -> tuple[float, list[float]]:
+    ok = predict(images, net) == labels
+    return float(ok.double().mean()), [round(float(ok[labels == c].double().mean()), 4) for c in range(10)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default-cond")
+    p.add_argument("--scales", type=float, nargs="+", default=[1, 1.5, 2, 3, 4, 5])
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--interval", type=int, nargs=2, default=None, metavar=("LO", "HI"))
+    p.add_argument("--classifier", type=Path, default=None, help="a second classifier directory")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    loaded = api.load(args.model)
+    own, other = load_classifier(), (load_classifier(args.classifier) if args.classifier else None)
+    doc = json.loads(args.out.read_text()) if args.out.is_file() else {"model": args.model, "rows": []}
+    done = {r["guidance_scale"] for r in doc["rows"]}
+    for w in args.scales:
+        if w in done:
+            continue
+        settings = api.SampleSettings(sampler="ddim", steps=args.steps, n=args.n, seed=args.seed, batch=args.batch,
+                                      labels="all", guidance_scale=w,
+                                      guidance_interval=tuple(args.interval) if args.interval else None)
+        t0 = time.perf_counter()
+        res = api.evaluate(loaded, settings, progress=False)
+        labels = loaded.conditioning_for(args.n, "all")["class_labels"]
+        acc, per_class = _per_class(res.images, labels, own)
+        row = {"guidance_scale": w, "guidance_interval": res.guidance_interval, "n": args.n, "steps": args.steps,
+               "seed": args.seed, "fd_effnet": round(res.fd, 3), "kid_mean": res.kid_mean,
+               "class_accuracy": round(acc, 4), "per_class": per_class, "seconds": round(time.perf_counter() - t0, 1)}
+        if other is not None:
+            row["class_accuracy_other"], row["per_class_other"] = (round(v, 4) if isinstance(v, float) else v
+                                                                   for v in _per_class(res.images, labels, other))
+        doc["rows"].append(row)
+        doc.update(fingerprint=loaded.fingerprint(), classifier_other=str(args.classifier) if other else None,
+                   cpu_threads=args.threads)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        os.replace(tmp, args.out)
+        print(f"w={w:g} interval={res.guidance_interval} FD-EffNet={res.fd:.2f} acc={acc:.3f}"
+              + (f" acc(other)={row['class_accuracy_other']:.3f}" if other is not None else "")
+              + f" ({row['seconds']} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
