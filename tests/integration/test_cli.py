@@ -265,6 +265,9 @@ def test_eval_a_class_conditional_recipe_with_guidance(tiny_cls_pipeline_dir, tm
     (["--weight-bits", "4", "--w8-layers", "no_such_block.*"], "'no_such_block.*' matches no quantized layer"),
     (["--keep-fp", "down_blocks.0.*", "no_such_block.*"], "pattern 'no_such_block.*' matches no quantizable layer"),
     (["--exclude", "conv_in", "down_block.0.*"], "pattern 'down_block.0.*' matches no quantizable layer"),
+    (["--format", "fp8", "--weight-bits", "4"], "--format fp8 quantizes weights to E4M3 (8 bits, nearest rounding)"),
+    (["--format", "fp8", "--recipe", "entropy"], "metric 'entropy' (KL divergence over int8's uniform bins) has no "
+     "FP8 form"),
 ])
 def test_w8_layers_bad_input(argv, msg, tiny_pipeline_dir, tmp_path, capsys):
     """--w8-layers without a lower weight width, or naming no layer: one clear line, exit 2, no cache written."""
@@ -320,3 +323,31 @@ def test_info_shows_the_models_conditioning_facts(tiny_cls_pipeline_dir, tmp_pat
     assert (info["null_class_label"], info["num_classes"], info["guidance_interval"]) == (10, 10, [0, 30])
     assert main(["info", "--model", str(tiny_cls_pipeline_dir)]) == 0
     assert "guidance_interval" not in json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("target,msg", [
+    ("ort-cpu", "--format fp8: the ort-cpu target writes ONNX Runtime's int8 layout, which has no FP8 form"),
+    ("openvino", "--format fp8: the openvino target runs int8 Q/DQ on the CPU, which has no FP8 kernels"),
+])
+def test_fp8_to_a_target_without_it_is_refused_before_any_work(target, msg, tiny_pipeline_dir, tmp_path, capsys):
+    pytest.importorskip("openvino") if target == "openvino" else None
+    rc = main(["export", "--model", str(tiny_pipeline_dir), "--target", target, "--format", "fp8", "--recipe", "ptq4dm",
+               "--calib-n", "4",
+               "--calib-steps", "2", "--cache-dir", str(tmp_path / "cc"), "--out-dir", str(tmp_path / "out"),
+               "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "cc").exists() and not (tmp_path / "out").exists()
+
+
+def test_eval_an_fp8_recipe(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """`trt-dm eval --recipe R --format fp8`: the E4M3 fake-quant model against FP on the same seeds."""
+    monkeypatch.setenv("TRT_DM_CACHE", str(tmp_path / "cache"))
+    common = ["eval", "--model", str(tiny_pipeline_dir), "--recipe", "ptq4dm", "--steps", "3", "--n", "4", "--eps-n",
+              "2", "--ref-limit", "16", "--batch", "4", "--calib-n", "8", "--calib-steps", "4", "--cache-dir",
+              str(tmp_path / "cc"), "--no-progress"]
+    assert main([*common, "--format", "fp8", "--out-dir", str(tmp_path / "f8")]) == 0
+    assert main([*common, "--out-dir", str(tmp_path / "i8")]) == 0
+    f8, i8 = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("f8", "i8"))
+    assert (f8["format"], i8["format"]) == ("fp8", "int8") and f8["ranges"].endswith("ptq4dm.fp8.json")
+    assert 0 < f8["psnr_vs_fp"] < 200 and f8["psnr_vs_fp"] != i8["psnr_vs_fp"]

@@ -261,3 +261,31 @@ def test_block_sensitivity_with_learned_rounding_restores_fp_weights(tiny_pipeli
                                 **kw)
     assert learned["activations_only"]["rel_mse"] == pytest.approx(nearest["activations_only"]["rel_mse"], rel=1e-6)
     assert learned["weights_only"]["rel_mse"] != pytest.approx(nearest["weights_only"]["rel_mse"], rel=1e-3)
+
+
+def test_fp8_ranges_from_the_same_statistics_and_an_e4m3_fake_quant_model(tiny_pipeline_dir, tmp_path):
+    """--format fp8: the int8 run's statistics are reused, the FP8 ranges go to their own file (mse searched on
+    the E4M3 grid; max equal to int8's), and the fake-quant layers compute E4M3 weights and inputs."""
+    from trt_dm.quant.calib.fp8 import quantize_e4m3
+    from trt_dm.quant.modules import quantized_layers
+    loaded = load_model(tiny_pipeline_dir)
+    kw = dict(cache_root=tmp_path, batch_size=4, progress=False)
+    i8 = calibrate(loaded, SPEC, QuantConfig(), "ptq4dm", **kw)
+    f8 = calibrate(loaded, SPEC, QuantConfig(format="fp8"), "ptq4dm", **kw)
+    assert f8.stats_reused and f8.stats_dir == i8.stats_dir and f8.ranges_path.name == "ptq4dm.fp8.json"
+    assert json.loads(f8.ranges_path.read_text())["provenance"]["format"] == "fp8"
+    a8, af = i8.ranges.amax(), f8.ranges.amax()
+    assert a8.keys() == af.keys() and any(af[n] != a8[n] for n in a8)
+    assert calibrate(loaded, SPEC, QuantConfig(format="fp8"), "max", **kw).ranges == \
+        calibrate(loaded, SPEC, QuantConfig(), "max", **kw).ranges
+    qunet = fake_quant_unet(loaded, QuantConfig(format="fp8"), f8.ranges)
+    name, layer = next(iter(quantized_layers(qunet).items()))
+    x = torch.randn(2, layer.in_channels, 4, 4) * af[name]
+    wq, xq = layer.weight_quantizer, layer.input_quantizer
+    # the same E4M3 codes; modelopt multiplies by 448 / amax where the reference divides by amax / 448 (1 ulp)
+    torch.testing.assert_close(wq(layer.weight), quantize_e4m3(layer.weight, wq.amax), atol=0, rtol=3e-7)
+    torch.testing.assert_close(xq(x), quantize_e4m3(x, af[name]), atol=0, rtol=3e-7)
+    with pytest.raises(ValueError, match="--format fp8 quantizes weights to E4M3"):
+        QuantConfig(format="fp8", weight_bits=4)
+    with pytest.raises(ValueError, match="--format must be one of int8, fp8"):
+        QuantConfig(format="fp4")

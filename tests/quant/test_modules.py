@@ -82,7 +82,7 @@ def test_shortcut_split_finds_concat_boundaries_and_applies_two_ranges():
     mods = dict(unet.named_modules())
     for b, block in enumerate(unet.up_blocks):
         def pre(mod, args, b=b):
-            h, res = args[0], args[1]
+            h = args[0]
             for i, r in enumerate(mod.resnets):
                 seen[f"up_blocks.{b}.resnets.{i}.conv1"] = h.shape[1]
                 h = torch.zeros(1, r.out_channels)  # resnet i+1 reads resnet i's output channels

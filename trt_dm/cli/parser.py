@@ -104,6 +104,9 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-seed", type=int, default=0)
     p.add_argument("--calib-prompts", default=None, metavar="FILE",
                    help="text-to-image pipelines: calibration prompts, one per line (default: trt_dm's built-in 141)")
+    p.add_argument("--format", default="int8", choices=("int8", "fp8"),
+                   help="the 8-bit format of weights and activations: int8, or fp8 (E4M3; ranges for s = amax / 448 "
+                        "from the same statistics; runs on GPUs with FP8: Ada, Hopper, Blackwell)")
     p.add_argument("--weight-bits", type=int, default=8, choices=(8, 7, 4),
                    help="4 = W4A8: 4-bit weights (exported on the int8 grid, integers in [-8, 7], for int8 engines); "
                         "7 = W7A8: integers in [-64, 63], for int8 CPU kernels without VNNI (AVX2 only), which "

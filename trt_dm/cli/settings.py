@@ -106,7 +106,7 @@ def quant_settings(args):
     qcfg = QuantConfig(weight_bits=args.weight_bits, weight_calib=args.weight_calib, shortcut_split=args.shortcut_split,
                        rounding=args.rounding, recon_iters=args.recon_iters, recon_act_iters=args.recon_act_iters,
                        recon_temb=args.recon_temb, w8_layers=tuple(args.w8_layers or ()),
-                       quantize_attention=args.quantize_attention, **keep)
+                       quantize_attention=args.quantize_attention, format=args.format, **keep)
     recipe = args.recipe
     if recipe is None:  # the default for these settings (and target), said when it is not the usual one
         recipe, why = default_recipe(qcfg, spec, getattr(args, "target", None))

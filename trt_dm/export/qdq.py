@@ -62,6 +62,9 @@ class ExportCheckError(RuntimeError):
 def check_settings(qcfg, recipe, options: dict | None = None) -> None:
     """Raise ValueError, before any work, for what the Q/DQ graph cannot express (``recipe``: a Recipe;
     ``options``: the export job's)."""
+    if qcfg.format == "fp8":
+        raise ValueError("--format fp8: the E4M3 Q/DQ export is not written yet; measure FP8 in fake quantization "
+                         "(trt-dm eval --recipe R --format fp8)")
     if qcfg.shortcut_split:
         raise ValueError("--shortcut-split uses per-channel activation ranges, which TensorRT does not accept; "
                          "it is a fake-quant study only")

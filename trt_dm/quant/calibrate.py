@@ -126,16 +126,18 @@ def calibrate(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, recipe: s
               cache_root: Path = CALIB_CACHE_ROOT, batch_size: int = 64, progress: bool = True) -> CalibrationResult:
     """Ranges for ``recipe`` (a preset name or "<metric>@<merge>"), cached as <stats dir>/<recipe>.json."""
     rec = R.get_recipe(recipe)  # validate before any work
+    rec.metric.check_format(qcfg.format)
     stats, directory, reused, timings = collect_stats(loaded, spec, qcfg, cache_root=cache_root,
                                                       batch_size=batch_size, progress=progress)
     t0 = time.perf_counter()
     with stage(f"calibration: ranges ({rec.name})"):
-        ranges = RangeSet.from_dict(R.compute_ranges(stats, rec))
+        ranges = RangeSet.from_dict(R.compute_ranges(stats, rec, fmt=qcfg.format))
     seconds_ranges = time.perf_counter() - t0
-    path = directory / f"{rec.name}.json"
+    path = directory / qcfg.ranges_name(rec.name)
     provenance = {"recipe": rec.name, "recipe_spec": rec.spec, "model": loaded.fingerprint(),
                   "schedule": loaded.schedule_fingerprint(), "model_source": str(loaded.source),
-                  "calib": spec.to_dict(), "quant": qcfg.activation_dict(), "stats": str(directory)}
+                  "calib": spec.to_dict(), "quant": qcfg.activation_dict(), "stats": str(directory),
+                  **({"format": qcfg.format} if qcfg.format != "int8" else {})}
     # every caller of this stats dir gets the same activation ranges, whatever its weight settings: the file records
     # only what decides them (a W4A8 run rewriting it must not make it read as a W4A8 calibration)
     R.save_ranges(path, ranges.to_dict(), provenance)

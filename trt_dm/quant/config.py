@@ -46,6 +46,12 @@ WEIGHT_BITS = (8, 7, 4)
 
 
 
+# The 8-bit formats: "int8" (symmetric, s = amax / 127) or "fp8" (E4M3, s = amax / 448: trt_dm.quant.calib.fp8),
+# for weights (per output channel) and activations (per tensor) alike
+FORMATS = ("int8", "fp8")
+
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     # 8; 4 (W4A8) or 7 (W7A8: int8 kernels without VNNI cannot saturate): the integers stored on the int8 grid
@@ -81,8 +87,14 @@ class QuantConfig:
     # Q/DQ); the statistics and ranges are the plain config's (every layer is quantized at some step).
     noisy_fp: tuple[str, ...] = ()
     fp_from_t: int | None = None
+    format: str = "int8"  # FORMATS
 
     def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.format == "fp8" and (self.weight_bits != 8 or self.rounding != "nearest"):
+            raise ValueError("--format fp8 quantizes weights to E4M3 (8 bits, nearest rounding): --weight-bits 4 / 7 "
+                             "and --rounding adaround are int8-grid options")
         if bool(self.noisy_fp) != (self.fp_from_t is not None):
             raise ValueError("noisy_fp (--keep-fp with --keep-fp-from-t) names the layers kept in FP at the noisy "
                              "steps and fp_from_t where those begin: give both or neither")
@@ -127,10 +139,15 @@ class QuantConfig:
         """The part of the config that decides which layer inputs get activation ranges (and so the statistics and
         the recipe's ranges); weight bits, weight calibration and rounding do not change them."""
         return {"act_bits": self.act_bits, "exclude": list(self.exclude), "shortcut_split": self.shortcut_split,
-                "quantize_attention": self.quantize_attention}
+                "quantize_attention": self.quantize_attention}  # the format only changes ranges (``ranges_name``)
+
+    def ranges_name(self, recipe: str) -> str:
+        """The ranges file of ``recipe`` beside the statistics (int8: ``<recipe>.json``, else ``<recipe>.<fmt>.json``)."""
+        return f"{recipe}.json" if self.format == "int8" else f"{recipe}.{self.format}.json"
 
     def to_dict(self) -> dict:
-        return {"weight_bits": self.weight_bits, "act_bits": self.act_bits, "exclude": list(self.exclude),
+        return {**({"format": self.format} if self.format != "int8" else {}),
+                "weight_bits": self.weight_bits, "act_bits": self.act_bits, "exclude": list(self.exclude),
                 "shortcut_split": self.shortcut_split, "quantize_attention": self.quantize_attention,
                 "weight_calib": self.weight_calib, "rounding": self.rounding,
                 **({"recon_iters": self.recon_iters} if self.rounding != "nearest" else {}),

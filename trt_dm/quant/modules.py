@@ -1,7 +1,7 @@
 """NVIDIA fake-quant modules (modelopt TensorQuantizer) in the UNet: insertion, statistics hooks, ranges.
 
-Layout (TensorRT explicit quantization): int8 weights per output channel (axis 0), int8 activations per
-tensor on the inputs of every Conv2d and Linear not excluded by name. Weight ranges need no data: the exact
+Layout (TensorRT explicit quantization): int8 (or FP8 E4M3, ``QuantConfig.format``) weights per output channel
+(axis 0), activations per tensor in the same format on the inputs of every Conv2d and Linear not excluded by name. Weight ranges need no data: the exact
 per-channel abs-max (modelopt's "max" algorithm) or, with ``weight_calib="mse"``, modelopt's search for the
 per-channel clip with the least squared weight error (matters at 4 bits); activation ranges
 come from the timestep-stratified statistics (``trt_dm.calib``) and are applied with ``apply_ranges``.
@@ -87,14 +87,15 @@ def quantize_model(unet: nn.Module, qcfg: QuantConfig = QuantConfig()) -> nn.Mod
     """Insert modelopt quantizers into ``unet`` in place (Conv2d/Linear inputs and weights) and set the
     weight ranges. Activation quantizers are left without range until ``apply_ranges``."""
     mtq, _ = _modelopt()
+    bits = (4, 3) if qcfg.format == "fp8" else None  # modelopt's E4M3: 4 exponent, 3 mantissa bits
     quant_cfg = [{"quantizer_name": "*", "enable": False},
-                 {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": qcfg.weight_bits, "axis": 0}},
-                 {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": qcfg.act_bits, "axis": None}}]
+                 {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": bits or qcfg.weight_bits, "axis": 0}},
+                 {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": bits or qcfg.act_bits, "axis": None}}]
     # later entries override earlier ones: the layers kept at 8-bit weights in a W4A8 / W7A8 model
     quant_cfg += [{"quantizer_name": f"{p}.weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}}
                   for p in qcfg.w8_layers]
     if qcfg.quantize_attention:
-        quant_cfg += [{"quantizer_name": f"*{m}_bmm_quantizer", "cfg": {"num_bits": qcfg.act_bits, "axis": None}}
+        quant_cfg += [{"quantizer_name": f"*{m}_bmm_quantizer", "cfg": {"num_bits": bits or qcfg.act_bits, "axis": None}}
                       for m in "qkv"]
     # with no forward loop, both algorithms calibrate the weights only ("mse" starts from "max")
     cfg = {"quant_cfg": quant_cfg, "algorithm": "max" if qcfg.weight_calib == "max" else dict(WEIGHT_MSE_SEARCH)}

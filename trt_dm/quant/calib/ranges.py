@@ -8,7 +8,9 @@ zeros exactly, and 1.0 keeps the fp16 scale 1/127 a normal number); empty statis
 
 Metrics: ``max`` (exact abs-max); ``percentile:p`` (p-th percentile of |x|, within one bin width);
 ``mse:p`` (clip minimising the L_p quantization error, p = 2.4 as PTQ4DM's and Q-Diffusion's activation
-range search); ``entropy`` (TensorRT's KL-divergence calibration, Migacz 2017).
+range search); ``entropy`` (TensorRT's KL-divergence calibration, Migacz 2017). With ``fmt="fp8"`` the ranges are
+for E4M3 quantizers (s = amax / 448, ``trt_dm.quant.calib.fp8``): ``mse`` searches on the E4M3 grid; ``entropy``
+(defined on int8's uniform bins) is refused.
 
 Merges (``merge_ranges``) over {t: histogram} of one quantizer:
 
@@ -37,6 +39,7 @@ min-mean by batches / steps (0.8 for its README's 16 batches x 20 steps); we tak
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -49,6 +52,7 @@ import numpy as np
 
 from trt_dm.core.io import atomic_write
 from trt_dm.core.ranges import RangeSet
+from trt_dm.quant.calib.fp8 import fp8_mse_objective
 from trt_dm.quant.calib.stats import CalibCacheError, CalibStats, RunningHistogram, merge
 
 log = logging.getLogger(__name__)
@@ -138,7 +142,7 @@ def _prepare(h: RunningHistogram, amax, num_bits: int, narrow_range: bool):
 
 
 def mse_objective(h: RunningHistogram, amax: Sequence[float] | np.ndarray, p: float = 2.4, num_bits: int = 8,
-                  narrow_range: bool = False) -> np.ndarray:
+                  narrow_range: bool = False, fmt: str = "int8") -> np.ndarray:
     """E(a) = sum over values of |x - Q_a(x)|^p, values modelled as uniform inside their bin (exact integral).
 
     PTQ4DM (Shang et al., CVPR 2023) / Q-Diffusion (Li et al., ICCV 2023): the activation clip minimises the
@@ -148,6 +152,8 @@ def mse_objective(h: RunningHistogram, amax: Sequence[float] | np.ndarray, p: fl
     qmin, qmax, amax, edges, counts = _prepare(h, amax, num_bits, narrow_range)
     if h.absmax == 0:
         return np.zeros(len(amax))
+    if fmt == "fp8":
+        return fp8_mse_objective(edges, counts, h.width, amax, p)
     dens = counts / h.width  # counts per unit length
     out = np.empty(len(amax))
     step = max(1, (1 << 19) // len(edges))  # bounded memory per chunk
@@ -186,7 +192,7 @@ def mse_candidates(h: RunningHistogram) -> np.ndarray:
 
 
 def amax_mse(h: RunningHistogram, p: float = 2.4, num_bits: int = 8, narrow_range: bool = False, *,
-             exhaustive: bool = False) -> float:
+             exhaustive: bool = False, fmt: str = "int8") -> float:
     """Clip minimising ``mse_objective`` over ``mse_candidates`` (PTQ4DM / Q-Diffusion, p = 2.4).
 
     ``exhaustive`` evaluates every candidate (~1000-2000 at 4096 bins). The default evaluates every
@@ -203,13 +209,13 @@ def amax_mse(h: RunningHistogram, p: float = 2.4, num_bits: int = 8, narrow_rang
     n = len(cand)
     stride = 1 if exhaustive else max(1, math.ceil(n / _MSE_COARSE))
     idx = np.unique(np.append(np.arange(0, n, stride), n - 1))
-    err = mse_objective(h, cand[idx], p, num_bits, narrow_range)
+    err = mse_objective(h, cand[idx], p, num_bits, narrow_range, fmt)
     if stride > 1:
         best = idx[np.argsort(err, kind="stable")[:_MSE_REFINE]]
         fine = np.unique(np.concatenate([np.arange(max(0, j - stride + 1), min(n, j + stride)) for j in best]))
         fine = np.setdiff1d(fine, idx)
         idx = np.append(idx, fine)
-        err = np.append(err, mse_objective(h, cand[fine], p, num_bits, narrow_range))
+        err = np.append(err, mse_objective(h, cand[fine], p, num_bits, narrow_range, fmt))
     return float(cand[min(zip(err.tolist(), idx.tolist()))[1]])
 
 
@@ -298,13 +304,19 @@ class Metric:
     def __str__(self) -> str:
         return self.name if self.param is None else f"{self.name}:{self.param!r}"
 
-    def __call__(self, h: RunningHistogram, num_bits: int = 8) -> float:
+    def check_format(self, fmt: str) -> None:
+        if fmt == "fp8" and self.name == "entropy":
+            raise ValueError("metric 'entropy' (KL divergence over int8's uniform bins) has no FP8 form; for fp8 "
+                             "use max, percentile or mse")
+
+    def __call__(self, h: RunningHistogram, num_bits: int = 8, fmt: str = "int8") -> float:
+        self.check_format(fmt)
         if self.name == "max":
             return amax_max(h)
         if self.name == "percentile":
             return amax_percentile(h, self.param)
         if self.name == "mse":
-            return amax_mse(h, self.param, num_bits)
+            return amax_mse(h, self.param, num_bits, fmt=fmt)
         return amax_entropy(h, num_bits)
 
 
@@ -337,14 +349,15 @@ def _pooled(hists: Mapping[int, RunningHistogram], counts: Mapping[int, float] |
 
 
 def merge_ranges(hists: Mapping[int, RunningHistogram], metric: Metric | str, how: str,
-                 counts: Mapping[int, float] | None = None,
-                 sampler_timesteps: Sequence[int] | None = None) -> float | list[dict[str, Any]]:
+                 counts: Mapping[int, float] | None = None, sampler_timesteps: Sequence[int] | None = None,
+                 fmt: str = "int8") -> float | list[dict[str, Any]]:
     """amax of one quantizer from its per-timestep histograms (merges: see the module docstring).
 
     ``counts`` reweights ``pooled`` and ``groups`` (default: the calibration set's own distribution);
     ``sampler_timesteps`` defines the ``groups=K`` split (default: the timesteps present).
     """
     metric = metric if isinstance(metric, Metric) else Metric.parse(metric)
+    measure = functools.partial(metric, fmt=fmt)
     kind, k = parse_merge(how)
     hists = dict(sorted(hists.items()))
     if not hists:
@@ -357,12 +370,12 @@ def merge_ranges(hists: Mapping[int, RunningHistogram], metric: Metric | str, ho
         if missing:
             raise ValueError(f"counts weigh timesteps {missing} that have no statistics; have {sorted(hists)}")
     if kind == "pooled":
-        return metric(_pooled(hists, counts))
+        return measure(_pooled(hists, counts))
     if kind == "uniform":
-        return metric(merge(list(hists.values()), [1.0 / h.n for h in hists.values()]))
+        return measure(merge(list(hists.values()), [1.0 / h.n for h in hists.values()]))
     live = [h for h in hists.values() if h.absmax > 0]
     if kind == "mean-max":
-        return math.fsum(metric(h) for h in live) / len(live) if live else ZERO_AMAX
+        return math.fsum(measure(h) for h in live) / len(live) if live else ZERO_AMAX
     if kind == "min-mean":
         if metric.name != "max":
             raise ValueError(f"merge 'min-mean' (ModelOpt) is defined for metric 'max' only, got {metric}")
@@ -378,7 +391,7 @@ def merge_ranges(hists: Mapping[int, RunningHistogram], metric: Metric | str, ho
             raise ValueError(f"timestep group t={g[0]}..{g[-1]} of groups={k} has no calibration data; use "
                              f"fewer groups (or a one-range recipe such as ptq4dm), more calibration samples "
                              f"(--calib-n), or a calibration set covering every group (timesteps 'uniform'/'all')")
-        out.append({"t_max": g[0], "t_min": g[-1], "amax": metric(_pooled(sub, counts))})
+        out.append({"t_max": g[0], "t_min": g[-1], "amax": measure(_pooled(sub, counts))})
     return out
 
 
@@ -441,7 +454,7 @@ def get_recipe(spec: str | Recipe) -> Recipe:
 
 
 def compute_ranges(stats: CalibStats, recipe: str | Recipe, *, counts: Mapping[int, float] | None = None,
-                   sampler_timesteps: Sequence[int] | None = None) -> Ranges:
+                   sampler_timesteps: Sequence[int] | None = None, fmt: str = "int8") -> Ranges:
     """{quantizer name: amax (float) or, for groups=K, K dicts {t_max, t_min, amax}}.
 
     ``sampler_timesteps`` defaults to ``stats.sampler_timesteps``, then to the timesteps observed.
@@ -455,7 +468,7 @@ def compute_ranges(stats: CalibStats, recipe: str | Recipe, *, counts: Mapping[i
         if all(h.absmax == 0 for h in hists.values()):
             log.warning("quantizer %r saw only zeros; amax set to ZERO_AMAX=%s", name, ZERO_AMAX)
         try:
-            out[name] = merge_ranges(hists, recipe.metric, recipe.merge, counts, sampler_timesteps)
+            out[name] = merge_ranges(hists, recipe.metric, recipe.merge, counts, sampler_timesteps, fmt)
         except ValueError as e:
             raise ValueError(f"quantizer {name!r}, recipe {recipe.name} ({recipe.spec}): {e}") from e
     log.info("recipe %s (%s): ranges of %d quantizers", recipe.name, recipe.spec, len(out))
