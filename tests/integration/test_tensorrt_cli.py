@@ -129,3 +129,54 @@ def test_fp16_conversion_refused_without_memory_names_the_fp32_graph(tiny_pipeli
     assert "the FP16 conversion of" in err and "--precision fp32" in err
     assert (tmp_path / f"{tiny_pipeline_dir.name}-ptq4dm.fp32.onnx").exists()  # the checked FP32 graph stays
     assert not (tmp_path / f"{tiny_pipeline_dir.name}-ptq4dm.onnx").exists()
+
+
+def test_fp8_engine_standard_qdq_and_fp8_kernels(tiny_cls_pipeline_dir, tmp_path, capsys):
+    """`trt-dm engine --format fp8` on a class-conditional pipeline with guidance, one graph for 2 timestep groups:
+    standard opset-19 FLOAT8E4M3FN Q/DQ (no custom-domain node, weights stored as E4M3 bytes), the graph in ONNX
+    Runtime equal to the torch E4M3 fake-quant model, a TensorRT-RTX plan for the FP8 targets whose layer report
+    shows FP8 convolutions and GEMMs; targets without FP8 are refused before any work."""
+    import onnx
+    import torch
+
+    from trt_dm import api
+    from trt_dm.cli.main import main
+    from trt_dm.export.onnx import check_qdq
+    from trt_dm.export.qdq import probe_inputs
+    from trt_dm.quant.calib.timesteps import parse
+    from trt_dm.quant.calib.trajectories import CalibSpec
+    from trt_dm.quant.config import QuantConfig
+    from trt_dm.quant.fakequant import fake_quant_unet
+    from trt_dm.quant.onegraph import one_graph
+    from trt_dm.runtime.ort import OrtRunner
+    common = ["--model", str(tiny_cls_pipeline_dir), "--recipe", "max@groups=2", "--timesteps", "uniform",
+              "--format", "fp8", "--classes", "all", "--guidance-scale", "2", "--out-dir", str(tmp_path / "e"),
+              "--cache-dir", str(tmp_path / "cc"), "--calib-n", "8", "--calib-steps", "4", "--batch", "4",
+              "--no-progress", "--no-baseline", "--opt-level", "0", "--max-batch", "4", "--opt-batch", "2"]
+    assert main(["engine", *common, "--rtx-targets", "SM80", "SM89"]) == 2
+    assert "TensorRT-RTX targets SM80 have no FP8 (E4M3) kernels" in capsys.readouterr().err
+    assert not (tmp_path / "cc").exists() and not (tmp_path / "e").exists()
+    assert main(["engine", *common]) == 0
+    name = f"{tiny_cls_pipeline_dir.name}-max_groups2-fp8.onegraph"
+    graph = tmp_path / "e" / f"{name}.onnx"
+    model = onnx.load(str(graph))
+    assert {n.domain for n in model.graph.node} == {""} and max(o.version for o in model.opset_import) >= 19
+    rep = check_qdq(graph)
+    assert rep.violations == [] and rep.quantize > 0 and rep.fp8 == rep.quantize + rep.dequantize
+    fp8_bytes = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT8E4M3FN and t.dims]
+    assert len(fp8_bytes) >= rep.per_channel // 2 > 0  # the weights, one byte each
+    side = load_sidecar(graph.with_suffix(".plan"))
+    assert side.precision == "fp8" and side.rtx_targets == ["SM89", "SM120"]
+    assert side.layer_precisions["correlation"].get("FP8", 0) > 0 and "Int8" not in side.layer_precisions["correlation"]
+    # the FP32 Q/DQ graph in ONNX Runtime computes the fake-quant model (E4M3 rounding flips only)
+    loaded = api.load(str(tiny_cls_pipeline_dir))
+    spec = CalibSpec(parse("uniform"), n=8, steps=4, labels="all", guidance_scale=2.0)
+    calib = api.calibrate(loaded, api.QuantSettings(recipe="max@groups=2", spec=spec, qcfg=QuantConfig(format="fp8"),
+                                                    cache_root=tmp_path / "cc", batch=4), progress=False)
+    assert calib.stats_reused  # the engine's calibration
+    feed = probe_inputs(loaded)
+    with torch.no_grad():
+        ref = one_graph(fake_quant_unet(loaded, QuantConfig(format="fp8"), calib.ranges), calib.ranges)(**feed).sample
+    with OrtRunner(graph.with_name(f"{name}.fp32.onnx")) as r:
+        got = r.infer(feed)["out_sample"]
+    assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.999

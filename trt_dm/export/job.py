@@ -36,13 +36,15 @@ def recipe_slug(recipe: str) -> str:
 
 
 def graph_stem(model_name: str, recipe: str, qcfg=None) -> str:
-    """File-name stem of a deployment's graphs and engines: '<model>-<recipe slug>', with '-w4' for W4A8 ('-w<bits>'),
+    """File-name stem of a deployment's graphs and engines: '<model>-<recipe slug>', with '-fp8' for FP8 (E4M3),
+    '-w4' for W4A8 ('-w<bits>'),
     '-wmse' for MSE-searched weight ranges, '-ada' for learned rounding ('-act' with learned input ranges, '-temb' with
     the time-embedding projections reconstructed on their own), '-w8<hash>' when some layers keep 8-bit weights,
     '-fp<hash>' when other layers than the default stay in FP ('-fp<hash>-t<T>': at the steps t >= T only), so that
     no two configurations overwrite each other's files."""
-    bits = getattr(qcfg, "weight_bits", 8)
-    parts = [f"-w{bits}" if bits != 8 else "", "-wmse" if getattr(qcfg, "weight_calib", "max") == "mse" else ""]
+    bits, fmt = getattr(qcfg, "weight_bits", 8), getattr(qcfg, "format", "int8")
+    parts = [f"-{fmt}" if fmt != "int8" else "", f"-w{bits}" if bits != 8 else "",
+             "-wmse" if getattr(qcfg, "weight_calib", "max") == "mse" else ""]
     if getattr(qcfg, "rounding", "nearest") != "nearest":
         parts.append("-ada" + ("-act" if getattr(qcfg, "recon_act_iters", 0) else "")
                      + ("-temb" if getattr(qcfg, "recon_temb", "block") != "block" else ""))

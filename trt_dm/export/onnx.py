@@ -5,8 +5,8 @@ branch in modelopt's CPU fake-quant), opset 17, dynamic batch, constants folded.
 export as QuantizeLinear/DequantizeLinear pairs. Written to a temporary name, then renamed.
 
 Conformance (TensorRT explicit quantization, "Working with Quantized Types" in the TensorRT developer
-guide): every Q/DQ is int8 with zero point 0 (symmetric), scales are finite and positive, per-channel
-scales name a valid axis of their input, and every Q feeds a DQ with the same scale.
+guide): every Q/DQ is int8 or FP8 (E4M3, ``trt_dm.export.fp8``) with zero point 0 (symmetric), scales are finite
+and positive, per-channel scales name a valid axis of their input, and every Q feeds a DQ with the same scale.
 
 The checks (``check_qdq``, ``check_layers``, ``weight_code_ranges``, ``compare_layers``) live here, beside the
 writer, not in the export pipeline (``trt_dm.export.qdq``): they read the graph with the same readers
@@ -14,6 +14,7 @@ writer, not in the export pipeline (``trt_dm.export.qdq``): they read the graph 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -28,6 +29,7 @@ from torch import nn
 
 from trt_dm.core.signature import OUTPUT_NAME, Signature
 from trt_dm.core.stages import import_detached
+from trt_dm.quant.calib.fp8 import E4M3_MAX, from_ordinals, is_fp8, ordinals, to_ordinals
 from trt_dm.quant.modules import quantized_layers
 
 log = logging.getLogger(__name__)
@@ -85,7 +87,8 @@ class _Wrapper(nn.Module):
         return self.unet(**dict(zip(self.names, inputs))).sample
 
 
-def export_onnx(unet: nn.Module, path: str | os.PathLike, *, batch: int = 2, seq_len: int = 8) -> Path:
+def export_onnx(unet: nn.Module, path: str | os.PathLike, *, batch: int = 2, seq_len: int = 8,
+                opset: int = OPSET) -> Path:
     """Export ``unet`` (FP or fake-quant, fp32) to ``path`` atomically, with every input of its signature
     (``trt_dm.core.signature``: conditioning included) as a graph input and its named dynamic axes."""
     path = Path(path)
@@ -102,7 +105,7 @@ def export_onnx(unet: nn.Module, path: str | os.PathLike, *, batch: int = 2, seq
     try:
         with torch.no_grad():
             torch.onnx.export(_Wrapper(unet, names).eval(), args, str(tmp), input_names=names, output_names=[OUTPUT_NAME],
-                              dynamic_axes=dyn, opset_version=OPSET, do_constant_folding=True, dynamo=False)
+                              dynamic_axes=dyn, opset_version=opset, do_constant_folding=True, dynamo=False)
         if len(list(tmpdir.iterdir())) > 1 or tmp.stat().st_size > EXTERNAL_DATA_BYTES:
             import onnx
             save_onnx(onnx.load(str(tmp)), path)
@@ -120,6 +123,7 @@ class QdqReport:
     quantize: int = 0
     dequantize: int = 0
     per_channel: int = 0
+    fp8: int = 0  # of them, with an FP8 (E4M3) zero point
     violations: list[str] = field(default_factory=list)
 
     @property
@@ -198,9 +202,12 @@ def check_qdq(model_or_path) -> QdqReport:
         if zp is None:
             rep.violations.append(f"{where}: zero point missing (TensorRT needs an explicit int8 zero point 0)")
         else:
-            if zp.dtype != np.int8:
-                rep.violations.append(f"{where}: zero point type {zp.dtype}, TensorRT int8 needs int8")
-            if np.any(zp != 0):
+            if str(zp.dtype) == "float8_e4m3fn":
+                rep.fp8 += 1
+            elif zp.dtype != np.int8:
+                rep.violations.append(f"{where}: zero point type {zp.dtype}; TensorRT needs int8 (int8 Q/DQ) or "
+                                      "FLOAT8E4M3FN (FP8)")
+            if np.any(zp.astype(np.float32) != 0):
                 rep.violations.append(f"{where}: non-zero zero point (TensorRT quantization is symmetric)")
         axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
         if scale.size > 1:
@@ -306,9 +313,17 @@ def _activation_q_nodes(model) -> dict[str, str]:
     return out
 
 
+def _fp8_outputs(model) -> set[str]:
+    """Outputs of the QuantizeLinear nodes with an FP8 (FLOAT8E4M3FN) zero point."""
+    from onnx import TensorProto
+    fp8 = {t.name for t in model.graph.initializer if t.data_type == TensorProto.FLOAT8E4M3FN}
+    return {n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2
+            and n.input[2] in fp8}
+
+
 def compare_layers(qunet: nn.Module, onnx_path: str | os.PathLike, feed: dict[str, torch.Tensor]) -> list[dict]:
-    """Layer by layer: the int8 codes of every quantized layer's input in torch fake-quant vs in the ONNX graph
-    run by ONNX Runtime, on the same ``feed``. One row per layer, in execution order:
+    """Layer by layer: the int8 codes (FP8: E4M3 ordinals) of every quantized layer's input in torch fake-quant vs
+    in the ONNX graph run by ONNX Runtime, on the same ``feed``. One row per layer, in execution order:
     {layer, n, flips, flip_rate, max_diff, flips_e2e, flip_rate_e2e, max_diff_e2e}.
 
     ``flips``: the torch run is *forced* onto ONNX Runtime's codes: every torch quantizer records the codes it
@@ -348,25 +363,31 @@ def _ort_codes(onnx_path: str | os.PathLike, feed: dict[str, torch.Tensor]) -> t
     from onnx import TensorProto, helper
     model, _ = _graph(onnx_path)  # without external data: the weights stay in the graph's data file
     q_out = _activation_q_nodes(model)
+    fp8 = _fp8_outputs(model)
     have = {o.name for o in model.graph.output}
     for name in q_out.values():
         if name not in have:
-            model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.INT8, None))
+            kind = TensorProto.FLOAT8E4M3FN if name in fp8 else TensorProto.INT8
+            model.graph.output.append(helper.make_tensor_value_info(name, kind, None))
             have.add(name)
+    opts = ort.SessionOptions()
+    if fp8:  # ONNX Runtime's extended optimizers move Transposes between FP8 Q and DQ (no FP8 Transpose kernel)
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer):
         # the probe graph (the same graph with more outputs) goes beside the original, whose data file it names
         probe = Path(onnx_path).with_name(f".{Path(onnx_path).name}.probe-{os.getpid()}.onnx")
         try:
             onnx.save_model(model, str(probe))
-            sess = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(str(probe), opts, providers=["CPUExecutionProvider"])
         finally:
             probe.unlink(missing_ok=True)
     else:
-        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     input_names = {i.name for i in sess.get_inputs()}
     ort_feed = {k: v.detach().cpu().numpy() for k, v in feed.items() if k in input_names}
     outs = list(q_out.values())
-    got = {o: torch.from_numpy(a.astype(np.int16)) for o, a in zip(outs, sess.run(outs, ort_feed))}
+    got = {o: ordinals(torch.from_numpy(a.view(np.uint8))) if o in fp8 else torch.from_numpy(a.astype(np.int16))
+           for o, a in zip(outs, sess.run(outs, ort_feed))}
     return q_out, got  # (the session and the model go here: the torch runs after do not need their memory)
 
 
@@ -379,11 +400,14 @@ def _torch_codes(qunet: nn.Module, quantizers: dict, feed: dict[str, torch.Tenso
     handles = []
     for layer, quantizer in quantizers.items():
         def hook(_m, _args, out, layer=layer, quantizer=quantizer):
-            step = quantizer.amax.detach().float() / 127.0
-            codes[layer] = torch.round(out.detach().float() / step).to(torch.int16)
+            fp8 = is_fp8(quantizer)  # codes: E4M3 ordinals, else int8 integers
+            step = quantizer.amax.detach().float() / (E4M3_MAX if fp8 else 127.0)
+            unit = out.detach().float() / step
+            codes[layer] = to_ordinals(unit) if fp8 else torch.round(unit).to(torch.int16)
             order.append(layer)
             if forced is not None:  # continue from ONNX Runtime's codes
-                return (forced[layer].reshape(out.shape).float() * step).to(out.dtype)
+                f = forced[layer].reshape(out.shape)
+                return ((from_ordinals(f) if fp8 else f.float()) * step).to(out.dtype)
             return None
         handles.append(quantizer.register_forward_hook(hook))
     try:
@@ -409,6 +433,28 @@ def to_fp16(src: str | os.PathLike, dst: str | os.PathLike, keep_fp32: tuple[str
         if name.startswith(("modelopt.onnx", "onnxscript")):
             logging.getLogger(name).setLevel(quiet)
     dst = Path(dst)
-    model = convert_to_mixed_precision(str(src), low_precision_type="fp16", keep_io_types=True,
-                                       nodes_to_exclude=list(keep_fp32))
+    with _basic_ort_sessions(_fp8_outputs(_graph(src)[0])):
+        model = convert_to_mixed_precision(str(src), low_precision_type="fp16", keep_io_types=True,
+                                           nodes_to_exclude=list(keep_fp32))
     return save_onnx(model, dst)
+
+
+@contextlib.contextmanager
+def _basic_ort_sessions(active: bool):
+    """While ``active``: Polygraphy's ONNX Runtime sessions (ModelOpt autocast's reference run) at basic graph
+    optimization, as FP8 graphs need in ONNX Runtime (``_ort_codes``); ModelOpt passes no level of its own."""
+    if not active:
+        yield
+        return
+    import functools
+
+    import onnxruntime as ort
+    import polygraphy.backend.onnxrt as backend
+    from onnx_graphsurgeon.logger import G_LOGGER
+    original, severity = backend.SessionFromOnnx, G_LOGGER.severity
+    backend.SessionFromOnnx = functools.partial(original, graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    G_LOGGER.severity = G_LOGGER.ERROR  # ONNX GraphSurgeon warns of FP8 tensors it cannot show as NumPy arrays
+    try:
+        yield
+    finally:
+        backend.SessionFromOnnx, G_LOGGER.severity = original, severity

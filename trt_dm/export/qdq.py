@@ -27,6 +27,7 @@ from torch import nn
 from trt_dm.core.artifacts import ExportReport
 from trt_dm.core.schedule import Schedule
 from trt_dm.core.stages import require_memory, stage
+from trt_dm.export.fp8 import export_fp8
 from trt_dm.export.job import Exported, ExportJob, graph_stem
 from trt_dm.export.onnx import (
     check_layers,
@@ -62,9 +63,6 @@ class ExportCheckError(RuntimeError):
 def check_settings(qcfg, recipe, options: dict | None = None) -> None:
     """Raise ValueError, before any work, for what the Q/DQ graph cannot express (``recipe``: a Recipe;
     ``options``: the export job's)."""
-    if qcfg.format == "fp8":
-        raise ValueError("--format fp8: the E4M3 Q/DQ export is not written yet; measure FP8 in fake quantization "
-                         "(trt-dm eval --recipe R --format fp8)")
     if qcfg.shortcut_split:
         raise ValueError("--shortcut-split uses per-channel activation ranges, which TensorRT does not accept; "
                          "it is a fake-quant study only")
@@ -235,7 +233,11 @@ def _export_graph(job: ExportJob, g: _Graph, feed: dict, progress) -> Exported:
 def _fp32_graph(job: ExportJob, g: _Graph) -> tuple[Path, list[str], dict | None]:
     """(the FP32 Q/DQ graph, its violations, its weight codes per layer when the weights are below 8 bits)."""
     with stage(f"export {g.name}: ONNX (fp32 Q/DQ)"):
-        fp32 = export_onnx(g.qunet, job.out_dir / f"{g.name}.fp32.onnx")
+        fp32 = job.out_dir / f"{g.name}.fp32.onnx"
+        if job.qcfg.format == "fp8":
+            export_fp8(g.qunet, fp32)
+        else:
+            export_onnx(g.qunet, fp32)
     codes = None
     with stage(f"export {g.name}: checks"):
         problems = check_graph(fp32, g.quantized)
@@ -313,7 +315,8 @@ def _checked_line(job: ExportJob, target: Path, report: ExportReport, compare: b
     """The progress line of a checked graph: its checks, and its int8 codes' flip rates vs torch."""
     fl = report.layer_comparison_fp32
     return (f"  {target} ({report.export_seconds} s): ONNX checker, Q/DQ conformance and per-layer coverage "
-            + (f"OK; int8 codes vs torch fake-quant, layer by layer: {fl['flip_rate']:.1e} flipped (max diff "
+            + (f"OK; {'E4M3' if job.qcfg.format == 'fp8' else 'int8'} codes vs torch fake-quant, layer by layer: "
+               f"{fl['flip_rate']:.1e} flipped (max diff "
                f"{fl['max_code_diff']}; end to end {fl['flip_rate_e2e']:.1e})"
                + (f", FP16 graph {report.layer_comparison_fp16['flip_rate']:.1e}" if job.precision == "fp16" else "")
                if compare else "OK; layer comparison with ONNX Runtime skipped (--no-layer-comparison)"))

@@ -7,6 +7,13 @@ from trt_dm.core.signature import OUTPUT_NAME, Signature, TensorSpec, dtypes
 from trt_dm.runtime.base import Runner
 
 
+def has_fp8(path) -> bool:
+    """Whether an ONNX graph holds FP8 (FLOAT8E4M3FN) tensors: its Q/DQ zero points (read without external data)."""
+    import onnx
+    model = onnx.load(str(path), load_external_data=False)
+    return any(t.data_type == onnx.TensorProto.FLOAT8E4M3FN for t in model.graph.initializer)
+
+
 class OrtRunner(Runner):
     """An ONNX model in ONNX Runtime (CPU; CUDA provider when present and asked for).
 
@@ -40,6 +47,8 @@ class OrtRunner(Runner):
         if not self.spin:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if has_fp8(self.path):  # its extended optimizers move Transposes between FP8 Q and DQ, then fail on them
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         self.session = ort.InferenceSession(self.path, opts, providers=self.providers)
         unknown = [i for i in self.session.get_inputs() if i.type not in self._DTYPES]
         if unknown:

@@ -19,6 +19,7 @@ from trt_dm.quant.calib.ranges import get_recipe
 from trt_dm.quant.calibrate import calibrate_settings
 from trt_dm.quant.config import QuantSettings
 from trt_dm.targets import get_target
+from trt_dm.targets.trt_builder import for_format
 
 
 @dataclass
@@ -66,6 +67,9 @@ def _deploy(loaded: LoadedModel, quant: QuantSettings, *, target: str = "tensorr
     precision = precision or getattr(tgt, "default_precision", "fp16")
     quant = quant.resolved(loaded, target)
     tgt.check(quant.qcfg, get_recipe(quant.recipe), options)
+    if build and build_options is not None:  # bad profiles; FP8 to targets without it: refused before any work
+        build_options.validate()
+        build_options = for_format(build_options, quant.qcfg.format)
     guidance = loaded.guidance(quant.spec.guidance_scale, quant.spec.guidance_rescale,  # refuse before any work
                                negative_prompt=quant.spec.negative_prompt, interval=quant.spec.guidance_interval)
     if not loaded.text_conditioned:  # (prompts are encoded once, by the calibration itself)

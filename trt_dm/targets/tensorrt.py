@@ -62,7 +62,8 @@ class TensorRTTarget(Target):
             extra["model_fingerprint"] = r.model_fingerprint or None
             with stage(f"build {plan.name}"):
                 side = build_engine(m.onnx, plan, options or BuildOptions(), flavour=flavour, recipe=r.recipe,
-                                    calibration=r.calibration, precision="int8" if r.int8 else "fp16",
+                                    calibration=r.calibration,
+                                    precision=(r.quant or {}).get("format", "int8") if r.int8 else "fp16",
                                     signature=Signature.from_dict(r.signature) if r.signature else None, extra=extra)
             prec = ", ".join(f"{t} {dict(c)}" for t, c in side.layer_precisions.items()) or "not reported"
             progress(f"  {plan} ({side.plan_bytes / 1e6:.1f} MB, {side.flavour} {side.trt_version}, "

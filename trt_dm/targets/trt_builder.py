@@ -23,7 +23,7 @@ import os
 import re
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from trt_dm.core.artifacts import Sidecar
@@ -59,6 +59,27 @@ class BuildOptions:
             raise ValueError(f"builder optimization level must be 0..5, got {self.opt_level}")
         if self.workspace_mib is not None and self.workspace_mib < 1:
             raise ValueError(f"--workspace-mib must be >= 1, got {self.workspace_mib}")
+
+
+# TensorRT-RTX compute capabilities with FP8 (E4M3) tensor cores: Ada (SM89) and Blackwell (SM120, SM121); Turing and
+# Ampere have none (TensorRT-RTX 1.7: "Cannot compile for target(s) sm86, because the model contains HW-specific
+# datatypes: fp8_e4m3"). Full TensorRT builds FP8 on GPUs of compute capability 8.9 and newer.
+FP8_RTX_TARGETS = ("SM89", "SM120", "SM121")
+FP8_MIN_CC = (8, 9)
+
+
+def for_format(options: BuildOptions, fmt: str) -> BuildOptions:
+    """``options`` for engines of format ``fmt``: FP8 builds the default targets' FP8-capable ones, and refuses
+    targets named by the user that have no FP8 (before any work)."""
+    if fmt != "fp8":
+        return options
+    if options.rtx_targets == BuildOptions.rtx_targets:
+        return replace(options, rtx_targets=tuple(t for t in options.rtx_targets if t in FP8_RTX_TARGETS))
+    bad = [t for t in options.rtx_targets if t not in FP8_RTX_TARGETS]
+    if bad:
+        raise ValueError(f"--format fp8: TensorRT-RTX targets {', '.join(bad)} have no FP8 (E4M3) kernels; FP8 builds "
+                         f"for {', '.join(FP8_RTX_TARGETS)} (Ada, Blackwell): give --rtx-targets among those")
+    return options
 
 
 class _Logger:
@@ -176,6 +197,11 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, opt
             raise EngineError(f"could not parse {onnx_path} as an ONNX model ({type(e).__name__}: {e})") from None
     wanted = profile_shapes(signature, options)
     trt, fl = trt_module(flavour)
+    if precision == "fp8" and fl.compute_targets:
+        options = for_format(options, "fp8")
+    elif precision == "fp8" and (cc := _gpu().get("compute_capability")) and tuple(map(int, str(cc).split("."))) < FP8_MIN_CC:
+        raise EngineError(f"{onnx_path} is an FP8 graph; this GPU (compute capability {cc}) has no FP8 kernels: "
+                          "FP8 engines need compute capability 8.9 or newer (Ada, Hopper, Blackwell)")
     logger = _Logger.make(trt, verbose)
     logger.min_severity = trt.ILogger.Severity.VERBOSE
     builder = trt.Builder(logger)
@@ -191,8 +217,8 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, opt
         raise EngineError(f"{fl.name} failed to build {onnx_path}:\n  " + "\n  ".join(errors))
     blob = memoryview(serialized).tobytes()
 
-    sidecar = Sidecar(flavour=fl.name, trt_version=trt.__version__,
-                      **(_gpu() if not fl.compute_targets else {"gpu": None, "compute_capability": None}),
+    gpu = _gpu() if not fl.compute_targets else {"gpu": None, "compute_capability": None}
+    sidecar = Sidecar(flavour=fl.name, trt_version=trt.__version__, **gpu,
                       rtx_targets=targets, onnx=onnx_path.name, onnx_sha256=sha256_file(onnx_path),
                       onnx_data_sha256=sha256_file(data) if (data := onnx_path.with_name(onnx_path.name + ".data"))
                       .is_file() else None,

@@ -13,6 +13,9 @@ the values below it except near the subnormals. The L_p objective is nonetheless
 ``fp8_mse_objective`` integrates |x - Q_a(x)|^p exactly over each histogram bin (values uniform inside their
 bin), using the scale invariance of the grid: dist(u, s G) = s dist(u / s, G), so the antiderivative for scale s
 is s^(p+1) F_1(x / s) with F_1 that of the unit grid, computed once from the grid's intervals.
+
+Codes are compared between frameworks as *ordinals* (``ordinals``): E4M3 bit patterns ordered along the number
+line (sign and magnitude; adjacent grid values differ by 1), the FP8 counterpart of int8's integer codes.
 """
 from __future__ import annotations
 
@@ -69,3 +72,25 @@ def fp8_mse_objective(edges: np.ndarray, counts: np.ndarray, width: float, amax:
         F = np.sign(x) * _unit_antiderivative(np.abs(x), p) * s ** (p + 1)
         out[i:i + step] = (np.diff(F, axis=1) * dens).sum(axis=1)
     return out
+
+
+def is_fp8(quantizer) -> bool:
+    """A modelopt quantizer in E4M3 (num_bits (4, 3))."""
+    return tuple(np.atleast_1d(getattr(quantizer, "num_bits", 8))) == (4, 3)
+
+
+def ordinals(bits: torch.Tensor) -> torch.Tensor:
+    """E4M3 bit patterns (uint8) -> int16 positions on the number line (+-0 -> 0, next value up +1, ...)."""
+    b = bits.to(torch.int16)
+    return torch.where(b >= 128, -(b - 128), b)
+
+
+def from_ordinals(o: torch.Tensor) -> torch.Tensor:
+    """``ordinals``' inverse: float32 E4M3 values."""
+    o = o.to(torch.int16)
+    return torch.where(o < 0, 128 - o, o).to(torch.uint8).view(torch.float8_e4m3fn).float()
+
+
+def to_ordinals(x: torch.Tensor) -> torch.Tensor:
+    """The ordinals of values already on the unit E4M3 grid (a quantizer's output divided by its scale)."""
+    return ordinals(x.float().clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8))
