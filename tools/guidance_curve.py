@@ -4,6 +4,7 @@
         --out reports/guidance/default-cond-interval.json
     python tools/guidance_curve.py ... --interval 0 999          # guidance at every timestep (no interval)
     python tools/guidance_curve.py ... --classifier DIR          # also score with another classifier
+    python tools/guidance_curve.py --table A.json B.json [--write models/default-cond/README.md]
 
 Every scale draws the same seeds (seed .. seed + n - 1) with every class in turn (``--classes all``, so each
 class n / 10 times), through ``trt_dm.api.evaluate`` (FD-EffNet and KID against the Fashion-MNIST test set, class
@@ -33,8 +34,36 @@ def _per_class(images: torch.Tensor, labels: torch.Tensor, net) -> tuple[float, 
     return float(ok.double().mean()), [round(float(ok[labels == c].double().mean()), 4) for c in range(10)]
 
 
+def table(files: list[Path], write: Path | None) -> None:
+    """The Markdown table of curve files (rows by interval, then scale); printed, or written between the
+    ``<!-- guidance-curve:begin/end -->`` markers of ``write``."""
+    rows = [r for f in files for r in json.loads(f.read_text())["rows"]]
+    other = any("class_accuracy_other" in r for r in rows)
+    lines = ["| guidance | applied at | FD-EffNet | class accuracy" + (" | (second classifier)" if other else "") + " |",
+             "|---:|---|---:|---:|" + ("---:|" if other else "")]
+    def key(r):  # no guidance, then the interval rows, then guidance at every step
+        full = r["guidance_interval"] in (None, [0, 999])
+        return (0 if r["guidance_scale"] == 1 else 2 if full else 1, r["guidance_scale"])
+    for r in sorted(rows, key=key):
+        where = ("-" if r["guidance_scale"] == 1 else "every step" if r["guidance_interval"] in (None, [0, 999])
+                 else f"t in [{r['guidance_interval'][0]}, {r['guidance_interval'][1]}]")
+        lines.append(f"| {r['guidance_scale']:g} | {where} | {r['fd_effnet']:.2f} | {100 * r['class_accuracy']:.1f} %"
+                     + (f" | {100 * r['class_accuracy_other']:.1f} %" if other and "class_accuracy_other" in r else
+                        " | " if other else "") + " |")
+    text = "\n".join(lines) + "\n"
+    if write is None:
+        print(text, end="")
+        return
+    doc = write.read_text()
+    a, b = "<!-- guidance-curve:begin -->\n", "<!-- guidance-curve:end -->"
+    i, j = doc.index(a) + len(a), doc.index(b)
+    write.write_text(doc[:i] + text + doc[j:])
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--table", type=Path, nargs="+", default=None, help="print (or --write) the table of these files")
+    p.add_argument("--write", type=Path, default=None)
     p.add_argument("--model", default="default-cond")
     p.add_argument("--scales", type=float, nargs="+", default=[1, 1.5, 2, 3, 4, 5])
     p.add_argument("--n", type=int, default=1000)
@@ -44,8 +73,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--interval", type=int, nargs=2, default=None, metavar=("LO", "HI"))
     p.add_argument("--classifier", type=Path, default=None, help="a second classifier directory")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.table:
+        return table(args.table, args.write)
+    if args.out is None:
+        p.error("--out FILE.json is needed (or --table FILE ...)")
     torch.set_num_threads(args.threads)
     loaded = api.load(args.model)
     own, other = load_classifier(), (load_classifier(args.classifier) if args.classifier else None)

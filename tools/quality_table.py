@@ -115,7 +115,23 @@ COND_ROWS: list[tuple[str, str, list[str]]] = [
      [*_COND, "--recipe", "ptq4dm-g4", "--guidance-scale", "3", "--keep-fp", "down_blocks.0.*", "up_blocks.2.*",
       "up_blocks.1.resnets.*", "--keep-fp-from-t", "500"]),
 ]
-ALL_ROWS = ROWS + COND_ROWS
+# The same rows on the retrained default-cond (issue #41: 16,000 steps, guidance at t <= 300 by default, from its
+# trt_dm.json), at guidance 1, at the scale where FP class accuracy peaks on its curve, and at 3.
+COND2_ROWS: list[tuple[str, str, list[str]]] = [
+    ("cond2-fp-w1", "default-cond FP32, guidance 1", _COND),
+    ("cond2-fp-w3", "default-cond FP32, guidance 3 (t <= 300)", [*_COND, "--guidance-scale", "3"]),
+    ("cond2-fp-w2", "default-cond FP32, guidance 2 (t <= 300; the curve's peak: 89.8 % as at 3, lower FD)",
+     [*_COND, "--guidance-scale", "2"]),
+    ("cond2-g4-w1", "default-cond W8A8 ptq4dm-g4 (the default recipe), guidance 1", [*_COND, "--recipe", "ptq4dm-g4"]),
+    ("cond2-g4-w3", "default-cond W8A8 ptq4dm-g4, guidance 3 (t <= 300)",
+     [*_COND, "--recipe", "ptq4dm-g4", "--guidance-scale", "3"]),
+    ("cond2-g4-w2", "default-cond W8A8 ptq4dm-g4, guidance 2 (t <= 300)",
+     [*_COND, "--recipe", "ptq4dm-g4", "--guidance-scale", "2"]),
+    ("cond2-g4-fp-res0-w3", "default-cond W8A8 ptq4dm-g4, first resolution (37.5 % of the MACs) in FP, guidance 3 "
+     "(t <= 300): the best recipe measured on the first model",
+     [*_COND, "--recipe", "ptq4dm-g4", "--guidance-scale", "3", "--keep-fp", "down_blocks.0.*", "up_blocks.2.*"]),
+]
+ALL_ROWS = ROWS + COND_ROWS + COND2_ROWS
 
 # Removed after their screens (256 images, `screen` below), being below the default recipe's 38.95 dB there:
 # W8A8 uniform + percentile (36.2 dB) and W8A8 ptq4dm + learned rounding (30.1 dB; ptq4dm alone 31.1 dB).
@@ -226,6 +242,13 @@ SCREEN: list[tuple[str, str, list[str]]] = [
      "(`trt-dm export ... --keep-fp-from-t 500`) in ONNX Runtime, switched by t",
      [*_COND, "--guidance-scale", "3", "--onnx", f"engines/{_T500}.t999-500.onegraph.fp32.onnx",
       f"engines/{_T500}.t499-0.onegraph.fp32.onnx"]),
+    ("fp8-g4", "FP8 (E4M3) W8A8, ptq4dm-g4: mse:2.4@groups=4 searched on the E4M3 grid (--format fp8)",
+     ["--recipe", "ptq4dm-g4", "--format", "fp8"]),
+    ("fp8-max-g4", "FP8 (E4M3) W8A8, max@groups=4: abs-max ranges (NVIDIA's FP8 recipes calibrate with max)",
+     ["--recipe", "max@groups=4", "--format", "fp8"]),
+    ("fp8-ptq4dm", "FP8 (E4M3) W8A8, ptq4dm: mse:2.4@pooled on the E4M3 grid, one range set",
+     ["--recipe", "ptq4dm", "--format", "fp8"]),
+    ("fp8-max", "FP8 (E4M3) W8A8, max@pooled: one abs-max range set", ["--recipe", "max", "--format", "fp8"]),
     ("ndtc-0.4-0.4", "ndtc mu=0.4 sigma=0.4 (PTQ4DM's published script)",
      ["--recipe", "ptq4dm", "--timesteps", "ndtc:0.4,0.4"]),
     ("ex-d0r0c1", "also keep down_blocks.0.resnets.0.conv1 in FP (most sensitive quantized layer)",
@@ -360,7 +383,7 @@ def cmd_table(args) -> int:
         readme = ROOT / "docs" / "quality.md"
         text = readme.read_text()
         for marker, printer in (("quality-table", _print_table), ("cond-table", _print_cond_table),
-                                ("cfg-table", _print_cfg_table)):
+                                ("cond2-table", lambda: _print_cond_table(COND2_ROWS)), ("cfg-table", _print_cfg_table)):
             buf = io.StringIO()
             with contextlib.redirect_stdout(buf):
                 printer()
@@ -387,9 +410,10 @@ def _table(columns: list[str], rows, cells, left: int = 1) -> None:
         print(f"| {label} | " + (" | ".join(cells(row, r)) if r else "pending" + " |" * (len(columns) - 2)) + " |")
 
 
-def _print_cond_table() -> None:
-    """The conditional model's rows: FD-EffNet and class accuracy vs FP at each guidance scale, and the noise-
-    prediction error of the guided prediction next to that of its conditional part (same x_t)."""
+def _print_cond_table(rows=COND_ROWS) -> None:
+    """The conditional model's rows (the first model's; ``COND2_ROWS``: the retrained one's): FD-EffNet and class
+    accuracy vs FP at each guidance scale, and the noise-prediction error of the guided prediction next to that of
+    its conditional part (same x_t)."""
     def cells(row, r):
         acc = "" if r.get("class_accuracy") is None else f"{100 * r['class_accuracy']:.1f}%"
         if r.get("fp_class_accuracy") is not None:
@@ -403,7 +427,7 @@ def _print_cond_table() -> None:
                 _fmt((r.get("eps_conditional") or {}).get("mse"), ".2e")]
     _table(["Configuration", "FD-EffNet", "vs FP", "class accuracy (FP)", "accuracy vs FP, points (95% CI)",
             "PSNR vs FP (dB)", "eps MSE, guided",
-            "eps MSE, conditional part"], COND_ROWS, cells)
+            "eps MSE, conditional part"], rows, cells)
 
 
 # timestep bands of the guidance breakdown: the noise end, the middle, the data end

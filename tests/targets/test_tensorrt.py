@@ -210,3 +210,13 @@ def test_layer_comparison_refused_without_memory_and_skippable(tiny_pipeline_dir
     assert report["layer_comparison_fp32"] == {"skipped": "--no-layer-comparison"} and report["violations"] == []
 
 
+
+
+def test_fp8_build_options_keep_fp8_targets_and_refuse_others():
+    from trt_dm.targets.trt_builder import FP8_RTX_TARGETS, BuildOptions, for_format
+    default = BuildOptions()
+    assert for_format(default, "int8") is default
+    assert for_format(default, "fp8").rtx_targets == tuple(t for t in default.rtx_targets if t in FP8_RTX_TARGETS)
+    assert for_format(BuildOptions(rtx_targets=("SM120",)), "fp8").rtx_targets == ("SM120",)
+    with pytest.raises(ValueError, match="TensorRT-RTX targets SM75, SM86 have no FP8"):
+        for_format(BuildOptions(rtx_targets=("SM75", "SM86", "SM89")), "fp8")
