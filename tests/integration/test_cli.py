@@ -328,11 +328,12 @@ def test_info_shows_the_models_conditioning_facts(tiny_cls_pipeline_dir, tmp_pat
 @pytest.mark.parametrize("target,msg", [
     ("ort-cpu", "--format fp8: the ort-cpu target writes ONNX Runtime's int8 layout, which has no FP8 form"),
     ("openvino", "--format fp8: the openvino target runs int8 Q/DQ on the CPU, which has no FP8 kernels"),
+    ("tensorrt --quantize-attention", "--format fp8 with --quantize-attention: the FP8 export of attention matmul"),
 ])
 def test_fp8_to_a_target_without_it_is_refused_before_any_work(target, msg, tiny_pipeline_dir, tmp_path, capsys):
     pytest.importorskip("openvino") if target == "openvino" else None
-    rc = main(["export", "--model", str(tiny_pipeline_dir), "--target", target, "--format", "fp8", "--recipe", "ptq4dm",
-               "--calib-n", "4",
+    rc = main(["export", "--model", str(tiny_pipeline_dir), "--target", *target.split(), "--format", "fp8", "--recipe",
+               "ptq4dm", "--calib-n", "4",
                "--calib-steps", "2", "--cache-dir", str(tmp_path / "cc"), "--out-dir", str(tmp_path / "out"),
                "--no-progress"])
     err = capsys.readouterr().err

@@ -63,6 +63,9 @@ class ExportCheckError(RuntimeError):
 def check_settings(qcfg, recipe, options: dict | None = None) -> None:
     """Raise ValueError, before any work, for what the Q/DQ graph cannot express (``recipe``: a Recipe;
     ``options``: the export job's)."""
+    if qcfg.format == "fp8" and qcfg.quantize_attention:
+        raise ValueError("--format fp8 with --quantize-attention: the FP8 export of attention matmul quantizers is not "
+                         "written (their ONNX form is not checked here); quantize the Conv / Linear layers only")
     if qcfg.shortcut_split:
         raise ValueError("--shortcut-split uses per-channel activation ranges, which TensorRT does not accept; "
                          "it is a fake-quant study only")
