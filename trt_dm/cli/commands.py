@@ -32,7 +32,7 @@ def cmd_sample(args) -> int:
     cond = "" if settings.labels is None else f", classes {settings.labels if isinstance(settings.labels, str) else list(settings.labels)}"
     cond += f", {len(settings.prompts)} prompt(s)" if settings.prompts else ""
     cond += f", embeddings {settings.embeddings}" if settings.embeddings else ""
-    interval = loaded.resolve_interval(settings.guidance_scale, settings.guidance_interval)
+    interval = settings.for_model(loaded).guidance_interval
     cond += f", guidance {settings.guidance_scale:g}" if settings.guidance_scale != 1 else ""
     cond += f" at t in [{interval[0]}, {interval[1]}]" if interval else ""
     print(f"{len(images)} images ({args.sampler}, {args.steps} steps, seeds {args.seed}..{args.seed + args.n - 1}{cond}) "
