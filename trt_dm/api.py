@@ -26,6 +26,8 @@ from trt_dm.models.loading import LoadedModel, load_model
 from trt_dm.quant.calibrate import calibrate_settings
 from trt_dm.quant.config import QuantConfig, QuantSettings, default_recipe
 from trt_dm.quant.fakequant import FakeQuant
+from trt_dm.quant.search import FormatMix, FormatSearch
+from trt_dm.quant.search import search_formats as _search_formats
 from trt_dm.quant.sensitivity import block_sensitivity, layer_sensitivity
 from trt_dm.runtime.open import Denoiser, PathsLike
 from trt_dm.runtime.open import open_denoiser as runtime_open
@@ -51,6 +53,15 @@ def calibrate(loaded: LoadedModel, quant: QuantSettings, *, progress: bool = Tru
     """Statistics (cached per model, schedule and calibration set) -> ranges of ``quant.recipe``: a
     ``trt_dm.quant.calibrate.CalibrationResult`` whose ``ranges`` is a ``RangeSet``."""
     return calibrate_settings(loaded, quant, progress=progress)
+
+
+def search_formats(loaded: LoadedModel, quant: QuantSettings, search: FormatSearch, *, progress: bool = True) -> FormatMix:
+    """Each layer's format (int8, FP8 or FP16) under ``search``'s budget, from ``quant``'s W8A8 config, recipe and
+    calibration set: ``trt_dm.quant.search.search_formats``. Deploy or evaluate the mix with its ``qcfg`` in place of
+    ``quant.qcfg`` (``dataclasses.replace(quant, qcfg=mix.qcfg)``)."""
+    q = quant.resolved(loaded)
+    return _search_formats(loaded, q.spec, q.qcfg, q.recipe, search, cache_root=q.cache_root, batch_size=q.batch,
+                           progress=progress)
 
 
 def sensitivity(loaded: LoadedModel, quant: QuantSettings, *, by: str = "blocks", progress: bool = True):

@@ -180,3 +180,57 @@ def test_fp8_engine_standard_qdq_and_fp8_kernels(tiny_cls_pipeline_dir, tmp_path
     with OrtRunner(graph.with_name(f"{name}.fp32.onnx")) as r:
         got = r.infer(feed)["out_sample"]
     assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.999
+
+
+def test_format_mix_engine_int8_and_fp8_layers_in_one_plan(tiny_cls_pipeline_dir, tmp_path, capsys):
+    """A format mix (int8 model with FP8 layers, QuantConfig.fp8_layers) under guidance, one graph for 2 timestep
+    groups: int8 and FLOAT8E4M3FN Q/DQ side by side in standard opset-19 ONNX, the layer comparison in ONNX Runtime
+    passing for both, one TensorRT-RTX plan (FP8 targets) whose report shows Int8 and FP8 convolutions. Then
+    `trt-dm engine --formats auto --budget E` end to end, and its bad input refused before any work."""
+    import onnx
+
+    from trt_dm import api
+    from trt_dm.cli.main import main
+    from trt_dm.export.onnx import check_qdq
+    from trt_dm.quant.calib.timesteps import parse
+    from trt_dm.quant.calib.trajectories import CalibSpec
+    from trt_dm.quant.config import QuantConfig
+    from trt_dm.targets.trt_builder import BuildOptions
+    loaded = api.load(str(tiny_cls_pipeline_dir))
+    spec = CalibSpec(parse("uniform"), n=8, steps=4, labels="all", guidance_scale=2.0)
+    quant = api.QuantSettings(recipe="max@groups=2", spec=spec, qcfg=QuantConfig(fp8_layers=("down_blocks.0.*",)),
+                              cache_root=tmp_path / "cc", batch=4)
+    made = api.deploy(loaded, quant, target="tensorrt", out_dir=tmp_path / "e", progress=lambda _: None,
+                      show_progress=False, build=True, baseline=False, options={"one_graph": True},
+                      build_options=BuildOptions(max_batch=4, opt_batch=2, opt_level=0))
+    (graph,) = made.graphs
+    assert "-mix" in graph.onnx.name and graph.report.layer_comparison_fp32["flip_rate"] < 1e-3
+    model = onnx.load(str(graph.onnx))
+    assert {n.domain for n in model.graph.node} == {""}
+    rep = check_qdq(graph.onnx)
+    assert rep.violations == [] and 0 < rep.fp8 < rep.quantize + rep.dequantize
+    side = load_sidecar(graph.onnx.with_suffix(".plan"))
+    assert side.precision == "int8+fp8" and side.rtx_targets == ["SM89", "SM120"]
+    corr = side.layer_precisions["correlation"]
+    assert corr.get("FP8", 0) > 0 and corr.get("Int8", 0) > 0
+    common = ["--model", str(tiny_cls_pipeline_dir), "--recipe", "max@groups=2", "--timesteps", "uniform",
+              "--classes", "all", "--guidance-scale", "2", "--out-dir", str(tmp_path / "cli"),
+              "--cache-dir", str(tmp_path / "cc2"), "--calib-n", "8", "--calib-steps", "4", "--batch", "4",
+              "--no-progress", "--no-baseline", "--opt-level", "0", "--max-batch", "4", "--opt-batch", "2"]
+    capsys.readouterr()
+    for bad, says in ((["--formats", "auto"], "--formats needs --budget"),
+                      (["--budget", "1e-3"], "--budget is the quality budget of a format search"),
+                      (["--formats", "int8,fp4", "--budget", "1e-3"], "unknown format 'fp4'"),
+                      (["--formats", "auto", "--budget", "1e-3", "--weight-bits", "4"], "searches W8A8 layers"),
+                      (["--formats", "auto", "--budget", "1e-3", "--rtx-targets", "SM86"],
+                       "SM86 have no FP8 (E4M3) kernels")):
+        assert main(["engine", *common, *bad]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1
+    assert main(["export", "--target", "openvino", *common[:-7], "--formats", "auto", "--budget", "1e-3"]) == 2
+    assert "which --target openvino has no kernels for" in capsys.readouterr().err
+    assert not (tmp_path / "cc2").exists() and not (tmp_path / "cli").exists()
+    assert main(["engine", *common, "--formats", "auto", "--budget", "1e-3", "--rtx-targets", "SM89"]) == 0
+    out = capsys.readouterr().out
+    assert "format mix: relative MSE" in out and "layer input precisions" in out
+    assert list((tmp_path / "cli").glob("*.plan"))

@@ -6,7 +6,15 @@ import time
 from pathlib import Path
 
 from trt_dm import api
-from trt_dm.cli.settings import UsageError, build_options, load_model_of, quant_settings, sample_settings
+from trt_dm.cli.settings import (
+    UsageError,
+    build_options,
+    format_search,
+    load_model_of,
+    quant_settings,
+    sample_settings,
+    searched,
+)
 from trt_dm.core.artifacts import ExportReport
 from trt_dm.core.images import save_grid, save_samples
 from trt_dm.core.io import write_json
@@ -17,6 +25,7 @@ from trt_dm.export.job import Exported
 from trt_dm.export.onnx import check_qdq
 from trt_dm.quant.config import DEFAULT_EXCLUDE
 from trt_dm.targets import get_target
+from trt_dm.targets.trt_builder import for_format
 
 
 def cmd_sample(args) -> int:
@@ -51,6 +60,7 @@ def cmd_eval(args) -> int:
     extractor = evaluate.InceptionFeatures(args.inception_weights) if args.inception_weights else None
     quant = quant_settings(args) if args.recipe else None
     loaded = load_model_of(args)
+    quant = searched(args, loaded, quant) if quant is not None else None
     res = api.evaluate(loaded, settings, quant=quant, onnx=args.onnx, openvino=args.openvino,
                        ov_precision=args.ov_precision, ov_streams=args.ov_streams, extractor=extractor, ref=args.ref,
                        ref_limit=args.ref_limit, eps_n=args.eps_n, cache_root=Path(args.cache_dir), device=args.device,
@@ -106,6 +116,7 @@ def cmd_calibrate(args) -> int:
             ex = "excluded" if any(fnmatch.fnmatchcase(r["layer"], p) for p in DEFAULT_EXCLUDE) else ""
             print(f"{r['layer']:48s} {r['type']:8s} {r['rel_mse']:10.3e}  {ex}")
         return 0
+    quant = searched(args, loaded, quant, table=True)
     res = api.calibrate(loaded, quant, progress=not args.no_progress)
     vals = [v for g in res.ranges.groups for v in g.amax.values()]
     print(f"recipe {quant.recipe}: {len(res.ranges)} quantized layers (activation ranges), amax min "
@@ -124,7 +135,13 @@ def cmd_calibrate(args) -> int:
 
 def _deploy(args, build: bool):
     quant = quant_settings(args)
+    if build and getattr(args, "formats", None) and "fp8" in format_search(args).formats:
+        try:  # TensorRT-RTX targets without FP8, refused before the search's work
+            for_format(build_options(args), "fp8")
+        except ValueError as e:
+            raise UsageError(f"{e} (--formats {args.formats} may choose FP8)") from None
     loaded = load_model_of(args)
+    quant = searched(args, loaded, quant)
     if build:
         print(f"model {loaded.name} ({loaded.kind}, {loaded.source}); fingerprint {loaded.fingerprint()[:16]}")
     return api.deploy(loaded, quant, target=args.target, out_dir=Path(args.out_dir), precision=args.precision,

@@ -107,6 +107,15 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="int8", choices=("int8", "fp8"),
                    help="the 8-bit format of weights and activations: int8, or fp8 (E4M3; ranges for s = amax / 448 "
                         "from the same statistics; runs on GPUs with FP8: Ada, Hopper, Blackwell)")
+    p.add_argument("--formats", default=None, metavar="auto|LIST",
+                   help="search each layer's format under --budget: auto (int8, fp8, fp16) or a comma list such as "
+                        "int8,fp16; as many MACs as possible in 8-bit formats, one graph (trt_dm.quant.search)")
+    p.add_argument("--budget", type=float, default=None, metavar="E",
+                   help="--formats: the relative MSE of the (guided) prediction vs FP the mix may reach on 64 "
+                        "held-out calibration samples (the search prints the all-int8 and all-fp8 errors)")
+    p.add_argument("--min-8bit-macs", type=float, default=0.0, metavar="SHARE",
+                   help="--formats: fail (exit 1, saying what the best mix reached) unless at least this share of "
+                        "the convolution and linear MACs is in 8-bit formats, e.g. 0.8")
     p.add_argument("--weight-bits", type=int, default=8, choices=(8, 7, 4),
                    help="4 = W4A8: 4-bit weights (exported on the int8 grid, integers in [-8, 7], for int8 engines); "
                         "7 = W7A8: integers in [-64, 63], for int8 CPU kernels without VNNI (AVX2 only), which "

@@ -11,7 +11,7 @@ import time
 
 from trt_dm import api
 from trt_dm.cli.parser import parse_serve_args
-from trt_dm.cli.settings import UsageError, load_model_of, quant_settings
+from trt_dm.cli.settings import UsageError, load_model_of, quant_settings, searched
 from trt_dm.serve import ray_app
 from trt_dm.serve.engine import Service
 from trt_dm.serve.http import create_app
@@ -25,7 +25,7 @@ def open_service(args, stack, *, replica: str | None = None):
     loaded = load_model_of(args)
     ranges, qcfg, describe, weights = None, None, {}, None
     if args.recipe:
-        quant = quant_settings(args)
+        quant = searched(args, loaded, quant_settings(args))
         res = api.calibrate(loaded, quant, progress=not args.no_progress)
         ranges, qcfg, describe = res.ranges, quant.qcfg, {"recipe": args.recipe, "ranges": str(res.ranges_path)}
         weights = res.weights_path
@@ -76,7 +76,8 @@ def run_ray(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.recipe:  # calibrate once here, so that replicas on this machine find the ranges in the cache
-        api.calibrate(load_model_of(args), quant_settings(args), progress=not args.no_progress)
+        loaded = load_model_of(args)
+        api.calibrate(loaded, searched(args, loaded, quant_settings(args)), progress=not args.no_progress)
     n = (f"{args.replicas}-{args.max_replicas} replicas (autoscaled)" if args.max_replicas else
          f"{args.replicas} replica{'s' * (args.replicas > 1)}")
     with ray_app.running(app, host=args.host, port=args.port, address=args.ray_address, verbose=args.verbose):

@@ -3,6 +3,7 @@ usage errors (exit code 2) for what cannot be turned into them."""
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from trt_dm import api
@@ -11,6 +12,7 @@ from trt_dm.models.text import read_prompts
 from trt_dm.quant.calib.timesteps import parse
 from trt_dm.quant.calib.trajectories import CalibSpec
 from trt_dm.quant.config import DEFAULT_EXCLUDE, QuantConfig, QuantSettings, default_recipe
+from trt_dm.quant.search import FormatSearch
 from trt_dm.sampling import SampleSettings
 from trt_dm.targets.trt_builder import BuildOptions
 
@@ -107,6 +109,15 @@ def quant_settings(args):
                        rounding=args.rounding, recon_iters=args.recon_iters, recon_act_iters=args.recon_act_iters,
                        recon_temb=args.recon_temb, w8_layers=tuple(args.w8_layers or ()),
                        quantize_attention=args.quantize_attention, format=args.format, **keep)
+    search = format_search(args)
+    if search is not None:
+        try:
+            search.check_base(qcfg)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if "fp8" in search.formats and getattr(args, "target", None) in ("ort-cpu", "openvino"):
+            raise UsageError(f"--formats {args.formats} may choose FP8, which --target {args.target} has no kernels "
+                             "for; give --formats int8,fp16 (or --target tensorrt)")
     recipe = args.recipe
     if recipe is None:  # the default for these settings (and target), said when it is not the usual one
         recipe, why = default_recipe(qcfg, spec, getattr(args, "target", None))
@@ -121,3 +132,40 @@ def build_options(args):
     return BuildOptions(min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch,
                         opt_level=args.opt_level, timing_cache=args.timing_cache,
                         rtx_targets=tuple(args.rtx_targets), workspace_mib=args.workspace_mib)
+
+
+
+def format_search(args):
+    """--formats / --budget / --min-8bit-macs as a ``FormatSearch``, or None without --formats."""
+    if getattr(args, "formats", None) is None:
+        if getattr(args, "budget", None) is not None:
+            raise UsageError("--budget is the quality budget of a format search: give --formats auto (or a list)")
+        return None
+    try:
+        return FormatSearch.parse(args.formats, args.budget, args.min_8bit_macs)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def searched(args, loaded, quant, *, table: bool = False):
+    """``quant`` with the searched format mix (--formats) in place of its config, the mix said on stdout (``table``:
+    every layer's row); ``quant`` itself without --formats."""
+    search = format_search(args)
+    if search is None:
+        return quant
+    mix = api.search_formats(loaded, quant, search, progress=not args.no_progress)
+    print_mix(mix, table=table)
+    return replace(quant, qcfg=mix.qcfg)
+
+
+def print_mix(mix, *, table: bool = False) -> None:
+    share, total = mix.macs_share(), sum(r["macs"] for r in mix.layers) + mix.other_macs
+    if table:
+        print(f"{'layer':48s} {'MACs':>6s} {'int8 err':>10s} {'fp8 err':>10s}  format")
+        for r in mix.layers:
+            errs = "".join(f" {r[f]:10.3e}" if f in r else f" {'-':>10s}" for f in ("int8", "fp8"))
+            print(f"{r['layer']:48s} {r['macs'] / total:6.1%}{errs}  {r['format']}")
+    alone = ", ".join(f"all {f} {mix.all_8bit[f]['rel_mse']:.3e}" for f in ("int8", "fp8") if f in mix.all_8bit)
+    print(f"format mix: relative MSE {mix.rel_mse:.3e} (budget {mix.budget:.3g}; {alone}); MACs int8 "
+          f"{share['int8']:.1%}, fp8 {share['fp8']:.1%}, fp16 {share['fp16']:.1%} ({len(mix.qcfg.fp8_layers)} FP8 "
+          f"layers, {sum(r['format'] == 'fp16' for r in mix.layers)} searched layers in FP16) -> {mix.path}")

@@ -84,7 +84,7 @@ class EvalResult:
     ov_precision: str | None = None  # what OpenVINO ran the non-quantized math in (f32 / bf16)
     ranges: str | None = None
     weight_bits: int | None = None
-    format: str | None = None  # the 8-bit format of a quantized run: int8 | fp8
+    format: str | None = None  # the 8-bit formats of a quantized run: int8 | fp8 | int8+fp8 (a mix)
     weight_calib: str | None = None
     rounding: str | None = None  # learned weight rounding (adaround), when not round-to-nearest
     w8_layers: list | None = None  # W4A8 / W7A8: the layers whose weights stay 8-bit (fnmatch patterns)
@@ -199,7 +199,7 @@ def _test_source(loaded: LoadedModel, res: EvalResult, quant: QuantSettings | No
     calib = calibrate_settings(loaded, quant, progress=progress)
     q = quant.qcfg
     res.recipe, res.ranges, res.weight_bits, res.weight_calib = quant.recipe, str(calib.ranges_path), q.weight_bits, q.weight_calib
-    res.format = q.format
+    res.format = q.precision
     res.shortcut_split, res.calibration, res.calib_n = q.shortcut_split, quant.spec.timesteps.describe(), quant.spec.n
     res.rounding = q.rounding if q.rounding != "nearest" else None
     res.w8_layers = list(q.w8_layers) or None

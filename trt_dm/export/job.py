@@ -37,7 +37,7 @@ def recipe_slug(recipe: str) -> str:
 
 def graph_stem(model_name: str, recipe: str, qcfg=None) -> str:
     """File-name stem of a deployment's graphs and engines: '<model>-<recipe slug>', with '-fp8' for FP8 (E4M3),
-    '-w4' for W4A8 ('-w<bits>'),
+    '-mix<hash>' for a format mix (its FP8 layers), '-w4' for W4A8 ('-w<bits>'),
     '-wmse' for MSE-searched weight ranges, '-ada' for learned rounding ('-act' with learned input ranges, '-temb' with
     the time-embedding projections reconstructed on their own), '-w8<hash>' when some layers keep 8-bit weights,
     '-fp<hash>' when other layers than the default stay in FP ('-fp<hash>-t<T>': at the steps t >= T only), so that
@@ -48,6 +48,9 @@ def graph_stem(model_name: str, recipe: str, qcfg=None) -> str:
     if getattr(qcfg, "rounding", "nearest") != "nearest":
         parts.append("-ada" + ("-act" if getattr(qcfg, "recon_act_iters", 0) else "")
                      + ("-temb" if getattr(qcfg, "recon_temb", "block") != "block" else ""))
+    fp8 = getattr(qcfg, "fp8_layers", ())
+    if fp8:  # '-mix<hash>': which layers of an int8 model are FP8
+        parts.append("-mix" + hashlib.sha256("\0".join(fp8).encode()).hexdigest()[:6])
     w8 = getattr(qcfg, "w8_layers", ())
     if w8:  # '-w8<hash>': which layers keep 8-bit weights
         parts.append("-w8" + hashlib.sha256("\0".join(w8).encode()).hexdigest()[:6])

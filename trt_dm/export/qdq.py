@@ -63,7 +63,7 @@ class ExportCheckError(RuntimeError):
 def check_settings(qcfg, recipe, options: dict | None = None) -> None:
     """Raise ValueError, before any work, for what the Q/DQ graph cannot express (``recipe``: a Recipe;
     ``options``: the export job's)."""
-    if qcfg.format == "fp8" and qcfg.quantize_attention:
+    if qcfg.uses_fp8 and qcfg.quantize_attention:
         raise ValueError("--format fp8 with --quantize-attention: the FP8 export of attention matmul quantizers is not "
                          "written (their ONNX form is not checked here); quantize the Conv / Linear layers only")
     if qcfg.shortcut_split:
@@ -237,7 +237,7 @@ def _fp32_graph(job: ExportJob, g: _Graph) -> tuple[Path, list[str], dict | None
     """(the FP32 Q/DQ graph, its violations, its weight codes per layer when the weights are below 8 bits)."""
     with stage(f"export {g.name}: ONNX (fp32 Q/DQ)"):
         fp32 = job.out_dir / f"{g.name}.fp32.onnx"
-        if job.qcfg.format == "fp8":
+        if job.qcfg.uses_fp8:  # an FP8 model or a mix with FP8 layers: standard opset-19 Q/DQ of both formats
             export_fp8(g.qunet, fp32)
         else:
             export_onnx(g.qunet, fp32)
@@ -318,7 +318,7 @@ def _checked_line(job: ExportJob, target: Path, report: ExportReport, compare: b
     """The progress line of a checked graph: its checks, and its int8 codes' flip rates vs torch."""
     fl = report.layer_comparison_fp32
     return (f"  {target} ({report.export_seconds} s): ONNX checker, Q/DQ conformance and per-layer coverage "
-            + (f"OK; {'E4M3' if job.qcfg.format == 'fp8' else 'int8'} codes vs torch fake-quant, layer by layer: "
+            + (f"OK; {dict(fp8='E4M3').get(job.qcfg.precision, job.qcfg.precision)} codes vs torch fake-quant, layer by layer: "
                f"{fl['flip_rate']:.1e} flipped (max diff "
                f"{fl['max_code_diff']}; end to end {fl['flip_rate_e2e']:.1e})"
                + (f", FP16 graph {report.layer_comparison_fp16['flip_rate']:.1e}" if job.precision == "fp16" else "")

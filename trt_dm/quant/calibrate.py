@@ -126,18 +126,19 @@ def calibrate(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, recipe: s
               cache_root: Path = CALIB_CACHE_ROOT, batch_size: int = 64, progress: bool = True) -> CalibrationResult:
     """Ranges for ``recipe`` (a preset name or "<metric>@<merge>"), cached as <stats dir>/<recipe>.json."""
     rec = R.get_recipe(recipe)  # validate before any work
-    rec.metric.check_format(qcfg.format)
+    rec.metric.check_format("fp8" if qcfg.uses_fp8 else "int8")
     stats, directory, reused, timings = collect_stats(loaded, spec, qcfg, cache_root=cache_root,
                                                       batch_size=batch_size, progress=progress)
     t0 = time.perf_counter()
     with stage(f"calibration: ranges ({rec.name})"):
-        ranges = RangeSet.from_dict(R.compute_ranges(stats, rec, fmt=qcfg.format))
+        ranges = RangeSet.from_dict(R.compute_ranges(stats, rec, fmt=qcfg.format_of if qcfg.fp8_layers else qcfg.format))
     seconds_ranges = time.perf_counter() - t0
     path = directory / qcfg.ranges_name(rec.name)
     provenance = {"recipe": rec.name, "recipe_spec": rec.spec, "model": loaded.fingerprint(),
                   "schedule": loaded.schedule_fingerprint(), "model_source": str(loaded.source),
                   "calib": spec.to_dict(), "quant": qcfg.activation_dict(), "stats": str(directory),
-                  **({"format": qcfg.format} if qcfg.format != "int8" else {})}
+                  **({"format": qcfg.precision} if qcfg.uses_fp8 else {}),
+                  **({"fp8_layers": list(qcfg.fp8_layers)} if qcfg.fp8_layers else {})}
     # every caller of this stats dir gets the same activation ranges, whatever its weight settings: the file records
     # only what decides them (a W4A8 run rewriting it must not make it read as a W4A8 calibration)
     R.save_ranges(path, ranges.to_dict(), provenance)

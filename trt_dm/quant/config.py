@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -88,11 +89,17 @@ class QuantConfig:
     noisy_fp: tuple[str, ...] = ()
     fp_from_t: int | None = None
     format: str = "int8"  # FORMATS
+    # A mix of formats in one graph (``trt_dm.quant.search``, ``--formats``): fnmatch patterns on module names of the
+    # layers quantized to FP8 (E4M3) in an int8 model; the others stay int8, the excluded ones FP
+    fp8_layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
-        if self.format == "fp8" and (self.weight_bits != 8 or self.rounding != "nearest"):
+        if self.fp8_layers and (self.format != "int8" or self.quantize_attention):
+            raise ValueError("fp8_layers names the FP8 layers of an int8 model (a format mix): it needs format int8 "
+                             "and no --quantize-attention")
+        if self.uses_fp8 and (self.weight_bits != 8 or self.rounding != "nearest"):
             raise ValueError("--format fp8 quantizes weights to E4M3 (8 bits, nearest rounding): --weight-bits 4 / 7 "
                              "and --rounding adaround are int8-grid options")
         if bool(self.noisy_fp) != (self.fp_from_t is not None):
@@ -131,6 +138,22 @@ class QuantConfig:
         if self.act_bits != 8:
             raise ValueError(f"act_bits must be 8 (int8 activations), got {self.act_bits}")
 
+    @property
+    def uses_fp8(self) -> bool:
+        """Whether any layer is FP8 (E4M3): the whole model, or some layers of a mix."""
+        return self.format == "fp8" or bool(self.fp8_layers)
+
+    @property
+    def precision(self) -> str:
+        """The 8-bit formats of the graph, as engines and reports name them: "int8", "fp8" or "int8+fp8" (a mix)."""
+        return "int8+fp8" if self.fp8_layers else self.format
+
+    def format_of(self, layer: str) -> str:
+        """The 8-bit format of quantized layer ``layer`` (module name; a split half's range name counts as its
+        layer): FP8 where an ``fp8_layers`` pattern names it, else ``format``."""
+        layer = layer.split("#")[0]
+        return "fp8" if any(fnmatch.fnmatchcase(layer, p) for p in self.fp8_layers) else self.format
+
     def weight_bits_of(self, layer: str) -> int:
         """The weight width of quantized layer ``layer`` (module name): 8 where a ``w8_layers`` pattern names it."""
         return 8 if any(fnmatch.fnmatchcase(layer, p) for p in self.w8_layers) else self.weight_bits
@@ -143,10 +166,13 @@ class QuantConfig:
 
     def ranges_name(self, recipe: str) -> str:
         """The ranges file of ``recipe`` beside the statistics (int8: ``<recipe>.json``, else ``<recipe>.<fmt>.json``)."""
+        if self.fp8_layers:  # a mix: '<recipe>.mix-<hash of its FP8 layers>.json'
+            return f"{recipe}.mix-{hashlib.sha256(chr(0).join(self.fp8_layers).encode()).hexdigest()[:8]}.json"
         return f"{recipe}.json" if self.format == "int8" else f"{recipe}.{self.format}.json"
 
     def to_dict(self) -> dict:
         return {**({"format": self.format} if self.format != "int8" else {}),
+                **({"fp8_layers": list(self.fp8_layers)} if self.fp8_layers else {}),
                 "weight_bits": self.weight_bits, "act_bits": self.act_bits, "exclude": list(self.exclude),
                 "shortcut_split": self.shortcut_split, "quantize_attention": self.quantize_attention,
                 "weight_calib": self.weight_calib, "rounding": self.rounding,

@@ -94,6 +94,8 @@ def quantize_model(unet: nn.Module, qcfg: QuantConfig = QuantConfig()) -> nn.Mod
     # later entries override earlier ones: the layers kept at 8-bit weights in a W4A8 / W7A8 model
     quant_cfg += [{"quantizer_name": f"{p}.weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}}
                   for p in qcfg.w8_layers]
+    quant_cfg += [{"quantizer_name": f"{p}.{q}_quantizer", "cfg": {"num_bits": (4, 3), "axis": 0 if q == "weight" else None}}
+                  for p in qcfg.fp8_layers for q in ("weight", "input")]  # a format mix: its FP8 layers
     if qcfg.quantize_attention:
         quant_cfg += [{"quantizer_name": f"*{m}_bmm_quantizer", "cfg": {"num_bits": bits or qcfg.act_bits, "axis": None}}
                       for m in "qkv"]

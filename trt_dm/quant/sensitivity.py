@@ -92,7 +92,7 @@ def layer_macs(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: di
 
 
 
-class _LeaveOut:
+class LeaveOut:
     """The quantized model's prediction error with some quantizers turned off, on a held-out calibration set: the
     prediction the sampler uses (guided under CFG), each row with its timestep group's ranges."""
 
@@ -179,7 +179,7 @@ def block_sensitivity(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, r
     qunet = fake_quant_unet(loaded, qcfg, res.ranges, weights=res.weights_path)
     small = dataclasses.replace(spec, n=min(n, spec.n), seed=spec.seed + 1)  # held-out trajectories
     calib, guidance = fp_calibration_set(loaded, small, batch_size=batch_size, progress=False)
-    leave = _LeaveOut(loaded, qunet, res.ranges, calib, guidance, qcfg, batch_size)
+    leave = LeaveOut(loaded, qunet, res.ranges, calib, guidance, qcfg, batch_size)
     quantizers, weight_qs = _quantizers_by_block(qunet)
     layers = quantized_layers(qunet)
 

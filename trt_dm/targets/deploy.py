@@ -69,7 +69,7 @@ def _deploy(loaded: LoadedModel, quant: QuantSettings, *, target: str = "tensorr
     tgt.check(quant.qcfg, get_recipe(quant.recipe), options)
     if build and build_options is not None:  # bad profiles; FP8 to targets without it: refused before any work
         build_options.validate()
-        build_options = for_format(build_options, quant.qcfg.format)
+        build_options = for_format(build_options, "fp8" if quant.qcfg.uses_fp8 else "int8")
     guidance = loaded.guidance(quant.spec.guidance_scale, quant.spec.guidance_rescale,  # refuse before any work
                                negative_prompt=quant.spec.negative_prompt, interval=quant.spec.guidance_interval)
     if not loaded.text_conditioned:  # (prompts are encoded once, by the calibration itself)

@@ -215,8 +215,8 @@ class OpenVinoTarget(Target):
 
     def check(self, qcfg, recipe, options: dict | None = None) -> None:
         """What the Q/DQ graph cannot express (``trt_dm.export.qdq.check_settings``), and OpenVINO missing."""
-        if qcfg.format != "int8":
-            raise ValueError(f"--format {qcfg.format}: the openvino target runs int8 Q/DQ on the CPU, which has no FP8 "
+        if qcfg.uses_fp8:
+            raise ValueError(f"--format {qcfg.precision}: the openvino target runs int8 Q/DQ on the CPU, which has no FP8 "
                              "kernels; FP8 engines come from --target tensorrt (GPUs with FP8: SM89 and newer)")
         check_settings(qcfg, recipe, options)
         try:

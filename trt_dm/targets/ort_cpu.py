@@ -27,8 +27,8 @@ class OrtCpuTarget(Target):
 
     def check(self, qcfg, recipe, options: dict | None = None) -> None:
         """What ONNX Runtime's int8 layout cannot express: W8A8 on Conv/Linear inputs, one range set, one graph."""
-        if qcfg.format != "int8":
-            raise ValueError(f"--format {qcfg.format}: the ort-cpu target writes ONNX Runtime's int8 layout, which has no "
+        if qcfg.uses_fp8:
+            raise ValueError(f"--format {qcfg.precision}: the ort-cpu target writes ONNX Runtime's int8 layout, which has no "
                              "FP8 form; FP8 engines come from --target tensorrt (GPUs with FP8: SM89 and newer)")
         if qcfg.weight_bits != 8 or qcfg.shortcut_split or qcfg.quantize_attention:
             raise ValueError("the ort-cpu target supports W8A8 on Conv/Linear inputs only (no --weight-bits 4, "

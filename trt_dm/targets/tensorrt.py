@@ -63,7 +63,7 @@ class TensorRTTarget(Target):
             with stage(f"build {plan.name}"):
                 side = build_engine(m.onnx, plan, options or BuildOptions(), flavour=flavour, recipe=r.recipe,
                                     calibration=r.calibration,
-                                    precision=(r.quant or {}).get("format", "int8") if r.int8 else "fp16",
+                                    precision=_precision(r.quant or {}) if r.int8 else "fp16",
                                     signature=Signature.from_dict(r.signature) if r.signature else None, extra=extra)
             prec = ", ".join(f"{t} {dict(c)}" for t, c in side.layer_precisions.items()) or "not reported"
             progress(f"  {plan} ({side.plan_bytes / 1e6:.1f} MB, {side.flavour} {side.trt_version}, "
@@ -74,6 +74,11 @@ class TensorRTTarget(Target):
     def usage(self, paths: list[Path]) -> str:
         """One line telling the user how to run what was produced."""
         return f"sample with: trt-dm sample --engine {' '.join(str(p) for p in paths)} (needs a GPU)"
+
+
+def _precision(quant: dict) -> str:
+    """A quantized graph's 8-bit formats from its report's quantization config: int8, fp8 or int8+fp8 (a mix)."""
+    return "int8+fp8" if quant.get("fp8_layers") else quant.get("format", "int8")
 
 
 TARGET = TensorRTTarget()

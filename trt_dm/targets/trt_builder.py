@@ -197,9 +197,9 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, opt
             raise EngineError(f"could not parse {onnx_path} as an ONNX model ({type(e).__name__}: {e})") from None
     wanted = profile_shapes(signature, options)
     trt, fl = trt_module(flavour)
-    if precision == "fp8" and fl.compute_targets:
+    if "fp8" in precision and fl.compute_targets:  # "fp8", or "int8+fp8" (a format mix)
         options = for_format(options, "fp8")
-    elif precision == "fp8" and (cc := _gpu().get("compute_capability")) and tuple(map(int, str(cc).split("."))) < FP8_MIN_CC:
+    elif "fp8" in precision and (cc := _gpu().get("compute_capability")) and tuple(map(int, str(cc).split("."))) < FP8_MIN_CC:
         raise EngineError(f"{onnx_path} is an FP8 graph; this GPU (compute capability {cc}) has no FP8 kernels: "
                           "FP8 engines need compute capability 8.9 or newer (Ada, Hopper, Blackwell)")
     logger = _Logger.make(trt, verbose)

@@ -46,7 +46,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -454,12 +454,12 @@ def get_recipe(spec: str | Recipe) -> Recipe:
 
 
 def compute_ranges(stats: CalibStats, recipe: str | Recipe, *, counts: Mapping[int, float] | None = None,
-                   sampler_timesteps: Sequence[int] | None = None, fmt: str = "int8") -> Ranges:
-    """{quantizer name: amax (float) or, for groups=K, K dicts {t_max, t_min, amax}}.
+                   sampler_timesteps: Sequence[int] | None = None, fmt: str | Callable = "int8") -> Ranges:
+    """{quantizer name: amax (float) or, for groups=K, K dicts {t_max, t_min, amax}}; ``fmt``: a format, name -> format.
 
     ``sampler_timesteps`` defaults to ``stats.sampler_timesteps``, then to the timesteps observed.
     """
-    recipe = get_recipe(recipe)
+    recipe, fmt_of = get_recipe(recipe), (fmt if callable(fmt) else lambda _name: fmt)
     if sampler_timesteps is None:
         sampler_timesteps = stats.sampler_timesteps
     out: Ranges = {}
@@ -468,7 +468,7 @@ def compute_ranges(stats: CalibStats, recipe: str | Recipe, *, counts: Mapping[i
         if all(h.absmax == 0 for h in hists.values()):
             log.warning("quantizer %r saw only zeros; amax set to ZERO_AMAX=%s", name, ZERO_AMAX)
         try:
-            out[name] = merge_ranges(hists, recipe.metric, recipe.merge, counts, sampler_timesteps, fmt)
+            out[name] = merge_ranges(hists, recipe.metric, recipe.merge, counts, sampler_timesteps, fmt_of(name))
         except ValueError as e:
             raise ValueError(f"quantizer {name!r}, recipe {recipe.name} ({recipe.spec}): {e}") from e
     log.info("recipe %s (%s): ranges of %d quantizers", recipe.name, recipe.spec, len(out))
