@@ -2,10 +2,12 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from trt_dm.models.loading import load_model
 from trt_dm.quant.calib.fp8 import is_fp8
+from trt_dm.quant.calib.stats import CalibStats
 from trt_dm.quant.calib.timesteps import TimestepSpec
 from trt_dm.quant.calib.trajectories import CalibSpec
 from trt_dm.quant.calibrate import calibrate, fp_calibration_set
@@ -62,9 +64,15 @@ def test_search_meets_the_budget_and_the_deployed_mix_measures_what_the_search_d
     assert doc["rel_mse"] == mix.rel_mse and doc["quant"] == mix.qcfg.to_dict()
     again = search_formats(loaded, SPEC, QuantConfig(), RECIPE, tight, **kw)
     assert again.qcfg == mix.qcfg and again.rel_mse == mix.rel_mse and again.path == mix.path
-    # the deployed mix: its own calibration, the same held-out batch, the same error
+    # the deployed mix: its layers' statistics taken from the search's collection (FP activations: the same), the
+    # same held-out batch, the same error
     res = calibrate(loaded, SPEC, mix.qcfg, RECIPE, **kw)
-    assert not res.stats_reused  # other layers quantized: statistics of their own
+    assert res.stats_reused and res.stats_dir != loose.path.parent
+    full = CalibStats.load(loose.path.parent)
+    sub = CalibStats.load(res.stats_dir)
+    assert sub.meta["subset_of"] == loose.path.parent.name and set(sub.names) < set(full.names)
+    assert all(np.array_equal(h.counts, full.hists[k].counts) and h.range == full.hists[k].range
+               for k, h in sub.hists.items())
     calib, guidance = fp_calibration_set(loaded, dataclasses.replace(SPEC, seed=SPEC.seed + 1), batch_size=4,
                                          progress=False)
     leave = LeaveOut(loaded, fake_quant_unet(loaded, mix.qcfg, res.ranges), res.ranges, calib, guidance, mix.qcfg, 4)

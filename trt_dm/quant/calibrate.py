@@ -86,14 +86,16 @@ def collect_stats(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, *, ca
                                     "layers; delete the folder to recollect")
         log.info("reusing calibration statistics %s", directory)
         return stats, directory, True, {}
+    meta = {"calib": json.dumps(spec.to_dict(), sort_keys=True), "model": loaded.fingerprint(),
+            "schedule": loaded.schedule_fingerprint(), "quant": json.dumps(qcfg.activation_dict())}
+    stats = _subset_of_cached(directory, layers, bins, meta)
+    if stats is not None:
+        return stats, directory, True, {}
     t0 = time.perf_counter()
     with stage("calibration: FP trajectories"):
         calib, guidance = fp_calibration_set(loaded, spec, batch_size=batch_size, progress=progress)
     t1 = time.perf_counter()
-    stats = CalibStats(bins, sampler_timesteps=schedule.timesteps(spec.steps),
-                       meta={"calib": json.dumps(spec.to_dict(), sort_keys=True), "model": loaded.fingerprint(),
-                             "schedule": loaded.schedule_fingerprint(),
-                             "quant": json.dumps(qcfg.activation_dict())})
+    stats = CalibStats(bins, sampler_timesteps=schedule.timesteps(spec.steps), meta=meta)
     current_t: list[torch.Tensor] = []
     from tqdm.auto import tqdm
     splits = concat_splits(qunet) if qcfg.shortcut_split else None
@@ -108,6 +110,30 @@ def collect_stats(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, *, ca
     stats.save(directory)
     timings = {"seconds_trajectories": t1 - t0, "seconds_statistics": t2 - t1, "unet_calls": calib.unet_calls}
     return stats, directory, False, timings
+
+
+def _subset_of_cached(directory: Path, layers: list[str], bins: int, meta: dict) -> CalibStats | None:
+    """The statistics of ``layers`` taken from a cached collection of the same calibration set over more layers
+    (another config that quantizes more of them, e.g. a format mix's FP16 layers not excluded), saved as
+    ``directory``; None when there is none. The statistics are of FP activations, so a layer's are the same
+    whichever other layers are quantized: the subset is what a collection of its own would give, bit for bit."""
+    for manifest in sorted(directory.parent.glob("*/stats.json")):
+        try:
+            m = json.loads(manifest.read_text())
+            same = m["bins"] == bins and all(m["meta"].get(k) == meta[k] for k in ("calib", "model", "schedule"))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not same or not set(layers) <= set(m["names"]) or manifest.parent == directory:
+            continue
+        full = CalibStats.load(manifest.parent)  # verified; raises CalibCacheError when damaged
+        stats = CalibStats(bins, sampler_timesteps=full.sampler_timesteps,
+                           meta={**meta, "subset_of": manifest.parent.name})
+        stats.hists = {k: h for k, h in full.hists.items() if k[0] in layers}
+        stats.counts = dict(full.counts)
+        stats.save(directory)
+        log.info("calibration statistics of %d layers taken from %s", len(layers), manifest.parent)
+        return stats
+    return None
 
 
 def fp_calibration_set(loaded: LoadedModel, spec: CalibSpec, *, batch_size: int = 64, progress: bool = True
