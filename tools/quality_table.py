@@ -131,7 +131,23 @@ COND2_ROWS: list[tuple[str, str, list[str]]] = [
      "(t <= 300): the best recipe measured on the first model",
      [*_COND, "--recipe", "ptq4dm-g4", "--guidance-scale", "3", "--keep-fp", "down_blocks.0.*", "up_blocks.2.*"]),
 ]
-ALL_ROWS = ROWS + COND_ROWS + COND2_ROWS
+# FP8 and the per-layer format search (issue #36): the whole model in E4M3, and the searched int8 / FP8 / FP16 mix
+# (--formats auto: as many MACs in 8-bit formats as the budget allows, at least 80 %; docs/fp8.md)
+_MIX = ["--recipe", "ptq4dm-g4", "--formats", "auto", "--budget", "1.5e-3", "--min-8bit-macs", "0.8"]
+FP8_ROWS: list[tuple[str, str, list[str]]] = [
+    ("cond2-mix-w3", "default-cond, searched int8 / FP8 / FP16 mix (budget 1.5e-3, >= 80 % of the MACs in 8-bit), "
+     "guidance 3 (t <= 300)", [*_COND, *_MIX, "--guidance-scale", "3"]),
+    ("cond2-fp8-w3", "default-cond FP8 (E4M3) W8A8 ptq4dm-g4, guidance 3 (t <= 300)",
+     [*_COND, "--recipe", "ptq4dm-g4", "--format", "fp8", "--guidance-scale", "3"]),
+    ("cond2-mix-w1", "default-cond, searched mix (the same budget, searched at guidance 1), guidance 1",
+     [*_COND, *_MIX]),
+    ("cond2-fp8-w1", "default-cond FP8 (E4M3) W8A8 ptq4dm-g4, guidance 1",
+     [*_COND, "--recipe", "ptq4dm-g4", "--format", "fp8"]),
+    ("fp8-ndtc-g4", "FP8 (E4M3) W8A8 ptq4dm-g4 (mse on the E4M3 grid)", ["--recipe", "ptq4dm-g4", "--format", "fp8"]),
+    ("ddpm250-fp8-ndtc-g4", "FP8 (E4M3) W8A8 ptq4dm-g4, DDPM 250 steps",
+     ["--recipe", "ptq4dm-g4", "--format", "fp8", "--sampler", "ddpm", "--steps", "250"]),
+]
+ALL_ROWS = ROWS + COND_ROWS + COND2_ROWS + FP8_ROWS
 
 # Removed after their screens (256 images, `screen` below), being below the default recipe's 38.95 dB there:
 # W8A8 uniform + percentile (36.2 dB) and W8A8 ptq4dm + learned rounding (30.1 dB; ptq4dm alone 31.1 dB).
@@ -249,6 +265,14 @@ SCREEN: list[tuple[str, str, list[str]]] = [
     ("fp8-ptq4dm", "FP8 (E4M3) W8A8, ptq4dm: mse:2.4@pooled on the E4M3 grid, one range set",
      ["--recipe", "ptq4dm", "--format", "fp8"]),
     ("fp8-max", "FP8 (E4M3) W8A8, max@pooled: one abs-max range set", ["--recipe", "max", "--format", "fp8"]),
+    ("cond2-g4-w3", "default-cond (retrained), guidance 3: W8A8 ptq4dm-g4, every layer int8",
+     [*_COND, "--recipe", "ptq4dm-g4", "--guidance-scale", "3"]),
+    ("cond2-mix10-w3", "default-cond, guidance 3: searched mix, budget 1e-3 (76.8 % of the MACs in 8-bit)",
+     [*_COND, "--recipe", "ptq4dm-g4", "--formats", "auto", "--budget", "1e-3", "--guidance-scale", "3"]),
+    ("cond2-mix15-w3", "default-cond, guidance 3: searched mix, budget 1.5e-3 (87.0 % of the MACs in 8-bit)",
+     [*_COND, "--recipe", "ptq4dm-g4", "--formats", "auto", "--budget", "1.5e-3", "--guidance-scale", "3"]),
+    ("cond2-fp8-w3", "default-cond, guidance 3: FP8 (E4M3) W8A8 ptq4dm-g4",
+     [*_COND, "--recipe", "ptq4dm-g4", "--format", "fp8", "--guidance-scale", "3"]),
     ("ndtc-0.4-0.4", "ndtc mu=0.4 sigma=0.4 (PTQ4DM's published script)",
      ["--recipe", "ptq4dm", "--timesteps", "ndtc:0.4,0.4"]),
     ("ex-d0r0c1", "also keep down_blocks.0.resnets.0.conv1 in FP (most sensitive quantized layer)",
