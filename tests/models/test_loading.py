@@ -179,8 +179,8 @@ def test_error_pipeline_unet_without_config(tmp_path):
 def test_error_unsupported_class(tiny_unet_dir, tmp_path):
     d = _copy(tiny_unet_dir, tmp_path)
     _edit_config(d, _class_name="AutoencoderKL")
-    with pytest.raises(ModelLoadError, match=r"'AutoencoderKL', not a supported UNet; supported: "
-                                             r"UNet2DModel, UNet2DConditionModel"):
+    with pytest.raises(ModelLoadError, match=r"'AutoencoderKL', not a supported denoiser; supported: "
+                                             r"UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel"):
         load_model(d)
 
 

@@ -145,7 +145,8 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize-attention", action="store_true", help="also quantize the attention matmul inputs")
     p.add_argument("--exclude", nargs="*", default=None,
                    help="layer name patterns kept in high precision, replacing the defaults "
-                        "(trt_dm.quant.DEFAULT_EXCLUDE: time_embedding.* conv_in conv_out)")
+                        "(trt_dm.quant.DEFAULT_EXCLUDE: UNets time_embedding.* conv_in conv_out; DiTs *.emb.* "
+                        "pos_embed.proj proj_out_2)")
     p.add_argument("--keep-fp", nargs="+", default=(), metavar="PATTERN",
                    help="more layer name patterns kept in high precision, added to --exclude (or its defaults), "
                         "e.g. 'down_blocks.0.*' 'up_blocks.2.*'; `calibrate --sensitivity blocks` ranks the blocks")

@@ -146,17 +146,20 @@ class Signature:
 
     @classmethod
     def from_unet(cls, unet) -> Signature:
-        """From a diffusers UNet2DModel / UNet2DConditionModel (or a fake-quant copy: same config)."""
-        return cls.from_config(type(unet).__name__, dict(unet.config))
+        """From a loaded denoiser (its class, or ``trt_dm_kind`` of the transformer subclasses) or a fake-quant copy."""
+        return cls.from_config(getattr(unet, "trt_dm_kind", type(unet).__name__), dict(unet.config))
 
     @classmethod
     def from_config(cls, kind: str, c: Mapping[str, Any]) -> Signature:
-        """From the class name and config.json of a UNet (see the module docstring for the conventions)."""
+        """From the class name and config.json of a UNet or DiT (see the module docstring for the conventions)."""
         size = c.get("sample_size")
         hw: tuple[Dim, ...] = (("height", "width") if size is None else (size, size) if isinstance(size, int)
                                else tuple(size))
         specs = [TensorSpec("sample", torch.float32, ("batch", c["in_channels"], *hw)),
                  TensorSpec("timestep", torch.int64, ("batch",))]
+        if kind == "DiTTransformer2DModel":  # adaLN class labels; the table's last row is the null label
+            n = int(c["num_embeds_ada_norm"]) + 1
+            return cls((*specs, TensorSpec("class_labels", torch.int64, ("batch",), True, n)))
         if kind == "UNet2DConditionModel":
             dim = c["cross_attention_dim"]
             dim = dim[0] if isinstance(dim, (list, tuple)) else dim

@@ -8,7 +8,7 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
 from trt_dm.models.loading import TINY_UNET2D_CONDITION_CONFIG, TINY_UNET2D_CONFIG, ModelLoadError, load_model
@@ -30,6 +30,17 @@ def tiny_unet2d(seed: int = 0, **overrides: Any) -> UNet2DModel:
 def tiny_unet2d_condition(seed: int = 0, **overrides: Any) -> UNet2DConditionModel:
     """A tiny random UNet2DConditionModel (8 px, 1 channel, cross_attention_dim 16), deterministic for `seed`."""
     return _tiny(UNet2DConditionModel, TINY_UNET2D_CONDITION_CONFIG, seed, overrides)
+
+
+# A tiny class-conditional DiT: 8 px, 1 channel, patch 2 (16 tokens), 2 blocks of width 16, learned variance, 10 classes
+TINY_DIT_CONFIG = MappingProxyType(dict(
+    sample_size=8, in_channels=1, out_channels=2, patch_size=2, num_layers=2, num_attention_heads=2,
+    attention_head_dim=8, num_embeds_ada_norm=10, norm_num_groups=1))
+
+
+def tiny_dit(seed: int = 0, **overrides: Any) -> DiTTransformer2DModel:
+    """A tiny random DiTTransformer2DModel (``TINY_DIT_CONFIG``), deterministic for `seed`."""
+    return _tiny(DiTTransformer2DModel, TINY_DIT_CONFIG, seed, overrides)
 
 
 def _byte_chars() -> list[str]:

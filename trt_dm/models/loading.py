@@ -1,4 +1,5 @@
-"""Load diffusers UNets (UNet2DModel, UNet2DConditionModel) and the embedded default model.
+"""Load diffusers denoisers (UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel: ``denoisers.py``) and the
+embedded default models.
 
 `load_model(spec)` accepts "default", a UNet directory in diffusers `save_pretrained` layout, or a
 pipeline directory (unet/ [+ scheduler/]). It reads and validates config.json itself, builds the model
@@ -21,7 +22,6 @@ from types import MappingProxyType
 from typing import Any, Sequence
 
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
 from safetensors.torch import load_file
 from torch import nn
 
@@ -29,11 +29,11 @@ from trt_dm.core.errors import InputError
 from trt_dm.core.guidance import Guidance, check_interval, check_scale, class_labels_for
 from trt_dm.core.schedule import Schedule
 from trt_dm.core.signature import Signature
+from trt_dm.models.denoisers import SUPPORTED_CLASSES, check_config, default_classes
 from trt_dm.models.text import is_text_pipeline, load_text_pipeline
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
 DEFAULT_MODEL_ENV = "TRT_DM_DEFAULT_MODEL"
 
 
@@ -61,11 +61,9 @@ DEFAULT_SCHEDULER_CONFIG = MappingProxyType(dict(
 
 SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 PICKLE_WEIGHTS = "diffusion_pytorch_model.bin"
-_ACCEPTED = (f'"default", a diffusers UNet directory (config.json + {SAFE_WEIGHTS}, or shards listed in '
-             f"{SAFE_WEIGHTS}.index.json), or a pipeline directory with unet/ (and optionally scheduler/)")
-# Config keys that need forward inputs this project does not describe (added_cond_kwargs etc.).
-_UNSUPPORTED_KEYS = ("addition_embed_type", "encoder_hid_dim_type")
-_CLASS_EMBED_TYPES = (None, "timestep", "projection")
+_ACCEPTED = (f'"default", a diffusers UNet or DiT directory (config.json + {SAFE_WEIGHTS}, or shards listed in '
+             f"{SAFE_WEIGHTS}.index.json), or a pipeline directory with unet/ or transformer/ (and optionally "
+             "scheduler/)")
 
 
 class ModelLoadError(ValueError):
@@ -75,7 +73,7 @@ class ModelLoadError(ValueError):
 @dataclass
 class LoadedModel:
     unet: nn.Module
-    kind: str                    # "UNet2DModel" | "UNet2DConditionModel"
+    kind: str                    # "UNet2DModel" | "UNet2DConditionModel" | "DiTTransformer2DModel" (denoisers.py)
     source: Path                 # resolved directory given (pipeline root or UNet dir)
     name: str                    # "default" or the directory's name
     config: dict[str, Any]       # config.json as read
@@ -397,21 +395,6 @@ def _check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tenso
                              + "; ".join(problems) + ". Accepted: the weights save_pretrained wrote for this config")
 
 
-def _check_config(config: dict[str, Any], path: Path) -> str:
-    kind = config.get("_class_name")
-    if kind not in SUPPORTED_CLASSES:
-        raise ModelLoadError(f"{path}: _class_name is {kind!r}, not a supported UNet; supported: "
-                             f"{', '.join(SUPPORTED_CLASSES)}")
-    for key in _UNSUPPORTED_KEYS:
-        if config.get(key) is not None:
-            raise ModelLoadError(f"{path}: {key}={config[key]!r} needs extra forward inputs that trt_dm does "
-                                 f"not describe; supported: {key}=None")
-    if config.get("class_embed_type") not in _CLASS_EMBED_TYPES:
-        raise ModelLoadError(f"{path}: class_embed_type={config['class_embed_type']!r} is not supported; "
-                             f"supported: {_CLASS_EMBED_TYPES}")
-    return kind
-
-
 def load_model(spec: str | os.PathLike, *, allow_pickle: bool = False,
                dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a diffusers UNet (see the module docstring for `spec`); the model is in eval mode."""
@@ -425,17 +408,17 @@ def load_model(spec: str | os.PathLike, *, allow_pickle: bool = False,
         if (root.parent / "scheduler" / "scheduler_config.json").is_file():
             logger.warning("%s is the unet/ of a pipeline; its scheduler is NOT used (the DDPM default is). "
                            "Pass the pipeline directory %s to use it", root, root.parent)
-    elif (root / "unet").is_dir():
-        unet_dir = root / "unet"
+    elif (root / "unet").is_dir() or (root / "transformer").is_dir():
+        unet_dir = root / ("unet" if (root / "unet").is_dir() else "transformer")
         if (root / "scheduler" / "scheduler_config.json").is_file():
             scheduler_json = root / "scheduler" / "scheduler_config.json"
     else:
         raise ModelLoadError(f"{root}: no config.json and no unet/ subfolder; accepted: {_ACCEPTED}")
     config_path = unet_dir / "config.json"
     if not config_path.is_file():
-        raise ModelLoadError(f"{unet_dir}: pipeline unet/ folder has no config.json; accepted: {_ACCEPTED}")
+        raise ModelLoadError(f"{unet_dir}: pipeline {unet_dir.name}/ folder has no config.json; accepted: {_ACCEPTED}")
     config = _read_json(config_path, "model config")
-    kind = _check_config(config, config_path)
+    kind = check_config(config, config_path, ModelLoadError)
 
     files, pickles = _find_weights(unet_dir, allow_pickle)
     state = _read_weights(files, pickles)
@@ -461,6 +444,7 @@ def load_model(spec: str | os.PathLike, *, allow_pickle: bool = False,
     loaded = LoadedModel(unet=unet, kind=kind, source=root, name=name, config=config,
                          scheduler_config=scheduler_config, scheduler_source=scheduler_source,
                          weight_files=tuple(files), weight_names=tuple(unet.state_dict()))
+    loaded.null_class_label, loaded.num_classes = default_classes(kind, config)
     _read_conditioning(loaded, [root, unet_dir])
     if unet_dir != root:
         if is_text_pipeline(root):
@@ -502,7 +486,8 @@ def _read_conditioning(loaded: LoadedModel, dirs: list[Path]) -> None:
         raise ModelLoadError(f"{path}: num_classes {k!r} must be an integer in 1..{n}, below the null label")
     if names is not None and (not isinstance(names, list) or (k is not None and len(names) != k)):
         raise ModelLoadError(f"{path}: class_names must be a list of num_classes names")
-    loaded.null_class_label, loaded.num_classes = null, k
+    loaded.null_class_label = null if null is not None else loaded.null_class_label
+    loaded.num_classes = k if k is not None else loaded.num_classes
     loaded.class_names = tuple(names) if names else None
 
 

@@ -19,8 +19,11 @@ CALIB_CACHE_ROOT = Path("calib_cache")
 
 # Layers left in high precision by default. The time-embedding MLP reads the timestep sinusoid (values
 # in [-1, 1] that encode t: int8 steps of 1/127 blur neighbouring timesteps), and conv_in / conv_out touch
-# the image and the predicted noise directly. To be confirmed by `trt-dm calibrate --sensitivity`.
-DEFAULT_EXCLUDE: tuple[str, ...] = ("time_embedding.*", "conv_in", "conv_out")
+# the image and the predicted noise directly. To be confirmed by `trt-dm calibrate --sensitivity`. The same for a
+# DiT: its adaLN embeddings of timestep and class (``*.emb.*``), the patch embedding and the last projection.
+# Each pattern matches nothing in the other kind of model.
+DEFAULT_EXCLUDE: tuple[str, ...] = ("time_embedding.*", "conv_in", "conv_out", "*.emb.*", "pos_embed.proj",
+                                    "proj_out_2")
 
 
 

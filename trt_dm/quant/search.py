@@ -87,9 +87,9 @@ class FormatSearch:
         """Refuse, before any work, a base config the search cannot start from."""
         if (qcfg.format != "int8" or qcfg.fp8_layers or qcfg.weight_bits != 8 or qcfg.rounding != "nearest"
                 or qcfg.quantize_attention or qcfg.shortcut_split or qcfg.noisy_fp):
-            raise ValueError("--formats searches W8A8 layers with nearest rounding: it cannot be combined with --format "
-                             "fp8, --weight-bits 4 / 7, --rounding adaround, --quantize-attention, --shortcut-split or "
-                             "--keep-fp-from-t")
+            raise ValueError("--formats searches W8A8 layers with nearest rounding: it cannot be combined with "
+                             "--format fp8, --weight-bits 4 / 7, --rounding adaround, --quantize-attention, "
+                             "--shortcut-split or --keep-fp-from-t")
 
 
 @dataclass
@@ -181,7 +181,8 @@ def search_formats(loaded: LoadedModel, spec: CalibSpec, base: QuantConfig, reci
     mix.other_macs = sum(v for n, v in macs.items() if n not in rows)
     macs_8 = 1 - mix.macs_share()["fp16"]
     if mix.rel_mse > search.budget or macs_8 < search.min_8bit_macs - 1e-12:
-        least = f" with at least {search.min_8bit_macs:.1%} of the MACs in 8-bit formats" if search.min_8bit_macs else ""
+        least = (f" with at least {search.min_8bit_macs:.1%} of the MACs in 8-bit formats" if search.min_8bit_macs
+                 else "")
         raise BudgetError(f"the budget cannot be met with --formats {','.join(search.formats)}: relative MSE "
                           f"{search.budget:.3g}{least}; the best mix reached {mix.rel_mse:.3g} with {macs_8:.1%} of "
                           f"the MACs in 8-bit formats (all-"

@@ -1,0 +1,39 @@
+"""DiT (diffusers' DiTTransformer2DModel) as a denoiser: loading from a DiTPipeline-layout directory, its signature
+and class conditioning, the learned-variance half dropped, clear refusals of what is not supported."""
+import json
+
+import pytest
+import torch
+
+from trt_dm.models import builders
+from trt_dm.models.loading import ModelLoadError, load_model
+
+
+def test_a_dit_pipeline_loads_with_its_signature_and_null_label(tiny_dit_pipeline_dir):
+    loaded = load_model(tiny_dit_pipeline_dir)
+    assert loaded.kind == "DiTTransformer2DModel" and loaded.scheduler_source == "dir"
+    sig = loaded.signature
+    assert [s.name for s in sig.inputs] == ["sample", "timestep", "class_labels"]
+    assert sig["class_labels"].num_values == 11 and list(sig.conditioning) == ["class_labels"]
+    assert (loaded.null_class_label, loaded.num_classes, loaded.sample_shape) == (10, 10, (1, 8, 8))
+    # the noise prediction: the first in_channels of DiT's output (the learned variance half dropped), bit for bit
+    ref = builders.tiny_dit(0)
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 50, 99]), torch.tensor([1, 10, 4])
+    with torch.no_grad():
+        want = ref(x, timestep=t, class_labels=y).sample[:, :1]
+        got = loaded.unet(x, t, class_labels=y).sample
+    assert got.shape == (3, 1, 8, 8) and torch.equal(got, want)
+    # guidance: the null label comes from the model's own class embedding, no trt_dm.json needed
+    assert loaded.guidance(3.0).null["class_labels"].tolist() == [10]
+    assert loaded.conditioning_for(4, "all")["class_labels"].tolist() == [0, 1, 2, 3]
+
+
+def test_dit_without_classes_or_with_another_norm_is_refused(tmp_path):
+    for overrides, says in ((dict(norm_type="ada_norm_single", num_embeds_ada_norm=None), "supported: the class-"),
+                            (dict(out_channels=3), "out_channels=3 for in_channels=1")):
+        path = tmp_path / next(iter(overrides))
+        builders.tiny_dit(0).save_pretrained(path, safe_serialization=True)
+        cfg = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**cfg, **overrides}))
+        with pytest.raises(ModelLoadError, match=says):
+            load_model(path)

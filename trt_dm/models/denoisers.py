@@ -1,0 +1,72 @@
+"""The denoiser classes ``load_model`` builds, behind one forward interface: ``denoiser(sample, timestep,
+**conditioning).sample`` is the model's noise prediction, with the inputs ``trt_dm.core.signature`` describes.
+
+diffusers' UNets have that interface already. Transformers get a subclass whose ``forward`` takes the same named
+inputs (so the state dict, module names and config stay diffusers', and the ONNX graph's inputs are the signature's)
+and returns the noise prediction alone:
+
+- ``DiTTransformer2DModel`` (Peebles & Xie 2023; diffusers' ``DiTPipeline``): class-conditional through adaLN-Zero,
+  the class embedding table holding one more row, the null label ``num_embeds_ada_norm`` that classifier-free
+  guidance uses. With a learned variance (``out_channels`` = 2 x ``in_channels``) the variance half is dropped: the
+  DDPM / DDIM samplers here use fixed variances, as diffusers' ``DiTPipeline`` does when it splits the output.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+
+class DiTDenoiser(DiTTransformer2DModel):
+    """A DiT as a denoiser: ``forward(sample, timestep, class_labels)`` -> ``.sample`` = the predicted noise."""
+    trt_dm_kind = "DiTTransformer2DModel"  # the class its config names
+
+    def forward(self, sample, timestep=None, class_labels=None, return_dict: bool = True):
+        out = super().forward(sample, timestep=timestep, class_labels=class_labels).sample
+        eps = out[:, : self.config.in_channels]
+        return Transformer2DModelOutput(sample=eps) if return_dict else (eps,)
+
+
+SUPPORTED_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel,
+                     "DiTTransformer2DModel": DiTDenoiser}
+TRANSFORMERS = ("DiTTransformer2DModel",)
+# UNet config keys that need forward inputs this project does not describe (added_cond_kwargs etc.).
+_UNSUPPORTED_KEYS = ("addition_embed_type", "encoder_hid_dim_type")
+_CLASS_EMBED_TYPES = (None, "timestep", "projection")
+
+
+def check_config(config: dict[str, Any], path: Path, error: type[Exception]) -> str:
+    """The denoiser class named by ``config`` (its ``_class_name``), or ``error`` naming what is not supported."""
+    kind = config.get("_class_name")
+    if kind not in SUPPORTED_CLASSES:
+        raise error(f"{path}: _class_name is {kind!r}, not a supported denoiser; supported: "
+                    f"{', '.join(SUPPORTED_CLASSES)}")
+    if kind == "DiTTransformer2DModel":
+        if config.get("norm_type", "ada_norm_zero") != "ada_norm_zero" or not config.get("num_embeds_ada_norm"):
+            raise error(f"{path}: a DiTTransformer2DModel with norm_type={config.get('norm_type')!r} and "
+                        f"num_embeds_ada_norm={config.get('num_embeds_ada_norm')!r}; supported: the class-conditional "
+                        "DiT (norm_type 'ada_norm_zero', num_embeds_ada_norm = its class count)")
+        out, c = config.get("out_channels") or config.get("in_channels"), config.get("in_channels")
+        if out not in (c, 2 * c):
+            raise error(f"{path}: out_channels={out} for in_channels={c}; supported: in_channels (the noise) or twice "
+                        "that (noise and learned variance)")
+        return kind
+    for key in _UNSUPPORTED_KEYS:
+        if config.get(key) is not None:
+            raise error(f"{path}: {key}={config[key]!r} needs extra forward inputs that trt_dm does "
+                        f"not describe; supported: {key}=None")
+    if config.get("class_embed_type") not in _CLASS_EMBED_TYPES:
+        raise error(f"{path}: class_embed_type={config['class_embed_type']!r} is not supported; "
+                    f"supported: {_CLASS_EMBED_TYPES}")
+    return kind
+
+
+def default_classes(kind: str, config: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(null class label, real class count) a model's own class embedding defines, before its trt_dm.json: DiT's
+    ``num_embeds_ada_norm`` classes and the null label after them; (None, None) for the UNets (their trt_dm.json)."""
+    if kind == "DiTTransformer2DModel":
+        n = int(config["num_embeds_ada_norm"])
+        return n, n
+    return None, None
