@@ -37,3 +37,20 @@ def test_dit_without_classes_or_with_another_norm_is_refused(tmp_path):
         (path / "config.json").write_text(json.dumps({**cfg, **overrides}))
         with pytest.raises(ModelLoadError, match=says):
             load_model(path)
+
+
+def test_dit_block_sensitivity_ranks_its_transformer_blocks(tiny_dit_pipeline_dir, tmp_path):
+    """`calibrate --sensitivity blocks` on a DiT: one row per transformer block (and the final modulation layer,
+    its --keep-fp pattern the layer name itself), under guidance."""
+    from trt_dm import api
+    from trt_dm.quant.calib.timesteps import parse
+    from trt_dm.quant.calib.trajectories import CalibSpec
+    loaded = load_model(tiny_dit_pipeline_dir)
+    spec = CalibSpec(parse("uniform"), n=8, steps=4, labels="all", guidance_scale=2.0)
+    rep = api.sensitivity(loaded, api.QuantSettings(recipe="max@groups=2", spec=spec, cache_root=tmp_path, batch=4),
+                          progress=False)
+    rows = {r["block"]: r for r in rep["blocks"]}
+    assert set(rows) == {"transformer_blocks.0", "transformer_blocks.1", "proj_out_1"}
+    assert rows["transformer_blocks.0"]["layers"] == 7 and rows["transformer_blocks.0"]["pattern"] == "transformer_blocks.0.*"
+    assert rows["proj_out_1"]["pattern"] == "proj_out_1" and rep["guidance_scale"] == 2.0
+    assert rep["together"][-1]["rel_mse"] == 0.0  # everything quantized kept in FP: no error left

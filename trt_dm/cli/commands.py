@@ -103,7 +103,7 @@ def cmd_calibrate(args) -> int:
                 print(f"{r['block']:34s} weights {r['removed_by_weights']:6.1%}   activations "
                       f"{r['removed_by_activations']:6.1%}")
         if rep["together"]:
-            print("keep them in FP with: --keep-fp " + " ".join(f"'{b}.*'" for b in rep["together"][-1]["blocks"]))
+            print("keep them in FP with: --keep-fp " + " ".join(f"'{p}'" for p in rep["together"][-1]["patterns"]))
         return 0
     if args.sensitivity == "layers":
         import fnmatch

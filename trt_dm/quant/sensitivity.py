@@ -57,8 +57,11 @@ def layer_sensitivity(loaded: LoadedModel, spec: CalibSpec, recipe: str, *, cach
 
 def block_of(layer: str) -> str:
     """The block a layer belongs to: ``down_blocks.i.resnets.j`` / ``.attentions.j`` / ``.downsamplers.0`` (and
-    ``up_blocks`` alike), ``mid_block.resnets.j``; other layers (``conv_in``, ``time_embedding``) by their first part."""
+    ``up_blocks`` alike), ``mid_block.resnets.j``, a DiT's ``transformer_blocks.i``; other layers (``conv_in``,
+    ``time_embedding``, ``proj_out_1``) by their first part."""
     parts = layer.split(".")
+    if parts[0] == "transformer_blocks" and len(parts) > 2:  # a DiT's block: transformer_blocks.i
+        return ".".join(parts[:2])
     if parts[0] in ("down_blocks", "up_blocks") and len(parts) > 4:
         return ".".join(parts[:4])
     if parts[0] == "mid_block" and len(parts) > 3:
@@ -191,13 +194,15 @@ def block_sensitivity(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, r
     rows = []
     for block, qs in tqdm(sorted(quantizers.items()), desc="block sensitivity", unit="block", disable=not progress):
         names = [n for n in layers if block_of(n) == block]
-        rows.append({"block": block, "layers": len(names), "macs_share": sum(macs.get(n, 0) for n in names) / total,
+        rows.append({"block": block, "layers": len(names), "pattern": block if names == [block] else block + ".*",
+                     "macs_share": sum(macs.get(n, 0) for n in names) / total,
                      **leave.errors(qs, full["rel_mse"])})
     rows.sort(key=lambda r: -r["removed"])
     together = []  # errors do not add up: the first k blocks of the ranking kept in FP together
     for k in range(2, min(cumulative, len(rows)) + 1):
         top = rows[:k]
-        together.append({"blocks": [r["block"] for r in top], "macs_share": sum(r["macs_share"] for r in top),
+        together.append({"blocks": [r["block"] for r in top], "patterns": [r["pattern"] for r in top],
+                         "macs_share": sum(r["macs_share"] for r in top),
                          **leave.errors([q for r in top for q in quantizers[r["block"]]], full["rel_mse"])})
     # Weights or activations? The error with only one kind quantized, over the model and in each of the first
     # blocks of the ranking (the share of the error removed by that block's weights / activations alone in FP):
