@@ -4,6 +4,7 @@ with the service still serving, health and Prometheus metrics."""
 import base64
 import io
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -156,7 +157,7 @@ def test_api_key_body_limit_and_queue_limit(model):
                                                                                      "content-type": "application/json"})
         assert big.status_code == 413
         r = client.post("/v1/generate", json={"classes": "all", "n": 3, "steps": 1}, headers={"X-API-Key": "s3cret"})
-        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.status_code == 422  # more images than the queue holds: never 429, waiting cannot help
 
 
 def _flaky(fails):
@@ -207,3 +208,74 @@ def test_every_accepted_request_ends_with_images_or_an_error_under_concurrent_lo
     ok = float(metrics.split('trt_dm_requests_total{status="ok"} ')[1].split()[0])
     err = float(metrics.split('trt_dm_requests_total{status="error"} ')[1].split()[0])
     assert ok == codes.count(200) and err == codes.count(500)
+
+
+@pytest.mark.parametrize("raw,field", [
+    (b'{"classes": "all", "seed": 1e400}', "seed"),
+    (b'{"classes": "all", "guidance_scale": NaN}', "guidance_scale"),
+    (b'{"classes": "all", "guidance_scale": Infinity}', "guidance_scale"),
+    (b'{"classes": "all", "eta": -Infinity}', "eta"),
+    (b'{"classes": "all", "n": 1e400}', "n"),
+    (b'{"classes": "all", "guidance_interval": [0, NaN]}', "guidance_interval"),
+    (b'{"class_labels": [1e400]}', "class_labels"),
+    (b'{"classes": "all", "steps": "four"}', "steps"),
+    (b'{"classes": "all", "prompt": {"a": [[[1]]]}}', "prompt"),
+])
+def test_non_finite_and_malformed_numbers_are_422_naming_the_field(model, raw, field):
+    """Python's JSON reader takes NaN, Infinity and 1e400: never a 500, always a 422 naming the field, its body
+    valid JSON with FastAPI's item fields (type, loc, msg)."""
+    client, _ = _client(model)
+    with client:
+        r = client.post("/v1/generate", content=raw, headers={"content-type": "application/json"})
+        metrics = client.get("/metrics").text
+    assert r.status_code == 422, r.text
+    items = r.json()["detail"]
+    assert any(i["loc"][:2] == ["body", field] for i in items) and all({"type", "loc", "msg"} <= set(i) for i in items)
+    assert 'trt_dm_requests_total{status="invalid"} 1.0' in metrics
+
+
+def test_malformed_bodies_are_never_500(model):
+    client, _ = _client(model, max_body=64 * 1024)
+    bodies = [b"[" * 20000 + b"]" * 20000, b'{"classes": "all", "n": \xff\xfe}', b'{"classes": "all"', b"",
+              b'{"class_labels": [' + b"1," * 20000 + b"1]}"]
+    with client:
+        for raw in bodies:
+            r = client.post("/v1/generate", content=raw, headers={"content-type": "application/json"})
+            assert 400 <= r.status_code < 500, (raw[:40], r.status_code, r.text[:200])
+
+
+def test_a_request_that_can_never_be_queued_is_422_and_a_full_queue_429_with_a_measured_retry_after(model):
+    """n > --max-queue can never succeed: 422 naming "n" and the limit, on an idle server too. A request that only
+    has to wait gets 429 with Retry-After from the measured admission rate (images admitted per second)."""
+    client, service = _client(model, max_queue=2)
+    with client:
+        r = client.post("/v1/generate", json={"classes": "all", "n": 3, "steps": 1})
+        assert r.status_code == 422
+        item = r.json()["detail"][0]
+        assert item["loc"] == ["body", "n"] and "at most 2 waiting images" in item["msg"]
+    # a full queue: 2 images in flight (max_rows 2), 2 waiting; one more image waits for admission -> 429
+    slow = _flaky(lambda n: False)
+    sleepy = lambda x, t, **c: (time.sleep(0.02), slow(x, t, **c))[1]  # noqa: E731
+    sleepy.device = slow.device
+    client, service = _client(model, denoiser=sleepy, max_rows=2, max_queue=2)
+    with client:
+        body = {"classes": "all", "n": 2, "steps": 100}
+        workers = [threading.Thread(target=client.post, args=("/v1/generate",), kwargs={"json": body})
+                   for _ in range(2)]
+        deadline = time.monotonic() + 10
+        for w, ready in zip(workers, (lambda: service.scheduler.in_flight == 2, lambda: service.scheduler.queued == 2)):
+            w.start()  # the first fills the batch, then the second waits in the queue
+            while not ready() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert service.scheduler.in_flight == 2 and service.scheduler.queued == 2
+        time.sleep(0.3)  # some ticks: an admission rate to measure (nothing admitted while the batch is full)
+        r = client.post("/v1/generate", json={"classes": "all", "n": 1, "steps": 1})
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1 and "retry in" in r.json()["detail"]
+        for w in workers:
+            w.join()
+        with service.lock:
+            service._admissions.clear()
+            service._admissions.extend([(100.0, 10), (104.0, 30)])  # measured: 5 images admitted per second
+            assert service.retry_after(12) == 3 and service.retry_after(1) == 1 and service.retry_after(10 ** 6) == 600
+            service._admissions.clear()
+            assert service.retry_after(50) == 1  # nothing measured yet

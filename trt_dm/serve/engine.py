@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -28,7 +30,15 @@ log = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
-    """A request the service does not queue: too many images waiting, or the service is stopping (HTTP 429)."""
+    """A request the service does not queue now: too many images waiting (HTTP 429), or it is stopping (503).
+    ``retry_after``: seconds until it would fit, from the measured admission rate (None: the service is stopping)."""
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+ADMISSION_WINDOW_S = 30.0  # the admission rate behind Retry-After is measured over this many recent seconds
 
 
 @dataclass(frozen=True)
@@ -131,6 +141,7 @@ class Service:
         self.ready = False
         self.thread: threading.Thread | None = None
         self._jobs: list[Job] = []
+        self._admissions: deque[tuple[float, int]] = deque()  # (time, images admitted so far) after each tick
 
     @property
     def registry(self):
@@ -194,6 +205,9 @@ class Service:
             self.scheduler.tick()
             now = time.perf_counter()
             with self.lock:
+                self._admissions.append((time.monotonic(), self.scheduler.admitted))
+                while self._admissions and self._admissions[0][0] < time.monotonic() - ADMISSION_WINDOW_S:
+                    self._admissions.popleft()
                 ended = [j for j in self._jobs if j.handle.done]
                 self._jobs = [j for j in self._jobs if not j.handle.done]
                 self.metrics.queue.set(self.scheduler.queued)
@@ -217,18 +231,34 @@ class Service:
                        guidance=guidance if guidance.active else Guidance())
 
     def submit(self, request: Request) -> Job:
-        """Queue ``request``; ``QueueFull`` when the service is stopping or ``max_queue`` images would wait."""
+        """Queue ``request``; ``InputError`` (field ``n``) for one that can never be queued (more images than
+        ``max_queue``), ``QueueFull`` with a Retry-After when the service is stopping or the queue is full now."""
+        if request.n > self.max_queue:
+            why = (f"{request.n} images can never be queued here: the service holds at most {self.max_queue} waiting "
+                   f"images (--max-queue); send at most {self.max_queue} per request")
+            raise InputError(f"n {why}", field="n", request_message=f'"n" {why}')
         with self.lock:
             if not self.running:
                 raise QueueFull("the service is stopping")
             queued = self.scheduler.queued
             if queued + request.n > self.max_queue:
-                raise QueueFull(f"queue full ({queued} images waiting, limit {self.max_queue})")
+                wait = self.retry_after(queued + request.n - self.max_queue)
+                raise QueueFull(f"queue full ({queued} images waiting, limit {self.max_queue}); retry in {wait} s",
+                                wait)
             job = Job(self.scheduler.submit(request))
             self._jobs.append(job)
             self.metrics.queue.set(queued + request.n)
             self.lock.notify_all()
             return job
+
+    def retry_after(self, excess: int) -> int:
+        """Seconds until ``excess`` more waiting images have been admitted, at the admission rate of the last
+        ``ADMISSION_WINDOW_S`` seconds (1 s until a rate has been measured; at most 600 s). Call under the lock."""
+        if len(self._admissions) >= 2:
+            (t0, a0), (t1, a1) = self._admissions[0], self._admissions[-1]
+            if a1 > a0 and t1 > t0:
+                return max(1, min(600, math.ceil(excess / ((a1 - a0) / (t1 - t0)))))
+        return 1
 
     def images(self, job: Job) -> torch.Tensor:
         """The images of a job served: (n, C, H, W) in the model's range (a latent pipeline's VAE decodes here)."""

@@ -10,9 +10,11 @@
                         in-flight images, UNet calls, UNet rows per call, images generated
 
 This module only translates HTTP to calls of the engine (``trt_dm.serve.engine.Service``: the scheduler thread,
-backpressure, warm-up, metrics) and back. Backpressure: at most ``max_queue`` images waiting (then 429 with
-Retry-After); a request that takes longer than ``timeout_s`` is cancelled (504); a client that disconnects has its
-images dropped at the next tick; a runner error fails the requests in that call (500) and the service goes on.
+backpressure, warm-up, metrics) and back. Backpressure: at most ``max_queue`` images waiting (then 429 with a
+Retry-After from the measured admission rate; a request for more images than ``max_queue`` can never be queued:
+422 naming "n"; 503 while stopping); a request that takes longer than ``timeout_s`` is cancelled (504); a client
+that disconnects has its images dropped at the next tick; a runner error fails the requests in that call (500) and
+the service goes on.
 Validation errors are 422 naming the request field and what is accepted (the engine's ``InputError`` carries the
 field and the message in the request's own names); unknown fields are refused. Security defaults: the CLI listens
 on 127.0.0.1 unless told otherwise; an optional API key (``Authorization: Bearer`` or ``X-API-Key``, compared in
@@ -42,6 +44,7 @@ def create_app(service: Service, *, api_key: str | None = None, max_body: int = 
 
     app = FastAPI(title="trt_dm sampler service", lifespan=lifespan(service, warmup))
     app.add_middleware(Guard, api_key=api_key, max_body=max_body, replica=replica)
+    add_validation_errors(app, service)
     add_generate(app, service, request_model(service, max_n=max_n, max_steps=max_steps), timeout_s)
     add_info(app, service, replica)
     return app
@@ -90,6 +93,22 @@ def request_model(service: Service, *, max_n: int, max_steps: int):
             return v
 
     return Generate
+
+
+def add_validation_errors(app, service: Service) -> None:
+    """422 for a body the schema refuses, as FastAPI's items (type, loc, msg) without the offending input: Python's
+    JSON reader accepts NaN, Infinity and 1e400, which FastAPI's default body would echo and then fail to encode
+    (500). Counted as invalid."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request, exc: RequestValidationError):
+        service.count("invalid")
+        items = [{"type": str(e.get("type", "value_error")), "loc": [p if isinstance(p, int) else str(p)
+                                                                      for p in e.get("loc", ())],
+                  "msg": str(e.get("msg", "invalid"))} for e in exc.errors()]
+        return JSONResponse({"detail": items}, status_code=422)
 
 
 def lifespan(service: Service, warmup: bool):
@@ -171,16 +190,25 @@ def add_generate(app, service: Service, Generate, timeout_s: float) -> None:
 
 async def _submit(service: Service, body) -> Job:
     """The body's request prepared (off the event loop: a text model encodes prompts) and submitted; 422 naming
-    the request field for input the model cannot take, 429 (Retry-After) when the queue is full."""
+    the request field for input the model cannot take or a request that can never be queued, 429 (Retry-After) when
+    the queue is full now, 503 while the service stops."""
     generation = Generation(**body.model_dump(exclude={"output"}))
     try:
         request = await asyncio.to_thread(service.prepare, generation)
     except InputError as e:
-        _refuse(service, 422, [{"loc": ["body", e.field], "msg": e.request_message}], "invalid")
+        _refuse(service, 422, _invalid(e), "invalid")
     try:
         return service.submit(request)
+    except InputError as e:  # can never be queued here (more images than the queue holds)
+        _refuse(service, 422, _invalid(e), "invalid")
     except QueueFull as e:
-        _refuse(service, 429, str(e), "rejected", headers={"Retry-After": "1"})
+        _refuse(service, 429 if e.retry_after else 503, str(e), "rejected",
+                headers={"Retry-After": str(e.retry_after or 1)})
+
+
+def _invalid(e: InputError) -> list[dict]:
+    """A 422 body's ``detail`` for an ``InputError``: FastAPI's validation-error items (type, loc, msg)."""
+    return [{"type": "value_error", "loc": ["body", e.field], "msg": e.request_message}]
 
 
 async def _wait(service: Service, job: Job, http, timeout_s: float) -> bool:

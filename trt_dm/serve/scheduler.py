@@ -119,6 +119,7 @@ class StepScheduler:
         self._waiting: deque[tuple[Handle, int]] = deque()  # (request, next image index) not yet admitted
         self._flight: list[_Image] = []
         self.calls = 0
+        self.admitted = 0  # images admitted so far (the service's Retry-After measures its rate)
         self.rows_per_call: deque[int] = deque(maxlen=10_000)  # the latest calls' sizes (bounded: servers run long)
 
     # ---- submission ------------------------------------------------------------------------------------------
@@ -164,6 +165,7 @@ class StepScheduler:
             if used + need > self.max_rows:
                 break
             self._flight.append(_Image(handle, i, self.schedule, self.shape))
+            self.admitted += 1
             used += need
             if i + 1 < handle.request.n:
                 self._waiting[0] = (handle, i + 1)
