@@ -20,6 +20,7 @@ from trt_dm.core.guidance import check_scale  # noqa: E402
 from trt_dm.core.images import to_uint8  # noqa: E402
 from trt_dm.serve.engine import Service  # noqa: E402
 from trt_dm.serve.http import create_app  # noqa: E402
+from trt_dm.serve.scheduler import Request  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -58,27 +59,36 @@ def test_generate_png_and_json_equal_sampled_images(model):
                                                      "guidance_scale": 2.0, "guidance_interval": [0, 30],
                                                      "output": "json"})
         assert interval.status_code == 200 and interval.json()["images"] != r.json()["images"]
+        either = client.post("/v1/generate", json={"n": 3, "steps": 4, "seed": 5, "class_labels": [2, 8],
+                                                   "guidance_scale": 2.0, "guidance_interval": [30, 0],
+                                                   "output": "json"})  # its two timesteps in either order
+        assert either.json()["images"] == interval.json()["images"]
+        whole = client.post("/v1/generate", json={"n": 3.0, "steps": 4, "seed": 5.0, "class_labels": [2.0, 8],
+                                                  "guidance_scale": 2, "output": "json"})  # JSON integers as 3.0
+        assert whole.json()["images"] == r.json()["images"]
         png = client.post("/v1/generate", json={"n": 2, "steps": 2, "classes": "all"})
         assert png.status_code == 200 and png.headers["content-type"] == "image/png"
         models = client.get("/v1/models").json()
         assert models["model"] == model.name and models["null_class_label"] == 10
         metrics = client.get("/metrics").text
-    assert 'trt_dm_requests_total{status="ok"} 3.0' in metrics and "trt_dm_unet_batch_rows_bucket" in metrics
-    assert "trt_dm_images_generated_total 9.0" in metrics  # warm-up image + 3 + 3 + 2
+    assert 'trt_dm_requests_total{status="ok"} 5.0' in metrics and "trt_dm_unet_batch_rows_bucket" in metrics
+    assert "trt_dm_images_generated_total 15.0" in metrics  # warm-up image + 3 + 3 + 3 + 3 + 2
 
 
 @pytest.mark.parametrize("body,field,words", [
     ({"n": 0, "classes": "all"}, "n", ""),
     ({"steps": 5000, "classes": "all"}, "steps", ""),
-    ({"class_labels": [11]}, "class_labels", "class labels [11] are out of range for 'tiny_cls': accepted 0..9"),
+    ({"class_labels": [11]}, "class_labels", "less than or equal to 9"),  # the schema holds the model's range
     ({}, "class_labels", 'give "class_labels" L [L ...] (0..9) or "classes" all'),  # a conditional model needs labels
     ({"classes": "all", "guidance_scale": 0.5}, "guidance_scale", ""),
     ({"classes": "all", "path": "/etc/passwd"}, "path", ""),  # unknown fields are refused
     ({"classes": "all", "class_labels": [1]}, "classes", "give class_labels or classes, not both"),
     ({"classes": "all", "guidance_interval": [0]}, "guidance_interval", ""),
     ({"classes": "all", "guidance_interval": [0, 100]}, "guidance_interval", ""),  # past the schedule's last t
-    ({"classes": "all", "guidance_scale": 2, "guidance_interval": [50, 10]}, "guidance_interval",
-     '"guidance_interval" must be [LO, HI]: two integer timesteps LO HI with 0 <= LO <= HI <= 99'),
+    ({"classes": "all", "n": 1.5}, "n", ""),
+    ({"classes": "all", "n": "2"}, "n", ""),  # JSON types exactly: no "2" for 2, no true for 1
+    ({"classes": "all", "seed": True}, "seed", ""),
+    ({"classes": "all", "seed": 2 ** 53}, "seed", ""),
 ])
 def test_validation_errors_name_the_field(model, body, field, words):
     client, _ = _client(model)
@@ -251,8 +261,13 @@ def test_a_request_that_can_never_be_queued_is_422_and_a_full_queue_429_with_a_m
     with client:
         r = client.post("/v1/generate", json={"classes": "all", "n": 3, "steps": 1})
         assert r.status_code == 422
-        item = r.json()["detail"][0]
-        assert item["loc"] == ["body", "n"] and "at most 2 waiting images" in item["msg"]
+        item = r.json()["detail"][0]  # the schema holds the limit: n <= min(--max-n, --max-queue)
+        assert item["loc"] == ["body", "n"] and "less than or equal to 2" in item["msg"]
+        schema = client.get("/openapi.json").json()["components"]["schemas"]["Generate"]["properties"]["n"]
+        assert schema["maximum"] == 2
+    cond = model.conditioning_for(3, "all")
+    with pytest.raises(InputError, match="can never be queued here: the service holds at most 2 waiting images"):
+        service.submit(Request(n=3, steps=1, conditioning=cond))  # the engine's own check (API users, Ray)
     # a full queue: 2 images in flight (max_rows 2), 2 waiting; one more image waits for admission -> 429
     slow = _flaky(lambda n: False)
     sleepy = lambda x, t, **c: (time.sleep(0.02), slow(x, t, **c))[1]  # noqa: E731

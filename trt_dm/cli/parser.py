@@ -337,11 +337,13 @@ def _serve_command(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-rows", type=int, default=64, help="most rows per UNet call (a guided image takes 2)")
-    p.add_argument("--max-queue", type=int, default=256, help="most images waiting; more: 429 with Retry-After (a request for more images than this: 422)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="most images waiting; more: 429 with Retry-After (a request for more images than this: 422)")
     p.add_argument("--batching", choices=("step", "request", "none"), default="step",
                    help="step: step-level continuous batching; request / none: the serving benchmark's baselines "
                         "(whole requests batched as they arrive; one request at a time)")
     p.add_argument("--max-n", type=int, default=64, help="most images per request")
+    p.add_argument("--max-steps", type=int, default=1000, help="most sampler steps per request (and the schedule's)")
     p.add_argument("--max-body", type=int, default=64 * 1024, help="largest request body in bytes (413 above)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a request is cancelled (504)")
     p.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer / X-API-Key); or set "

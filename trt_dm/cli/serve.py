@@ -37,8 +37,8 @@ def open_service(args, stack, *, replica: str | None = None):
     describe.update(den.describe)
     service = Service(loaded, den, max_rows=args.max_rows, max_queue=args.max_queue, describe=describe,
                       policy=args.batching)
-    app = create_app(service, api_key=api_key, max_body=args.max_body, max_n=args.max_n, timeout_s=args.timeout,
-                     replica=replica)
+    app = create_app(service, api_key=api_key, max_body=args.max_body, max_n=args.max_n, max_steps=args.max_steps,
+                     timeout_s=args.timeout, replica=replica)
     return service, app, api_key
 
 
@@ -126,8 +126,8 @@ def cmd_serve(args) -> int:
         import uvicorn
     except ImportError as e:
         raise UsageError(f"trt-dm serve needs the [serve] extra (pip install 'trt_dm[serve]'): {e}") from None
-    if args.max_rows < 2 or args.max_queue < 1 or args.max_n < 1:
-        raise UsageError("--max-rows must be >= 2, --max-queue and --max-n >= 1")
+    if args.max_rows < 2 or args.max_queue < 1 or args.max_n < 1 or args.max_steps < 1:
+        raise UsageError("--max-rows must be >= 2, --max-queue, --max-n and --max-steps >= 1")
     if args.ray:
         return run_ray(args)
     if args.replicas != 1 or args.max_replicas is not None or args.ray_address is not None:

@@ -8,6 +8,9 @@
     GET  /health/live   the process answers;  GET /health/ready  ready after a warm-up UNet call
     GET  /metrics       Prometheus text: requests by status, latency and queue-time histograms, queue depth,
                         in-flight images, UNet calls, UNet rows per call, images generated
+    GET  /openapi.json  the contract: the body schema of THIS model and service (its class range, prompt or labels,
+                        guidance fields only where it can be guided, the limits), every response with its media type,
+                        body and headers (Retry-After, X-TRT-DM-Replica); Schemathesis checks it in the test suite
 
 This module only translates HTTP to calls of the engine (``trt_dm.serve.engine.Service``: the scheduler thread,
 backpressure, warm-up, metrics) and back. Backpressure: at most ``max_queue`` images waiting (then 429 with a
@@ -45,54 +48,104 @@ def create_app(service: Service, *, api_key: str | None = None, max_body: int = 
     app = FastAPI(title="trt_dm sampler service", lifespan=lifespan(service, warmup))
     app.add_middleware(Guard, api_key=api_key, max_body=max_body, replica=replica)
     add_validation_errors(app, service)
-    add_generate(app, service, request_model(service, max_n=max_n, max_steps=max_steps), timeout_s)
-    add_info(app, service, replica)
+    errors = error_responses(api_key is not None, replica)
+    add_generate(app, service, request_model(service, max_n=max_n, max_steps=max_steps), timeout_s, errors)
+    add_info(app, service, replica, errors)
     return app
 
 
 def request_model(service: Service, *, max_n: int, max_steps: int):
-    """The schema of a POST /v1/generate body for this service: limits from its settings and the model's schedule,
-    guidance 7.5 by default for a text-conditional model (else 1); unknown fields are refused."""
-    from pydantic import BaseModel, ConfigDict, Field, field_validator
+    """The schema of a POST /v1/generate body for this service's model, as strict as what the service accepts (the
+    OpenAPI document is a contract: a body it calls valid is served): limits from the service's settings and the
+    model's schedule; class labels in the model's range, ``class_labels`` or ``classes`` (one of them) for a
+    class-conditional model, ``prompt`` for a text model, guidance fields only where the model can be guided
+    (7.5 by default for a text model, else 1); JSON types exactly (no "4" for 4, no true for 1); unknown fields
+    refused. ``guidance_interval`` takes its two timesteps in either order."""
+    from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator
 
+    # JSON Schema's integer is any number with no fractional part (2.0 too); strict otherwise (no "2", no true)
+    whole = BeforeValidator(lambda v: int(v) if isinstance(v, float) and v.is_integer() else v)
+
+    def Int(lo: int, hi: int):  # noqa: N802 (a type)
+        return Annotated[int, Field(ge=lo, le=hi), whole]
+
+    loaded = service.loaded
     T = service.scheduler.schedule.num_train_timesteps
-    default_scale = 7.5 if service.loaded.text_conditioned else 1.0
+    default_scale = 7.5 if loaded.text_conditioned else 1.0
+    most = max(1, min(max_n, service.max_queue))
+    labels = loaded.class_labels_spec
+    n_labels = None if labels is None else (loaded.num_classes or labels.num_values)
+    try:
+        guidable = loaded.guidance(2.0).active
+    except ValueError:
+        guidable = False
+    fields: dict = {}
+    if n_labels is not None:
+        # optional but never null (absent is the default): the schema says so, and one of the two is required
+        fields["class_labels"] = (list[Int(0, n_labels - 1)],
+                                  Field(None, min_length=1, max_length=most))
+        fields["classes"] = (Literal["all"], None)
+    if loaded.text_conditioned:
+        text = Annotated[str, Field(max_length=2000)]
+        fields["prompt"] = (text | Annotated[list[text], Field(min_length=1, max_length=most)],
+                            Field(..., description="prompt(s), cycled over the images"))
+        fields["negative_prompt"] = (str, Field("", max_length=2000))
+    if guidable:
+        fields["guidance_scale"] = (float, Field(default_scale, ge=1.0, le=50.0))
+        fields["guidance_rescale"] = (float, Field(0.0, ge=0.0, le=1.0))
+        fields["guidance_interval"] = (list[Int(0, T - 1)], Field(
+            None, min_length=2, max_length=2,
+            description="two timesteps, in either order: guidance applies at LO <= t <= HI (default: the model's, "
+                        f"{list(loaded.guidance_interval or (0, T - 1))})"))
+    # one of the two (the service's own check answers 422 naming the field, as for the CLI)
+    one_of = {"oneOf": [{"required": ["class_labels"]}, {"required": ["classes"]}]} if n_labels is not None else {}
 
-    class Generate(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        n: int = Field(1, ge=1, le=max_n)
-        steps: int = Field(50, ge=1, le=min(max_steps, T))
+    class Base(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=one_of)
+        n: Int(1, most) = 1
+        steps: Int(1, min(max_steps, T)) = 50
         sampler: Literal["ddim", "ddpm"] = "ddim"
         eta: float = Field(0.0, ge=0.0, le=1.0)
-        seed: int = Field(0, ge=0, lt=2 ** 63)
-        class_labels: list[int] | None = Field(None, min_length=1, max_length=max_n)
-        classes: Literal["all"] | None = None
-        prompt: str | list[str] | None = Field(None, description="text-to-image pipelines: prompt(s), cycled")
-        negative_prompt: str = Field("", max_length=2000)
-        guidance_scale: float = Field(default_scale, ge=1.0, le=50.0)
-        guidance_rescale: float = Field(0.0, ge=0.0, le=1.0)
-        guidance_interval: list[Annotated[int, Field(ge=0, le=T - 1)]] | None = Field(
-            None, min_length=2, max_length=2,
-            description="[LO, HI]: guidance applies at timesteps LO <= t <= HI (default: the model's, "
-                        f"{list(service.loaded.guidance_interval or (0, T - 1))})")
+        seed: Int(0, SEED_MAX) = 0
         output: Literal["png", "json"] = "png"
 
-        @field_validator("prompt")
+        @field_validator("guidance_interval", check_fields=False)
         @classmethod
-        def prompts(cls, v):
-            items = [v] if isinstance(v, str) else v
-            if items is not None and (not items or len(items) > max_n or any(len(p) > 2000 for p in items)):
-                raise ValueError(f"1..{max_n} prompts of at most 2000 characters each")
-            return v
+        def ordered(cls, v):
+            return sorted(v) if v is not None else v
 
-        @field_validator("guidance_scale", "guidance_rescale", "eta")
+        @field_validator("guidance_scale", "guidance_rescale", "eta", check_fields=False)
         @classmethod
         def finite(cls, v: float) -> float:
             if not math.isfinite(v):
                 raise ValueError("must be a finite number")
             return v
 
-    return Generate
+    return create_model("Generate", __base__=Base, **fields)
+
+
+# JavaScript's largest safe integer: a double holds it and every integer below exactly, so a client comparing as JSON
+# numbers (doubles) and the service comparing integers agree on every seed
+SEED_MAX = 2 ** 53 - 1
+
+
+def error_responses(api_key: bool, replica: str | None) -> dict:
+    """The OpenAPI ``responses`` every route shares: the refusals before a handler (401 with an API key, 411, 413),
+    as ``{"detail": message}``; with ``replica``, the ``X-TRT-DM-Replica`` header on each."""
+    detail = {"application/json": {"schema": {"type": "object", "properties": {"detail": {"type": "string"}},
+                                              "required": ["detail"]}}}
+    out = {411: {"description": "a POST without Content-Length", "content": detail},
+           413: {"description": "a body over the size limit", "content": detail}}
+    if api_key:
+        out[401] = {"description": "a missing or wrong API key (routes under /v1/)", "content": detail}
+    if replica is not None:
+        for r in out.values():
+            r["headers"] = REPLICA_HEADER
+    return out
+
+
+REPLICA_HEADER = {"X-TRT-DM-Replica": {"description": "the Ray Serve replica that answered",
+                                       "schema": {"type": "string"}}}
 
 
 def add_validation_errors(app, service: Service) -> None:
@@ -171,12 +224,44 @@ class Guard:
         return tagged
 
 
-def add_generate(app, service: Service, Generate, timeout_s: float) -> None:
+def _documented(errors: dict, responses: dict) -> dict:
+    """``responses`` with the shared ``errors``; every response with the replica header when ``errors`` has it."""
+    out = {**errors, **responses}
+    headers = next((r["headers"] for r in errors.values() if "headers" in r), None)
+    if headers:
+        for r in out.values():
+            r["headers"] = {**r.get("headers", {}), **headers}
+    return out
+
+
+def _json(schema: dict) -> dict:
+    return {"application/json": {"schema": schema}}
+
+
+_DETAIL = _json({"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]})
+_RETRY = {"Retry-After": {"description": "seconds until the request would be admitted (measured admission rate)",
+                          "schema": {"type": "integer", "minimum": 1}}}
+
+
+def add_generate(app, service: Service, Generate, timeout_s: float, errors: dict) -> None:
     """POST /v1/generate: the body (``Generate``, from ``request_model``) to the engine, its images back."""
     from fastapi import Request as HttpRequest
     from fastapi.responses import Response
 
-    @app.post("/v1/generate")
+    images = {"type": "object", "required": ["seeds", "images"], "properties": {
+        "seeds": {"type": "array", "items": {"type": "integer"}},
+        "images": {"type": "array", "items": {"type": "string", "contentEncoding": "base64"}}}}
+    responses = _documented(errors, {
+        200: {"description": "the images: one PNG grid (output png) or base64 PNGs with their seeds (output json)",
+              "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}, **_json(images)}},
+        400: {"description": "a body that cannot be read as JSON text (e.g. not UTF-8)", "content": _DETAIL},
+        429: {"description": "the queue is full now; retry after Retry-After seconds", "content": _DETAIL,
+              "headers": _RETRY},
+        503: {"description": "the service is stopping", "content": _DETAIL, "headers": _RETRY},
+        504: {"description": "not finished within the service's time limit; cancelled", "content": _DETAIL},
+        500: {"description": "the UNet call failed (the service goes on)", "content": _DETAIL}})
+
+    @app.post("/v1/generate", response_class=Response, responses=responses)
     async def generate(body: Generate, http: HttpRequest):
         job = await _submit(service, body)
         if not await _wait(service, job, http, timeout_s):
@@ -240,12 +325,12 @@ async def _wait(service: Service, job: Job, http, timeout_s: float) -> bool:
 
 def _answer(output: str, seed: int, images):
     """The response of served images: one PNG grid ("png"), or JSON with the seeds and a base64 PNG each."""
-    from fastapi.responses import Response
+    from fastapi.responses import JSONResponse, Response
 
     if output == "png":
         return Response(png(images), media_type="image/png")
-    return {"seeds": [seed + i for i in range(len(images))],
-            "images": [base64.b64encode(png(images[i:i + 1])).decode() for i in range(len(images))]}
+    return JSONResponse({"seeds": [seed + i for i in range(len(images))],
+                         "images": [base64.b64encode(png(images[i:i + 1])).decode() for i in range(len(images))]})
 
 
 def _refuse(service: Service, status: int, detail, label: str, headers=None) -> NoReturn:
@@ -256,25 +341,33 @@ def _refuse(service: Service, status: int, detail, label: str, headers=None) -> 
     raise HTTPException(status_code=status, detail=detail, headers=headers)
 
 
-def add_info(app, service: Service, replica: str | None) -> None:
+def add_info(app, service: Service, replica: str | None, errors: dict) -> None:
     """GET /v1/models, /health/live, /health/ready and /metrics."""
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-    @app.get("/v1/models")
+    plain = {k: v for k, v in errors.items() if k != 401}  # the API key guards /v1/ only
+    status = _json({"type": "object", "properties": {"status": {"type": "string"}}, "required": ["status"]})
+
+    @app.get("/v1/models", responses=_documented(errors, {200: {"description": "what is served",
+                                                                 "content": _json({"type": "object"})}}))
     async def models():
         return service.model_info(replica)
 
-    @app.get("/health/live")
+    @app.get("/health/live", responses=_documented(plain, {200: {"description": "live", "content": status}}))
     async def live():
         return {"status": "live"}
 
-    @app.get("/health/ready")
+    @app.get("/health/ready", responses=_documented(plain, {
+            200: {"description": "ready (after the warm-up call)", "content": status},
+            503: {"description": "not ready yet, or stopping", "content": status}}))
     async def ready():
         if not service.ready:
             return JSONResponse({"status": "not ready"}, status_code=503)
         return {"status": "ready"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=_documented(plain, {
+            200: {"description": "Prometheus text exposition",
+                  "content": {"text/plain": {"schema": {"type": "string"}}}}}))
     async def metrics():
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
         return Response(generate_latest(service.registry), media_type=CONTENT_TYPE_LATEST)
