@@ -91,13 +91,7 @@ def tiny_cls_pipeline_dir(tmp_path_factory) -> Path:
 def tiny_dit_pipeline_dir(tmp_path_factory) -> Path:
     """A DiTPipeline-layout directory in pixel space: the tiny DiT (learned variance, 10 classes, null label 10)
     in transformer/, the tiny scheduler in scheduler/, no VAE."""
-    path = tmp_path_factory.mktemp("tiny_dit") / "tiny_dit"
-    builders.tiny_dit(TINY_SEED).save_pretrained(path / "transformer", safe_serialization=True)
-    DDPMScheduler(**TINY_SCHEDULER_CONFIG).save_pretrained(path / "scheduler")
-    (path / "model_index.json").write_text(json.dumps(
-        {"_class_name": "DiTPipeline", "scheduler": ["diffusers", "DDPMScheduler"],
-         "transformer": ["diffusers", "DiTTransformer2DModel"]}, indent=2))
-    return path
+    return builders.write_tiny_dit_pipeline(tmp_path_factory.mktemp("tiny_dit") / "tiny_dit", TINY_SEED)
 
 
 @pytest.fixture

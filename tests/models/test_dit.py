@@ -54,3 +54,24 @@ def test_dit_block_sensitivity_ranks_its_transformer_blocks(tiny_dit_pipeline_di
     assert rows["transformer_blocks.0"]["layers"] == 7 and rows["transformer_blocks.0"]["pattern"] == "transformer_blocks.0.*"
     assert rows["proj_out_1"]["pattern"] == "proj_out_1" and rep["guidance_scale"] == 2.0
     assert rep["together"][-1]["rel_mse"] == 0.0  # everything quantized kept in FP: no error left
+
+
+def test_a_latent_dit_pipeline_decodes_with_its_vae(tmp_path):
+    """A DiTPipeline with vae/: the DiT denoises 4-channel latents, `trt-dm sample` decodes them to RGB images with
+    the pipeline's VAE (its weights in the data key: another VAE draws other images); a VAE whose latent channels
+    are not the DiT's is refused at load."""
+    from trt_dm import api
+    path = builders.write_tiny_dit_pipeline(tmp_path / "latent", latent=True)
+    loaded = load_model(path)
+    assert loaded.sample_shape == (4, 8, 8) and loaded.vae is not None and loaded.text is None
+    with api.open_denoiser(loaded, device="cpu") as den:
+        images, _ = api.draw(loaded, den, api.SampleSettings(steps=3, n=2, labels=(1, 2), guidance_scale=2.0),
+                             progress=False)
+    assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1
+    pixel = builders.write_tiny_dit_pipeline(tmp_path / "pixel")
+    assert load_model(pixel).data_key() != loaded.data_key()
+    from diffusers import AutoencoderKL
+    cfg = {k: v for k, v in json.loads((path / "vae" / "config.json").read_text()).items() if not k.startswith("_")}
+    AutoencoderKL(**{**cfg, "latent_channels": 3}).save_pretrained(path / "vae", safe_serialization=True)
+    with pytest.raises(ModelLoadError, match="the VAE's 3 latent channels are not the denoiser's 4 input channels"):
+        load_model(path)

@@ -230,5 +230,6 @@ def cmd_info(args) -> int:
                       "parameters": n_params, "fingerprint": loaded.fingerprint(),
                       "schedule_fingerprint": loaded.schedule_fingerprint(),
                       "scheduler_source": loaded.scheduler_source, "signature": loaded.signature.to_dict(),
+                      **({"vae": loaded.vae.describe()} if loaded.vae is not None else {}),
                       **_conditioning_info(loaded)}, indent=2))
     return 0

@@ -43,6 +43,28 @@ def tiny_dit(seed: int = 0, **overrides: Any) -> DiTTransformer2DModel:
     return _tiny(DiTTransformer2DModel, TINY_DIT_CONFIG, seed, overrides)
 
 
+def write_tiny_dit_pipeline(path: str | Path, seed: int = 0, *, latent: bool = False) -> Path:
+    """A DiTPipeline-layout directory (model_index.json, transformer/, scheduler/), deterministic for ``seed``: the
+    tiny DiT in pixel space, or with ``latent`` on 4-channel latents with a tiny 2-level VAE in vae/ (16 px images)."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+    path = Path(path)
+    tiny_dit(seed, **(dict(in_channels=4, out_channels=8) if latent else {})).save_pretrained(
+        path / "transformer", safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=100, beta_start=1e-3, beta_end=0.2, beta_schedule="linear").save_pretrained(
+        path / "scheduler")
+    index = {"_class_name": "DiTPipeline", "scheduler": ["diffusers", "DDPMScheduler"],
+             "transformer": ["diffusers", "DiTTransformer2DModel"]}
+    if latent:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                          up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                          norm_num_groups=4, layers_per_block=1).save_pretrained(path / "vae", safe_serialization=True)
+        index["vae"] = ["diffusers", "AutoencoderKL"]
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path
+
+
 def _byte_chars() -> list[str]:
     """GPT-2 / CLIP byte-to-unicode table: the 256 symbols byte-level BPE vocabularies are made of."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))

@@ -30,7 +30,7 @@ from trt_dm.core.guidance import Guidance, check_interval, check_scale, class_la
 from trt_dm.core.schedule import Schedule
 from trt_dm.core.signature import Signature
 from trt_dm.models.denoisers import SUPPORTED_CLASSES, check_config, default_classes
-from trt_dm.models.text import is_text_pipeline, load_text_pipeline
+from trt_dm.models.text import is_text_pipeline, load_latent_decoder, load_text_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ class LoadedModel:
     class_names: tuple[str, ...] | None = None
     guidance_interval: tuple[int, int] | None = None  # the default timesteps where guidance applies (None: all)
     text: Any = None  # trt_dm.text.TextPipeline of a Stable Diffusion layout pipeline (tokenizer, text encoder, VAE)
+    vae: Any = None   # trt_dm.text.LatentDecoder of a latent pipeline without text (a DiTPipeline's vae/)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -289,11 +290,14 @@ class LoadedModel:
         parts = [self.fingerprint(), self.schedule_fingerprint()]
         if self.text is not None:
             parts += [self.text.fingerprints["text_encoder"], self.text.fingerprints["vae"]]
+        if self.vae is not None:
+            parts.append(self.vae.fingerprint)
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         """What the sampler made -> images: a latent pipeline's VAE decodes its latents; others are images already."""
-        return self.text.decode(samples) if self.text is not None else samples
+        decoder = self.text if self.text is not None else self.vae
+        return decoder.decode(samples) if decoder is not None else samples
 
 
 def _canonical_config(config: dict[str, Any]) -> str:
@@ -454,6 +458,11 @@ def load_model(spec: str | os.PathLike, *, allow_pickle: bool = False,
             if loaded.text.hidden_size != config.get("cross_attention_dim"):
                 raise ModelLoadError(f"{root}: the text encoder's width {loaded.text.hidden_size} is not the UNet's "
                                      f"cross_attention_dim {config.get('cross_attention_dim')}")
+        elif (root / "vae").is_dir():  # a latent pipeline without text (DiTPipeline): its VAE decodes
+            loaded.vae = load_latent_decoder(root)
+            if loaded.vae.vae.config.latent_channels != loaded.sample_shape[0]:
+                raise ModelLoadError(f"{root}: the VAE's {loaded.vae.vae.config.latent_channels} latent channels are "
+                                     f"not the denoiser's {loaded.sample_shape[0]} input channels")
     logger.info("loaded %s %r from %s (%.3fM params, %s, schedule: %s)", kind, name, root,
                 sum(p.numel() for p in unet.parameters()) / 1e6, dtype, scheduler_source)
     return loaded

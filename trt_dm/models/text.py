@@ -133,6 +133,45 @@ class TextPipeline:
                 "vae_sha256": self.fingerprints.get("vae"), "vae_scaling_factor": self.scaling_factor}
 
 
+@dataclass
+class LatentDecoder:
+    """The VAE of a latent pipeline without text (a DiTPipeline's ``vae/``): decodes what the sampler made."""
+    root: Path
+    vae: torch.nn.Module
+    scaling_factor: float
+    fingerprint: str
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch: int = 16) -> torch.Tensor:
+        """Latents (N, C, h, w) -> images (N, 3, H, W) in [-1, 1] (``vae.decode(latents / scaling_factor)``)."""
+        outs = [self.vae.decode(latents[i:i + batch].float() / self.scaling_factor).sample.clamp(-1, 1)
+                for i in range(0, len(latents), batch)]
+        return torch.cat(outs) if outs else latents.new_empty(0, 3, *latents.shape[2:])
+
+    def describe(self) -> dict:
+        return {"vae": str(self.root / "vae"), "vae_sha256": self.fingerprint, "vae_scaling_factor": self.scaling_factor}
+
+
+def load_latent_decoder(root: Path) -> LatentDecoder:
+    """The VAE in ``root / "vae"`` (safetensors, local files only)."""
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as e:  # pragma: no cover (diffusers is a dependency)
+        raise TextPipelineError(f"{root}: a latent pipeline's VAE needs diffusers: {e}") from None
+    files = _safetensors_in(root / "vae", "VAE")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            vae = AutoencoderKL.from_pretrained(str(root / "vae"), local_files_only=True, use_safetensors=True,
+                                                low_cpu_mem_usage=False, torch_dtype=torch.float32)
+    except Exception as e:
+        raise TextPipelineError(f"{root / 'vae'}: cannot load the VAE ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''}); expected a save_pretrained AutoencoderKL "
+                                "directory with config.json and safetensors weights") from None
+    vae.eval().requires_grad_(False)
+    return LatentDecoder(root, vae, float(getattr(vae.config, "scaling_factor", None) or 0.18215),
+                         _sha256_files(files))
+
+
 def is_text_pipeline(root: Path) -> bool:
     return any((root / d).exists() for d in ("text_encoder", "tokenizer")) or _index_names_text(root)
 

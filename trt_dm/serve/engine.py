@@ -274,6 +274,7 @@ class Service:
                 "null_class_label": loaded.null_class_label, "num_classes": loaded.num_classes,
                 "guidance_interval": list(loaded.guidance_interval) if loaded.guidance_interval else None,
                 "text_pipeline": loaded.text.describe() if loaded.text is not None else None,
+                "vae": loaded.vae.describe() if loaded.vae is not None else None,
                 "max_rows": self.scheduler.max_rows, "replica": replica, **self.describe}
 
 

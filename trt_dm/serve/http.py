@@ -88,7 +88,7 @@ def request_model(service: Service, *, max_n: int, max_steps: int):
     if loaded.text_conditioned:
         text = Annotated[str, Field(max_length=2000)]
         fields["prompt"] = (text | Annotated[list[text], Field(min_length=1, max_length=most)],
-                            Field(..., description="prompt(s), cycled over the images"))
+                            Field(None, description="prompt(s), cycled over the images (required)"))
         fields["negative_prompt"] = (str, Field("", max_length=2000))
     if guidable:
         fields["guidance_scale"] = (float, Field(default_scale, ge=1.0, le=50.0))
@@ -97,8 +97,10 @@ def request_model(service: Service, *, max_n: int, max_steps: int):
             None, min_length=2, max_length=2,
             description="two timesteps, in either order: guidance applies at LO <= t <= HI (default: the model's, "
                         f"{list(loaded.guidance_interval or (0, T - 1))})"))
-    # one of the two (the service's own check answers 422 naming the field, as for the CLI)
+    # required in the document; missing, the service's own check answers 422 naming the field (as the CLI does)
     one_of = {"oneOf": [{"required": ["class_labels"]}, {"required": ["classes"]}]} if n_labels is not None else {}
+    if loaded.text_conditioned:
+        one_of = {"required": ["prompt"]}
 
     class Base(BaseModel):
         model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=one_of)
