@@ -230,6 +230,11 @@ def test_format_mix_engine_int8_and_fp8_layers_in_one_plan(tiny_cls_pipeline_dir
     assert main(["export", "--target", "openvino", *common[:-7], "--formats", "auto", "--budget", "1e-3"]) == 2
     assert "which --target openvino has no kernels for" in capsys.readouterr().err
     assert not (tmp_path / "cc2").exists() and not (tmp_path / "cli").exists()
+    # a budget no mix of int8 / FP8 can meet (FP16 not allowed): exit 1, one line saying what the best mix reached
+    assert main(["engine", *common, "--formats", "int8,fp8", "--budget", "1e-9"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "the budget cannot be met with --formats int8,fp8" in err and "the best mix reached" in err
+    assert not (tmp_path / "cli").exists()  # no graph, no plan
     assert main(["engine", *common, "--formats", "auto", "--budget", "1e-3", "--rtx-targets", "SM89"]) == 0
     out = capsys.readouterr().out
     assert "format mix: relative MSE" in out and "layer input precisions" in out
