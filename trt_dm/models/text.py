@@ -89,6 +89,14 @@ def _safetensors_in(d: Path, what: str) -> list[Path]:
     return files
 
 
+@torch.no_grad()
+def decode_latents(vae: torch.nn.Module, scaling_factor: float, latents: torch.Tensor, batch: int = 16) -> torch.Tensor:
+    """Latents (N, C, h, w) -> images (N, 3, H, W) in [-1, 1] (``vae.decode(latents / scaling_factor)``), in batches."""
+    outs = [vae.decode(latents[i:i + batch].float() / scaling_factor).sample.clamp(-1, 1)
+            for i in range(0, len(latents), batch)]
+    return torch.cat(outs) if outs else latents.new_empty(0, 3, *latents.shape[2:])
+
+
 @dataclass
 class TextPipeline:
     """Tokenizer + text encoder + VAE of a Stable Diffusion layout pipeline (all in torch, float32, eval mode)."""
@@ -120,12 +128,8 @@ class TextPipeline:
             out.append(self.text_encoder(ids)[0].float())
         return torch.cat(out)
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch: int = 16) -> torch.Tensor:
-        """Latents (N, C, h, w) -> images (N, 3, H, W) in [-1, 1] (``vae.decode(latents / scaling_factor)``)."""
-        outs = [self.vae.decode(latents[i:i + batch].float() / self.scaling_factor).sample.clamp(-1, 1)
-                for i in range(0, len(latents), batch)]
-        return torch.cat(outs) if outs else latents.new_empty(0, 3, *latents.shape[2:])
+        return decode_latents(self.vae, self.scaling_factor, latents, batch)
 
     def describe(self) -> dict:
         return {"text_encoder": str(self.root / "text_encoder"), "vae": str(self.root / "vae"),
@@ -141,12 +145,8 @@ class LatentDecoder:
     scaling_factor: float
     fingerprint: str
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch: int = 16) -> torch.Tensor:
-        """Latents (N, C, h, w) -> images (N, 3, H, W) in [-1, 1] (``vae.decode(latents / scaling_factor)``)."""
-        outs = [self.vae.decode(latents[i:i + batch].float() / self.scaling_factor).sample.clamp(-1, 1)
-                for i in range(0, len(latents), batch)]
-        return torch.cat(outs) if outs else latents.new_empty(0, 3, *latents.shape[2:])
+        return decode_latents(self.vae, self.scaling_factor, latents, batch)
 
     def describe(self) -> dict:
         return {"vae": str(self.root / "vae"), "vae_sha256": self.fingerprint, "vae_scaling_factor": self.scaling_factor}
