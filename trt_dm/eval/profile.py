@@ -32,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from trt_dm.core.cpu import cpu_int8_isa
 from trt_dm.core.guidance import Guidance, cfg_denoiser
 from trt_dm.core.io import atomic_write
 from trt_dm.core.ranges import RangeGroup, RangeSet
@@ -46,6 +47,7 @@ from trt_dm.models.builders import build_arch
 from trt_dm.quant.config import QuantConfig
 from trt_dm.quant.modules import activation_quantizers, apply_ranges, observing, quantize_model, quantized_layers
 from trt_dm.quant.onegraph import one_graph
+from trt_dm.quant.sensitivity import layer_macs
 from trt_dm.runtime.base import Runner, as_denoiser
 from trt_dm.runtime.openvino import OpenVinoRunner
 from trt_dm.runtime.ort import OrtRunner
@@ -76,7 +78,7 @@ def machine() -> dict:
     except ImportError:
         ov_version = None
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cpu_flags": sorted(flags & _ISA_FLAGS), "gpu": gpu, "torch": torch.__version__,
+            "cpu_flags": sorted(flags & _ISA_FLAGS), "int8_isa": cpu_int8_isa(), "gpu": gpu, "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "openvino": ov_version,
             "python": platform.python_version(), "platform": platform.platform()}
 
@@ -256,8 +258,12 @@ def profile(arch: str, batches: list[int], *, threads: int, steps: int, warmup: 
     """Profile one architecture: {arch, params, runners: {name: {latency: [...], sampling, peak_rss_mb}}}."""
     torch.set_num_threads(threads)
     unet, sched_cfg = build_arch(arch)
+    one = feed_for(unet, 1)
+    macs = sum(layer_macs(unet, one.pop("sample"), one.pop("timestep"), one).values())
+    # the convolutions' and linear layers' multiply-accumulates of one image: with each runner's latency, the MAC
+    # rate it reaches (how far from the hardware's int8 / bf16 peak a runner is)
     res = {"arch": arch, "params": sum(p.numel() for p in unet.parameters()), "threads": threads, "runners": {},
-           "notes": []}
+           "notes": [], "macs_per_image": macs}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         factories = cpu_runners(unet, Path(tmp), threads, notes=res["notes"])
@@ -276,8 +282,11 @@ def profile(arch: str, batches: list[int], *, threads: int, steps: int, warmup: 
                     rows[name]["latency"].append({"batch": b, "median_ms": 1e3 * statistics.median(ts),
                                                   "p90_ms": 1e3 * p90, "min_ms": 1e3 * ts[0],
                                                   "images_per_s": b / statistics.median(ts),
+                                                  "gmac_per_s": macs * b / statistics.median(ts) / 1e9,
                                                   "times_ms": [round(1e3 * t, 3) for t in raw]})
-                    progress(f"  {arch:13s} {name:20s} batch {b:4d}: {rows[name]['latency'][-1]['median_ms']:9.2f} ms median")
+                    last = rows[name]["latency"][-1]
+                    progress(f"  {arch:13s} {name:20s} batch {b:4d}: {last['median_ms']:9.2f} ms median, "
+                             f"{last['gmac_per_s']:7.1f} GMAC/s")
             for name, r in active.items():  # sampling runs one runner at a time: peak memory per runner
                 _rss_reset()
                 rows[name]["rss_before_mb"] = _rss_now_mb()
@@ -304,20 +313,24 @@ def ratios(res: dict, base: str = "ort-fp32", key: str = "median_ms") -> dict[st
 
 def markdown(results: list[dict], mach: dict) -> str:
     isa = ", ".join(mach.get("cpu_flags") or []) or "not read"
-    lines = [f"Machine: {mach['cpu']} ({mach['cpu_count']} CPUs; {isa}), torch threads {mach['torch_threads']}, "
+    lines = [f"Machine: {mach['cpu']} ({mach['cpu_count']} CPUs; {isa}; int8 dot products: "
+             f"{mach.get('int8_isa', 'unknown')}), torch threads {mach['torch_threads']}, "
              f"GPU: {mach['gpu'] or 'none'}; torch {mach['torch']}, onnxruntime {mach['onnxruntime']}"
              + (f", openvino {mach['openvino']}" if mach.get("openvino") else "")
              + ". Absolute times are this machine's; ratios are measured side by side in one run.", ""]
     for res in results:
-        lines += [f"### {res['arch']} ({res['params'] / 1e6:.1f} M parameters, {res['threads']} threads)", "",
-                  "| runner | batch | median ms | p90 ms | images/s (UNet call) | speed-up vs ort-fp32 |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        macs = res.get("macs_per_image")
+        lines += [f"### {res['arch']} ({res['params'] / 1e6:.1f} M parameters, {res['threads']} threads"
+                  + (f", {macs / 1e9:.3f} GMAC per image in convolutions and linear layers" if macs else "") + ")", "",
+                  "| runner | batch | median ms | p90 ms | images/s (UNet call) | GMAC/s | speed-up vs ort-fp32 |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         rat = ratios(res)
         for name, row in res["runners"].items():
             for r in row["latency"]:
                 sp = rat.get(name, {}).get(r["batch"])
+                gmac = f"{r['gmac_per_s']:.1f}" if "gmac_per_s" in r else ""
                 lines.append(f"| {name} | {r['batch']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | "
-                             f"{r['images_per_s']:.1f} | {'' if sp is None else f'{sp:.2f}x'} |")
+                             f"{r['images_per_s']:.1f} | {gmac} | {'' if sp is None else f'{sp:.2f}x'} |")
         sampled = {name: row for name, row in res["runners"].items() if row.get("sampling")}
         if sampled:  # (none with --steps 0)
             lines += ["", "| runner | sampling run | images/s | time outside the UNet | peak RSS MB (before) |",
