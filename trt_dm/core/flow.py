@@ -1,0 +1,98 @@
+"""Rectified-flow sampling (Stable Diffusion 3, Flux): the noise levels of diffusers' ``FlowMatchEulerDiscreteScheduler``
+and its Euler step, stateless and per image like ``trt_dm.core.schedule``'s DDPM / DDIM steps.
+
+A flow-matching model predicts the velocity v = noise - x0 of the straight path x_sigma = (1 - sigma) x0 + sigma noise;
+the Euler step from sigma to sigma_next is x + (sigma_next - sigma) v. The model takes the time as
+``sigma * num_train_timesteps`` (a float). The levels: ``num_steps`` points spaced evenly in time between the
+schedule's largest and smallest training sigma, shifted towards the noisy end, by ``shift`` (SD3: s sigma /
+(1 + (s - 1) sigma)) or, with ``use_dynamic_shifting`` (Flux), by mu from the image's token count
+(exp(mu) / (exp(mu) + (1 / sigma - 1))), then a final 0. As diffusers does, the training sigmas are shifted once at
+construction and the sampling levels again (this is what SD3 / Flux pipelines sample with; tested step by step
+against diffusers). Options that change the levels otherwise (Karras / exponential / beta sigmas, ``shift_terminal``,
+``invert_sigmas``, stochastic sampling) are refused by name.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+_UNSUPPORTED = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "shift_terminal", "invert_sigmas",
+                "stochastic_sampling")
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """The noise levels of a flow-matching model (a ``FlowMatchEulerDiscreteScheduler`` config, as data)."""
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+    use_dynamic_shifting: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    time_shift_type: str = "exponential"
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> FlowSchedule:
+        """From a diffusers scheduler config; ValueError naming an option that changes the levels otherwise."""
+        bad = [k for k in _UNSUPPORTED if config.get(k)]
+        if bad:
+            raise ValueError(f"flow-matching scheduler option {bad[0]}={config[bad[0]]!r} is not supported; supported: "
+                             f"shift, use_dynamic_shifting (base_shift, max_shift, base/max_image_seq_len, "
+                             f"time_shift_type)")
+        kind = config.get("time_shift_type", "exponential")
+        if kind not in ("exponential", "linear"):
+            raise ValueError(f"time_shift_type {kind!r}: accepted 'exponential' or 'linear'")
+        return cls(num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
+                   shift=float(config.get("shift", 1.0)),
+                   use_dynamic_shifting=bool(config.get("use_dynamic_shifting", False)),
+                   base_shift=float(config.get("base_shift") or 0.5), max_shift=float(config.get("max_shift") or 1.15),
+                   base_image_seq_len=int(config.get("base_image_seq_len", 256)),
+                   max_image_seq_len=int(config.get("max_image_seq_len", 4096)), time_shift_type=kind)
+
+    def mu(self, image_seq_len: int) -> float:
+        """Flux's resolution-dependent shift: linear in the image's token count between (base, max) lengths."""
+        m = (self.max_shift - self.base_shift) / (self.max_image_seq_len - self.base_image_seq_len)
+        return image_seq_len * m + self.base_shift - m * self.base_image_seq_len
+
+    def _shifted(self, sigmas: np.ndarray, mu: float | None) -> np.ndarray:
+        if self.use_dynamic_shifting:
+            if mu is None:
+                raise ValueError("this schedule shifts by resolution (use_dynamic_shifting): give mu (FlowSchedule.mu)")
+            if self.time_shift_type == "exponential":
+                return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
+            return mu / (mu + (1 / sigmas - 1))
+        return self.shift * sigmas / (1 + (self.shift - 1) * sigmas)
+
+    def sigmas(self, num_steps: int, mu: float | None = None) -> torch.Tensor:
+        """float32 (num_steps + 1,): the levels the sampler visits, noisiest first, then 0."""
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        T = self.num_train_timesteps
+        train = torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy()) / T
+        if not self.use_dynamic_shifting:
+            train = self.shift * train / (1 + (self.shift - 1) * train)
+        lo, hi = train[-1].item(), train[0].item()
+        ts = np.linspace(hi * T, lo * T, num_steps)
+        levels = self._shifted(ts / T, mu)
+        return torch.cat([torch.from_numpy(np.asarray(levels)).to(torch.float32), torch.zeros(1)])
+
+    def timesteps(self, num_steps: int, mu: float | None = None) -> torch.Tensor:
+        """float32 (num_steps,): the model's time input at each step, sigma x num_train_timesteps."""
+        return self.sigmas(num_steps, mu)[:-1] * self.num_train_timesteps
+
+
+def flow_euler_step(model_output: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor,
+                    sigma_next: torch.Tensor) -> torch.Tensor:
+    """One Euler step of the flow per row: x + (sigma_next - sigma) v, each row with its own levels ((B,) tensors;
+    rows of one batch may be at different steps), computed in float32 and cast to ``model_output``'s dtype."""
+    sigma, sigma_next = torch.as_tensor(sigma).reshape(-1), torch.as_tensor(sigma_next).reshape(-1)
+    if sigma.shape[0] not in (1, x.shape[0]) or sigma_next.shape != sigma.shape:
+        raise ValueError(f"sigma and sigma_next must be one value or one per row of x ({x.shape[0]}), got "
+                         f"{tuple(sigma.shape)} and {tuple(sigma_next.shape)}")
+    dt = (sigma_next - sigma).to(torch.float32).reshape(-1, *([1] * (x.dim() - 1)))
+    return (x.to(torch.float32) + dt * model_output.to(torch.float32)).to(model_output.dtype)
