@@ -9,10 +9,14 @@ The class-conditional model (`--model default-cond`; classifier-free guidance by
 It has num_class_embeds = classes + 1: labels 0..classes-1 are the data's classes, label `classes` is the null
 (unconditional) label that replaces a training label with probability --label-dropout (Ho & Salimans 2021,
 "Classifier-Free Diffusion Guidance", Algorithm 1); the null label is written to <out>/trt_dm.json.
+A class-conditional DiT instead of the UNet (`--arch dit`, DIT_CONFIG; written to <out>/transformer/):
+    python tools/train_default.py --arch dit --out models/default-dit --work .train_default_dit --classes 10 \
+        --label-dropout 0.15 --steps 16000 --lr-schedule cosine
+(measured: 3.7 s per step of 64 images on one busy core of the 2-core EPYC, 2.82 M parameters, 11 MB).
 
 Deterministic for a given seed and thread count; resumable (rerun the same command: it continues from
 the newest checkpoint in --work); keeps EMA weights; logs the loss to <work>/loss.csv. The EMA weights
-are written in diffusers pipeline layout (unet/ + scheduler/) to --out, with a training record
+are written in diffusers pipeline layout (unet/ or transformer/, + scheduler/) to --out, with a training record
 (train_record.json) that the model card quotes.
 """
 from __future__ import annotations
@@ -27,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DModel
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -42,6 +46,13 @@ UNET_CONFIG = dict(
     down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
     up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
     norm_num_groups=8, attention_head_dim=None,
+)
+# `--arch dit`: a class-conditional DiT (Peebles & Xie 2023) on the same 32 px images: patch 4 (64 tokens), 8 blocks
+# of width 128 (4 heads), adaLN-Zero with the class table's extra row as the null label, noise prediction only
+# (no learned variance); ~2.8 M parameters, ~11 MB in float32.
+DIT_CONFIG = dict(
+    sample_size=32, in_channels=1, out_channels=1, patch_size=4, num_layers=8, num_attention_heads=4,
+    attention_head_dim=32, norm_num_groups=1,
 )
 # DDPM (Ho et al. 2020): linear betas 1e-4..0.02 over T=1000, epsilon prediction.
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
@@ -71,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--no-bf16", action="store_true", help="train in fp32 instead of bf16 autocast")
     p.add_argument("--classes", type=int, default=0, help="class-conditional with this many classes (0: unconditional)")
+    p.add_argument("--arch", choices=("unet", "dit"), default="unet",
+                   help="unet: the default models' UNet2DModel; dit: a DiTTransformer2DModel (needs --classes)")
     p.add_argument("--label-dropout", type=float, default=0.1,
                    help="class-conditional: probability of training on the null label instead (for CFG)")
     p.add_argument("--init", type=Path, default=None,
@@ -89,11 +102,23 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     args.work.mkdir(parents=True, exist_ok=True)
     x_train, y_train = data.load("train")
-    config = dict(UNET_CONFIG, num_class_embeds=args.classes + 1) if args.classes else dict(UNET_CONFIG)
+    if args.arch == "dit" and not args.classes:
+        p.error("--arch dit trains the class-conditional DiT: give --classes N")
+    if args.arch == "dit":  # its class table holds the null label after the N classes itself
+        cls, config = DiTTransformer2DModel, dict(DIT_CONFIG, num_embeds_ada_norm=args.classes)
+    else:
+        cls = UNet2DModel
+        config = dict(UNET_CONFIG, num_class_embeds=args.classes + 1) if args.classes else dict(UNET_CONFIG)
     if args.classes and not 0 < args.label_dropout < 1:
         p.error(f"--label-dropout must be in (0, 1) for a class-conditional model, got {args.label_dropout}")
-    model = UNet2DModel(**config)
-    ema = UNet2DModel(**config)
+    # diffusers' DiT drops labels itself while training (its class embedder's class_dropout_prob 0.1): drop the rest
+    # here, so that labels are dropped with probability --label-dropout in all
+    inner = 0.1 if args.arch == "dit" else 0.0
+    if args.classes and args.label_dropout < inner:
+        p.error(f"--label-dropout {args.label_dropout}: a DiT drops {inner} of the labels itself; give >= {inner}")
+    own_dropout = 1 - (1 - args.label_dropout) / (1 - inner)
+    model = cls(**config)
+    ema = cls(**config)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     sched = DDPMScheduler(**SCHEDULER_CONFIG)
@@ -118,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         step, elapsed = int(extra["step"]), float(extra["elapsed"])
         print(f"resumed from step {step}")
     elif args.init is not None:  # warm start: same architecture, weights only (optimizer and EMA start afresh)
-        init = UNet2DModel.from_pretrained(args.init)
+        init = cls.from_pretrained(args.init)
         try:
             model.load_state_dict(init.state_dict())  # strict: refuses another architecture
         except RuntimeError as e:
@@ -153,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
             g["lr"] = lr_at(step)
         cond = {}
         if args.classes:  # the null label (index `classes`) replaces the true label with probability p
-            drop = torch.rand(args.batch) < args.label_dropout
+            drop = torch.rand(args.batch) < own_dropout
             cond["class_labels"] = torch.where(drop, torch.full_like(y_train[idx], args.classes), y_train[idx])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
             pred = model(x_t, t, **cond).sample
@@ -184,15 +209,16 @@ def main(argv: list[str] | None = None) -> None:
     log.close()
 
     # Export the EMA weights in diffusers pipeline layout.
-    (args.out / "unet").mkdir(parents=True, exist_ok=True)
-    ema.save_pretrained(args.out / "unet", safe_serialization=True)
+    folder = args.out / ("transformer" if args.arch == "dit" else "unet")
+    folder.mkdir(parents=True, exist_ok=True)
+    ema.save_pretrained(folder, safe_serialization=True)
     sched.save_pretrained(args.out / "scheduler")
     if args.classes:
         (args.out / "trt_dm.json").write_text(json.dumps(
             {"null_class_label": args.classes, "num_classes": args.classes, "label_dropout": args.label_dropout,
              "class_names": list(data.CLASS_NAMES),
              **({"guidance_interval": args.guidance_interval} if args.guidance_interval else {})}, indent=2) + "\n")
-    record = dict(steps=step, batch=args.batch, classes=args.classes or None,
+    record = dict(arch=args.arch, steps=step, batch=args.batch, classes=args.classes or None,
                   label_dropout=args.label_dropout if args.classes else None, lr=args.lr, warmup=args.warmup,
                   lr_schedule=args.lr_schedule, init=str(args.init) if args.init else None, ema=args.ema,
                   seed=args.seed, threads=args.threads, bf16_autocast=not args.no_bf16,
