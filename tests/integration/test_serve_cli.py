@@ -99,7 +99,8 @@ def test_the_openapi_document_is_the_services_contract_schemathesis(tiny_cls_pip
                 time.sleep(0.3)
         run = subprocess.run([st, "run", f"{url}/openapi.json", "--checks", "all", "--max-examples", "15", "--seed",
                               "7", "--request-timeout", "60", "-H", "Authorization: Bearer k3y",
-                              "--report-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+                              "--report-dir", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                             cwd=tmp_path)  # its example database (.schemathesis/) stays out of the checkout
     finally:
         proc.terminate()
         proc.wait(timeout=30)
