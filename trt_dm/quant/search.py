@@ -176,8 +176,8 @@ def search_formats(loaded: LoadedModel, spec: CalibSpec, base: QuantConfig, reci
         r["best"] = min(search.eight_bit, key=lambda f: (r[f], f))
         r["error"] = r[r["best"]]
     table = sorted(rows.values(), key=lambda r: r["layer"])
-    mix, steps = _verify(loaded, spec, base, recipe, search, table, calib, guidance, kw, progress)
-    mix.all_8bit, mix.steps = all_8bit, steps
+    mix = _verify(loaded, spec, base, recipe, search, table, calib, guidance, kw, progress)
+    mix.all_8bit = all_8bit
     mix.other_macs = sum(v for n, v in macs.items() if n not in rows)
     macs_8 = 1 - mix.macs_share()["fp16"]
     if mix.rel_mse > search.budget or macs_8 < search.min_8bit_macs - 1e-12:
@@ -200,27 +200,31 @@ def _by_group(leave: LeaveOut) -> list[float]:
             for k in torch.unique(leave.groups).tolist()]
 
 
-def _measure(loaded, spec, base, recipe, rows, calib, guidance, kw) -> tuple[QuantConfig, float]:
+def _measure(loaded, spec, base, recipe, rows, calib, guidance, kw, models: dict) -> tuple[QuantConfig, float]:
     """Step 3's measurement: the mix of ``rows``' formats as one model on the held-out batch (FP16 layers' quantizers
-    off: the same ranges as the final config, whose statistics are the shared FP activations)."""
+    off: the same ranges as the final config, whose statistics are the shared FP activations). ``models`` keeps the
+    fake-quant model of each FP8 layer set measured: moving layers to FP16 only switches quantizers off, so those
+    steps reuse it instead of recomputing its ranges and FP reference."""
     qcfg = _mix_config(base, rows)
-    quantized = dataclasses.replace(qcfg, exclude=base.exclude)  # every layer quantized; FP16 ones switched off
-    res = calibrate(loaded, spec, quantized, recipe, **kw)
-    qunet = fake_quant_unet(loaded, quantized, res.ranges)
-    leave = LeaveOut(loaded, qunet, res.ranges, calib, guidance, quantized, kw["batch_size"])
-    layers = quantized_layers(qunet)
+    if qcfg.fp8_layers not in models:
+        quantized = dataclasses.replace(qcfg, exclude=base.exclude)  # every layer quantized; FP16 ones switched off
+        res = calibrate(loaded, spec, quantized, recipe, **kw)
+        qunet = fake_quant_unet(loaded, quantized, res.ranges)
+        models[qcfg.fp8_layers] = (LeaveOut(loaded, qunet, res.ranges, calib, guidance, quantized, kw["batch_size"]),
+                                   quantized_layers(qunet))
+    leave, layers = models[qcfg.fp8_layers]
     off = [q for r in rows if r["format"] == "fp16" for q in (layers[r["layer"]].input_quantizer,
                                                                layers[r["layer"]].weight_quantizer)]
     return qcfg, leave.errors(off)["rel_mse"]
 
 
 def _verify(loaded, spec, base, recipe, search: FormatSearch, rows, calib, guidance, kw, progress):
-    """Step 3 of the module docstring: (the mix, the steps taken with their measured errors)."""
+    """Step 3 of the module docstring: the mix, with the steps taken and their measured errors."""
     allow_fp16 = "fp16" in search.formats
-    working, steps = search.budget, []
+    working, steps, models = search.budget, [], {}
 
     def record(kind: str) -> tuple[QuantConfig, float]:
-        qcfg, err = _measure(loaded, spec, base, recipe, rows, calib, guidance, {**kw, "progress": False})
+        qcfg, err = _measure(loaded, spec, base, recipe, rows, calib, guidance, {**kw, "progress": False}, models)
         fp16 = [r for r in rows if r["format"] == "fp16"]
         steps.append({"step": kind, "working_budget": working, "rel_mse": err, "fp16_layers": len(fp16)})
         return qcfg, err
@@ -242,4 +246,4 @@ def _verify(loaded, spec, base, recipe, search: FormatSearch, rows, calib, guida
             worst["format"] = "fp16"
             qcfg, err = record(f"fp16 {worst['layer']}")
             bar.update()
-    return FormatMix(qcfg, rows, err, {}, search.budget, steps), steps
+    return FormatMix(qcfg, rows, err, {}, search.budget, steps)
