@@ -127,6 +127,19 @@ def tiny_sd_pipeline_dir(tmp_path_factory) -> Path:
     return write_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny_sd") / "tiny_sd", seed=TINY_SEED)
 
 
+TINY_SDXL = {"hidden": 24, "projection": 12, "time_dim": 4}
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipeline_dir(tmp_path_factory) -> Path:
+    """A tiny text-to-image pipeline in SDXL base's layout (``write_tiny_sd_pipeline(sdxl=TINY_SDXL)``): two CLIP
+    tokenizers and encoders (widths 16 and 24, the second with a 12-wide pooled projection), a UNet2DConditionModel
+    with the text_time added embedding (cross-attention width 40, time ids embedded 4 wide), an Euler scheduler."""
+    pytest.importorskip("transformers")
+    from trt_dm.models.builders import write_tiny_sd_pipeline
+    return write_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny_sdxl") / "tiny_sdxl", seed=TINY_SEED, sdxl=TINY_SDXL)
+
+
 # from test_onegraph.py
 @pytest.fixture(scope="module")
 def grouped(tiny_pipeline_dir, tmp_path_factory):

@@ -229,7 +229,8 @@ def conditioning(loaded: LoadedModel, settings: SampleSettings, n: int | None = 
             raise InputError(f"--embeddings was given, but {loaded.name!r} is not text-conditional",
                              field="embeddings", flag="--embeddings",
                              request_message=f'"embeddings" were given, but {loaded.name!r} is not text-conditional')
-        embeds, negative = load_embeddings(settings.embeddings, loaded.seq_len, dim)  # bare UNet: any length
+        embeds, negative = load_embeddings(settings.embeddings, loaded.seq_len, dim,  # bare UNet: any length
+                                           loaded.added_cond[0] if loaded.added_cond else None)
     cond = loaded.conditioning_for(settings.n if n is None else n, settings.labels, prompts=settings.prompts,
                                    embeddings=embeds)
     guidance = loaded.guidance(settings.guidance_scale, settings.guidance_rescale, negative_prompt=settings.negative_prompt,

@@ -126,3 +126,63 @@ def test_another_sd_layout_through_sample_and_engine(tmp_path, capsys):
                  "--opt-batch", "1"]) == 0
     side = load_sidecar(tmp_path / "eng" / "sd2-ptq4dm.plan")
     assert side.inputs["encoder_hidden_states"]["min"] == [2, 12, 32] and side.inputs["sample"]["max"] == [2, 3, 8, 8]
+
+
+def test_sdxl_pipeline_through_info_sample_engine(tiny_sdxl_pipeline_dir, tmp_path, capsys):
+    """An SDXL-layout pipeline, as a new user tries it: `trt-dm info` lists text_embeds and time_ids, `sample
+    --prompt` draws, `engine` builds one TensorRT-RTX plan whose profiles carry the added inputs, and the Q/DQ graph
+    in ONNX Runtime matches the torch fake-quant model on one call. The UNet saved alone: `engine` stops naming
+    --calib-embeddings, and with a file of embeddings it exports."""
+    import onnxruntime as ort
+    from safetensors.torch import save_file
+
+    from trt_dm.quant.calib.trajectories import CalibSpec
+    from trt_dm.targets.trt_builder import load_sidecar
+    assert main(["info", "--model", str(tiny_sdxl_pipeline_dir)]) == 0
+    info = capsys.readouterr().out
+    assert '"text_embeds"' in info and '"time_ids"' in info
+    out = tmp_path / "g.png"
+    assert main(["sample", "--model", str(tiny_sdxl_pipeline_dir), "--prompt", "a lighthouse at dusk", "--n", "2",
+                 "--steps", "3", "--out", str(out), "--no-progress"]) == 0
+    assert "guidance 7.5" in capsys.readouterr().out and out.is_file()
+    eng = tmp_path / "eng"
+    common = ["--recipe", "ptq4dm", "--calib-n", "6", "--calib-steps", "4", "--batch", "4", "--cache-dir",
+              str(tmp_path / "cc"), "--no-progress"]
+    assert main(["engine", "--model", str(tiny_sdxl_pipeline_dir), *common, "--out-dir", str(eng), "--no-baseline",
+                 "--rtx-targets", "SM89", "--opt-level", "0", "--min-batch", "1", "--max-batch", "2",
+                 "--opt-batch", "1"]) == 0
+    side = load_sidecar(eng / "tiny_sdxl-ptq4dm.plan")
+    assert side.inputs["text_embeds"]["max"] == [4, 12] and side.inputs["time_ids"]["min"] == [2, 6]
+    assert side.inputs["encoder_hidden_states"]["opt"] == [2, 8, 40]
+    sdxl = api.load(str(tiny_sdxl_pipeline_dir))
+    quant = api.QuantSettings(recipe="ptq4dm", spec=CalibSpec(n=6, steps=4, guidance_scale=7.5),
+                              cache_root=tmp_path / "cc", batch=4)
+    calib = api.calibrate(sdxl, quant, progress=False)
+    feed = sdxl.signature.example(4, seed=0, seq_len=8, height=8)
+    feed["time_ids"] = sdxl.time_ids(4)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    graph = ort.InferenceSession(str(eng / "tiny_sdxl-ptq4dm.fp32.onnx"), opts, providers=["CPUExecutionProvider"])
+    one = torch.from_numpy(graph.run(None, {k: v.numpy() for k, v in feed.items()})[0])
+    with api.open_denoiser(sdxl, ranges=calib.ranges, qcfg=quant.resolved(sdxl).qcfg) as fq:
+        ref = fq(feed["sample"], feed["timestep"], **{k: v for k, v in feed.items() if k not in ("sample", "timestep")})
+    assert (one - ref).abs().max() < 0.03
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_sdxl_pipeline_dir / "unet", bare)
+    assert main(["engine", "--model", str(bare), *common, "--out-dir", str(tmp_path / "e2")]) == 2
+    assert "give --calib-embeddings FILE.safetensors" in capsys.readouterr().err
+    enc, neg = sdxl.text.encode(["a cat", "a dog"]), sdxl.text.encode_negative("")
+    f = tmp_path / "emb.safetensors"
+    save_file({"prompt_embeds": enc["encoder_hidden_states"], "pooled_prompt_embeds": enc["text_embeds"],
+               "negative_prompt_embeds": neg["encoder_hidden_states"],
+               "negative_pooled_prompt_embeds": neg["text_embeds"]}, str(f))
+    assert main(["export", "--model", str(bare), *common, "--calib-embeddings", str(f), "--out-dir",
+                 str(tmp_path / "e2")]) == 0
+    assert (tmp_path / "e2" / "bare-ptq4dm.onnx").is_file()
+    latents = tmp_path / "lat.safetensors"
+    assert main(["sample", "--model", str(bare), "--embeddings", str(f), "--n", "2", "--steps", "2", "--out",
+                 str(tmp_path / "x.png"), "--no-progress"]) == 2  # latents without a VAE: refused before sampling
+    assert "keep the latents with --save-samples FILE.safetensors" in capsys.readouterr().err
+    assert main(["sample", "--model", str(bare), "--embeddings", str(f), "--n", "2", "--steps", "2", "--out",
+                 str(tmp_path / "x.png"), "--save-samples", str(latents), "--no-progress"]) == 0
+    assert latents.is_file() and not (tmp_path / "x.png").exists()

@@ -186,8 +186,11 @@ def test_error_unsupported_class(tiny_unet_dir, tmp_path):
 
 def test_error_unsupported_conditioning(tiny_cond_unet_dir, tmp_path):
     d = _copy(tiny_cond_unet_dir, tmp_path)
-    _edit_config(d, addition_embed_type="text_time")
-    with pytest.raises(ModelLoadError, match=r"addition_embed_type='text_time'.*supported: addition_embed_type=None"):
+    _edit_config(d, addition_embed_type="image")
+    with pytest.raises(ModelLoadError, match=r"addition_embed_type='image' .*supported: None or 'text_time'"):
+        load_model(d)
+    _edit_config(d, addition_embed_type="text_time")  # SDXL's, but without its sizes
+    with pytest.raises(ModelLoadError, match=r"'text_time' with projection_class_embeddings_input_dim=None"):
         load_model(d)
 
 

@@ -39,7 +39,8 @@ def test_encoding_matches_the_text_encoder_and_negative_prompt_is_the_null_row(s
     torch.testing.assert_close(sd.conditioning_for(2, prompts=["the cat"])["encoder_hidden_states"][1],
                                te.text_encoder(ids)[0][0])
     g = sd.guidance(3.0, negative_prompt="blurry")
-    torch.testing.assert_close(g.null["encoder_hidden_states"], te.encode(["blurry"]))
+    torch.testing.assert_close(g.null["encoder_hidden_states"], te.encode(["blurry"])["encoder_hidden_states"])
+    assert set(g.null) == {"encoder_hidden_states"} and not te.force_zeros_for_empty_prompt  # SD: no pooled, no zeros
     assert not torch.equal(sd.guidance(3.0).null["encoder_hidden_states"], g.null["encoder_hidden_states"])
 
 
@@ -70,9 +71,10 @@ def test_calibration_from_prompts_is_keyed_by_the_prompt_set(sd, tmp_path):
 
 
 def test_precomputed_embeddings(sd, tmp_path):
-    emb = sd.text.encode(["a red apple", "the cat"])
+    emb = sd.text.encode(["a red apple", "the cat"])["encoder_hidden_states"]
     f = tmp_path / "e.safetensors"
-    save_file({"prompt_embeds": emb.contiguous(), "negative_prompt_embeds": sd.text.encode([""]).contiguous()}, str(f))
+    save_file({"prompt_embeds": emb.contiguous(),
+               "negative_prompt_embeds": sd.text.encode([""])["encoder_hidden_states"].contiguous()}, str(f))
     with api.open_denoiser(sd, device="cpu") as den:
         a, _ = api.draw(sd, den, api.SampleSettings(steps=3, n=2, embeddings=str(f), guidance_scale=7.5), progress=False)
         b, _ = api.draw(sd, den, api.SampleSettings(steps=3, n=2, prompts=("a red apple", "the cat"),

@@ -33,11 +33,17 @@ def cmd_sample(args) -> int:
     if Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise UsageError(f"--out must end in .png, .jpg or .jpeg, got {args.out!r}")
     loaded = load_model_of(args)
+    c = loaded.sample_shape[0]
+    latents = loaded.text is None and loaded.vae is None and c not in (1, 3)  # a latent UNet saved alone
+    if latents and not args.save_samples:
+        raise UsageError(f"{loaded.name!r} samples {c}-channel latents and has no VAE to decode them into images: "
+                         "give its pipeline directory (with vae/), or keep the latents with --save-samples "
+                         "FILE.safetensors")
     with api.open_denoiser(loaded, engines=args.engine or (), onnx=args.onnx or (), openvino=args.openvino or (),
                            device=args.device, threads=args.threads, cuda_graph=args.cuda_graph,
                            ov_precision=args.ov_precision, ov_streams=args.ov_streams) as den:
         images, secs = api.draw(loaded, den, settings, progress=not args.no_progress)
-    grid = save_grid(images, args.out, nrow=args.nrow)
+    grid = "no image grid of latents" if latents else save_grid(images, args.out, nrow=args.nrow)
     cond = "" if settings.labels is None else f", classes {settings.labels if isinstance(settings.labels, str) else list(settings.labels)}"
     cond += f", {len(settings.prompts)} prompt(s)" if settings.prompts else ""
     cond += f", embeddings {settings.embeddings}" if settings.embeddings else ""

@@ -104,6 +104,10 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-seed", type=int, default=0)
     p.add_argument("--calib-prompts", default=None, metavar="FILE",
                    help="text-to-image pipelines: calibration prompts, one per line (default: trt_dm's built-in 141)")
+    p.add_argument("--calib-embeddings", default=None, metavar="FILE",
+                   help="a text UNet without its text encoder: calibrate on these prompt embeddings instead "
+                        "(safetensors: prompt_embeds (N, S, D), SDXL also pooled_prompt_embeds (N, P); negative_* "
+                        "for guidance)")
     p.add_argument("--format", default="int8", choices=("int8", "fp8"),
                    help="the 8-bit format of weights and activations: int8, or fp8 (E4M3; ranges for s = amax / 448 "
                         "from the same statistics; runs on GPUs with FP8: Ada, Hopper, Blackwell)")

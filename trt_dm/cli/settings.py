@@ -37,7 +37,8 @@ def guidance_scale_of(args) -> float:
     """--guidance-scale, or its default: 7.5 for text (prompts, embeddings or a text-to-image pipeline), else 1."""
     if getattr(args, "guidance_scale", None) is not None:
         return args.guidance_scale
-    texty = any(getattr(args, k, None) for k in ("prompt", "prompts", "embeddings", "calib_prompts"))
+    texty = any(getattr(args, k, None)
+                for k in ("prompt", "prompts", "embeddings", "calib_prompts", "calib_embeddings"))
     return TEXT_GUIDANCE_DEFAULT if texty or is_text_model(getattr(args, "model", "")) else 1.0
 
 
@@ -97,7 +98,8 @@ def quant_settings(args):
                      seed=args.calib_seed, labels=labels if labels is None or labels == "all" else ",".join(map(str, labels)),
                      guidance_scale=scale, guidance_rescale=args.guidance_rescale, prompts=prompts,
                      guidance_interval=_interval(args),
-                     negative_prompt=getattr(args, "negative_prompt", ""))
+                     negative_prompt=getattr(args, "negative_prompt", ""),
+                     embeddings=getattr(args, "calib_embeddings", None))
     base = tuple(args.exclude) if args.exclude is not None else DEFAULT_EXCLUDE  # --keep-fp adds to it
     more = tuple(p for p in dict.fromkeys(args.keep_fp) if p not in base)
     if args.keep_fp_from_t is not None and not more:

@@ -3,7 +3,8 @@
 Runners check feeds against it, export takes its example inputs, input names and dynamic axes from it, the
 engine builder sizes its optimization profiles by its named axes, and tests and the profiler draw feeds
 from it. Names follow the diffusers forward: ``sample``, ``timestep``, then the conditioning inputs
-``encoder_hidden_states`` (text/cross-attention) and ``class_labels``. The output is ``out_sample``.
+``encoder_hidden_states`` (text/cross-attention), for SDXL-layout UNets ``text_embeds`` (pooled text embedding) and
+``time_ids`` (the six micro-conditioning numbers, float), and ``class_labels``. The output is ``out_sample``.
 
 Conventions (one for every runner and graph): float inputs are float32 at the interface (a runner computing
 in fp16 casts inside), the timestep is int64 (the samplers pass true training timesteps; the UNet's
@@ -19,6 +20,7 @@ from typing import Any, Mapping
 import torch
 
 OUTPUT_NAME = "out_sample"
+SDXL_TIME_IDS = 6  # SDXL's added conditioning: original (h, w), crop (top, left), target (h, w)
 DEFAULT_SEQ_LEN = 77  # CLIP's; the profile's opt sequence length and example feeds
 # The interface dtypes, each with its name in trt_dm's JSON (signatures, sidecars), ONNX Runtime's type string and
 # OpenVINO's element type: the one table every reader of a graph's or file's inputs maps through (``dtypes``).
@@ -164,6 +166,10 @@ class Signature:
             dim = c["cross_attention_dim"]
             dim = dim[0] if isinstance(dim, (list, tuple)) else dim
             specs.append(TensorSpec("encoder_hidden_states", torch.float32, ("batch", "sequence", dim), True))
+            if c.get("addition_embed_type") == "text_time":  # SDXL: pooled text embedding + 6 micro-conditioning ids
+                pooled = c["projection_class_embeddings_input_dim"] - SDXL_TIME_IDS * c["addition_time_embed_dim"]
+                specs += [TensorSpec("text_embeds", torch.float32, ("batch", pooled), True),
+                          TensorSpec("time_ids", torch.float32, ("batch", SDXL_TIME_IDS), True)]
         cet = c.get("class_embed_type")
         if cet == "timestep":  # labels go through the sinusoidal time projection: any integer
             specs.append(TensorSpec("class_labels", torch.int64, ("batch",), True, c.get("num_train_timesteps") or 1000))

@@ -419,11 +419,13 @@ def _torch_codes(qunet: nn.Module, quantizers: dict, feed: dict[str, torch.Tenso
     return codes, order
 
 
-def to_fp16(src: str | os.PathLike, dst: str | os.PathLike, keep_fp32: tuple[str, ...] = (r"/unet/time_proj/.*",)) -> Path:
+def to_fp16(src: str | os.PathLike, dst: str | os.PathLike,
+            keep_fp32: tuple[str, ...] = (r"/unet/time_proj/.*", r"/unet/add_time_proj/.*")) -> Path:
     """The FP16 version of an exported ONNX (quantized or not) for strongly-typed TensorRT: non-quantized math
     in FP16, Q/DQ scales in FP16 (opset 19), inputs and outputs kept FP32. Uses ModelOpt's ONNX autocast,
     which also keeps in FP32 any node whose values exceed FP16's safe range on a reference run. The
-    sinusoidal timestep projection stays FP32 (sin/cos of t * frequency with t up to 1000 needs it)."""
+    sinusoidal timestep projection stays FP32 (sin/cos of t * frequency with t up to 1000 needs it), as does SDXL's
+    projection of its time ids (image sizes up to 1024 and more)."""
     import_detached("modelopt.onnx.autocast")
     from modelopt.onnx.autocast import convert_to_mixed_precision
     # modelopt sets INFO on each of its ONNX loggers; its warnings (opset raised to 19, shared constants

@@ -11,6 +11,7 @@ import torch
 from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
+from trt_dm.models.denoisers import denoiser_class
 from trt_dm.models.loading import TINY_UNET2D_CONDITION_CONFIG, TINY_UNET2D_CONFIG, ModelLoadError, load_model
 
 
@@ -82,37 +83,62 @@ _TINY_MERGES = ("t h", "th e</w>", "a n", "an d</w>", "o n</w>", "i n", "e r</w>
 
 
 
-def write_tiny_sd_pipeline(path: str | Path, seed: int = 0, *, hidden: int = 16, seq: int = 8, layers: int = 2,
-                           heads: int = 2, unet: dict | None = None, latent_channels: int = 4,
-                           vae_channels: tuple[int, ...] = (8, 16), scaling_factor: float = 0.18215,
-                           intermediate: int | None = None, vae_groups: int = 4, vae_layers: int = 1) -> Path:
-    """A tiny random text-to-image pipeline in the Stable Diffusion layout (model_index.json, unet/, scheduler/,
-    text_encoder/, tokenizer/, vae/), all safetensors, deterministic for ``seed``: a byte-level BPE CLIP tokenizer
-    (256 byte symbols and their word-final forms, a few merges), a CLIP text model of width ``hidden`` and
-    sequence length ``seq``, a VAE with ``len(vae_channels)`` levels and a UNet2DConditionModel on its latents."""
+def _write_tokenizer(tok_dir: Path, seq: int) -> dict[str, int]:
+    """A byte-level BPE CLIP tokenizer (256 byte symbols and their word-final forms, a few merges); its vocabulary."""
     import transformers
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    path = Path(path)
     chars = _byte_chars()
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
     for m in _TINY_MERGES:
         vocab.setdefault(m.replace(" ", ""), len(vocab))
     vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    tok_dir = path / "tokenizer"
     tok_dir.mkdir(parents=True, exist_ok=True)
     (tok_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (tok_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(_TINY_MERGES) + "\n", encoding="utf-8")
-    tokenizer = transformers.CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"),
-                                           model_max_length=seq)
-    tokenizer.save_pretrained(str(tok_dir))
+    transformers.CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"),
+                               model_max_length=seq).save_pretrained(str(tok_dir))
+    return vocab
+
+
+def _text_encoder(vocab: dict[str, int], hidden: int, seq: int, layers: int, heads: int, intermediate: int | None,
+                  projection: int | None = None):
+    import transformers
+    cfg = transformers.CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=seq,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"], projection_dim=projection or hidden)
+    cls = transformers.CLIPTextModel if projection is None else transformers.CLIPTextModelWithProjection
+    return cls(cfg).eval()
+
+
+def write_tiny_sd_pipeline(path: str | Path, seed: int = 0, *, hidden: int = 16, seq: int = 8, layers: int = 2,
+                           heads: int = 2, unet: dict | None = None, latent_channels: int = 4,
+                           vae_channels: tuple[int, ...] = (8, 16), scaling_factor: float = 0.18215,
+                           intermediate: int | None = None, vae_groups: int = 4, vae_layers: int = 1,
+                           sdxl: dict | None = None) -> Path:
+    """A tiny random text-to-image pipeline in the Stable Diffusion layout (model_index.json, unet/, scheduler/,
+    text_encoder/, tokenizer/, vae/), all safetensors, deterministic for ``seed``: a byte-level BPE CLIP tokenizer,
+    a CLIP text model of width ``hidden`` and sequence length ``seq``, a VAE with ``len(vae_channels)`` levels and a
+    UNet2DConditionModel on its latents. With ``sdxl`` ({"hidden": width of the second encoder, "projection": its
+    pooled width, "time_dim": addition_time_embed_dim; optionally its "layers", "heads", "intermediate"}) SDXL base's
+    layout instead: also text_encoder_2/ (a
+    CLIPTextModelWithProjection) and tokenizer_2/, the UNet reading both encoders' states side by side
+    (cross_attention_dim = hidden + sdxl["hidden"]) and the added text_time embedding, an Euler scheduler."""
+    from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+    path = Path(path)
+    vocab = _write_tokenizer(path / "tokenizer", seq)
+    cross = hidden
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        te = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-            vocab_size=len(vocab), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden, num_hidden_layers=layers,
-            num_attention_heads=heads, max_position_embeddings=seq, bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])).eval()
-        te.save_pretrained(str(path / "text_encoder"), safe_serialization=True)
+        _text_encoder(vocab, hidden, seq, layers, heads, intermediate).save_pretrained(
+            str(path / "text_encoder"), safe_serialization=True)
+        if sdxl:
+            _write_tokenizer(path / "tokenizer_2", seq)
+            _text_encoder(vocab, sdxl["hidden"], seq, sdxl.get("layers", layers), sdxl.get("heads", heads),
+                          sdxl.get("intermediate", intermediate), projection=sdxl["projection"]
+                          ).save_pretrained(str(path / "text_encoder_2"), safe_serialization=True)
+            cross = hidden + sdxl["hidden"]
         n = len(vae_channels)
         vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
                             up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(vae_channels),
@@ -121,19 +147,30 @@ def write_tiny_sd_pipeline(path: str | Path, seed: int = 0, *, hidden: int = 16,
         vae.save_pretrained(str(path / "vae"), safe_serialization=True)
         cfg = dict(sample_size=8, in_channels=latent_channels, out_channels=latent_channels, block_out_channels=(8, 16),
                    layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=4, cross_attention_dim=hidden,
+                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=4, cross_attention_dim=cross,
                    attention_head_dim=2)
+        if sdxl:
+            cfg.update(addition_embed_type="text_time", addition_time_embed_dim=sdxl["time_dim"],
+                       projection_class_embeddings_input_dim=sdxl["projection"] + 6 * sdxl["time_dim"])
         UNet2DConditionModel(**{**cfg, **(unet or {})}).save_pretrained(str(path / "unet"), safe_serialization=True)
-    DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                  clip_sample=False, set_alpha_to_one=False, steps_offset=1).save_pretrained(str(path / "scheduler"))
-    (path / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-        "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"], "safety_checker": [None, None], "feature_extractor": [None, None],
-        "requires_safety_checker": False}, indent=2))
+    sched = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                 steps_offset=1)
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+             "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "safety_checker": [None, None], "feature_extractor": [None, None],
+             "requires_safety_checker": False}
+    if sdxl:
+        EulerDiscreteScheduler(**sched, timestep_spacing="leading").save_pretrained(str(path / "scheduler"))
+        for k in ("safety_checker", "feature_extractor", "requires_safety_checker"):
+            del index[k]
+        index.update({"_class_name": "StableDiffusionXLPipeline", "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+                      "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                      "tokenizer_2": ["transformers", "CLIPTokenizer"], "force_zeros_for_empty_prompt": True})
+    else:
+        DDIMScheduler(**sched, clip_sample=False, set_alpha_to_one=False).save_pretrained(str(path / "scheduler"))
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
     return path
-
 
 
 def write_sd15_layout_pipeline(path: str | Path, seed: int = 0, *, text_layers: int = 12) -> Path:
@@ -147,8 +184,26 @@ def write_sd15_layout_pipeline(path: str | Path, seed: int = 0, *, text_layers: 
                                   unet=unet, vae_channels=(128, 256, 512, 512), vae_groups=32, vae_layers=2)
 
 
+def write_sdxl_layout_pipeline(path: str | Path, seed: int = 0, *, text_layers: tuple[int, int] = (12, 32),
+                               sample_size: int = 128) -> Path:
+    """A random-weight pipeline at SDXL base's sizes, for scale runs (no downloads): the 2.567 B parameter UNet
+    (``ARCHS['sdxl-unet']``; ``sample_size`` latents, 128 = 1024 px), text encoders of CLIP ViT-L's and OpenCLIP
+    ViT-bigG's sizes (widths 768 and 1280, 12 and 20 heads, MLPs 3072 and 5120, ``text_layers`` layers, a 1280-wide
+    pooled projection, 77 tokens; the tiny byte-level tokenizer, so small vocabularies) and SDXL's VAE channels."""
+    unet = dict(ARCHS["sdxl-unet"][1], sample_size=sample_size)
+    for k in ("cross_attention_dim", "addition_embed_type", "addition_time_embed_dim",
+              "projection_class_embeddings_input_dim"):
+        unet.pop(k)  # set by the sdxl layout from the encoders' widths
+    return write_tiny_sd_pipeline(path, seed, hidden=768, seq=77, layers=text_layers[0], heads=12, intermediate=3072,
+                                  unet=unet, vae_channels=(128, 256, 512, 512), vae_groups=32, vae_layers=2,
+                                  scaling_factor=0.13025,
+                                  sdxl={"hidden": 1280, "projection": 1280, "time_dim": 256, "layers": text_layers[1],
+                                        "heads": 20, "intermediate": 5120})
+
+
 # Architectures with random weights (diffusers configs). ddpm-cifar10: Ho et al.'s CIFAR-10 UNet as in
-# google/ddpm-cifar10-32 (35.7 M parameters); sd15-unet: Stable Diffusion 1.5's UNet (859.5 M).
+# google/ddpm-cifar10-32 (35.7 M parameters); sd15-unet: Stable Diffusion 1.5's UNet (859.5 M); sdxl-unet: SDXL
+# base's UNet (2.567 B; stabilityai/stable-diffusion-xl-base-1.0's unet/config.json).
 ARCHS: dict[str, tuple[str, dict]] = {
     "ddpm-cifar10": ("UNet2DModel", dict(
         sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
@@ -158,6 +213,13 @@ ARCHS: dict[str, tuple[str, dict]] = {
     "sd15-unet": ("UNet2DConditionModel", dict(
         sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768, attention_head_dim=8,
         block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)),
+    "sdxl-unet": ("UNet2DConditionModel", dict(
+        sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
+        transformer_layers_per_block=(1, 2, 10), use_linear_projection=True, cross_attention_dim=2048,
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+        norm_num_groups=32)),
 }
 
 
@@ -170,7 +232,6 @@ def build_arch(name: str, seed: int = 0):
         except ModelLoadError as e:
             raise ValueError(f"--arch {name!r} is neither one of {', '.join(ARCHS)} nor a loadable model ({e})") from None
         return m.unet, m.scheduler_config
-    import diffusers
     cls, cfg = ARCHS[name]
     torch.manual_seed(seed)
-    return getattr(diffusers, cls)(**cfg).eval(), {"num_train_timesteps": 1000}
+    return denoiser_class(cls, cfg)(**cfg).eval(), {"num_train_timesteps": 1000}

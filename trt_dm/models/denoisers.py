@@ -5,6 +5,9 @@ diffusers' UNets have that interface already. Transformers get a subclass whose 
 inputs (so the state dict, module names and config stay diffusers', and the ONNX graph's inputs are the signature's)
 and returns the noise prediction alone:
 
+- ``UNet2DConditionModel`` with ``addition_embed_type="text_time"`` (SDXL's layout): its ``added_cond_kwargs`` become
+  two more named inputs, ``text_embeds`` (the second text encoder's pooled embedding) and ``time_ids`` (the six
+  micro-conditioning numbers: original height and width, crop top and left, target height and width, in pixels).
 - ``DiTTransformer2DModel`` (Peebles & Xie 2023; diffusers' ``DiTPipeline``): class-conditional through adaLN-Zero,
   the class embedding table holding one more row, the null label ``num_embeds_ada_norm`` that classifier-free
   guidance uses. With a learned variance (``out_channels`` = 2 x ``in_channels``) the variance half is dropped: the
@@ -18,6 +21,8 @@ from typing import Any
 from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
+from trt_dm.core.signature import SDXL_TIME_IDS
+
 
 class DiTDenoiser(DiTTransformer2DModel):
     """A DiT as a denoiser: ``forward(sample, timestep, class_labels)`` -> ``.sample`` = the predicted noise."""
@@ -29,11 +34,37 @@ class DiTDenoiser(DiTTransformer2DModel):
         return Transformer2DModelOutput(sample=eps) if return_dict else (eps,)
 
 
+class SDXLUNetDenoiser(UNet2DConditionModel):
+    """An SDXL-layout UNet as a denoiser: ``forward(sample, timestep, encoder_hidden_states, text_embeds, time_ids)``,
+    the added conditioning as named inputs instead of the ``added_cond_kwargs`` dict."""
+    trt_dm_kind = "UNet2DConditionModel"
+
+    def forward(self, sample, timestep=None, encoder_hidden_states=None, text_embeds=None, time_ids=None,
+                return_dict: bool = True):
+        return super().forward(sample, timestep, encoder_hidden_states,
+                               added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
+                               return_dict=return_dict)
+
+
 SUPPORTED_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel,
                      "DiTTransformer2DModel": DiTDenoiser}
 TRANSFORMERS = ("DiTTransformer2DModel",)
-# UNet config keys that need forward inputs this project does not describe (added_cond_kwargs etc.).
-_UNSUPPORTED_KEYS = ("addition_embed_type", "encoder_hid_dim_type")
+# UNet config keys that need forward inputs this project does not describe (image embeddings, hint images).
+_UNSUPPORTED_KEYS = ("encoder_hid_dim_type",)
+ADDITION_EMBED_TYPES = (None, "text_time")
+
+
+def added_cond_dims(config: dict[str, Any]) -> tuple[int, int] | None:
+    """(width of ``text_embeds``, number of ``time_ids``) of an SDXL-layout UNet; None for any other denoiser."""
+    if config.get("addition_embed_type") != "text_time":
+        return None
+    total, each = config["projection_class_embeddings_input_dim"], config["addition_time_embed_dim"]
+    return int(total) - SDXL_TIME_IDS * int(each), SDXL_TIME_IDS
+
+
+def denoiser_class(kind: str, config: dict[str, Any]) -> type:
+    """The class ``load_model`` builds for a checked config: SDXL-layout UNets get ``SDXLUNetDenoiser``."""
+    return SDXLUNetDenoiser if added_cond_dims(config) is not None else SUPPORTED_CLASSES[kind]
 _CLASS_EMBED_TYPES = (None, "timestep", "projection")
 
 
@@ -57,6 +88,20 @@ def check_config(config: dict[str, Any], path: Path, error: type[Exception]) -> 
         if config.get(key) is not None:
             raise error(f"{path}: {key}={config[key]!r} needs extra forward inputs that trt_dm does "
                         f"not describe; supported: {key}=None")
+    addition = config.get("addition_embed_type")
+    if addition not in ADDITION_EMBED_TYPES:
+        raise error(f"{path}: addition_embed_type={addition!r} needs extra forward inputs that trt_dm does not "
+                    f"describe (image embeddings or hints); supported: None or 'text_time' (SDXL's text_embeds and "
+                    "time_ids)")
+    if addition == "text_time":
+        total, each = config.get("projection_class_embeddings_input_dim"), config.get("addition_time_embed_dim")
+        if not isinstance(total, int) or not isinstance(each, int) or total - SDXL_TIME_IDS * each < 1:
+            raise error(f"{path}: addition_embed_type 'text_time' with projection_class_embeddings_input_dim={total!r} "
+                        f"and addition_time_embed_dim={each!r}; supported: integers with the first larger than "
+                        f"{SDXL_TIME_IDS} x the second (the pooled text embedding plus {SDXL_TIME_IDS} time ids, SDXL "
+                        "base's layout)")
+        if kind != "UNet2DConditionModel":
+            raise error(f"{path}: addition_embed_type 'text_time' on a {kind}; supported on UNet2DConditionModel")
     if config.get("class_embed_type") not in _CLASS_EMBED_TYPES:
         raise error(f"{path}: class_embed_type={config['class_embed_type']!r} is not supported; "
                     f"supported: {_CLASS_EMBED_TYPES}")

@@ -10,19 +10,21 @@ FP) behind the UNet's forward signature, so a user's existing diffusers pipeline
         image = pipe("a red apple", generator=torch.Generator().manual_seed(0)).images[0]
 
 The object carries what diffusers pipelines read from a UNet (``config``, ``dtype``, ``device``, ``in_channels``,
-``add_embedding``) and returns the usual output class; the timestep (a scalar or one per row) is broadcast to one
-per row, as the runners take it. Forward arguments the deployed graph has no input for (``timestep_cond``,
-``added_cond_kwargs``, ``cross_attention_kwargs``, adapters and ControlNet residuals) are refused with a clear error
-instead of being dropped silently.
+``add_embedding``'s input width for SDXL) and returns the usual output class; the timestep (a scalar or one per row)
+is broadcast to one per row, as the runners take it. An SDXL-layout UNet's ``added_cond_kwargs`` (``text_embeds``,
+``time_ids``) feed the graph's inputs of those names. Forward arguments the deployed graph has no input for
+(``timestep_cond``, ``cross_attention_kwargs``, other added conditioning, adapters and ControlNet residuals) are
+refused with a clear error instead of being dropped silently.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
-_REFUSED = ("timestep_cond", "attention_mask", "cross_attention_kwargs", "added_cond_kwargs",
+_REFUSED = ("timestep_cond", "attention_mask", "cross_attention_kwargs",
             "down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals",
             "encoder_attention_mask")
 
@@ -36,7 +38,9 @@ class DropInUNet(nn.Module):
         self.config = loaded.unet.config  # diffusers' FrozenDict: attribute and key access, as pipelines use it
         self._names = loaded.signature.names
         self._device = torch.device(getattr(denoiser, "device", "cpu"))
-        self.add_embedding = None  # SDXL-style added conditioning: not part of the deployed graph
+        # SDXL's pipeline checks its time ids against the added embedding's input width; other pipelines read None
+        width = loaded.config.get("projection_class_embeddings_input_dim") if "time_ids" in self._names else None
+        self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(in_features=width)) if width else None
 
     @property
     def device(self) -> torch.device:
@@ -54,8 +58,11 @@ class DropInUNet(nn.Module):
                 encoder_hidden_states: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,
                 return_dict: bool = True, **kwargs: Any):
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+        added = dict(kwargs.pop("added_cond_kwargs", None) or {})
         given = sorted(k for k in _REFUSED if kwargs.get(k) is not None)
         unknown = sorted(k for k in kwargs if k not in _REFUSED)
+        if added and "time_ids" not in self._names:
+            given.append("added_cond_kwargs")
         if given or unknown:
             raise ValueError(f"DropInUNet: {given + unknown} cannot be fed to the deployed UNet (its graph inputs are "
                              f"{self._names})")
@@ -65,7 +72,13 @@ class DropInUNet(nn.Module):
         if t is None:
             raise ValueError(f"DropInUNet: timestep has {torch.as_tensor(timestep).numel()} values for a batch of {b}")
         extra = {}
-        for name, value in (("encoder_hidden_states", encoder_hidden_states), ("class_labels", class_labels)):
+        if "time_ids" in self._names:
+            if set(added) != {"text_embeds", "time_ids"}:
+                raise ValueError(f"DropInUNet: the deployed SDXL-layout UNet needs added_cond_kwargs with exactly "
+                                 f"text_embeds and time_ids, got {sorted(added)}")
+            added["time_ids"] = added["time_ids"].reshape(b, -1)  # diffusers passes (B, 6)
+        for name, value in (("encoder_hidden_states", encoder_hidden_states), ("class_labels", class_labels),
+                            *added.items()):
             if name in self._names:
                 if value is None:
                     raise ValueError(f"DropInUNet: the deployed UNet needs {name}")

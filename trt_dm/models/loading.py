@@ -29,8 +29,15 @@ from trt_dm.core.errors import InputError
 from trt_dm.core.guidance import Guidance, check_interval, check_scale, class_labels_for
 from trt_dm.core.schedule import Schedule
 from trt_dm.core.signature import Signature
-from trt_dm.models.denoisers import SUPPORTED_CLASSES, check_config, default_classes
-from trt_dm.models.text import is_text_pipeline, load_latent_decoder, load_text_pipeline
+from trt_dm.models.denoisers import added_cond_dims, check_config, default_classes, denoiser_class
+from trt_dm.models.text import (
+    check_text,
+    default_time_ids,
+    is_text_pipeline,
+    load_latent_decoder,
+    load_text_pipeline,
+    text_rows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -139,18 +146,18 @@ class LoadedModel:
         return self.text.max_length if self.text is not None else None
 
     def conditioning_for(self, n: int, labels: Sequence[int] | str | None = None, *,
-                         prompts: Sequence[str] | None = None, embeddings: torch.Tensor | None = None
-                         ) -> dict[str, torch.Tensor]:
+                         prompts: Sequence[str] | None = None, embeddings=None) -> dict[str, torch.Tensor]:
         """The conditioning of ``n`` images: ``labels`` cycled over them (image i gets labels[i % len]), "all"
-        for every class in turn; for text-conditional UNets ``prompts`` (encoded by the pipeline's text encoder)
-        or precomputed ``embeddings`` (N, S, D), cycled likewise; nothing for an unconditional model. Raises
+        for every class in turn; for text-conditional UNets ``prompts`` (encoded by the pipeline's text encoders)
+        or precomputed ``embeddings`` ((N, S, D) or {input: (N, ...)}), cycled likewise (``text.text_rows``; SDXL
+        adds its pooled embeddings and time ids); nothing for an unconditional model. Raises
         ValueError naming what is accepted."""
         if self.text_conditioned:
             if labels is not None:
                 raise InputError(f"{self.name!r} is text-conditional: give --prompt / --prompts / --embeddings, "
                                  "not class labels", field="prompt", flag="--prompt",
                                  request_message=f'{self.name!r} is text-conditional: give "prompt", not class labels')
-            return {"encoder_hidden_states": self._text_rows(n, prompts, embeddings)}
+            return text_rows(self, n, prompts, embeddings)
         if prompts is not None or embeddings is not None:
             why = (f"a prompt or embeddings were given, but {self.kind} {self.name!r} is not text-conditional (no "
                    "encoder_hidden_states input)")
@@ -189,34 +196,14 @@ class LoadedModel:
                              field="class_labels", flag="--class-labels")
         return {"class_labels": class_labels_for(n, labels)}
 
-    def _text_rows(self, n: int, prompts: Sequence[str] | None, embeddings: torch.Tensor | None) -> torch.Tensor:
-        if prompts is not None and embeddings is not None:
-            raise InputError("give prompts or embeddings, not both", field="prompt", flag="--prompt")
-        if embeddings is not None:
-            rows = embeddings
-        elif prompts is not None:
-            if isinstance(prompts, str):
-                prompts = [prompts]
-            if not prompts:
-                raise InputError("no prompts given", field="prompt", flag="--prompt")
-            if self.text is None:
-                why = (f"{self.name!r} has no text encoder (not a Stable Diffusion layout pipeline with "
-                       "text_encoder/ and tokenizer/): prompts cannot be encoded")
-                raise InputError(f"{why}; give --embeddings FILE.safetensors with prompt_embeds (N, S, D)",
-                                 field="prompt", flag="--prompt",
-                                 request_message=f"{why}, and a request cannot give precomputed embeddings")
-            unique = list(dict.fromkeys(prompts))
-            enc = self.text.encode(unique)
-            rows = enc[torch.tensor([unique.index(p) for p in prompts])]
-        else:
-            raise InputError(f"{self.name!r} is text-conditional: give --prompt TEXT, --prompts FILE or --embeddings "
-                             "FILE.safetensors", field="prompt", flag="--prompt",
-                             request_message=f'{self.name!r} is text-conditional: give "prompt" TEXT')
-        dim = self.config.get("cross_attention_dim")
-        if rows.ndim != 3 or (isinstance(dim, int) and rows.shape[2] != dim):
-            raise InputError(f"embeddings of shape {tuple(rows.shape)} do not fit {self.name!r}: it takes "
-                             f"(N, S, {dim}) encoder_hidden_states", field="embeddings", flag="--embeddings")
-        return rows[torch.arange(n) % rows.shape[0]].float()
+    @property
+    def added_cond(self) -> tuple[int, int] | None:
+        """SDXL-layout UNets: (width of ``text_embeds``, number of ``time_ids``); None for other denoisers."""
+        return added_cond_dims(self.config)
+
+    def time_ids(self, n: int) -> torch.Tensor:
+        """SDXL's default micro-conditioning for this model's image size, (n, 6) (``text.default_time_ids``)."""
+        return default_time_ids(self, n)
 
     def resolve_interval(self, scale: float, interval: Sequence[int] | None) -> tuple[int, int] | None:
         """The guidance interval a request means: None takes the model's default (``guidance_interval`` of its
@@ -241,13 +228,18 @@ class LoadedModel:
         if self.text_conditioned:
             if negative_embeddings is None:
                 if self.text is None:
-                    why = f"{scale:g} on {self.name!r} (no text encoder) needs negative_prompt_embeds (1, S, D)"
+                    why = (f"{scale:g} on {self.name!r} (no text encoder) needs negative_prompt_embeds (1, S, D)"
+                           + (" and negative_pooled_prompt_embeds (1, P)" if self.added_cond else ""))
                     raise InputError(f"--guidance-scale {why} in the --embeddings file", field="guidance_scale",
                                      flag="--guidance-scale",
                                      request_message=f'"guidance_scale" {why}, which a request cannot give; send '
                                                      '"guidance_scale" 1')
-                negative_embeddings = self.text.encode([negative_prompt])
-            return Guidance(scale, rescale, {"encoder_hidden_states": negative_embeddings[:1].float()}, interval)
+                negative_embeddings = self.text.encode_negative(negative_prompt)
+            null = (dict(negative_embeddings) if isinstance(negative_embeddings, dict)
+                    else {"encoder_hidden_states": negative_embeddings})
+            if self.added_cond:
+                null.setdefault("time_ids", self.time_ids(1))
+            return Guidance(scale, rescale, {k: v[:1].float() for k, v in null.items()}, interval)
         if self.class_labels_spec is None:
             raise InputError(f"--guidance-scale {scale:g} needs a conditional model; {self.name!r} is unconditional",
                              field="guidance_scale", flag="--guidance-scale",
@@ -289,7 +281,8 @@ class LoadedModel:
         text-to-image pipeline its text encoder (the embeddings) and VAE (the decoded images)."""
         parts = [self.fingerprint(), self.schedule_fingerprint()]
         if self.text is not None:
-            parts += [self.text.fingerprints["text_encoder"], self.text.fingerprints["vae"]]
+            parts += [self.text.fingerprints[k] for k in ("text_encoder", "text_encoder_2", "vae")
+                      if k in self.text.fingerprints]
         if self.vae is not None:
             parts.append(self.vae.fingerprint)
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()
@@ -428,7 +421,7 @@ def load_model(spec: str | os.PathLike, *, allow_pickle: bool = False,
     state = _read_weights(files, pickles)
     with torch.random.fork_rng(devices=[]):  # random init must not move the caller's RNG
         try:
-            unet = SUPPORTED_CLASSES[kind].from_config(config)
+            unet = denoiser_class(kind, config).from_config(config)
         except Exception as e:
             raise ModelLoadError(f"{config_path}: cannot build {kind} from this config "
                                  f"({type(e).__name__}: {e})") from e
@@ -455,9 +448,7 @@ def load_model(spec: str | os.PathLike, *, allow_pickle: bool = False,
             if kind != "UNet2DConditionModel":
                 raise ModelLoadError(f"{root}: a text encoder / tokenizer comes with a {kind}, which takes no text")
             loaded.text = load_text_pipeline(root)
-            if loaded.text.hidden_size != config.get("cross_attention_dim"):
-                raise ModelLoadError(f"{root}: the text encoder's width {loaded.text.hidden_size} is not the UNet's "
-                                     f"cross_attention_dim {config.get('cross_attention_dim')}")
+            check_text(loaded, root, ModelLoadError)
         elif (root / "vae").is_dir():  # a latent pipeline without text (DiTPipeline): its VAE decodes
             loaded.vae = load_latent_decoder(root)
             if loaded.vae.vae.config.latent_channels != loaded.sample_shape[0]:

@@ -7,8 +7,10 @@ UNet's latents, and its VAE (diffusers ``AutoencoderKL``) decodes ``latents / sc
 the UNet is quantized; the text encoder and the VAE run in torch here. Everything loads from local directories,
 weights from safetensors only (a pickle-only component is refused), nothing is fetched from a hub.
 
-Precomputed embeddings (any encoder) come from a safetensors file with ``prompt_embeds`` (N, S, D) and optionally
-``negative_prompt_embeds`` (1, S, D), diffusers' names.
+Precomputed embeddings (any encoder) come from a safetensors file in diffusers' names: ``prompt_embeds`` (N, S, D) and
+optionally ``negative_prompt_embeds`` (1, S, D); for an SDXL-layout UNet also ``pooled_prompt_embeds`` (N, P) (and
+``negative_pooled_prompt_embeds`` (1, P) with a negative) and optionally ``add_time_ids`` (N or 1, 6) and
+``negative_add_time_ids`` (1, 6), which default to the image size's (original = target size, no crop).
 """
 from __future__ import annotations
 
@@ -99,13 +101,21 @@ def decode_latents(vae: torch.nn.Module, scaling_factor: float, latents: torch.T
 
 @dataclass
 class TextPipeline:
-    """Tokenizer + text encoder + VAE of a Stable Diffusion layout pipeline (all in torch, float32, eval mode)."""
+    """Tokenizer(s) + text encoder(s) + VAE of a Stable Diffusion (one encoder) or SDXL (two) layout pipeline (all in
+    torch, float32, eval mode)."""
     root: Path
     tokenizer: object
     text_encoder: torch.nn.Module
     vae: torch.nn.Module
     scaling_factor: float
     fingerprints: dict = field(default_factory=dict)  # component -> sha256 of its weight files
+    tokenizer_2: object = None  # SDXL: the second tokenizer and text encoder (CLIPTextModelWithProjection)
+    text_encoder_2: torch.nn.Module | None = None
+    force_zeros_for_empty_prompt: bool = False  # SDXL: the empty negative prompt is all zeros, not its encoding
+
+    @property
+    def sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
     @property
     def max_length(self) -> int:
@@ -113,28 +123,67 @@ class TextPipeline:
 
     @property
     def hidden_size(self) -> int:
-        return int(self.text_encoder.config.hidden_size)
+        """The width of the UNet's encoder_hidden_states this pipeline makes (SDXL: both encoders' side by side)."""
+        return sum(int(te.config.hidden_size) for te in self._encoders()[1])
+
+    @property
+    def pooled_size(self) -> int | None:
+        """SDXL: the width of the pooled, projected embedding (the UNet's ``text_embeds``); None otherwise."""
+        return int(self.text_encoder_2.config.projection_dim) if self.sdxl else None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def _encoders(self) -> tuple[list, list]:
+        if self.sdxl:
+            return [self.tokenizer, self.tokenizer_2], [self.text_encoder, self.text_encoder_2]
+        return [self.tokenizer], [self.text_encoder]
 
     @torch.no_grad()
-    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
-        """(len(prompts), max_length, hidden) float32: padded to the tokenizer's max length and truncated, the text
-        encoder's last hidden state (StableDiffusionPipeline.encode_prompt without clip-skip or LoRA)."""
+    def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The UNet's text inputs for ``prompts``, padded to the tokenizer's max length and truncated, float32:
+        ``encoder_hidden_states`` (N, max_length, hidden), the text encoder's last hidden state
+        (StableDiffusionPipeline.encode_prompt without clip-skip or LoRA); for SDXL both encoders' penultimate hidden
+        states side by side and ``text_embeds`` (N, pooled), the second encoder's pooled projection
+        (StableDiffusionXLPipeline.encode_prompt)."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        out = []
+        hidden, pooled = [], []
         for i in range(0, len(prompts), 64):
-            ids = self.tokenizer(list(prompts[i:i + 64]), padding="max_length", max_length=self.max_length,
-                                 truncation=True, return_tensors="pt").input_ids
-            out.append(self.text_encoder(ids)[0].float())
-        return torch.cat(out)
+            parts = []
+            for tok, te in zip(*self._encoders()):
+                ids = tok(list(prompts[i:i + 64]), padding="max_length", max_length=tok.model_max_length,
+                          truncation=True, return_tensors="pt").input_ids
+                out = te(ids, output_hidden_states=self.sdxl)
+                parts.append((out.hidden_states[-2] if self.sdxl else out[0]).float())
+            hidden.append(torch.cat(parts, dim=-1))
+            if self.sdxl:
+                pooled.append(out[0].float())  # CLIPTextModelWithProjection: text_embeds
+        enc = {"encoder_hidden_states": torch.cat(hidden)}
+        if self.sdxl:
+            enc["text_embeds"] = torch.cat(pooled)
+        return enc
+
+    def encode_negative(self, prompt: str = "") -> dict[str, torch.Tensor]:
+        """``encode([prompt])``; an SDXL pipeline with ``force_zeros_for_empty_prompt`` makes the empty one zeros."""
+        enc = self.encode([prompt])
+        if self.force_zeros_for_empty_prompt and prompt == "":
+            enc = {k: torch.zeros_like(v) for k, v in enc.items()}
+        return enc
 
     def decode(self, latents: torch.Tensor, batch: int = 16) -> torch.Tensor:
         return decode_latents(self.vae, self.scaling_factor, latents, batch)
 
     def describe(self) -> dict:
-        return {"text_encoder": str(self.root / "text_encoder"), "vae": str(self.root / "vae"),
-                "text_encoder_sha256": self.fingerprints.get("text_encoder"),
-                "vae_sha256": self.fingerprints.get("vae"), "vae_scaling_factor": self.scaling_factor}
+        d = {"text_encoder": str(self.root / "text_encoder"), "vae": str(self.root / "vae"),
+             "text_encoder_sha256": self.fingerprints.get("text_encoder"),
+             "vae_sha256": self.fingerprints.get("vae"), "vae_scaling_factor": self.scaling_factor}
+        if self.sdxl:
+            d.update(text_encoder_2=str(self.root / "text_encoder_2"),
+                     text_encoder_2_sha256=self.fingerprints.get("text_encoder_2"),
+                     force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt)
+        return d
 
 
 @dataclass
@@ -173,41 +222,39 @@ def load_latent_decoder(root: Path) -> LatentDecoder:
 
 
 def is_text_pipeline(root: Path) -> bool:
-    return any((root / d).exists() for d in ("text_encoder", "tokenizer")) or _index_names_text(root)
+    return (any((root / d).exists() for d in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"))
+            or _index_names_text(root))
 
 
-def _index_names_text(root: Path) -> bool:
+def _model_index(root: Path) -> dict:
     index = root / "model_index.json"
     if not index.is_file():
-        return False
+        return {}
     try:
         doc = json.loads(index.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return isinstance(doc, dict) and doc.get("text_encoder") not in (None, [None, None])
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
-def load_text_pipeline(root: Path) -> TextPipeline:
-    """The tokenizer, text encoder and VAE of the pipeline at ``root`` (local files only, safetensors only)."""
-    try:
-        import transformers
-        from diffusers import AutoencoderKL
-    except ImportError as e:
-        raise TextPipelineError(f"text-to-image pipelines need transformers (pip install 'trt_dm[text]'): {e}") from None
-    transformers.utils.logging.disable_progress_bar()  # its per-load "Loading weights" bars
-    te_dir, tok_dir, vae_dir = root / "text_encoder", root / "tokenizer", root / "vae"
-    te_files = _safetensors_in(te_dir, "text encoder")
-    vae_files = _safetensors_in(vae_dir, "VAE")
+def _index_names_text(root: Path) -> bool:
+    return _model_index(root).get("text_encoder") not in (None, [None, None])
+
+
+def _load_encoder(transformers, root: Path, suffix: str, archs: tuple[str, ...]):
+    """(tokenizer, text encoder, weight files) of ``text_encoder<suffix>/`` and ``tokenizer<suffix>/``."""
+    te_dir, tok_dir = root / f"text_encoder{suffix}", root / f"tokenizer{suffix}"
+    files = _safetensors_in(te_dir, f"text encoder (text_encoder{suffix}/)")
     if not tok_dir.is_dir():
-        raise TextPipelineError(f"{tok_dir}: the pipeline has no tokenizer directory (vocab.json + merges.txt of a "
-                                "CLIP tokenizer, as save_pretrained writes it)")
+        raise TextPipelineError(f"{tok_dir}: the pipeline has no tokenizer{suffix} directory (vocab.json + merges.txt "
+                                "of a CLIP tokenizer, as save_pretrained writes it)")
     try:
-        te_config = json.loads((te_dir / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((te_dir / "config.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TextPipelineError(f"{te_dir / 'config.json'}: not valid JSON ({e})") from None
-    arch = (te_config.get("architectures") or [None])[0]
-    if arch not in TEXT_ENCODER_CLASSES:
-        raise TextPipelineError(f"{te_dir}: text encoder {arch!r} is not supported; supported: {TEXT_ENCODER_CLASSES}")
+    arch = (config.get("architectures") or [None])[0]
+    if arch not in archs:
+        raise TextPipelineError(f"{te_dir}: text encoder {arch!r} is not supported here; supported: {archs}")
     try:
         tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
     except Exception as e:  # missing vocab / merges, damaged JSON: transformers raises many types
@@ -215,65 +262,186 @@ def load_text_pipeline(root: Path) -> TextPipeline:
                                 "vocab.json and merges.txt (save_pretrained layout)") from None
     try:
         with torch.random.fork_rng(devices=[]):
-            text_encoder = getattr(transformers, arch).from_pretrained(str(te_dir), local_files_only=True,
-                                                                       use_safetensors=True, dtype=torch.float32)
-            vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True, use_safetensors=True,
-                                                low_cpu_mem_usage=False,
-                                                torch_dtype=torch.float32)
+            encoder = getattr(transformers, arch).from_pretrained(str(te_dir), local_files_only=True,
+                                                                  use_safetensors=True, dtype=torch.float32)
     except Exception as e:
-        raise TextPipelineError(f"{root}: cannot load the text encoder or VAE ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0] if str(e) else ''}); expected save_pretrained directories "
+        raise TextPipelineError(f"{te_dir}: cannot load the text encoder ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''}); expected a save_pretrained directory "
                                 "with config.json and safetensors weights") from None
-    text_encoder.eval().requires_grad_(False)
-    vae.eval().requires_grad_(False)
-    sf = getattr(vae.config, "scaling_factor", None) or 0.18215
-    if tokenizer.model_max_length > text_encoder.config.max_position_embeddings:
+    if tokenizer.model_max_length > encoder.config.max_position_embeddings:
         raise TextPipelineError(f"{tok_dir}: model_max_length {tokenizer.model_max_length} is longer than the text "
-                                f"encoder's {text_encoder.config.max_position_embeddings} positions")
+                                f"encoder's {encoder.config.max_position_embeddings} positions")
+    return tokenizer, encoder.eval().requires_grad_(False), files
+
+
+def load_text_pipeline(root: Path) -> TextPipeline:
+    """The tokenizer(s), text encoder(s) and VAE of the pipeline at ``root`` (local files only, safetensors only):
+    Stable Diffusion's layout (text_encoder/, tokenizer/) or SDXL's (and text_encoder_2/, tokenizer_2/)."""
+    try:
+        import transformers
+        from diffusers import AutoencoderKL
+    except ImportError as e:
+        raise TextPipelineError(f"text-to-image pipelines need transformers (pip install 'trt_dm[text]'): "
+                                f"{e}") from None
+    transformers.utils.logging.disable_progress_bar()  # its per-load "Loading weights" bars
+    sdxl = (root / "text_encoder_2").exists()
+    if sdxl and not (root / "text_encoder").exists():
+        raise TextPipelineError(f"{root}: text_encoder_2/ without text_encoder/ (SDXL's refiner layout, which "
+                                "conditions on an aesthetic score) is not supported; supported: Stable Diffusion's "
+                                "layout (text_encoder/) and SDXL base's (text_encoder/ and text_encoder_2/)")
+    tokenizer, text_encoder, te_files = _load_encoder(transformers, root, "", TEXT_ENCODER_CLASSES)
+    fingerprints = {"text_encoder": _sha256_files(te_files)}
+    tokenizer_2 = text_encoder_2 = None
+    if sdxl:
+        tokenizer_2, text_encoder_2, files = _load_encoder(transformers, root, "_2", ("CLIPTextModelWithProjection",))
+        fingerprints["text_encoder_2"] = _sha256_files(files)
+        if tokenizer_2.model_max_length != tokenizer.model_max_length:
+            raise TextPipelineError(f"{root}: tokenizer/ pads to {tokenizer.model_max_length} tokens and tokenizer_2/ "
+                                    f"to {tokenizer_2.model_max_length}; SDXL's encoders must give one sequence length")
+    vae_dir = root / "vae"
+    vae_files = _safetensors_in(vae_dir, "VAE")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True, use_safetensors=True,
+                                                low_cpu_mem_usage=False, torch_dtype=torch.float32)
+    except Exception as e:
+        raise TextPipelineError(f"{vae_dir}: cannot load the VAE ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''}); expected a save_pretrained directory "
+                                "with config.json and safetensors weights") from None
+    vae.eval().requires_grad_(False)
+    fingerprints["vae"] = _sha256_files(vae_files)
+    sf = getattr(vae.config, "scaling_factor", None) or 0.18215
+    zeros = bool(_model_index(root).get("force_zeros_for_empty_prompt", True)) if sdxl else False
     return TextPipeline(root=root, tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scaling_factor=float(sf),
-                        fingerprints={"text_encoder": _sha256_files(te_files), "vae": _sha256_files(vae_files)})
+                        fingerprints=fingerprints, tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2,
+                        force_zeros_for_empty_prompt=zeros)
 
 
-def load_embeddings(path: str | Path, seq: int | None, dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(prompt_embeds (N, seq, dim), negative_prompt_embeds (1, seq, dim) or None) from a safetensors file; the
-    shapes are checked against the pipeline's sequence length (None: any, the same for both) and the UNet's
-    cross-attention width."""
+def _embeddings_error(path: Path, why: str, flag: str = "--embeddings") -> InputError:
+    return InputError(f"{flag} {path}: {why}", field=flag.lstrip("-").replace("-", "_"), flag=flag,
+                      request_message=f'"embeddings" {path}: {why}')
+
+
+def load_embeddings(path: str | Path, seq: int | None, dim: int, pooled: int | None = None, *,
+                    flag: str = "--embeddings") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """(rows, negative) from a safetensors file (module docstring): rows {UNet input: (N, ...)} and the negative's
+    {input: (1, ...)} or None, checked against the pipeline's sequence length (None: any, the same for all), the UNet's
+    cross-attention width ``dim`` and, for an SDXL-layout UNet, its pooled width ``pooled``."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--embeddings {path}: no such file")
+        raise FileNotFoundError(f"{flag} {path}: no such file")
     if path.suffix != ".safetensors":
-        why = f"{path}: expected a .safetensors file with prompt_embeds (N, {seq}, {dim})"
-        raise InputError(f"--embeddings {why}", field="embeddings", flag="--embeddings",
-                         request_message=f'"embeddings" {why}')
+        raise _embeddings_error(path, f"expected a .safetensors file with prompt_embeds (N, {seq}, {dim})", flag=flag)
     try:
         d = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        why = f"{path}: cannot read it as safetensors ({e})"
-        raise InputError(f"--embeddings {why}", field="embeddings", flag="--embeddings",
-                         request_message=f'"embeddings" {why}') from None
+        raise _embeddings_error(path, f"cannot read it as safetensors ({e})", flag=flag) from None
     if "prompt_embeds" not in d:
-        why = (f"{path}: no 'prompt_embeds' tensor (found {sorted(d)[:5]}); expected prompt_embeds (N, {seq}, {dim}) "
-               f"and optionally negative_prompt_embeds (1, {seq}, {dim})")
-        raise InputError(f"--embeddings {why}", field="embeddings", flag="--embeddings",
-                         request_message=f'"embeddings" {why}')
-    out = []
+        raise _embeddings_error(path, f"no 'prompt_embeds' tensor (found {sorted(d)[:5]}); expected prompt_embeds "
+                                      f"(N, {seq}, {dim}) and optionally negative_prompt_embeds (1, {seq}, {dim})",
+                                flag=flag)
     if seq is None and d["prompt_embeds"].ndim == 3:
         seq = int(d["prompt_embeds"].shape[1])
-    for key in ("prompt_embeds", "negative_prompt_embeds"):
+    # {key: (leading dim: "N" (one per prompt), "1" or "N|1", trailing shape)}
+    want = {"prompt_embeds": ("N", (seq, dim)), "negative_prompt_embeds": ("1", (seq, dim))}
+    sdxl = {"pooled_prompt_embeds": ("N", (pooled,)), "negative_pooled_prompt_embeds": ("1", (pooled,)),
+            "add_time_ids": ("N|1", (6,)), "negative_add_time_ids": ("1", (6,))}
+    if pooled is None:
+        extra = sorted(k for k in sdxl if k in d)
+        if extra:
+            raise _embeddings_error(path, f"{extra} are SDXL inputs, but this UNet takes only prompt_embeds "
+                                          f"(N, {seq}, {dim}) and negative_prompt_embeds (1, {seq}, {dim})", flag=flag)
+    else:
+        want.update(sdxl)
+        for key, pair in (("pooled_prompt_embeds", "prompt_embeds"),
+                          ("negative_pooled_prompt_embeds", "negative_prompt_embeds")):
+            if (key in d) != (pair in d):
+                raise _embeddings_error(path, f"an SDXL-layout UNet needs {key} (the pooled text embedding, "
+                                              f"({want[key][0]}, {pooled})) with {pair}, and only with it", flag=flag)
+    n = int(d["prompt_embeds"].shape[0])
+    for key, (lead, tail) in want.items():
         t = d.get(key)
-        if t is None:
-            out.append(None)
-            continue
-        if t.ndim != 3 or tuple(t.shape[1:]) != (seq, dim) or (key == "negative_prompt_embeds" and t.shape[0] != 1):
-            want = f"({'N' if key == 'prompt_embeds' else 1}, {seq}, {dim})"
-            why = (f"{path}: {key} has shape {tuple(t.shape)}; this UNet takes {want} (sequence length {seq}, "
-                   f"cross-attention width {dim})")
-            raise InputError(f"--embeddings {why}", field="embeddings", flag="--embeddings",
-                             request_message=f'"embeddings" {why}')
-        out.append(t.float())
-    return out[0], out[1]
+        leads = {"N": (n,), "1": (1,), "N|1": (n, 1)}[lead]
+        if t is not None and (t.ndim != 1 + len(tail) or t.shape[0] not in leads or tuple(t.shape[1:]) != tail):
+            where = f"sequence length {seq}, cross-attention width {dim}" + (f", pooled width {pooled}" * bool(pooled))
+            raise _embeddings_error(path, f"{key} has shape {tuple(t.shape)}; this UNet takes "
+                                          f"({lead}, {', '.join(map(str, tail))}) with N = {n} prompts ({where})",
+                                    flag=flag)
+    names = {"prompt_embeds": "encoder_hidden_states", "pooled_prompt_embeds": "text_embeds",
+             "add_time_ids": "time_ids"}
+    rows = {v: d[k].float() for k, v in names.items() if k in d}
+    negative = {v: d[f"negative_{k}"].float() for k, v in names.items() if f"negative_{k}" in d}
+    return rows, negative or None
+
+
+def text_rows(loaded, n: int, prompts: Sequence[str] | None, embeddings) -> dict[str, torch.Tensor]:
+    """The text conditioning of ``n`` images (``LoadedModel.conditioning_for``): ``prompts`` encoded by the pipeline's
+    encoders or ``embeddings`` ({input: (N, ...)} of ``load_embeddings``, or encoder_hidden_states alone), cycled
+    over the images; SDXL's time ids default to the image size's."""
+    if prompts is not None and embeddings is not None:
+        raise InputError("give prompts or embeddings, not both", field="prompt", flag="--prompt")
+    if embeddings is not None:  # {input: (N, ...)} (``load_embeddings``) or encoder_hidden_states alone
+        rows = dict(embeddings) if isinstance(embeddings, dict) else {"encoder_hidden_states": embeddings}
+    elif prompts is not None:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise InputError("no prompts given", field="prompt", flag="--prompt")
+        if loaded.text is None:
+            why = (f"{loaded.name!r} has no text encoder (not a Stable Diffusion or SDXL layout pipeline with "
+                   "text_encoder/ and tokenizer/): prompts cannot be encoded")
+            raise InputError(f"{why}; give --embeddings FILE.safetensors with prompt_embeds (N, S, D)"
+                             + (" and pooled_prompt_embeds (N, P)" if loaded.added_cond else ""),
+                             field="prompt", flag="--prompt",
+                             request_message=f"{why}, and a request cannot give precomputed embeddings")
+        unique = list(dict.fromkeys(prompts))
+        idx = torch.tensor([unique.index(p) for p in prompts])
+        rows = {k: v[idx] for k, v in loaded.text.encode(unique).items()}
+    else:
+        raise InputError(f"{loaded.name!r} is text-conditional: give --prompt TEXT, --prompts FILE or --embeddings "
+                         "FILE.safetensors", field="prompt", flag="--prompt",
+                         request_message=f'{loaded.name!r} is text-conditional: give "prompt" TEXT')
+    dim, emb = loaded.config.get("cross_attention_dim"), rows["encoder_hidden_states"]
+    if emb.ndim != 3 or (isinstance(dim, int) and emb.shape[2] != dim):
+        raise InputError(f"embeddings of shape {tuple(emb.shape)} do not fit {loaded.name!r}: it takes "
+                         f"(N, S, {dim}) encoder_hidden_states", field="embeddings", flag="--embeddings")
+    if loaded.added_cond:
+        pooled = rows.get("text_embeds")
+        if pooled is None or tuple(pooled.shape[1:]) != (loaded.added_cond[0],):
+            raise InputError(f"{loaded.name!r} is an SDXL-layout UNet: it also takes pooled text embeddings (N, "
+                             f"{loaded.added_cond[0]}), got {None if pooled is None else tuple(pooled.shape)}",
+                             field="embeddings", flag="--embeddings")
+        rows.setdefault("time_ids", loaded.time_ids(1))
+    i = torch.arange(n)
+    return {k: v[i % v.shape[0]].float() for k, v in rows.items()}
+
+
+def default_time_ids(loaded, n: int) -> torch.Tensor:
+    """SDXL's micro-conditioning for this model's image size, as diffusers' pipeline makes it by default:
+    original size = target size = the decoded image's (latent size x the VAE's scale factor; 8 without a VAE),
+    no crop; (n, 6) float32."""
+    f = loaded.text.vae_scale_factor if loaded.text is not None else 8
+    _, h, w = loaded.sample_shape
+    return torch.tensor([[h * f, w * f, 0, 0, h * f, w * f]], dtype=torch.float32).expand(n, 6).clone()
+
+
+def check_text(loaded, root: Path, error: type[Exception]) -> None:
+    """The text encoders' widths against the UNet's inputs; an SDXL-layout UNet needs SDXL's two encoders."""
+    text, dim = loaded.text, loaded.config.get("cross_attention_dim")
+    if bool(text.sdxl) != bool(loaded.added_cond):
+        raise error(f"{root}: " + ("an SDXL-layout UNet (addition_embed_type 'text_time') needs SDXL's second text "
+                                   "encoder (text_encoder_2/, tokenizer_2/)" if loaded.added_cond else
+                                   "text_encoder_2/ comes with a UNet that takes no pooled text embedding "
+                                   "(addition_embed_type is not 'text_time')"))
+    if text.hidden_size != dim:
+        raise error(f"{root}: the text encoder{'s' if text.sdxl else ''}' width {text.hidden_size} is not the "
+                    f"UNet's cross_attention_dim {dim}".replace("encoder'", "encoder's"))
+    if text.sdxl and text.pooled_size != loaded.added_cond[0]:
+        raise error(f"{root}: text_encoder_2's projection_dim {text.pooled_size} is not the UNet's pooled text_embeds "
+                    f"width {loaded.added_cond[0]} (projection_class_embeddings_input_dim - 6 x "
+                    "addition_time_embed_dim)")
 
 
 # ---- a tiny Stable Diffusion layout pipeline, written offline (tests, tools) --------------------------------------

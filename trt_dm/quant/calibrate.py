@@ -25,11 +25,13 @@ from pathlib import Path
 
 import torch
 
+from trt_dm.core.errors import InputError
 from trt_dm.core.guidance import Guidance, cfg_denoiser
 from trt_dm.core.ranges import RangeSet, group_index
 from trt_dm.core.schedule import Schedule
 from trt_dm.core.stages import stage
 from trt_dm.models.loading import LoadedModel
+from trt_dm.models.text import load_embeddings
 from trt_dm.quant.calib import ranges as R
 from trt_dm.quant.calib.reconstruct import ReconConfig, _rows, learned_input_amax, reconstruct, save_weights
 from trt_dm.quant.calib.stats import DEFAULT_BINS, CalibCacheError, CalibStats
@@ -42,6 +44,7 @@ from trt_dm.quant.modules import (
     quantize_model,
     range_names,
     range_switch,
+    sharing_copy,
 )
 from trt_dm.runtime.torch_runner import unet_denoiser
 
@@ -76,7 +79,7 @@ def collect_stats(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, *, ca
     the statistics pass feeds the UNet exactly what a guided sampler does, both halves of every 2B call."""
     schedule = Schedule.from_config(loaded.scheduler_config)
     schedule.check_steps(spec.steps, "--calib-steps", loaded.name)
-    qunet = quantize_model(copy.deepcopy(loaded.unet), qcfg)
+    qunet = quantize_model(sharing_copy(loaded.unet), qcfg)  # observed only: the FP weights are not copied
     layers = range_names(qunet, qcfg)
     directory = Path(cache_root) / loaded.data_key()[:16] / stats_key(spec, layers, bins)
     if (directory / "stats.json").exists():
@@ -136,13 +139,28 @@ def _subset_of_cached(directory: Path, layers: list[str], bins: int, meta: dict)
     return None
 
 
+def calib_conditioning(loaded: LoadedModel, spec: CalibSpec) -> tuple[dict[str, torch.Tensor], Guidance]:
+    """(conditioning of the ``spec.n`` trajectories, their guidance): class labels, prompts encoded by the pipeline,
+    or a bare text UNet's embeddings file (``--calib-embeddings``, checked against the UNet's inputs)."""
+    embeds = negative = None
+    if spec.embeddings is not None:
+        if not loaded.text_conditioned:
+            raise InputError(f"--calib-embeddings was given, but {loaded.name!r} is not text-conditional",
+                             field="calib_embeddings", flag="--calib-embeddings")
+        embeds, negative = load_embeddings(spec.embeddings, loaded.seq_len, loaded.config["cross_attention_dim"],
+                                           loaded.added_cond[0] if loaded.added_cond else None,
+                                           flag="--calib-embeddings")
+    cond = loaded.conditioning_for(spec.n, spec.label_list, prompts=spec.prompts, embeddings=embeds)
+    guidance = loaded.guidance(spec.guidance_scale, spec.guidance_rescale, negative_prompt=spec.negative_prompt,
+                               negative_embeddings=negative, interval=spec.guidance_interval)
+    return cond, guidance
+
+
 def fp_calibration_set(loaded: LoadedModel, spec: CalibSpec, *, batch_size: int = 64, progress: bool = True
                        ) -> tuple[CalibSet, Guidance]:
     """The FP model's calibration set for ``spec``: trajectories sampled with its class labels and classifier-free
     guidance (labels and guidance are checked first), and that guidance, for feeding the UNet what it sees."""
-    cond = loaded.conditioning_for(spec.n, spec.label_list, prompts=spec.prompts)
-    guidance = loaded.guidance(spec.guidance_scale, spec.guidance_rescale, negative_prompt=spec.negative_prompt,
-                               interval=spec.guidance_interval)
+    cond, guidance = calib_conditioning(loaded, spec)
     calib = collect(cfg_denoiser(unet_denoiser(loaded.unet), guidance), Schedule.from_config(loaded.scheduler_config),
                     loaded.sample_shape, spec, batch_size=batch_size, conditioning=cond, progress=progress)
     return calib, guidance

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from trt_dm.core.errors import InputError
 from trt_dm.models.loading import LoadedModel
 from trt_dm.models.text import builtin_prompts
 from trt_dm.quant.calib.ranges import DEFAULT_RECIPE, ONE_RANGE_RECIPE, get_recipe
@@ -20,10 +21,11 @@ CALIB_CACHE_ROOT = Path("calib_cache")
 # Layers left in high precision by default. The time-embedding MLP reads the timestep sinusoid (values
 # in [-1, 1] that encode t: int8 steps of 1/127 blur neighbouring timesteps), and conv_in / conv_out touch
 # the image and the predicted noise directly. To be confirmed by `trt-dm calibrate --sensitivity`. The same for a
-# DiT: its adaLN embeddings of timestep and class (``*.emb.*``), the patch embedding and the last projection.
-# Each pattern matches nothing in the other kind of model.
+# DiT: its adaLN embeddings of timestep and class (``*.emb.*``), the patch embedding and the last projection; and
+# SDXL's added embedding MLP (``add_embedding``: pooled text and micro-conditioning time ids, one vector per image,
+# no measurable cost in FP). Each pattern matches nothing in the other kind of model.
 DEFAULT_EXCLUDE: tuple[str, ...] = ("time_embedding.*", "conv_in", "conv_out", "*.emb.*", "pos_embed.proj",
-                                    "proj_out_2")
+                                    "proj_out_2", "add_embedding.*")
 
 
 
@@ -234,7 +236,15 @@ class QuantSettings:
         get_recipe(recipe)  # validate before any work
         if loaded is not None and loaded.class_labels_spec is not None and spec.labels is None:
             spec = dataclasses.replace(spec, labels="all")
-        if loaded is not None and loaded.text_conditioned and spec.prompts is None:
+        if loaded is not None and loaded.text_conditioned and spec.prompts is None and spec.embeddings is None:
+            if loaded.text is None:
+                sdxl = " and pooled_prompt_embeds (N, P)" if loaded.added_cond else ""
+                raise InputError(f"{loaded.name!r} has no text encoder to encode calibration prompts (a UNet saved "
+                                 "without its pipeline): give --calib-embeddings FILE.safetensors with prompt_embeds "
+                                 f"(N, S, D){sdxl}, and for guidance negative_prompt_embeds (1, S, D)"
+                                 + (" and negative_pooled_prompt_embeds (1, P)" if sdxl else "")
+                                 + ", or the pipeline directory instead", field="calib_embeddings",
+                                 flag="--calib-embeddings")
             spec = dataclasses.replace(spec, prompts=builtin_prompts())  # the project's 141 prompts
         if loaded is not None:  # the model's guidance interval, explicit in the statistics' cache key
             spec = dataclasses.replace(spec, guidance_interval=loaded.resolve_interval(spec.guidance_scale,

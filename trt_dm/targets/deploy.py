@@ -16,7 +16,7 @@ from trt_dm.core.stages import recording, stage
 from trt_dm.export.job import ExportJob, graph_stem
 from trt_dm.models.loading import LoadedModel
 from trt_dm.quant.calib.ranges import get_recipe
-from trt_dm.quant.calibrate import calibrate_settings
+from trt_dm.quant.calibrate import calib_conditioning, calibrate_settings
 from trt_dm.quant.config import QuantSettings
 from trt_dm.targets import get_target
 from trt_dm.targets.trt_builder import for_format
@@ -70,15 +70,16 @@ def _deploy(loaded: LoadedModel, quant: QuantSettings, *, target: str = "tensorr
     if build and build_options is not None:  # bad profiles; FP8 to targets without it: refused before any work
         build_options.validate()
         build_options = for_format(build_options, "fp8" if quant.qcfg.uses_fp8 else "int8")
-    guidance = loaded.guidance(quant.spec.guidance_scale, quant.spec.guidance_rescale,  # refuse before any work
-                               negative_prompt=quant.spec.negative_prompt, interval=quant.spec.guidance_interval)
-    if not loaded.text_conditioned:  # (prompts are encoded once, by the calibration itself)
-        loaded.conditioning_for(quant.spec.n, quant.spec.label_list)
-    elif loaded.text is None:
-        raise ValueError(f"{loaded.name!r} has no text encoder: calibrating a text-conditional UNet needs a Stable "
-                         "Diffusion layout pipeline (text_encoder/, tokenizer/) to encode its prompts")
+    seq_len = loaded.seq_len
+    if quant.spec.prompts is None:  # labels or an embeddings file: checked (and read) before any work
+        cond, guidance = calib_conditioning(loaded, quant.spec)
+        if "encoder_hidden_states" in cond:
+            seq_len = int(cond["encoder_hidden_states"].shape[1])
+    else:  # (prompts are encoded once, by the calibration itself)
+        guidance = loaded.guidance(quant.spec.guidance_scale, quant.spec.guidance_rescale,  # refuse before any work
+                                   negative_prompt=quant.spec.negative_prompt, interval=quant.spec.guidance_interval)
     if build_options is not None:
-        build_options = _sized_profiles(loaded, guidance, build_options, progress)
+        build_options = _sized_profiles(guidance, build_options, progress, seq_len)
     calib = _calibrate(loaded, quant, progress, show_progress)
     job = ExportJob(loaded=loaded, qcfg=quant.qcfg, calib=calib, recipe=quant.recipe, spec=quant.spec,
                     out_dir=Path(out_dir), batch_size=quant.batch, precision=precision, options=options)
@@ -91,11 +92,11 @@ def _deploy(loaded: LoadedModel, quant: QuantSettings, *, target: str = "tensorr
     return result
 
 
-def _sized_profiles(loaded: LoadedModel, guidance, build_options, progress: Callable[[str], None]):
-    """The engine profiles for this model: its text encoder's sequence length, and with guidance 2 UNet rows per
-    image (a guided step is one UNet call of both halves)."""
-    if loaded.seq_len is not None:
-        build_options = dataclasses.replace(build_options, seq_len=(loaded.seq_len,) * 3)
+def _sized_profiles(guidance, build_options, progress: Callable[[str], None], seq_len: int | None):
+    """The engine profiles for this model: its text encoder's (or embeddings file's) sequence length, and with
+    guidance 2 UNet rows per image (a guided step is one UNet call of both halves)."""
+    if seq_len is not None:
+        build_options = dataclasses.replace(build_options, seq_len=(seq_len,) * 3)
     if guidance.active:
         o = build_options
         build_options = dataclasses.replace(o, min_batch=2 * o.min_batch, opt_batch=2 * o.opt_batch,

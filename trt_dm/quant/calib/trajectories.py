@@ -8,8 +8,10 @@ about half the UNet calls for NDTC.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -49,6 +51,9 @@ class CalibSpec:
     # guidance; the cache key holds their sha256, not the text.
     prompts: tuple[str, ...] | None = None
     negative_prompt: str = ""
+    # A text UNet without its encoders: a safetensors file of prompt embeddings (``text.load_embeddings``) instead of
+    # prompts; the cache key holds the file's sha256, not its path.
+    embeddings: str | None = None
 
     def __post_init__(self) -> None:
         sampler_rule(self.sampler)  # an unknown sampler is refused, naming the accepted ones
@@ -61,6 +66,13 @@ class CalibSpec:
             object.__setattr__(self, "guidance_interval", check_interval(self.guidance_interval))
         if self.prompts is not None and not self.prompts:
             raise ValueError("calibration prompts: the list is empty")
+        if self.embeddings is not None:
+            if self.prompts is not None:
+                raise ValueError("calibration: give prompts (--calib-prompts) or embeddings (--calib-embeddings), "
+                                 "not both")
+            if not Path(self.embeddings).is_file():
+                raise FileNotFoundError(f"--calib-embeddings {self.embeddings}: no such file")
+            object.__setattr__(self, "embeddings", str(self.embeddings))
 
     @property
     def label_list(self) -> list[int] | str | None:
@@ -73,13 +85,15 @@ class CalibSpec:
         d = asdict(self)
         for key, default in (("labels", None), ("guidance_scale", 1.0), ("guidance_rescale", 0.0),
                              ("guidance_interval", None), ("prompts", None),
-                             ("negative_prompt", "")):
+                             ("negative_prompt", ""), ("embeddings", None)):
             if d[key] == default:
                 del d[key]
         if self.prompts is not None:
             from trt_dm.models.text import prompts_key
             d["prompts"] = {"n": len(self.prompts), "sha256": prompts_key(self.prompts, self.negative_prompt)}
             d.pop("negative_prompt", None)  # in the sha256
+        if self.embeddings is not None:
+            d["embeddings"] = {"sha256": hashlib.sha256(Path(self.embeddings).read_bytes()).hexdigest()}
         d["timesteps"] = {"kind": self.timesteps.kind, "mu": self.timesteps.mu, "sigma": self.timesteps.sigma,
                           "step": self.timesteps.step, "describe": self.timesteps.describe()}
         return d
