@@ -163,7 +163,7 @@ def export_qdq(job: ExportJob, progress: Callable[[str], None] = print) -> list[
     stem = graph_stem(loaded.name, job.recipe, job.qcfg)
     out = []
     # one segment, or with --keep-fp-from-t two (the noisy steps' without the kept layers' Q/DQ): each its graphs
-    for seg in segment_unets(loaded, job.qcfg, calib.ranges, weights=calib.weights_path):
+    for seg in segment_unets(loaded, job.qcfg, calib.ranges, weights=calib.weights_path, share_weights=True):
         out += _export_segment(job, seg, stem, feed, progress)
     return out
 

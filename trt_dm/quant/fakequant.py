@@ -17,23 +17,36 @@ from trt_dm.quant.modules import (
     quantize_model,
     range_names,
     range_switch,
+    sharing_copy,
 )
 from trt_dm.runtime.base import as_denoiser, switched_denoiser
 from trt_dm.runtime.torch_runner import TorchRunner, unet_denoiser
 
 
 def fake_quant_unet(loaded: LoadedModel, qcfg: QuantConfig, ranges: RangeSet, *,
-                    fold_weights: bool = False, weights: Path | None = None) -> torch.nn.Module:
+                    fold_weights: bool = False, weights: Path | None = None, share_weights: bool = False
+                    ) -> torch.nn.Module:
     """A fake-quant copy of the UNet with ``ranges`` applied and checked. For groups=K ranges the first
     group's values are applied; ``grouped_denoiser`` switches groups by timestep.
 
     ``fold_weights``: store each weight already fake-quantized and disable its weight quantizer
     (ModelOpt's ``fold_weight``), so sampling does not re-quantize the weights on every call. The
     outputs are bit-identical; the model can then no longer be exported (the weight Q/DQ are gone), so
-    evaluation uses it and export does not."""
+    evaluation uses it and export does not.
+
+    ``share_weights``: the copy shares the FP model's weight tensors (``sharing_copy``) where nothing rewrites them
+    (no folding, nearest rounding): for callers that only read the model (export, its checks)."""
     if qcfg.fp_from_t is not None:
         raise ValueError("a config with --keep-fp-from-t is two models (one per timestep segment): use segment_unets")
-    return _finish(quantize_model(copy.deepcopy(loaded.unet), qcfg), qcfg, ranges, fold_weights, weights)
+    return _finish(quantize_model(_copy(loaded.unet, qcfg, fold_weights, share_weights), qcfg), qcfg, ranges,
+                   fold_weights, weights)
+
+
+def _copy(unet: torch.nn.Module, qcfg: QuantConfig, fold_weights: bool, share: bool) -> torch.nn.Module:
+    """The FP UNet's copy to quantize: sharing its weights when asked and nothing will rewrite them (no folding, no
+    learned rounding, no W<8 weights, which export stores on the int8 grid in place)."""
+    safe = share and not fold_weights and qcfg.rounding == "nearest" and qcfg.weight_bits >= 8
+    return sharing_copy(unet) if safe else copy.deepcopy(unet)
 
 
 
@@ -63,13 +76,13 @@ class Segment:
 
 
 def segment_unets(loaded: LoadedModel, qcfg: QuantConfig, ranges: RangeSet, *, fold_weights: bool = False,
-                  weights: Path | None = None) -> list[Segment]:
+                  weights: Path | None = None, share_weights: bool = False) -> list[Segment]:
     """``fake_quant_unet`` per timestep segment of ``qcfg`` (``QuantConfig.segments``): one model, or with
     ``fp_from_t`` the noisy steps' (``noisy_fp`` layers unquantized, their ranges dropped) and the other steps',
     each with the range groups of its timesteps (``RangeSet.clip``)."""
     out = []
     for t_range, q in qcfg.segments(int(loaded.scheduler_config["num_train_timesteps"])):
-        qunet = quantize_model(copy.deepcopy(loaded.unet), q)
+        qunet = quantize_model(_copy(loaded.unet, q, fold_weights, share_weights), q)
         r = ranges.subset(range_names(qunet, q)).clip(*t_range) if t_range is not None else ranges
         out.append(Segment(t_range, q, _finish(qunet, q, r, fold_weights, weights), r))
     return out

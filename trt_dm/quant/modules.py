@@ -83,6 +83,16 @@ def _matching_nothing(patterns, names) -> str | None:
     return next((p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)), None)
 
 
+def sharing_copy(unet: nn.Module) -> nn.Module:
+    """A copy of ``unet``'s modules that shares its parameter and buffer tensors (no second copy of the weights):
+    for a fake-quant model that only reads them (statistics, export, the layer comparison). Quantizers inserted into
+    the copy are its own; anything that rewrites weights in place (``mtq.fold_weight``, learned rounding's weights)
+    needs a full ``copy.deepcopy``. A 2.6 B parameter UNet holds 10.3 GB of float32 weights once instead of twice."""
+    import copy
+    memo = {id(t): t for t in (*unet.parameters(), *unet.buffers())}
+    return copy.deepcopy(unet, memo)
+
+
 def quantize_model(unet: nn.Module, qcfg: QuantConfig = QuantConfig()) -> nn.Module:
     """Insert modelopt quantizers into ``unet`` in place (Conv2d/Linear inputs and weights) and set the
     weight ranges. Activation quantizers are left without range until ``apply_ranges``."""
