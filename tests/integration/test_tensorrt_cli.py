@@ -219,7 +219,7 @@ def test_format_mix_engine_int8_and_fp8_layers_in_one_plan(tiny_cls_pipeline_dir
               "--no-progress", "--no-baseline", "--opt-level", "0", "--max-batch", "4", "--opt-batch", "2"]
     capsys.readouterr()
     for bad, says in ((["--formats", "auto"], "--formats needs --budget"),
-                      (["--budget", "1e-3"], "--budget is the quality budget of a format search"),
+                      (["--budget", "1e-3"], "--budget / --budget-on are the quality budget of a format search"),
                       (["--formats", "int8,fp4", "--budget", "1e-3"], "unknown format 'fp4'"),
                       (["--formats", "auto", "--budget", "1e-3", "--weight-bits", "4"], "searches W8A8 layers"),
                       (["--formats", "auto", "--budget", "1e-3", "--rtx-targets", "SM86"],

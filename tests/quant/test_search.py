@@ -79,6 +79,41 @@ def test_search_meets_the_budget_and_the_deployed_mix_measures_what_the_search_d
     assert leave.errors([])["rel_mse"] == pytest.approx(mix.rel_mse, rel=1e-6)
 
 
+def test_a_sampled_budget_bounds_the_error_of_images_sampled_end_to_end(tiny_pipeline_dir, tmp_path):
+    """--budget-on sampled: the mix's images, sampled from held-out seeds with the calibration's sampler and steps
+    (its range groups switched by timestep), are within the budget of FP's; the number is what an independent
+    draw of those images measures, and the all-8bit models' sampled errors are recorded."""
+    import torch
+
+    from trt_dm.core.schedule import Schedule
+    from trt_dm.quant.fakequant import grouped_denoiser
+    from trt_dm.runtime.torch_runner import unet_denoiser
+    from trt_dm.sampling import sample_many
+    loaded = load_model(tiny_pipeline_dir)
+    kw = dict(cache_root=tmp_path, batch_size=4, progress=False)
+    probe = search_formats(loaded, SPEC, QuantConfig(), RECIPE, FormatSearch(budget=1.0, n=8, measure="sampled",
+                                                                             sampled_n=4), **kw)
+    all_int8 = probe.all_8bit["int8"]["sampled_rel_mse"]
+    assert all_int8 > 0 and probe.all_8bit["fp8"]["sampled_rel_mse"] > 0 and probe.measure == "sampled"
+    tight = FormatSearch(budget=all_int8 / 4, n=8, measure="sampled", sampled_n=4)
+    mix = search_formats(loaded, SPEC, QuantConfig(), RECIPE, tight, **kw)
+    assert mix.rel_mse <= tight.budget and mix.macs_share()["fp16"] > probe.macs_share()["fp16"]
+    assert json.loads(mix.path.read_text())["measure"] == "sampled"
+    # the same images drawn independently: the deployed mix (its own calibration) on seeds (seed + 2) * 1000003 + j
+    res = calibrate(loaded, SPEC, mix.qcfg, RECIPE, **kw)
+    seeds = [(SPEC.seed + 2) * 1_000_003 + j for j in range(4)]
+    sched = Schedule.from_config(loaded.scheduler_config)
+
+    def draw(den):
+        return sample_many(den, sched, seeds, loaded.sample_shape, progress=False, sampler=SPEC.sampler,
+                           steps=SPEC.steps, eta=SPEC.eta)
+    ref = draw(unet_denoiser(loaded.unet))
+    got = draw(grouped_denoiser(fake_quant_unet(loaded, mix.qcfg, res.ranges), res.ranges))
+    assert float((got - ref).double().square().mean() / ref.double().square().mean()) == pytest.approx(
+        mix.rel_mse, rel=1e-5)
+    assert torch.isfinite(got).all()
+
+
 def test_a_budget_that_cannot_be_met_says_what_the_best_mix_reached(tiny_pipeline_dir, tmp_path):
     loaded = load_model(tiny_pipeline_dir)
     kw = dict(cache_root=tmp_path, batch_size=4, progress=False)
@@ -96,6 +131,7 @@ def test_a_budget_that_cannot_be_met_says_what_the_best_mix_reached(tiny_pipelin
     (dict(formats=("fp16",)), "at least one 8-bit format"),
     (dict(budget=0.0), "--budget must be a relative MSE > 0"),
     (dict(min_8bit_macs=1.5), r"--min-8bit-macs must be a share in \[0, 1\]"),
+    (dict(measure="trajectory"), r"--budget-on 'trajectory': accepted step, sampled"),
 ])
 def test_bad_search_settings(kw, match):
     with pytest.raises(ValueError, match=match):

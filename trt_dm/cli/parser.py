@@ -117,6 +117,9 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=float, default=None, metavar="E",
                    help="--formats: the relative MSE of the (guided) prediction vs FP the mix may reach on 64 "
                         "held-out calibration samples (the search prints the all-int8 and all-fp8 errors)")
+    p.add_argument("--budget-on", default="step", choices=("step", "sampled"),
+                   help="--formats: what --budget bounds: step (one prediction on held-out calibration x_t) or "
+                        "sampled (16 held-out images sampled end to end vs FP's: error that compounds over the steps)")
     p.add_argument("--min-8bit-macs", type=float, default=0.0, metavar="SHARE",
                    help="--formats: fail (exit 1, saying what the best mix reached) unless at least this share of "
                         "the convolution and linear MACs is in 8-bit formats, e.g. 0.8")

@@ -140,11 +140,12 @@ def build_options(args):
 def format_search(args):
     """--formats / --budget / --min-8bit-macs as a ``FormatSearch``, or None without --formats."""
     if getattr(args, "formats", None) is None:
-        if getattr(args, "budget", None) is not None:
-            raise UsageError("--budget is the quality budget of a format search: give --formats auto (or a list)")
+        if getattr(args, "budget", None) is not None or getattr(args, "budget_on", "step") != "step":
+            raise UsageError("--budget / --budget-on are the quality budget of a format search: give --formats auto "
+                             "(or a list)")
         return None
     try:
-        return FormatSearch.parse(args.formats, args.budget, args.min_8bit_macs)
+        return FormatSearch.parse(args.formats, args.budget, args.min_8bit_macs, getattr(args, "budget_on", "step"))
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -167,7 +168,9 @@ def print_mix(mix, *, table: bool = False) -> None:
         for r in mix.layers:
             errs = "".join(f" {r[f]:10.3e}" if f in r else f" {'-':>10s}" for f in ("int8", "fp8"))
             print(f"{r['layer']:48s} {r['macs'] / total:6.1%}{errs}  {r['format']}")
-    alone = ", ".join(f"all {f} {mix.all_8bit[f]['rel_mse']:.3e}" for f in ("int8", "fp8") if f in mix.all_8bit)
-    print(f"format mix: relative MSE {mix.rel_mse:.3e} (budget {mix.budget:.3g}; {alone}); MACs int8 "
+    key = "sampled_rel_mse" if mix.measure == "sampled" else "rel_mse"
+    alone = ", ".join(f"all {f} {mix.all_8bit[f][key]:.3e}" for f in ("int8", "fp8") if f in mix.all_8bit)
+    on = " of sampled images" if mix.measure == "sampled" else ""
+    print(f"format mix: relative MSE{on} {mix.rel_mse:.3e} (budget {mix.budget:.3g}; {alone}); MACs int8 "
           f"{share['int8']:.1%}, fp8 {share['fp8']:.1%}, fp16 {share['fp16']:.1%} ({len(mix.qcfg.fp8_layers)} FP8 "
           f"layers, {sum(r['format'] == 'fp16' for r in mix.layers)} searched layers in FP16) -> {mix.path}")

@@ -15,6 +15,12 @@ engine runs it) stays within the budget on a held-out calibration batch. The res
    per MAC goes to FP16, one at a time, each measured, until the mix meets the budget. A mix that cannot meet it
    (no FP16 allowed, or fewer 8-bit MACs than ``min_8bit_macs``) raises ``BudgetError`` with the best mix reached.
 
+With ``measure="sampled"`` (``--budget-on sampled``) the budget bounds what the sampler makes instead: the relative
+MSE of ``sampled_n`` held-out images sampled end to end by the mix vs FP (``SampledError``); step 2's working budget
+starts as the budget times the all-8bit model's one-step / sampled error ratio, and every step-3 measurement samples.
+Measured on ``default-cond`` at guidance 3 (docs/fp8.md): mixes with less one-step error sampled worse images, which
+a one-step budget cannot see.
+
 Cached beside the statistics as ``<recipe>.formats-<key>.json`` (key: the base config and the search settings).
 """
 from __future__ import annotations
@@ -28,19 +34,25 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from trt_dm.core.guidance import cfg_denoiser
 from trt_dm.core.io import atomic_write
+from trt_dm.core.ranges import RangeSet
+from trt_dm.core.schedule import Schedule
 from trt_dm.models.loading import LoadedModel
 from trt_dm.quant.calib.trajectories import CalibSpec
-from trt_dm.quant.calibrate import calibrate, fp_calibration_set
+from trt_dm.quant.calibrate import calib_conditioning, calibrate, fp_calibration_set
 from trt_dm.quant.config import CALIB_CACHE_ROOT, QuantConfig
-from trt_dm.quant.fakequant import fake_quant_unet
-from trt_dm.quant.modules import quantized_layers
+from trt_dm.quant.fakequant import fake_quant_unet, grouped_denoiser
+from trt_dm.quant.modules import apply_ranges, quantized_layers
 from trt_dm.quant.sensitivity import LeaveOut, layer_macs
+from trt_dm.runtime.torch_runner import unet_denoiser
+from trt_dm.sampling import sample_many
 
 SEARCH_FORMATS = ("int8", "fp8", "fp16")
 EIGHT_BIT = ("int8", "fp8")
 RESCALES = 3  # re-solves with a scaled working budget before layers move to FP16 one at a time
 SEARCH_VERSION = 1
+MEASURES = ("step", "sampled")
 
 
 class BudgetError(RuntimeError):
@@ -55,6 +67,11 @@ class FormatSearch:
     formats: tuple[str, ...] = SEARCH_FORMATS
     min_8bit_macs: float = 0.0
     n: int = 64
+    # what the budget bounds: "step", the relative MSE of one prediction on held-out calibration x_t; or "sampled",
+    # the relative MSE of ``sampled_n`` held-out images sampled end to end (the calibration's sampler, steps,
+    # labels and guidance) vs FP's from the same seeds: a mix whose error compounds over the steps is seen there.
+    measure: str = "step"
+    sampled_n: int = 16
 
     def __post_init__(self) -> None:
         bad = [f for f in self.formats if f not in SEARCH_FORMATS]
@@ -67,17 +84,20 @@ class FormatSearch:
             raise ValueError(f"--budget must be a relative MSE > 0 (e.g. 1e-3), got {self.budget!r}")
         if not 0 <= self.min_8bit_macs <= 1:
             raise ValueError(f"--min-8bit-macs must be a share in [0, 1], got {self.min_8bit_macs!r}")
-        if self.n < 1:
-            raise ValueError(f"the search's held-out samples must be >= 1, got {self.n}")
+        if self.n < 1 or self.sampled_n < 1:
+            raise ValueError(f"the search's held-out samples must be >= 1, got {self.n} and {self.sampled_n}")
+        if self.measure not in MEASURES:
+            raise ValueError(f"--budget-on {self.measure!r}: accepted {', '.join(MEASURES)}")
 
     @classmethod
-    def parse(cls, formats: str, budget: float | None, min_8bit_macs: float = 0.0) -> FormatSearch:
+    def parse(cls, formats: str, budget: float | None, min_8bit_macs: float = 0.0, measure: str = "step"
+              ) -> FormatSearch:
         """From the command line: ``--formats auto`` (all three) or a comma list, and ``--budget``."""
         if budget is None:
             raise ValueError("--formats needs --budget E: the relative MSE of the prediction vs FP the mix may reach "
                              "on held-out calibration samples (the all-int8 error is printed by the search)")
         names = SEARCH_FORMATS if formats == "auto" else tuple(dict.fromkeys(f.strip() for f in formats.split(",")))
-        return cls(budget=budget, formats=names, min_8bit_macs=min_8bit_macs)
+        return cls(budget=budget, formats=names, min_8bit_macs=min_8bit_macs, measure=measure)
 
     @property
     def eight_bit(self) -> tuple[str, ...]:
@@ -104,6 +124,7 @@ class FormatMix:
     steps: list[dict]
     path: Path | None = None
     other_macs: int = 0  # MACs of the layers excluded before the search (conv_in, conv_out, the time embedding)
+    measure: str = "step"  # what ``rel_mse`` and ``budget`` are (``FormatSearch.measure``)
 
     def macs_share(self) -> dict[str, float]:
         total = sum(r["macs"] for r in self.layers) + self.other_macs
@@ -112,7 +133,7 @@ class FormatMix:
         return share
 
     def to_dict(self) -> dict:
-        return {"version": SEARCH_VERSION, "quant": self.qcfg.to_dict(), "rel_mse": self.rel_mse,
+        return {"version": SEARCH_VERSION, "measure": self.measure, "quant": self.qcfg.to_dict(), "rel_mse": self.rel_mse,
                 "budget": self.budget, "all_8bit": self.all_8bit, "other_macs": self.other_macs,
                 "macs_share": self.macs_share(), "steps": self.steps, "layers": self.layers}
 
@@ -121,7 +142,8 @@ class FormatMix:
         q = d["quant"]
         qcfg = QuantConfig(exclude=tuple(q["exclude"]), fp8_layers=tuple(q.get("fp8_layers", ())),
                            weight_calib=q["weight_calib"])
-        return cls(qcfg, d["layers"], d["rel_mse"], d["all_8bit"], d["budget"], d["steps"], path, d["other_macs"])
+        return cls(qcfg, d["layers"], d["rel_mse"], d["all_8bit"], d["budget"], d["steps"], path, d["other_macs"],
+                   d.get("measure", "step"))
 
 
 def _choose(rows: list[dict], budget: float, allow_fp16: bool) -> None:
@@ -176,7 +198,13 @@ def search_formats(loaded: LoadedModel, spec: CalibSpec, base: QuantConfig, reci
         r["best"] = min(search.eight_bit, key=lambda f: (r[f], f))
         r["error"] = r[r["best"]]
     table = sorted(rows.values(), key=lambda r: r["layer"])
-    mix = _verify(loaded, spec, base, recipe, search, table, calib, guidance, kw, progress)
+    sampled = None
+    if search.measure == "sampled":  # the budget bounds sampled images: each all-8bit model's error there too
+        sampled = SampledError(loaded, spec, search.sampled_n, batch_size)
+        for f in all_8bit:
+            all_8bit[f]["sampled_rel_mse"] = sampled.rel_mse(leave[f].qunet, leave[f].ranges, [])
+    mix = _verify(loaded, spec, base, recipe, search, table, calib, guidance, kw, progress, sampled,
+                  all_8bit[search.eight_bit[0]])
     mix.all_8bit = all_8bit
     mix.other_macs = sum(v for n, v in macs.items() if n not in rows)
     macs_8 = 1 - mix.macs_share()["fp16"]
@@ -186,7 +214,8 @@ def search_formats(loaded: LoadedModel, spec: CalibSpec, base: QuantConfig, reci
         raise BudgetError(f"the budget cannot be met with --formats {','.join(search.formats)}: relative MSE "
                           f"{search.budget:.3g}{least}; the best mix reached {mix.rel_mse:.3g} with {macs_8:.1%} of "
                           f"the MACs in 8-bit formats (all-"
-                          + ", all-".join(f"{f} {e['rel_mse']:.3g}" for f, e in all_8bit.items()) + ")")
+                          + ", all-".join(f"{f} {e.get('sampled_rel_mse', e['rel_mse']):.3g}"
+                                          for f, e in all_8bit.items()) + ")")
     atomic_write(path, (json.dumps(mix.to_dict(), indent=1, sort_keys=True) + "\n").encode())
     mix.path = path
     return mix
@@ -200,7 +229,8 @@ def _by_group(leave: LeaveOut) -> list[float]:
             for k in torch.unique(leave.groups).tolist()]
 
 
-def _measure(loaded, spec, base, recipe, rows, calib, guidance, kw, models: dict) -> tuple[QuantConfig, float]:
+def _measure(loaded, spec, base, recipe, rows, calib, guidance, kw, models: dict, sampled: SampledError | None = None
+             ) -> tuple[QuantConfig, float]:
     """Step 3's measurement: the mix of ``rows``' formats as one model on the held-out batch (FP16 layers' quantizers
     off: the same ranges as the final config, whose statistics are the shared FP activations). ``models`` keeps the
     fake-quant model of each FP8 layer set measured: moving layers to FP16 only switches quantizers off, so those
@@ -215,16 +245,24 @@ def _measure(loaded, spec, base, recipe, rows, calib, guidance, kw, models: dict
     leave, layers = models[qcfg.fp8_layers]
     off = [q for r in rows if r["format"] == "fp16" for q in (layers[r["layer"]].input_quantizer,
                                                                layers[r["layer"]].weight_quantizer)]
+    if sampled is not None:
+        return qcfg, sampled.rel_mse(leave.qunet, leave.ranges, off)
     return qcfg, leave.errors(off)["rel_mse"]
 
 
-def _verify(loaded, spec, base, recipe, search: FormatSearch, rows, calib, guidance, kw, progress):
-    """Step 3 of the module docstring: the mix, with the steps taken and their measured errors."""
+def _verify(loaded, spec, base, recipe, search: FormatSearch, rows, calib, guidance, kw, progress,
+            sampled: SampledError | None = None, all_first: dict | None = None):
+    """Step 3 of the module docstring: the mix, with the steps taken and their measured errors. With a sampled
+    budget the first working budget (in the per-layer one-step errors' units) is the budget scaled by the all-8bit
+    model's one-step / sampled error ratio."""
     allow_fp16 = "fp16" in search.formats
     working, steps, models = search.budget, [], {}
+    if sampled is not None and all_first and all_first.get("sampled_rel_mse"):
+        working = search.budget * all_first["rel_mse"] / all_first["sampled_rel_mse"]
 
     def record(kind: str) -> tuple[QuantConfig, float]:
-        qcfg, err = _measure(loaded, spec, base, recipe, rows, calib, guidance, {**kw, "progress": False}, models)
+        qcfg, err = _measure(loaded, spec, base, recipe, rows, calib, guidance, {**kw, "progress": False}, models,
+                             sampled)
         fp16 = [r for r in rows if r["format"] == "fp16"]
         steps.append({"step": kind, "working_budget": working, "rel_mse": err, "fp16_layers": len(fp16)})
         return qcfg, err
@@ -246,4 +284,39 @@ def _verify(loaded, spec, base, recipe, search: FormatSearch, rows, calib, guida
             worst["format"] = "fp16"
             qcfg, err = record(f"fp16 {worst['layer']}")
             bar.update()
-    return FormatMix(qcfg, rows, err, {}, search.budget, steps)
+    return FormatMix(qcfg, rows, err, {}, search.budget, steps, measure=search.measure)
+
+
+class SampledError:
+    """A mix's error on images sampled end to end: ``n`` held-out seeds (the calibration's seed + 2: neither the
+    calibration's trajectories nor the one-step held-out ones) with the calibration's sampler, steps, labels and
+    guidance, drawn by the FP model once and by each fake-quant model measured (its range groups switched by
+    timestep, as the one-graph engine runs them); relative MSE of the final samples vs FP's."""
+
+    def __init__(self, loaded: LoadedModel, spec: CalibSpec, n: int, batch_size: int) -> None:
+        held = dataclasses.replace(spec, n=n, seed=spec.seed + 2)
+        self.cond, self.guidance = calib_conditioning(loaded, held)
+        self.seeds = [held.seed * 1_000_003 + j for j in range(n)]
+        self.spec, self.shape, self.batch_size = held, loaded.sample_shape, batch_size
+        self.schedule = Schedule.from_config(loaded.scheduler_config)
+        self.ref = self._sample(unet_denoiser(loaded.unet))
+
+    def _sample(self, den) -> torch.Tensor:
+        s = self.spec
+        return sample_many(cfg_denoiser(den, self.guidance), self.schedule, self.seeds, self.shape,
+                           batch_size=self.batch_size, progress=False, conditioning=self.cond, sampler=s.sampler,
+                           steps=s.steps, eta=s.eta)
+
+    def rel_mse(self, qunet: torch.nn.Module, ranges: RangeSet, disabled: list) -> float:
+        """``qunet``'s images with the ``disabled`` quantizers off, vs FP's: relative MSE."""
+        den = grouped_denoiser(qunet, ranges) if ranges.is_grouped else unet_denoiser(qunet)
+        if not ranges.is_grouped:
+            apply_ranges(qunet, ranges.amax(0))
+        for q in disabled:
+            q.disable()
+        try:
+            out = self._sample(den)
+        finally:
+            for q in disabled:
+                q.enable()
+        return float((out - self.ref).double().square().mean() / self.ref.double().square().mean())
