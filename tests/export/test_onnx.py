@@ -170,3 +170,31 @@ def test_w4a8_with_8bit_layers_exports_each_layer_on_its_own_grid(tmp_path):
     from trt_dm.export.job import graph_stem  # its files are named apart from the all-4-bit model's
     stem = graph_stem("m", "ptq4dm", QuantConfig(weight_bits=4, w8_layers=("down_blocks.0.*",)))
     assert stem.startswith("m-ptq4dm-w4-w8") and stem != graph_stem("m", "ptq4dm", QuantConfig(weight_bits=4))
+
+
+def test_per_tensor_external_files_are_gathered_into_one_data_file(qdq, tmp_path):
+    """torch's export of a graph over 2 GB writes one file per tensor; ``gather_external`` puts them into one
+    `<name>.data` (page-aligned), a tensor at a time: the same tensors bit for bit, the same outputs in ONNX Runtime,
+    and no temporary files left."""
+    from onnx.external_data_helper import uses_external_data
+
+    from trt_dm.export.onnx import gather_external
+    src_dir = tmp_path / "torch"
+    src_dir.mkdir()
+    model = onnx.load(str(qdq[1]))
+    onnx.save_model(model, str(src_dir / "g.onnx"), save_as_external_data=True, all_tensors_to_one_file=False,
+                    size_threshold=0)  # torch's layout: one file per tensor
+    assert len(list(src_dir.iterdir())) > 10
+    out = gather_external(src_dir / "g.onnx", tmp_path / "one.onnx")
+    graph = onnx.load(str(out), load_external_data=False)
+    ext = [t for t in graph.graph.initializer if uses_external_data(t)]
+    assert ext and {e.value for t in ext for e in t.external_data if e.key == "location"} == {"one.onnx.data"}
+    offsets = [int(e.value) for t in ext for e in t.external_data if e.key == "offset"]
+    assert all(o % 4096 == 0 for o in offsets) and len(set(offsets)) == len(ext)
+    full, ref = onnx.load(str(out)), onnx.load(str(qdq[1]))
+    assert {t.name: numpy_helper.to_array(t).tobytes() for t in full.graph.initializer} == \
+        {t.name: numpy_helper.to_array(t).tobytes() for t in ref.graph.initializer}
+    feed = {"sample": torch.randn(2, 1, 16, 16), "timestep": torch.tensor([3, 500])}
+    with OrtRunner(out) as a, OrtRunner(qdq[1]) as b:
+        assert torch.equal(a.infer(feed)[OUTPUT_NAME], b.infer(feed)[OUTPUT_NAME])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.onnx", "one.onnx.data", "torch"]

@@ -240,3 +240,22 @@ def test_served_sdxl_images_equal_sampled_ones(sdxl):
                 assert np.abs(got - ref[i].astype(int)).max() <= 1
             info = client.get("/v1/models").json()["text_pipeline"]
             assert info["text_encoder_2"].endswith("text_encoder_2") and info["force_zeros_for_empty_prompt"]
+
+
+def test_release_frees_encoders_after_calibration_and_weights_before_the_builds(tiny_sdxl_pipeline_dir, tmp_path):
+    """``deploy(release=True)`` (what `trt-dm engine` runs): the text encoders and VAE go after the calibration, the
+    UNet's weights after the last export (the baseline's included); the builds still make both plans."""
+    pytest.importorskip("tensorrt_rtx")
+    from trt_dm.targets.trt_builder import BuildOptions
+    m = api.load(str(tiny_sdxl_pipeline_dir))
+    quant = api.QuantSettings(recipe="ptq4dm", spec=CalibSpec(n=4, steps=4, guidance_scale=5.0),
+                              cache_root=tmp_path / "cc", batch=4)
+    made = api.deploy(m, quant, target="tensorrt", out_dir=tmp_path, build=True, baseline=True, precision="fp32",
+                      build_options=BuildOptions(min_batch=1, opt_batch=1, max_batch=1, opt_level=0,
+                                                 rtx_targets=("SM89",)),
+                      flavour="tensorrt_rtx", progress=lambda s: None, show_progress=False, release=True)
+    assert made.not_built is None and len(made.sidecars) == 2
+    assert all(p.is_meta for p in m.unet.parameters()) and m.text.released and m.text.text_encoder_2 is None
+    with pytest.raises(RuntimeError, match="released after calibration"):
+        m.text.encode(["a cat"])
+    assert made.sidecars[0].text_pipeline["text_encoder_2_sha256"] == m.text.fingerprints["text_encoder_2"]

@@ -212,6 +212,22 @@ def test_layer_comparison_refused_without_memory_and_skippable(tiny_pipeline_dir
 
 
 
+def test_build_refused_without_memory_names_the_way_past(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
+    """The engine build that would not fit is refused before it starts (exit 1): the unquantized baseline's names
+    --no-baseline, without which the run builds the int8 engine."""
+    import trt_dm.targets.tensorrt as T
+    from trt_dm.cli.main import main
+    args = ["engine", "--model", str(tiny_pipeline_dir), "--out-dir", str(tmp_path), "--cache-dir",
+            str(tmp_path / "cc"), "--calib-n", "4", "--calib-steps", "4", "--batch", "4", "--no-progress",
+            "--recipe", "ptq4dm", "--rtx-targets", "SM89", "--opt-level", "0", "--max-batch", "2", "--opt-batch", "1"]
+    monkeypatch.setitem(T.BUILD_MEMORY_PER_GRAPH_BYTE, "unquantized", 1e9)
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "the engine build of" in err and "at least 1000000000.0x" in err and "--no-baseline skips" in err
+    assert main(args + ["--no-baseline"]) == 0
+    assert (tmp_path / f"{tiny_pipeline_dir.name}-ptq4dm.plan").is_file()
+
+
 def test_fp8_build_options_keep_fp8_targets_and_refuse_others():
     from trt_dm.targets.trt_builder import FP8_RTX_TARGETS, BuildOptions, for_format
     default = BuildOptions()

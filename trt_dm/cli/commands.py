@@ -155,7 +155,7 @@ def _deploy(args, build: bool):
                                "layer_comparison": not args.no_layer_comparison},
                       build=build, baseline=not getattr(args, "no_baseline", True),
                       build_options=build_options(args) if build else None, flavour=getattr(args, "flavour", None),
-                      show_progress=not args.no_progress)
+                      show_progress=not args.no_progress, release=True)  # (the process ends with the run)
 
 
 

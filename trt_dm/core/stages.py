@@ -99,7 +99,9 @@ class InsufficientMemoryError(RuntimeError):
 
 def require_memory(need_mb: float, what: str, how: str) -> None:
     """Raise ``InsufficientMemoryError`` when ``need_mb`` (an estimate: ``how`` says from what) is more than the
-    memory available now. Unknown availability (not Linux) passes."""
+    memory available now (after giving freed memory back: a finished stage's heap pages would otherwise count as
+    used). Unknown availability (not Linux) passes."""
+    release_memory()
     avail = available_mb()
     if avail is not None and need_mb > avail:
         raise InsufficientMemoryError(

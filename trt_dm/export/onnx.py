@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +68,53 @@ def save_onnx(model, path: str | os.PathLike) -> Path:
     return path
 
 
+def _tensors(graph) -> Iterator:
+    """Every TensorProto of ``graph``: initializers and node attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _tensors(g)
+
+
+def gather_external(src: str | os.PathLike, path: str | os.PathLike, align: int = 4096) -> Path:
+    """The graph ``src`` whose tensors are external files beside it (torch's export of a graph over 2 GB: one file per
+    tensor) written to ``path`` with its tensors in ONE ``<name>.data`` (``save_onnx``'s layout), reading and writing
+    one tensor at a time: ``onnx.load`` + ``save_onnx`` would hold every tensor at once (SDXL's UNet: 10.3 GB on top
+    of the model being exported). Atomic like ``save_onnx``: the data file is in place before the graph naming it."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+    src, path = Path(src), Path(path)
+    model = onnx.load(str(src), load_external_data=False)
+    data = path.with_name(path.name + ".data")
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        with open(tmpdir / data.name, "wb") as out:
+            for t in _tensors(model.graph):
+                if not uses_external_data(t):
+                    continue
+                info = ExternalDataInfo(t)
+                with open(src.parent / info.location, "rb") as f:
+                    f.seek(info.offset or 0)
+                    blob = f.read(info.length) if info.length else f.read()
+                out.write(b"\0" * (-out.tell() % align))
+                del t.external_data[:]  # (onnx's set_external_data wants the bytes in memory: set the entries here)
+                for key, value in (("location", data.name), ("offset", out.tell()), ("length", len(blob))):
+                    entry = t.external_data.add()
+                    entry.key, entry.value = key, str(value)
+                out.write(blob)
+                del blob
+        onnx.save_model(model, str(tmpdir / path.name))
+        os.replace(tmpdir / data.name, data)
+        os.replace(tmpdir / path.name, path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return path
+
+
 def onnx_files(path: str | os.PathLike) -> list[Path]:
     """The files of an ONNX graph: the graph, and its external data file when it has one."""
     path = Path(path)
@@ -106,7 +153,9 @@ def export_onnx(unet: nn.Module, path: str | os.PathLike, *, batch: int = 2, seq
         with torch.no_grad():
             torch.onnx.export(_Wrapper(unet, names).eval(), args, str(tmp), input_names=names, output_names=[OUTPUT_NAME],
                               dynamic_axes=dyn, opset_version=opset, do_constant_folding=True, dynamo=False)
-        if len(list(tmpdir.iterdir())) > 1 or tmp.stat().st_size > EXTERNAL_DATA_BYTES:
+        if len(list(tmpdir.iterdir())) > 1:  # torch's one file per tensor: gathered, a tensor at a time
+            gather_external(tmp, path)
+        elif tmp.stat().st_size > EXTERNAL_DATA_BYTES:
             import onnx
             save_onnx(onnx.load(str(tmp)), path)
         else:
@@ -334,6 +383,10 @@ def compare_layers(qunet: nn.Module, onnx_path: str | os.PathLike, feed: dict[st
     precision). A wrong scale, layout or rounding mode would show instead as many codes off, often by more
     than one. ``*_e2e``: both run freely end to end; a flip moves downstream values by about one quantization
     step, so end-to-end flips spread and grow with depth (what the sampler's output sees).
+
+    Memory: the probe rows run one at a time (ONNX Runtime's attention scores, 2 GB per call of 4 rows at SD 1.5's
+    64x64 latents, are a quarter of that), the graph's codes are kept as int8 and torch's are compared as they are
+    computed, never stored: the per-layer counts are those of the whole batch.
     """
     q_out, got = _ort_codes(onnx_path, feed)
     quantizers = {layer: mod.input_quantizer for layer, mod in quantized_layers(qunet).items()
@@ -341,23 +394,26 @@ def compare_layers(qunet: nn.Module, onnx_path: str | os.PathLike, feed: dict[st
     missing = sorted(set(q_out) - set(quantizers))
     if missing:
         raise ValueError(f"layers quantized in {onnx_path} but not in the torch model: {missing[:5]}")
-    forced, order = _torch_codes(qunet, quantizers, feed, {layer: got[q_out[layer]] for layer in quantizers})
-    free, _ = _torch_codes(qunet, quantizers, feed, None)
+    stats: dict[str, dict] = {}
+    order: list[str] = []
+    for i in range(len(feed["sample"])):
+        row = {k: v[i:i + 1] for k, v in feed.items()}
+        theirs = {layer: got[q_out[layer]][i:i + 1] for layer in quantizers}
+        for key, forced in (("", theirs), ("_e2e", None)):
+            _torch_codes(qunet, quantizers, row, forced, theirs, stats, key, order if i == 0 and not key else None)
     rows = []
     for layer in order:
-        ref = got[q_out[layer]].reshape(forced[layer].shape)
-        row = {"layer": layer, "n": ref.numel()}
-        for key, codes in (("", forced[layer]), ("_e2e", free[layer])):
-            d = (codes - ref).abs()
-            flips = int((d > 0).sum())
-            row.update({f"flips{key}": flips, f"flip_rate{key}": flips / ref.numel(), f"max_diff{key}": int(d.max())})
-        rows.append(row)
+        st = stats[layer]
+        rows.append({"layer": layer, "n": st["n"], **{f"{k}{key}": st[f"{k}{key}"] for key in ("", "_e2e")
+                                                     for k in ("flips", "max_diff")},
+                     **{f"flip_rate{key}": st[f"flips{key}"] / st["n"] for key in ("", "_e2e")}})
     return rows
 
 
 def _ort_codes(onnx_path: str | os.PathLike, feed: dict[str, torch.Tensor]) -> tuple[dict[str, str], dict]:
-    """({layer: output of the QuantizeLinear on its input}, {that output: its int8 codes as int16}): ONNX Runtime's
-    codes of every quantized layer's input on ``feed`` (the graph run with those tensors as extra outputs)."""
+    """({layer: output of the QuantizeLinear on its input}, {that output: its int8 codes (FP8: E4M3 ordinals)}):
+    ONNX Runtime's codes of every quantized layer's input on ``feed`` (the graph run with those tensors as extra
+    outputs, one row at a time; weights not pre-packed, which would copy them)."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
@@ -371,6 +427,7 @@ def _ort_codes(onnx_path: str | os.PathLike, feed: dict[str, torch.Tensor]) -> t
             model.graph.output.append(helper.make_tensor_value_info(name, kind, None))
             have.add(name)
     opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.disable_prepacking", "1")
     if fp8:  # ONNX Runtime's extended optimizers move Transposes between FP8 Q and DQ (no FP8 Transpose kernel)
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer):
@@ -384,27 +441,37 @@ def _ort_codes(onnx_path: str | os.PathLike, feed: dict[str, torch.Tensor]) -> t
     else:
         sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     input_names = {i.name for i in sess.get_inputs()}
-    ort_feed = {k: v.detach().cpu().numpy() for k, v in feed.items() if k in input_names}
     outs = list(q_out.values())
-    got = {o: ordinals(torch.from_numpy(a.view(np.uint8))) if o in fp8 else torch.from_numpy(a.astype(np.int16))
-           for o, a in zip(outs, sess.run(outs, ort_feed))}
+    parts: dict[str, list] = {o: [] for o in outs}
+    for i in range(len(feed["sample"])):  # one probe row at a time: a quarter of the activations of 4
+        ort_feed = {k: v[i:i + 1].detach().cpu().numpy() for k, v in feed.items() if k in input_names}
+        for o, a in zip(outs, sess.run(outs, ort_feed)):
+            parts[o].append(ordinals(torch.from_numpy(a.view(np.uint8))) if o in fp8 else torch.from_numpy(a.copy()))
+    got = {o: torch.cat(v) for o, v in parts.items()}
     return q_out, got  # (the session and the model go here: the torch runs after do not need their memory)
 
 
-def _torch_codes(qunet: nn.Module, quantizers: dict, feed: dict[str, torch.Tensor],
-                 forced: dict[str, torch.Tensor] | None) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """({layer: the int8 codes torch computes for its input}, layers in execution order) on ``feed``; with
-    ``forced`` ({layer: codes}), each quantizer passes those codes on instead of its own."""
-    codes: dict[str, torch.Tensor] = {}
-    order: list[str] = []
+def _torch_codes(qunet: nn.Module, quantizers: dict, feed: dict[str, torch.Tensor], forced: dict | None,
+                 theirs: dict[str, torch.Tensor], stats: dict[str, dict], key: str, order: list | None) -> None:
+    """Run ``qunet`` on ``feed`` and add, per layer, its input codes' differences from ``theirs`` (ONNX Runtime's
+    codes) into ``stats[layer]`` (``n``, ``flips<key>``, ``max_diff<key>``); with ``forced`` ({layer: codes}), each
+    quantizer passes those codes on instead of its own. ``order``: filled with the layers in execution order."""
     handles = []
     for layer, quantizer in quantizers.items():
         def hook(_m, _args, out, layer=layer, quantizer=quantizer):
             fp8 = is_fp8(quantizer)  # codes: E4M3 ordinals, else int8 integers
             step = quantizer.amax.detach().float() / (E4M3_MAX if fp8 else 127.0)
             unit = out.detach().float() / step
-            codes[layer] = to_ordinals(unit) if fp8 else torch.round(unit).to(torch.int16)
-            order.append(layer)
+            codes = to_ordinals(unit) if fp8 else torch.round(unit).to(torch.int16)
+            ref = theirs[layer].reshape(codes.shape).to(torch.int16)
+            d = (codes.to(torch.int16) - ref).abs()
+            st = stats.setdefault(layer, {"n": 0, "flips": 0, "max_diff": 0, "flips_e2e": 0, "max_diff_e2e": 0})
+            if not key:
+                st["n"] += ref.numel()
+            st[f"flips{key}"] += int((d > 0).sum())
+            st[f"max_diff{key}"] = max(st[f"max_diff{key}"], int(d.max()))
+            if order is not None:
+                order.append(layer)
             if forced is not None:  # continue from ONNX Runtime's codes
                 f = forced[layer].reshape(out.shape)
                 return ((from_ordinals(f) if fp8 else f.float()) * step).to(out.dtype)
@@ -416,7 +483,6 @@ def _torch_codes(qunet: nn.Module, quantizers: dict, feed: dict[str, torch.Tenso
     finally:
         for h in handles:
             h.remove()
-    return codes, order
 
 
 def to_fp16(src: str | os.PathLike, dst: str | os.PathLike,

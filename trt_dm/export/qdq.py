@@ -54,6 +54,10 @@ _SKIPPED = {"skipped": "--no-layer-comparison"}
 # range check) and writes the converted copy: on sd15-unet (3.44 GB graph) the kernel killed the process at 22.2 GB
 # resident, 14.7 GB above what it held before the stage, so it needs more than 4.3x the graph's bytes.
 FP16_MEMORY_PER_GRAPH_BYTE = 4.3
+# The TensorRT(-RTX) build holds the parsed graph and its weights. Measured on sdxl-unet (9.58 GiB FP32 graphs, the
+# torch weights released before the builds): the int8 Q/DQ graph's build raised the process by 13.2 GiB (1.4x); the
+# unquantized FP32 baseline's was killed by the kernel 17.4 GiB above the process (so at least 1.8x).
+BUILD_MEMORY_PER_GRAPH_BYTE = {"quantized": 1.4, "unquantized": 1.8}
 
 
 class ExportCheckError(RuntimeError):
@@ -139,13 +143,14 @@ def check_codes(codes: dict[str, tuple[int, int]], qcfg, quantized: set[str]) ->
     return problems
 
 
-def require_graph_memory(path: Path, per_byte: float, what: str, alternative: str, at_least: bool = False) -> None:
+def require_graph_memory(path: Path, per_byte: float, what: str, alternative: str, at_least: bool = False,
+                         measured_on: str = "sd15-unet") -> None:
     """Refuse a stage on the graph at ``path`` before it starts when ``per_byte`` x its size (data file included) is
     more memory than is available; the message names the measured ratio and ``alternative``."""
     size = sum(p.stat().st_size for p in onnx_files(path))
     require_memory(per_byte * size / 2**20, f"{what} of {path.name}",
-                   f"{'at least ' if at_least else ''}{per_byte}x its {size / 2**30:.2f} GiB, measured on sd15-unet; "
-                   + alternative)
+                   f"{'at least ' if at_least else ''}{per_byte}x its {size / 2**30:.2f} GiB, measured on "
+                   f"{measured_on}; " + alternative)
 
 
 def export_qdq(job: ExportJob, progress: Callable[[str], None] = print) -> list[Exported]:

@@ -224,6 +224,20 @@ ARCHS: dict[str, tuple[str, dict]] = {
 
 
 
+def write_arch_pipeline(path: str | Path, name: str, seed: int = 0) -> Path:
+    """An unconditional ``ARCHS`` entry (random weights) as a pipeline directory: unet/ and a DDPM scheduler/."""
+    from diffusers import DDPMScheduler
+    path = Path(path)
+    unet, sched = build_arch(name, seed)
+    if ARCHS[name][0] != "UNet2DModel":
+        raise ValueError(f"{name!r} is a {ARCHS[name][0]}; write_arch_pipeline writes the unconditional ones")
+    unet.save_pretrained(str(path / "unet"), safe_serialization=True)
+    DDPMScheduler(**sched).save_pretrained(str(path / "scheduler"))
+    (path / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline", "scheduler": [
+        "diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}, indent=2))
+    return path
+
+
 def build_arch(name: str, seed: int = 0):
     """(unet, schedule config) for an ARCHS entry (random weights), 'default' or a model directory."""
     if name not in ARCHS:

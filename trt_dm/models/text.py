@@ -112,10 +112,14 @@ class TextPipeline:
     tokenizer_2: object = None  # SDXL: the second tokenizer and text encoder (CLIPTextModelWithProjection)
     text_encoder_2: torch.nn.Module | None = None
     force_zeros_for_empty_prompt: bool = False  # SDXL: the empty negative prompt is all zeros, not its encoding
+    released: bool = False  # ``release``d: encoders and VAE dropped
+
+    def __post_init__(self) -> None:
+        self._vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
     def sdxl(self) -> bool:
-        return self.text_encoder_2 is not None
+        return self.tokenizer_2 is not None
 
     @property
     def max_length(self) -> int:
@@ -133,7 +137,7 @@ class TextPipeline:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self._vae_scale
 
     def _encoders(self) -> tuple[list, list]:
         if self.sdxl:
@@ -147,6 +151,8 @@ class TextPipeline:
         (StableDiffusionPipeline.encode_prompt without clip-skip or LoRA); for SDXL both encoders' penultimate hidden
         states side by side and ``text_embeds`` (N, pooled), the second encoder's pooled projection
         (StableDiffusionXLPipeline.encode_prompt)."""
+        if self.released:
+            raise RuntimeError(f"{self.root}: the text encoders were released after calibration; load the model again")
         if isinstance(prompts, str):
             prompts = [prompts]
         hidden, pooled = [], []
@@ -174,6 +180,12 @@ class TextPipeline:
 
     def decode(self, latents: torch.Tensor, batch: int = 16) -> torch.Tensor:
         return decode_latents(self.vae, self.scaling_factor, latents, batch)
+
+    def release(self) -> None:
+        """Drop the text encoders and the VAE (their paths and sha256 stay for reports): for runs that have encoded
+        their prompts and decode nothing more (``deploy(release=True)``: 3 GB for SDXL's encoders)."""
+        self.text_encoder = self.text_encoder_2 = self.vae = None
+        self.released = True
 
     def describe(self) -> dict:
         d = {"text_encoder": str(self.root / "text_encoder"), "vae": str(self.root / "vae"),

@@ -12,7 +12,7 @@ import torch
 
 from trt_dm.core.flavour import EngineError, Flavour, trt_module
 from trt_dm.core.io import atomic_write
-from trt_dm.core.stages import recording, stage
+from trt_dm.core.stages import recording, release_memory, stage
 from trt_dm.export.job import ExportJob, graph_stem
 from trt_dm.models.loading import LoadedModel
 from trt_dm.quant.calib.ranges import get_recipe
@@ -39,7 +39,9 @@ def deploy(loaded: LoadedModel, quant: QuantSettings, *, out_dir: Path = Path("e
     """Calibrate (cached) -> the target's checked graphs -> with ``build``, the target's engines (plus the
     unquantized baseline when the target has one). The target refuses what it cannot express before any work.
     ``precision``: the graph's non-quantized math (default: the target's, fp16 for TensorRT, fp32 for OpenVINO).
-    Wall time and peak memory of every stage are in ``result.stages`` and ``<out_dir>/<model>-<recipe>.stages.json``."""
+    ``release``: free what the later stages do not read, as soon as they are done (the text encoders and VAE after
+    the calibration, the UNet's weights before the builds, which read the ONNX files): ``loaded`` cannot sample or
+    export again afterwards (the command line, whose process ends with the run). Wall time and peak memory of every stage are in ``result.stages`` and ``<out_dir>/<model>-<recipe>.stages.json``."""
     q = quant.resolved(loaded, kw.get("target", "tensorrt"))
     path = Path(out_dir) / f"{graph_stem(loaded.name, q.recipe, q.qcfg)}.stages.json"
 
@@ -61,7 +63,7 @@ def deploy(loaded: LoadedModel, quant: QuantSettings, *, out_dir: Path = Path("e
 def _deploy(loaded: LoadedModel, quant: QuantSettings, *, target: str = "tensorrt", out_dir: Path = Path("engines"),
             precision: str | None = None, options: dict | None = None, build: bool = False, baseline: bool = True,
             build_options=None, flavour: str | Flavour | None = None, progress: Callable[[str], None] = print,
-            show_progress: bool = True) -> DeployResult:
+            show_progress: bool = True, release: bool = False) -> DeployResult:
     """``deploy`` without the stage recording."""
     tgt = get_target(target)
     precision = precision or getattr(tgt, "default_precision", "fp16")
@@ -81,6 +83,8 @@ def _deploy(loaded: LoadedModel, quant: QuantSettings, *, target: str = "tensorr
     if build_options is not None:
         build_options = _sized_profiles(guidance, build_options, progress, seq_len)
     calib = _calibrate(loaded, quant, progress, show_progress)
+    if release and loaded.text is not None:
+        loaded.text.release()  # prompts are encoded; the sidecar keeps the encoders' paths and sha256
     job = ExportJob(loaded=loaded, qcfg=quant.qcfg, calib=calib, recipe=quant.recipe, spec=quant.spec,
                     out_dir=Path(out_dir), batch_size=quant.batch, precision=precision, options=options)
     with stage("export"):
@@ -88,7 +92,7 @@ def _deploy(loaded: LoadedModel, quant: QuantSettings, *, target: str = "tensorr
     result = DeployResult(calib, graphs, usage=tgt.usage([g.onnx for g in graphs]))
     if build and tgt.builds:
         _build(tgt, loaded, result, out_dir=Path(out_dir), precision=precision, baseline=baseline,
-               build_options=build_options, flavour=flavour, progress=progress)
+               build_options=build_options, flavour=flavour, progress=progress, release=release)
     return result
 
 
@@ -119,7 +123,7 @@ def _calibrate(loaded: LoadedModel, quant: QuantSettings, progress: Callable[[st
 
 
 def _build(tgt, loaded: LoadedModel, result: DeployResult, *, out_dir: Path, precision: str, baseline: bool,
-           build_options, flavour: str | Flavour | None, progress: Callable[[str], None]) -> None:
+           build_options, flavour: str | Flavour | None, progress: Callable[[str], None], release: bool = False) -> None:
     """The target's engines of ``result.graphs`` (and the unquantized baseline's) into ``result``, or why none was
     built (no TensorRT here: ``result.not_built``)."""
     all_graphs = list(result.graphs)
@@ -127,6 +131,9 @@ def _build(tgt, loaded: LoadedModel, result: DeployResult, *, out_dir: Path, pre
         base = tgt.export_baseline(loaded, out_dir, precision=precision)
         progress(f"  {base.onnx}: unquantized baseline, checked")
         all_graphs.append(base)
+    if release:  # the builds read the ONNX files: the torch weights (10 GB for SDXL) are not held through them
+        loaded.unet.to("meta")
+        release_memory()
     try:
         _, fl = trt_module(flavour)
     except EngineError as e:

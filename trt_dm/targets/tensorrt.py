@@ -17,7 +17,15 @@ from trt_dm.core.signature import Signature
 from trt_dm.core.stages import stage
 from trt_dm.export.job import Exported, ExportJob
 from trt_dm.export.onnx import export_onnx, to_fp16
-from trt_dm.export.qdq import ExportCheckError, check_graph, check_settings, export_qdq, report_for
+from trt_dm.export.qdq import (
+    BUILD_MEMORY_PER_GRAPH_BYTE,
+    ExportCheckError,
+    check_graph,
+    check_settings,
+    export_qdq,
+    report_for,
+    require_graph_memory,
+)
 from trt_dm.targets.base import Target
 from trt_dm.targets.trt_builder import BuildOptions, build_engine
 
@@ -60,6 +68,11 @@ class TensorRTTarget(Target):
             extra = {k: getattr(r, k) for k in ("group", "groups", "t_range", "guidance_scale", "text_pipeline")
                      if getattr(r, k) is not None}
             extra["model_fingerprint"] = r.model_fingerprint or None
+            kind = "quantized" if r.int8 else "unquantized"
+            require_graph_memory(m.onnx, BUILD_MEMORY_PER_GRAPH_BYTE[kind], "the engine build",
+                                 "--no-baseline skips the unquantized engine" if not r.int8 else
+                                 f"the checked ONNX stays: `trt-dm build {m.onnx}` builds it elsewhere",
+                                 at_least=not r.int8, measured_on="sdxl-unet")
             with stage(f"build {plan.name}"):
                 side = build_engine(m.onnx, plan, options or BuildOptions(), flavour=flavour, recipe=r.recipe,
                                     calibration=r.calibration,
