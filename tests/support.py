@@ -28,3 +28,34 @@ def ort_reference(path, feed: dict) -> np.ndarray:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     return sess.run([OUTPUT_NAME], {k: v.numpy() for k, v in feed.items()})[0]
+
+
+def served_equals_sampled(loaded, prompts=("the cat", "a red apple")):
+    """`trt-dm serve` over ``loaded`` (torch FP): two prompts' images served at seed 7 equal `trt-dm sample`'s
+    (uint8 rounding, <= 1); returns the service's answers to /v1/models, a request without a prompt and one with
+    class labels."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from trt_dm import api
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from trt_dm.core.images import to_uint8
+    from trt_dm.serve.engine import Service
+    from trt_dm.serve.http import create_app
+    with api.open_denoiser(loaded, device="cpu") as den:
+        ref = to_uint8(api.draw(loaded, den, api.SampleSettings(steps=3, n=2, seed=7, prompts=prompts,
+                                                                guidance_scale=7.5), progress=False)[0])
+        with TestClient(create_app(Service(loaded, den, max_rows=8))) as client:
+            r = client.post("/v1/generate", json={"n": 2, "steps": 3, "seed": 7, "prompt": list(prompts),
+                                                  "output": "json"})
+            assert r.status_code == 200, r.text
+            for i, b in enumerate(r.json()["images"]):
+                got = np.array(Image.open(io.BytesIO(base64.b64decode(b))))[2:-2, 2:-2].astype(int)
+                assert np.abs(got - ref[i].astype(int)).max() <= 1
+            return {"models": client.get("/v1/models").json(),
+                    "no_prompt": client.post("/v1/generate", json={"n": 1}),
+                    "labels": client.post("/v1/generate", json={"n": 1, "class_labels": [1]})}

@@ -93,31 +93,12 @@ def test_precomputed_embeddings(sd, tmp_path):
 def test_served_prompt_images_equal_sampled_ones(sd):
     """`trt-dm serve` on a text-to-image pipeline: a prompt in the request, guidance 7.5 by default, the VAE decodes;
     the served image equals `trt-dm sample`'s for the same seed and prompt (uint8 rounding, <= 1)."""
-    import base64
-    import io
-
-    import numpy as np
-    from PIL import Image
-    pytest.importorskip("fastapi")
-    from fastapi.testclient import TestClient
-
-    from trt_dm.core.images import to_uint8
-    from trt_dm.serve.engine import Service
-    from trt_dm.serve.http import create_app
-    with api.open_denoiser(sd, device="cpu") as den:
-        ref = to_uint8(api.draw(sd, den, api.SampleSettings(steps=3, n=2, seed=7, prompts=("the cat", "a red apple"),
-                                                            guidance_scale=7.5), progress=False)[0])
-        with TestClient(create_app(Service(sd, den, max_rows=8))) as client:
-            r = client.post("/v1/generate", json={"n": 2, "steps": 3, "seed": 7, "prompt": ["the cat", "a red apple"],
-                                                  "output": "json"})
-            assert r.status_code == 200, r.text
-            for i, b in enumerate(r.json()["images"]):
-                got = np.array(Image.open(io.BytesIO(base64.b64decode(b))))[2:-2, 2:-2].astype(int)
-                assert np.abs(got - ref[i].astype(int)).max() <= 1
-            assert client.post("/v1/generate", json={"n": 1, "class_labels": [1]}).status_code == 422
-            bad = client.post("/v1/generate", json={"n": 1})  # no prompt: the request's field, no file options
-            assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "prompt"]
-            assert bad.json()["detail"][0]["msg"].endswith('give "prompt" TEXT'), bad.text
-            assert client.get("/v1/models").json()["text_pipeline"]["vae"].endswith("vae")
+    from support import served_equals_sampled
+    out = served_equals_sampled(sd)
+    assert out["labels"].status_code == 422
+    bad = out["no_prompt"]  # no prompt: the request's field, no file options
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "prompt"]
+    assert bad.json()["detail"][0]["msg"].endswith('give "prompt" TEXT'), bad.text
+    assert out["models"]["text_pipeline"]["vae"].endswith("vae")
 
 
