@@ -4,10 +4,18 @@ from trt_dm.models.builders import ARCHS, build_arch
 
 
 def test_benchmark_architectures_have_the_stated_sizes():
-    # parameter counts of the reference models (DDPM CIFAR-10: 35.7 M; SD 1.5 UNet: 859.5 M)
+    # parameter counts of the reference models (DDPM CIFAR-10: 35.7 M; SD 1.5 UNet: 859.5 M; SDXL base: 2,567.5 M)
+    import torch
+
+    from trt_dm.models.denoisers import denoiser_class
     unet, _ = build_arch("ddpm-cifar10")
     assert round(sum(p.numel() for p in unet.parameters()) / 1e6, 1) == 35.7
-    assert set(ARCHS) == {"ddpm-cifar10", "sd15-unet"}
+    assert set(ARCHS) == {"ddpm-cifar10", "sd15-unet", "sdxl-unet"}
+    for name, millions in (("sd15-unet", 859.5), ("sdxl-unet", 2567.5)):
+        kind, cfg = ARCHS[name]
+        with torch.device("meta"):  # sizes only: no 10 GB of weights
+            big = denoiser_class(kind, cfg)(**cfg)
+        assert round(sum(p.numel() for p in big.parameters()) / 1e6, 1) == millions
 
 
 def test_interleaved_timing_rounds_rotate_and_settle(tiny_unet_dir):

@@ -7,7 +7,8 @@ import torch
 from onnx import numpy_helper
 
 from trt_dm.core.signature import OUTPUT_NAME
-from trt_dm.export.onnx import check_layers, check_qdq, compare_layers, export_onnx
+from trt_dm.export.compare import compare_layers
+from trt_dm.export.onnx import check_layers, check_qdq, export_onnx
 from trt_dm.models.builders import tiny_unet2d
 from trt_dm.quant.config import QuantConfig
 from trt_dm.quant.modules import activation_quantizers, apply_ranges, quantize_model, quantized_layers

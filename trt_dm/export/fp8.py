@@ -12,7 +12,7 @@ modelopt exports a per-tensor E4M3 quantizer as TensorRT's custom ops ``trt::TRT
    ``Transpose``, as in the int8 graphs). The codes must reproduce the exported weight to float rounding (checked),
    so the graph computes what the fake-quant model computes.
 
-The layer comparison (``trt_dm.export.onnx.compare_layers``) compares the codes as ordinals
+The layer comparison (``trt_dm.export.compare.compare_layers``) compares the codes as ordinals
 (``trt_dm.quant.calib.fp8.ordinals``), the FP8 counterpart of int8's integer codes.
 """
 from __future__ import annotations

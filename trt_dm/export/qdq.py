@@ -9,8 +9,8 @@ Files, for model M and recipe R (``groups=K`` recipes with ``group_engines`` giv
     M-R.onnx        Q/DQ, non-quantized math FP16 (strongly typed TensorRT / TensorRT-RTX input)
     M-R.onnx.json   export report: checks, int8-code flip rates vs torch, recipe, calibration, signature
 
-The checks themselves (``check_qdq``, ``check_layers``, ``weight_code_ranges``, ``compare_layers``) stay in
-``trt_dm.export.onnx``: they are rules on and readers of the ONNX graph, sharing its readers (``constants``,
+The checks themselves (``check_qdq``, ``check_layers``, ``weight_code_ranges``; ``compare_layers``) stay in
+``trt_dm.export.onnx`` (and ``.compare``): they are rules on and readers of the ONNX graph, sharing its readers (``constants``,
 ``layer_of``) with the writer, and other parts (the CLI, evaluation) use them without this pipeline; this module
 orders them into one export.
 """
@@ -27,12 +27,12 @@ from torch import nn
 from trt_dm.core.artifacts import ExportReport
 from trt_dm.core.schedule import Schedule
 from trt_dm.core.stages import require_memory, stage
+from trt_dm.export.compare import compare_layers
 from trt_dm.export.fp8 import export_fp8
 from trt_dm.export.job import Exported, ExportJob, graph_stem
 from trt_dm.export.onnx import (
     check_layers,
     check_qdq,
-    compare_layers,
     export_onnx,
     onnx_files,
     to_fp16,
