@@ -88,6 +88,7 @@ ROWS: list[tuple[str, str, list[str]]] = [
 ]
 # The class-conditional default model (issue #12): same seeds, every class in turn, guidance 1 and 3.
 _COND = ["--model", "default-cond", "--classes", "all"]
+_DIT = ["--model", "default-dit", "--classes", "all"]  # the class-conditional DiT (issue #37)
 _T500 = "default-cond-ptq4dm-g4-fpf6039c-t500"  # stem of `trt-dm export --model default-cond --guidance-scale 3
 # --keep-fp 'down_blocks.0.*' 'up_blocks.2.*' --keep-fp-from-t 500`
 COND_ROWS: list[tuple[str, str, list[str]]] = [
@@ -147,7 +148,18 @@ FP8_ROWS: list[tuple[str, str, list[str]]] = [
     ("ddpm250-fp8-ndtc-g4", "FP8 (E4M3) W8A8 ptq4dm-g4, DDPM 250 steps",
      ["--recipe", "ptq4dm-g4", "--format", "fp8", "--sampler", "ddpm", "--steps", "250"]),
 ]
-ALL_ROWS = ROWS + COND_ROWS + COND2_ROWS + FP8_ROWS
+# The class-conditional DiT (issue #37: default-dit; guidance at t <= 300 from its trt_dm.json), FP and W8A8 at
+# guidance 1 and 3.
+DIT_ROWS: list[tuple[str, str, list[str]]] = [
+    ("dit-fp-w1", "default-dit FP32, guidance 1", _DIT),
+    ("dit-g4-w1", "default-dit W8A8 ptq4dm-g4 (the default recipe), guidance 1", [*_DIT, "--recipe", "ptq4dm-g4"]),
+    ("dit-g4-ff1-w1", "default-dit W8A8 ptq4dm-g4, block 1's MLP in FP (its most sensitive layers), guidance 1",
+     [*_DIT, "--recipe", "ptq4dm-g4", "--keep-fp", "transformer_blocks.1.ff.*"]),
+    ("dit-fp-w3", "default-dit FP32, guidance 3 (t <= 300)", [*_DIT, "--guidance-scale", "3"]),
+    ("dit-g4-w3", "default-dit W8A8 ptq4dm-g4, guidance 3 (t <= 300)",
+     [*_DIT, "--recipe", "ptq4dm-g4", "--guidance-scale", "3"]),
+]
+ALL_ROWS = ROWS + COND_ROWS + COND2_ROWS + FP8_ROWS + DIT_ROWS
 
 # Removed after their screens (256 images, `screen` below), being below the default recipe's 38.95 dB there:
 # W8A8 uniform + percentile (36.2 dB) and W8A8 ptq4dm + learned rounding (30.1 dB; ptq4dm alone 31.1 dB).
@@ -277,6 +289,12 @@ SCREEN: list[tuple[str, str, list[str]]] = [
       "--guidance-scale", "3"]),
     ("cond2-fp8-w3", "default-cond, guidance 3: FP8 (E4M3) W8A8 ptq4dm-g4",
      [*_COND, "--recipe", "ptq4dm-g4", "--format", "fp8", "--guidance-scale", "3"]),
+    ("dit-g4-w1", "default-dit, guidance 1: W8A8 ptq4dm-g4 (every attention / MLP / adaLN linear int8)",
+     [*_DIT, "--recipe", "ptq4dm-g4"]),
+    ("dit-ptq4dm-w1", "default-dit, guidance 1: W8A8 ptq4dm (one range set for every timestep)",
+     [*_DIT, "--recipe", "ptq4dm"]),
+    ("dit-g4-ff1-w1", "default-dit, guidance 1: W8A8 ptq4dm-g4, block 1's MLP (the most sensitive layers) in FP",
+     [*_DIT, "--recipe", "ptq4dm-g4", "--keep-fp", "transformer_blocks.1.ff.*"]),
     ("ndtc-0.4-0.4", "ndtc mu=0.4 sigma=0.4 (PTQ4DM's published script)",
      ["--recipe", "ptq4dm", "--timesteps", "ndtc:0.4,0.4"]),
     ("ex-d0r0c1", "also keep down_blocks.0.resnets.0.conv1 in FP (most sensitive quantized layer)",

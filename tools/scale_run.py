@@ -1,6 +1,6 @@
 """`trt-dm engine` at a given model scale on this machine, with wall time and peak memory per stage.
 
-    python tools/scale_run.py [--arch default|ddpm-cifar10|sd15|sdxl] [--dir /tmp/<arch>-scale] [--threads 2]
+    python tools/scale_run.py [--arch default|ddpm-cifar10|sd15|sdxl|dit-xl-2] [--dir /tmp/<arch>-scale] [--threads 2]
                               [--sample-size S] [-- extra trt-dm engine arguments]
 
 The same small calibration set for every scale (4 samples' trajectories, DDIM 10, the paper's one-range recipe;
@@ -8,7 +8,8 @@ text pipelines: 4 built-in prompts at guidance 7.5) and engine profiles for 1..4
 model unless it is there (``default`` is the embedded one): DDPM-CIFAR10's UNet (35.7 M,
 trt_dm.models.builders.write_arch_pipeline), a pipeline at SD 1.5's sizes (write_sd15_layout_pipeline: the 859.5 M
 UNet, a CLIP-L-sized text encoder, SD's VAE channels) or at SDXL base's (write_sdxl_layout_pipeline: the 2.567 B
-UNet, CLIP-L- and bigG-sized encoders; latents of --sample-size, 128 = 1024 px), in a process of its own. The
+UNet, CLIP-L- and bigG-sized encoders; latents of --sample-size, 128 = 1024 px) or DiT-XL/2 (749.8 M, class-
+conditional: calibrated on every class in turn), in a process of its own. The
 stage table (wall time and peak resident memory per stage), the UNet's parameter count, the machine and the log go
 to reports/scale/<arch>/; tools/cost_growth.py tabulates and plots them (docs/performance.md). Stages that do not
 fit this machine's memory are refused before they start, naming the flag that skips them (see
@@ -29,14 +30,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 WRITERS = {"ddpm-cifar10": "write_arch_pipeline({path!r}, 'ddpm-cifar10')",
            "sd15": "write_sd15_layout_pipeline({path!r})",
-           "sdxl": "write_sdxl_layout_pipeline({path!r}, sample_size={size})"}
+           "sdxl": "write_sdxl_layout_pipeline({path!r}, sample_size={size})",
+           "dit-xl-2": "write_arch_pipeline({path!r}, 'dit-xl-2')"}
 
 
 def unet_params(model: Path) -> int:
-    """Parameters of the UNet in ``model`` (its safetensors headers: nothing loaded)."""
+    """Parameters of the UNet (or transformer) in ``model`` (its safetensors headers: nothing loaded)."""
     from safetensors import safe_open
     n = 0
-    for f in sorted((model / "unet").glob("*.safetensors")):
+    for f in sorted((model / "unet").glob("*.safetensors")) + sorted((model / "transformer").glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
             for k in st.keys():
                 shape = st.get_slice(k).get_shape()
@@ -67,7 +69,8 @@ def main() -> int:
            str(args.dir / "engines"), "--cache-dir", str(args.dir / "cache"), "--calib-n", "4", "--calib-steps", "10",
            "--batch", "4", "--threads", str(args.threads), "--min-batch", "1", "--opt-batch", "1", "--max-batch", "4",
            "--recipe", "ptq4dm",  # 4 samples cannot fill 4 timestep groups
-           *(["--timesteps", "uniform"] if not text else []), "--no-progress", *extra]
+           *(["--timesteps", "uniform"] if not text else []), *(["--classes", "all"] if "dit" in args.arch else []),
+           "--no-progress", *extra]
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(out / "log.txt", "w") as log:  # (peaks per stage come from the stage table: /usr/bin/time's maximum

@@ -4,14 +4,15 @@ from trt_dm.models.builders import ARCHS, build_arch
 
 
 def test_benchmark_architectures_have_the_stated_sizes():
-    # parameter counts of the reference models (DDPM CIFAR-10: 35.7 M; SD 1.5 UNet: 859.5 M; SDXL base: 2,567.5 M)
+    # parameter counts of the reference models (DDPM CIFAR-10: 35.7 M; SD 1.5 UNet: 859.5 M; SDXL base: 2,567.5 M;
+    # DiT-XL/2 in diffusers' layout: 749.8 M)
     import torch
 
     from trt_dm.models.denoisers import denoiser_class
     unet, _ = build_arch("ddpm-cifar10")
     assert round(sum(p.numel() for p in unet.parameters()) / 1e6, 1) == 35.7
-    assert set(ARCHS) == {"ddpm-cifar10", "sd15-unet", "sdxl-unet"}
-    for name, millions in (("sd15-unet", 859.5), ("sdxl-unet", 2567.5)):
+    assert set(ARCHS) == {"ddpm-cifar10", "sd15-unet", "sdxl-unet", "dit-xl-2"}
+    for name, millions in (("sd15-unet", 859.5), ("sdxl-unet", 2567.5), ("dit-xl-2", 749.8)):
         kind, cfg = ARCHS[name]
         with torch.device("meta"):  # sizes only: no 10 GB of weights
             big = denoiser_class(kind, cfg)(**cfg)

@@ -38,7 +38,8 @@ def test_wheel_holds_every_module_and_model_file(wheel):
     model_files = {p.relative_to(ROOT / "models").as_posix() for p in (ROOT / "models").rglob("*") if p.is_file()}
     packaged = {n.removeprefix("trt_dm/embedded/") for n in names if n.startswith("trt_dm/embedded/")}
     assert {"default/unet/diffusion_pytorch_model.safetensors", "default-cond/trt_dm.json",
-            "classifier/classifier.safetensors"} <= model_files
+            "default-dit/transformer/diffusion_pytorch_model.safetensors", "classifier/classifier.safetensors"
+            } <= model_files
     assert model_files == packaged, f"in models/ only: {sorted(model_files - packaged)}; " \
                                     f"in the wheel only: {sorted(packaged - model_files)}"
     meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
@@ -56,12 +57,13 @@ def test_installed_wheel_loads_its_own_embedded_models(wheel, tmp_path):
         "import sys; sys.path.insert(0, sys.argv[1])\n"
         "import trt_dm, trt_dm.eval.classify as c, trt_dm.models.loading as m\n"
         "loaded = m.load_model('default'); cond = m.load_model('default-cond'); c.load_classifier()\n"
+        "dit = m.load_model('default-dit')\n"
         "print(trt_dm.__file__); print(m.DEFAULT_MODEL_DIR); print(c.CLASSIFIER_DIR)\n"
-        "print(loaded.data_key()); print(cond.data_key())\n"
+        "print(loaded.data_key()); print(cond.data_key()); print(dit.data_key())\n"
     )
     proc = subprocess.run([sys.executable, "-c", script, str(site)], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    module, default_dir, classifier_dir, key, cond_key = proc.stdout.splitlines()[-5:]
+    module, default_dir, classifier_dir, key, cond_key, dit_key = proc.stdout.splitlines()[-6:]
     for path in (module, default_dir, classifier_dir):
         assert Path(path).resolve().is_relative_to(site.resolve()), path
     assert Path(default_dir) == site / "trt_dm" / "embedded" / "default"
@@ -69,6 +71,7 @@ def test_installed_wheel_loads_its_own_embedded_models(wheel, tmp_path):
     from trt_dm.models.loading import load_model
     assert key == load_model("default").data_key()
     assert cond_key == load_model("default-cond").data_key()
+    assert dit_key == load_model("default-dit").data_key()
     shipped = site / "trt_dm" / "embedded" / "default" / "unet" / "diffusion_pytorch_model.safetensors"
     source = ROOT / "models" / "default" / "unet" / "diffusion_pytorch_model.safetensors"
     assert hashlib.sha256(shipped.read_bytes()).digest() == hashlib.sha256(source.read_bytes()).digest()

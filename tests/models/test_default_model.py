@@ -53,3 +53,22 @@ def test_class_conditional_default_model_draws_the_requested_classes():
         images, _ = api.draw(loaded, den, settings, progress=False)
     labels = loaded.conditioning_for(20, "all")["class_labels"]
     assert class_accuracy(images, labels) >= 0.75  # 2 images of each class; real test images score 0.91
+
+
+def test_transformer_default_model_matches_its_card_and_draws_the_requested_classes():
+    """`--model default-dit` (tools/train_default.py --arch dit): a DiT of >= 2 M parameters in <= 20 MB of
+    safetensors, its card's null label and guidance interval, and samples the project's classifier recognises."""
+    from trt_dm import api
+    from trt_dm.eval.classify import class_accuracy
+    from trt_dm.models.loading import DEFAULT_MODEL_DIR
+    loaded = api.load("default-dit")
+    assert loaded.kind == "DiTTransformer2DModel" and loaded.scheduler_source == "dir"
+    assert sum(p.numel() for p in loaded.unet.parameters()) >= 2_000_000
+    assert (DEFAULT_MODEL_DIR.parent / "default-dit" / "transformer" / "diffusion_pytorch_model.safetensors"
+            ).stat().st_size <= 20 * 2**20
+    assert loaded.null_class_label == 10 and loaded.num_classes == 10 and loaded.guidance_interval == (0, 300)
+    # N=1000, DDIM 50, unguided: class accuracy 82.3 % (the card's guidance curve)
+    settings = api.SampleSettings(steps=20, n=20, labels="all")
+    with api.open_denoiser(loaded, device="cpu") as den:
+        images, _ = api.draw(loaded, den, settings, progress=False)
+    assert class_accuracy(images, loaded.conditioning_for(20, "all")["class_labels"]) >= 0.6

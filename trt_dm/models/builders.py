@@ -1,5 +1,5 @@
 """Random-weight models built offline, for tests and profiling: tiny UNets, the profiled architectures (``ARCHS``:
-the default model, DDPM-CIFAR10, SD 1.5's UNet) and Stable Diffusion layout pipeline directories."""
+DDPM-CIFAR10, SD 1.5's and SDXL's UNets, DiT-XL/2) and Stable Diffusion layout pipeline directories."""
 from __future__ import annotations
 
 import json
@@ -203,7 +203,9 @@ def write_sdxl_layout_pipeline(path: str | Path, seed: int = 0, *, text_layers: 
 
 # Architectures with random weights (diffusers configs). ddpm-cifar10: Ho et al.'s CIFAR-10 UNet as in
 # google/ddpm-cifar10-32 (35.7 M parameters); sd15-unet: Stable Diffusion 1.5's UNet (859.5 M); sdxl-unet: SDXL
-# base's UNet (2.567 B; stabilityai/stable-diffusion-xl-base-1.0's unet/config.json).
+# base's UNet (2.567 B; stabilityai/stable-diffusion-xl-base-1.0's unet/config.json); dit-xl-2: DiT-XL/2 at 256 px
+# (facebook/DiT-XL-2-256's transformer/config.json: 749.8 M in diffusers' layout, where each of the 28 blocks holds
+# its own copy of the timestep / class embedding; the paper's 675 M counts them once), PixArt-Sigma's size (0.6 B).
 ARCHS: dict[str, tuple[str, dict]] = {
     "ddpm-cifar10": ("UNet2DModel", dict(
         sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
@@ -220,21 +222,28 @@ ARCHS: dict[str, tuple[str, dict]] = {
         transformer_layers_per_block=(1, 2, 10), use_linear_projection=True, cross_attention_dim=2048,
         addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
         norm_num_groups=32)),
+    "dit-xl-2": ("DiTTransformer2DModel", dict(
+        sample_size=32, in_channels=4, out_channels=8, patch_size=2, num_layers=28, num_attention_heads=16,
+        attention_head_dim=72, num_embeds_ada_norm=1000, norm_type="ada_norm_zero", norm_num_groups=32,
+        activation_fn="gelu-approximate", attention_bias=True, norm_elementwise_affine=False)),
 }
 
 
 
 def write_arch_pipeline(path: str | Path, name: str, seed: int = 0) -> Path:
-    """An unconditional ``ARCHS`` entry (random weights) as a pipeline directory: unet/ and a DDPM scheduler/."""
+    """An ``ARCHS`` entry without text (random weights) as a pipeline directory: unet/ (a DiT: transformer/, its
+    latents left undecoded: no vae/) and a DDPM scheduler/."""
     from diffusers import DDPMScheduler
     path = Path(path)
+    kind = ARCHS[name][0]
+    if kind not in ("UNet2DModel", "DiTTransformer2DModel"):
+        raise ValueError(f"{name!r} is a {kind}; write_arch_pipeline writes the ones without text")
     unet, sched = build_arch(name, seed)
-    if ARCHS[name][0] != "UNet2DModel":
-        raise ValueError(f"{name!r} is a {ARCHS[name][0]}; write_arch_pipeline writes the unconditional ones")
-    unet.save_pretrained(str(path / "unet"), safe_serialization=True)
+    folder, pipeline = ("unet", "DDPMPipeline") if kind == "UNet2DModel" else ("transformer", "DiTPipeline")
+    unet.save_pretrained(str(path / folder), safe_serialization=True)
     DDPMScheduler(**sched).save_pretrained(str(path / "scheduler"))
-    (path / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline", "scheduler": [
-        "diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}, indent=2))
+    (path / "model_index.json").write_text(json.dumps({"_class_name": pipeline, "scheduler": [
+        "diffusers", "DDPMScheduler"], folder: ["diffusers", kind]}, indent=2))
     return path
 
 

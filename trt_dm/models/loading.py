@@ -55,7 +55,7 @@ def _embedded_root() -> Path:
 EMBEDDED_ROOT = _embedded_root()
 DEFAULT_MODEL_DIR = EMBEDDED_ROOT / "default"
 # Embedded models by name, under models/ ("default" can be redirected with TRT_DM_DEFAULT_MODEL).
-EMBEDDED = {"default": "default", "default-cond": "default-cond"}
+EMBEDDED = {"default": "default", "default-cond": "default-cond", "default-dit": "default-dit"}
 # Conditioning facts a UNet config cannot hold, next to it: {"null_class_label": int, "num_classes": int,
 # "class_names": [...], "guidance_interval": [lo, hi]} (written by tools/train_default.py; the model card says how
 # it was trained and why the interval).
