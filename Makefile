@@ -59,10 +59,11 @@ engine: venv
 bench: venv
 	$(BIN)/python tools/bench.py --threads 2
 
-# step-level vs request-level vs no batching in `trt-dm serve`, loopback, ONNX Runtime int8 -> BENCHMARKS.md
+# step-level vs request-level vs no batching in `trt-dm serve`, loopback, ONNX Runtime int8: efficiency against the
+# runner's saturated throughput, latency and admission latency, closed- and open-loop loads -> BENCHMARKS.md
 serve-bench: venv
-	$(BIN)/python tools/serve_bench.py --threads 2 --section uniform --steps 20 --n 1
-	$(BIN)/python tools/serve_bench.py --threads 2 --section mixed --steps 10 50 20 --n 1 2
+	$(BIN)/python tools/serve_bench.py --threads 2 --section uniform --steps 20 --n 1 --loads 0.5 0.8 1 1.25
+	$(BIN)/python tools/serve_bench.py --threads 2 --section mixed --steps 10 50 20 --n 1 2 --loads 0.5 0.8 1 1.25
 
 clean-venv:
 	rm -rf $(VENV)

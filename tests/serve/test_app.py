@@ -68,11 +68,17 @@ def test_generate_png_and_json_equal_sampled_images(model):
         assert whole.json()["images"] == r.json()["images"]
         png = client.post("/v1/generate", json={"n": 2, "steps": 2, "classes": "all"})
         assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        # each answer says how long it waited for its first UNet call (what the queue-time histogram sums)
+        waits = [float(a.headers["x-trt-dm-queue-time"]) for a in (r, interval, either, whole, png)]
+        assert all(w >= 0 for w in waits)
         models = client.get("/v1/models").json()
         assert models["model"] == model.name and models["null_class_label"] == 10
         metrics = client.get("/metrics").text
     assert 'trt_dm_requests_total{status="ok"} 5.0' in metrics and "trt_dm_unet_batch_rows_bucket" in metrics
     assert "trt_dm_images_generated_total 15.0" in metrics  # warm-up image + 3 + 3 + 3 + 3 + 2
+    summed = next(float(line.split()[1]) for line in metrics.splitlines()
+                  if line.startswith("trt_dm_queue_time_seconds_sum "))
+    assert abs(summed - sum(waits)) < 1e-3 * len(waits)  # the warm-up is not counted: it has no answer
 
 
 @pytest.mark.parametrize("body,field,words", [

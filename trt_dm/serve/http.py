@@ -243,6 +243,12 @@ def _json(schema: dict) -> dict:
 _DETAIL = _json({"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]})
 _RETRY = {"Retry-After": {"description": "seconds until the request would be admitted (measured admission rate)",
                           "schema": {"type": "integer", "minimum": 1}}}
+# On every 200: how long the request waited for its first UNet call (its admission latency, what `make serve-bench`
+# reports per request; the same value goes into the trt_dm_queue_time_seconds histogram).
+QUEUE_TIME_HEADER = "X-TRT-DM-Queue-Time"
+_QUEUE_TIME = {QUEUE_TIME_HEADER: {"description": "seconds from the request's admission to the queue to its first "
+                                                  "UNet call (admission latency)",
+                                   "schema": {"type": "number", "minimum": 0}}}
 
 
 def add_generate(app, service: Service, Generate, timeout_s: float, errors: dict) -> None:
@@ -255,7 +261,8 @@ def add_generate(app, service: Service, Generate, timeout_s: float, errors: dict
         "images": {"type": "array", "items": {"type": "string", "contentEncoding": "base64"}}}}
     responses = _documented(errors, {
         200: {"description": "the images: one PNG grid (output png) or base64 PNGs with their seeds (output json)",
-              "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}, **_json(images)}},
+              "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}, **_json(images)},
+              "headers": _QUEUE_TIME},
         400: {"description": "a body that cannot be read as JSON text (e.g. not UTF-8)", "content": _DETAIL},
         429: {"description": "the queue is full now; retry after Retry-After seconds", "content": _DETAIL,
               "headers": _RETRY},
@@ -272,7 +279,9 @@ def add_generate(app, service: Service, Generate, timeout_s: float, errors: dict
             _refuse(service, 500, f"the UNet call failed: {job.error}", "error")
         service.count("ok")
         images = await asyncio.to_thread(service.images, job)  # a latent pipeline's VAE decodes
-        return _answer(body.output, body.seed, images)
+        answer = _answer(body.output, body.seed, images)
+        answer.headers[QUEUE_TIME_HEADER] = f"{job.handle.first_call - job.handle.submitted:.6f}"
+        return answer
 
 
 async def _submit(service: Service, body) -> Job:
