@@ -429,7 +429,8 @@ def cmd_table(args) -> int:
         readme = ROOT / "docs" / "quality.md"
         text = readme.read_text()
         for marker, printer in (("quality-table", _print_table), ("cond-table", _print_cond_table),
-                                ("cond2-table", lambda: _print_cond_table(COND2_ROWS)), ("cfg-table", _print_cfg_table)):
+                                ("cond2-table", lambda: _print_cond_table(COND2_ROWS)), ("cfg-table", _print_cfg_table),
+                                ("dit-table", lambda: _print_cond_table(DIT_ROWS))):
             buf = io.StringIO()
             with contextlib.redirect_stdout(buf):
                 printer()

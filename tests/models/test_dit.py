@@ -28,6 +28,21 @@ def test_a_dit_pipeline_loads_with_its_signature_and_null_label(tiny_dit_pipelin
     assert loaded.conditioning_for(4, "all")["class_labels"].tolist() == [0, 1, 2, 3]
 
 
+def test_a_loaded_dit_saves_as_diffusers_dit_and_loads_again(tiny_dit_pipeline_dir, tmp_path):
+    """save_pretrained of the loaded denoiser (a subclass) writes diffusers' class name, not the subclass's: the
+    directory loads in diffusers and here, with the same noise prediction."""
+    from diffusers import DiTTransformer2DModel
+    loaded = load_model(tiny_dit_pipeline_dir)
+    loaded.unet.save_pretrained(tmp_path / "saved", safe_serialization=True)
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["_class_name"] == "DiTTransformer2DModel"
+    assert loaded.unet.config["_class_name"] == "DiTTransformer2DModel"
+    assert type(DiTTransformer2DModel.from_pretrained(tmp_path / "saved")) is DiTTransformer2DModel
+    again = load_model(tmp_path / "saved")
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 70]), torch.tensor([2, 10])
+    with torch.no_grad():
+        assert torch.equal(again.unet(x, t, class_labels=y).sample, loaded.unet(x, t, class_labels=y).sample)
+
+
 def test_dit_without_classes_or_with_another_norm_is_refused(tmp_path):
     for overrides, says in ((dict(norm_type="ada_norm_single", num_embeds_ada_norm=None), "supported: the class-"),
                             (dict(out_channels=3), "out_channels=3 for in_channels=1")):

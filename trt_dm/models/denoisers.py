@@ -15,6 +15,7 @@ and returns the noise prediction alone:
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,19 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from trt_dm.core.signature import SDXL_TIME_IDS
 
 
-class DiTDenoiser(DiTTransformer2DModel):
+class _SavedAsDiffusers:
+    """A denoiser subclass saves (``save_pretrained``, ``to_json_string``) the config of the diffusers class it
+    subclasses: ``_class_name`` names ``trt_dm_kind``, so the directory loads in diffusers and here alike."""
+    trt_dm_kind: str
+
+    def to_json_string(self) -> str:
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = self.trt_dm_kind
+        self._internal_dict["_class_name"] = self.trt_dm_kind  # diffusers writes its own class name there too
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+class DiTDenoiser(_SavedAsDiffusers, DiTTransformer2DModel):
     """A DiT as a denoiser: ``forward(sample, timestep, class_labels)`` -> ``.sample`` = the predicted noise."""
     trt_dm_kind = "DiTTransformer2DModel"  # the class its config names
 
@@ -34,7 +47,7 @@ class DiTDenoiser(DiTTransformer2DModel):
         return Transformer2DModelOutput(sample=eps) if return_dict else (eps,)
 
 
-class SDXLUNetDenoiser(UNet2DConditionModel):
+class SDXLUNetDenoiser(_SavedAsDiffusers, UNet2DConditionModel):
     """An SDXL-layout UNet as a denoiser: ``forward(sample, timestep, encoder_hidden_states, text_embeds, time_ids)``,
     the added conditioning as named inputs instead of the ``added_cond_kwargs`` dict."""
     trt_dm_kind = "UNet2DConditionModel"
