@@ -90,3 +90,29 @@ def test_a_latent_dit_pipeline_decodes_with_its_vae(tmp_path):
     AutoencoderKL(**{**cfg, "latent_channels": 3}).save_pretrained(path / "vae", safe_serialization=True)
     with pytest.raises(ModelLoadError, match="the VAE's 3 latent channels are not the denoiser's 4 input channels"):
         load_model(path)
+
+
+def test_a_deployed_dit_drops_into_diffusers_dit_pipeline(tmp_path):
+    """diffusers' own DiTPipeline with the drop-in (a learned-variance latent DiT, DDIM) draws what it draws with the
+    DiT itself; the drop-in's graph predicts the noise only, the variance half the pipeline splits off comes as
+    zeros. (DiTPipeline's guidance takes label 1000 as the null label, ImageNet DiTs' only: unguided here.)"""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
+
+    from trt_dm import api
+    from trt_dm.models.dropin import DropInUNet
+    path = builders.write_tiny_dit_pipeline(tmp_path / "latent", latent=True)
+    loaded = load_model(path)
+    assert loaded.config["out_channels"] == 2 * loaded.config["in_channels"]
+    from diffusers import DiTTransformer2DModel
+    vae = AutoencoderKL.from_pretrained(path / "vae")
+    sched = DDIMScheduler.from_pretrained(path / "scheduler")
+    original = DiTPipeline(transformer=DiTTransformer2DModel.from_pretrained(path / "transformer"), vae=vae,
+                           scheduler=sched)
+    want = original([1, 7], guidance_scale=1.0, num_inference_steps=4, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+    with api.open_denoiser(loaded, device="cpu") as den:
+        pipe = DiTPipeline(transformer=DropInUNet(loaded, den), vae=vae, scheduler=sched)
+        got = pipe([1, 7], guidance_scale=1.0, num_inference_steps=4, output_type="np",
+                   generator=torch.Generator().manual_seed(0)).images
+    assert got.shape == want.shape == (2, 16, 16, 3)
+    assert abs(got - want).max() < 1e-5

@@ -9,6 +9,9 @@ FP) behind the UNet's forward signature, so a user's existing diffusers pipeline
         pipe.unet = DropInUNet(loaded, den)
         image = pipe("a red apple", generator=torch.Generator().manual_seed(0)).images[0]
 
+A DiT goes into diffusers' ``DiTPipeline`` the same way (``pipe.transformer = DropInUNet(loaded, den)``); for a DiT
+with learned variance the output carries a zero variance half after the noise, which the pipeline drops.
+
 The object carries what diffusers pipelines read from a UNet (``config``, ``dtype``, ``device``, ``in_channels``,
 ``add_embedding``'s input width for SDXL) and returns the usual output class; the timestep (a scalar or one per row)
 is broadcast to one per row, as the runners take it. An SDXL-layout UNet's ``added_cond_kwargs`` (``text_embeds``,
@@ -41,6 +44,10 @@ class DropInUNet(nn.Module):
         # SDXL's pipeline checks its time ids against the added embedding's input width; other pipelines read None
         width = loaded.config.get("projection_class_embeddings_input_dim") if "time_ids" in self._names else None
         self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(in_features=width)) if width else None
+        # a DiT with learned variance (out_channels 2 x in_channels): its output, as DiTPipeline reads it, holds the
+        # noise then the variance half; the graph gives the noise only (trt_dm.models.denoisers.DiTDenoiser)
+        self._variance = loaded.kind == "DiTTransformer2DModel" and \
+            loaded.config.get("out_channels") == 2 * loaded.config.get("in_channels")
 
     @property
     def device(self) -> torch.device:
@@ -86,4 +93,6 @@ class DropInUNet(nn.Module):
             elif value is not None:
                 raise ValueError(f"DropInUNet: {name} was given, but the deployed UNet has no such input")
         out = self._denoiser(sample.float(), t.contiguous(), **extra).to(sample.dtype)
+        if self._variance:  # a learned-variance DiT: the deployed graph predicts the noise only, and diffusers'
+            out = torch.cat([out, torch.zeros_like(out)], dim=1)  # DiTPipeline splits the variance half off unused
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
