@@ -79,6 +79,26 @@ def test_search_meets_the_budget_and_the_deployed_mix_measures_what_the_search_d
     assert leave.errors([])["rel_mse"] == pytest.approx(mix.rel_mse, rel=1e-6)
 
 
+def test_a_mix_under_the_budget_is_loosened_to_spend_it(tiny_pipeline_dir, tmp_path):
+    """Errors do not add exactly: a first choice that measures under the budget leaves 8-bit MACs unused. The search
+    then loosens its working budget and keeps the mix within the budget with the most 8-bit MACs (never fewer than
+    the first choice's)."""
+    loaded = load_model(tiny_pipeline_dir)
+    kw = dict(cache_root=tmp_path, batch_size=4, progress=False)
+    probe = search_formats(loaded, SPEC, QuantConfig(), RECIPE, FormatSearch(budget=1.0, n=8), **kw)
+    all_int8, loosened = probe.all_8bit["int8"]["rel_mse"], 0
+    for share in (1 / 2, 1 / 3, 1 / 5, 1 / 10):
+        budget = all_int8 * share
+        mix = search_formats(loaded, SPEC, QuantConfig(), RECIPE, FormatSearch(budget=budget, n=8), **kw)
+        first, eight_bit = mix.steps[0], 1 - mix.macs_share()["fp16"]
+        assert mix.rel_mse <= budget
+        if first["rel_mse"] <= budget and first["fp16_layers"]:
+            assert mix.steps[1]["working_budget"] > first["working_budget"]
+            assert eight_bit >= first["macs_8bit"] - 1e-12
+            loosened += eight_bit > first["macs_8bit"]
+    assert loosened  # on this model at least one budget buys more 8-bit MACs than its first choice
+
+
 def test_a_sampled_budget_bounds_the_error_of_images_sampled_end_to_end(tiny_pipeline_dir, tmp_path):
     """--budget-on sampled: the mix's images, sampled from held-out seeds with the calibration's sampler and steps
     (its range groups switched by timestep), are within the budget of FP's; the number is what an independent

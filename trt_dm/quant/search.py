@@ -10,10 +10,13 @@ engine runs it) stays within the budget on a held-out calibration batch. The res
 2. Choice: each layer takes its 8-bit format with the smaller error; with FP16 allowed, layers are taken in 8-bit
    in ascending order of error per MAC while the sum of their errors stays within the (working) budget: the
    quantization noise of different layers is nearly independent, so their errors roughly add.
-3. Verification: the mix measured as a whole on the same batch. Over the budget, the working budget is scaled by
-   budget / measured and the choice redone (up to ``RESCALES`` times), then the 8-bit layer with the largest error
-   per MAC goes to FP16, one at a time, each measured, until the mix meets the budget. A mix that cannot meet it
-   (no FP16 allowed, or fewer 8-bit MACs than ``min_8bit_macs``) raises ``BudgetError`` with the best mix reached.
+3. Verification: the mix measured as a whole on the same batch, and the working budget searched (up to
+   ``RESCALES`` re-solves): scaled by budget / measured (loosened at most 10x when under the budget, so that slack
+   buys 8-bit MACs), then bisected between the largest working budget known to meet the budget and the smallest
+   known to miss it; the mix within the budget with the most 8-bit MACs is kept. Without one, the 8-bit layer with
+   the largest error per MAC goes to FP16, one at a time, each measured, until the mix meets the budget. A mix that
+   cannot meet it (no FP16 allowed, or fewer 8-bit MACs than ``min_8bit_macs``) raises ``BudgetError`` with the best
+   mix reached.
 
 With ``measure="sampled"`` (``--budget-on sampled``) the budget bounds what the sampler makes instead: the relative
 MSE of ``sampled_n`` held-out images sampled end to end by the mix vs FP (``SampledError``); step 2's working budget
@@ -50,8 +53,8 @@ from trt_dm.sampling import sample_many
 
 SEARCH_FORMATS = ("int8", "fp8", "fp16")
 EIGHT_BIT = ("int8", "fp8")
-RESCALES = 3  # re-solves with a scaled working budget before layers move to FP16 one at a time
-SEARCH_VERSION = 1
+RESCALES = 5  # re-solves with a scaled working budget before layers move to FP16 one at a time
+SEARCH_VERSION = 2  # 2: the working budget also loosens (bisection) when a mix is under the budget
 MEASURES = ("step", "sampled")
 
 
@@ -256,25 +259,49 @@ def _verify(loaded, spec, base, recipe, search: FormatSearch, rows, calib, guida
     budget the first working budget (in the per-layer one-step errors' units) is the budget scaled by the all-8bit
     model's one-step / sampled error ratio."""
     allow_fp16 = "fp16" in search.formats
-    working, steps, models = search.budget, [], {}
+    working, steps, models, seen = search.budget, [], {}, {}
     if sampled is not None and all_first and all_first.get("sampled_rel_mse"):
         working = search.budget * all_first["rel_mse"] / all_first["sampled_rel_mse"]
 
     def record(kind: str) -> tuple[QuantConfig, float]:
-        qcfg, err = _measure(loaded, spec, base, recipe, rows, calib, guidance, {**kw, "progress": False}, models,
-                             sampled)
+        key = tuple(r["format"] for r in rows)  # the choice is a function of the working budget: measure it once
+        if key not in seen:
+            seen[key] = _measure(loaded, spec, base, recipe, rows, calib, guidance, {**kw, "progress": False},
+                                 models, sampled)
+        qcfg, err = seen[key]
         fp16 = [r for r in rows if r["format"] == "fp16"]
-        steps.append({"step": kind, "working_budget": working, "rel_mse": err, "fp16_layers": len(fp16)})
+        steps.append({"step": kind, "working_budget": working, "rel_mse": err, "fp16_layers": len(fp16),
+                      "macs_8bit": eight_bit_macs() / max(sum(r["macs"] for r in rows), 1)})
         return qcfg, err
+
+    def eight_bit_macs() -> int:
+        return sum(r["macs"] for r in rows if r["format"] != "fp16")
 
     _choose(rows, working, allow_fp16)
     qcfg, err = record("choose")
-    for _ in range(RESCALES if allow_fp16 else 0):
+    best = None  # (8-bit MACs, -error, formats, qcfg, error) of the best mix within the budget
+    meets, misses = None, None  # the largest working budget known to meet the budget, the smallest known to miss
+    for i in range(RESCALES + 1 if allow_fp16 else 0):
         if err <= search.budget:
+            meets = max(meets or working, working)
+            cand = (eight_bit_macs(), -err, [r["format"] for r in rows], qcfg, err)
+            best = cand if best is None or cand[:2] > best[:2] else best
+            if all(r["format"] != "fp16" for r in rows):
+                break  # everything in 8-bit already
+        else:
+            misses = min(misses or working, working)
+        if i == RESCALES:
             break
-        working *= search.budget / err
+        if meets is not None and misses is not None:  # between the two: halve the gap (geometrically)
+            working = (meets * misses) ** 0.5
+        else:  # errors roughly add: scale by budget / measured (at most 10x up: a looser choice spends the slack)
+            working *= min(search.budget / max(err, 1e-30), 10.0)
         _choose(rows, working, allow_fp16)
         qcfg, err = record("rescale")
+    if best is not None:  # the mix within the budget with the most 8-bit MACs that the rescales found
+        for r, f in zip(rows, best[2]):
+            r["format"] = f
+        qcfg, err = best[3], best[4]
     with tqdm(desc="format search: layers to FP16", unit="layer", disable=not progress) as bar:
         while allow_fp16 and err > search.budget:
             eight = [r for r in rows if r["format"] != "fp16"]
