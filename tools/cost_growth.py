@@ -63,7 +63,7 @@ def groups(run: dict) -> dict[str, tuple[float, float]]:
 
 
 def table(runs: list[dict]) -> str:
-    head = ("| model | UNet params | " + " | ".join(f"{g} s / GiB" for g in GROUPS)
+    head = ("| model | parameters | " + " | ".join(f"{g} s / GiB" for g in GROUPS)
             + " | total s | peak GiB | exit | options |")
     lines = [head, "|" + "---|" * (len(GROUPS) + 6)]
     for r in runs:
