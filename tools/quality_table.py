@@ -136,8 +136,8 @@ COND2_ROWS: list[tuple[str, str, list[str]]] = [
 # (--formats auto: as many MACs in 8-bit formats as a budget on sampled images allows; docs/fp8.md)
 _MIX = ["--recipe", "ptq4dm-g4", "--formats", "auto", "--budget", "1e-3", "--budget-on", "sampled"]
 FP8_ROWS: list[tuple[str, str, list[str]]] = [
-    ("cond2-mix-w3", "default-cond, searched int8 / FP8 / FP16 mix (budget 1e-3 on sampled images; 63.2 % of the "
-     "MACs in 8-bit), guidance 3 (t <= 300)", [*_COND, *_MIX, "--guidance-scale", "3"]),
+    ("cond2-mix-w3", "default-cond, searched int8 / FP8 / FP16 mix (budget 1e-3 on sampled images, search v2; 70.8 % "
+     "of the MACs in 8-bit), guidance 3 (t <= 300)", [*_COND, *_MIX, "--guidance-scale", "3"]),
     ("cond2-fp8-w3", "default-cond FP8 (E4M3) W8A8 ptq4dm-g4, guidance 3 (t <= 300)",
      [*_COND, "--recipe", "ptq4dm-g4", "--format", "fp8", "--guidance-scale", "3"]),
     ("cond2-mix-w1", "default-cond, searched mix (the same budget, searched at guidance 1), guidance 1",
