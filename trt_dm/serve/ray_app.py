@@ -24,7 +24,7 @@ itself when every replica is full, and answers 503 beyond that.
 Faults (tests/serve/test_ray.py): when a replica's process dies (killed, OOM), the requests it held end at once with
 Ray's proxy answering 500 (a request is deterministic in its seed, so a client may simply retry it), the proxy routes
 new requests to the live replicas within about a second, and the controller starts a replacement (the model loads
-and warms up again: about 20 s here on idle cores) after which both answer; no request hangs.
+and warms up again: about 20 s on this 2-core machine) after which both answer; no request hangs.
 
 Start-up on a busy machine: Ray Serve's controller gives its HTTP proxy 5 s to report ready and kills it after three
 misses; a proxy starting on loaded cores takes longer (measured: killed while two sampling jobs held both cores of
