@@ -129,7 +129,9 @@ def test_bad_arguments(unet):
                                          r"accepted: 1\.\.1000$"):
         schedule.check_steps(2000, "--steps", "m")
     schedule.check_steps(1000, "--steps", "m")
-    with pytest.raises(ValueError, match="unknown sampler 'euler'.*accepted"):
+    with pytest.raises(ValueError, match="unknown sampler 'heun'.*accepted"):
+        sample(lambda x, t: x, schedule, [0], (1, 4, 4), sampler="heun")
+    with pytest.raises(ValueError, match="sampler .euler. is the flow-matching step; .* accepted ddim, ddpm"):
         sample(lambda x, t: x, schedule, [0], (1, 4, 4), sampler="euler")
     with pytest.raises(ValueError, match="eta must be >= 0"):
         sample(lambda x, t: x, schedule, [0], (1, 4, 4), eta=-1.0)

@@ -31,7 +31,7 @@ from trt_dm.core.schedule import (
     sampler_rule,
 )
 from trt_dm.models.loading import LoadedModel
-from trt_dm.models.text import load_embeddings, prompts_key
+from trt_dm.models.text import prompts_key
 
 DenoiserFn = Callable[..., torch.Tensor]
 Callback = Callable[[dict[str, Any]], None]
@@ -46,13 +46,15 @@ def initial_noise(seeds: Sequence[int], shape: Sequence[int], device="cpu", dtyp
 def _loop(denoiser: DenoiserFn, x: torch.Tensor, schedule: Schedule, timesteps: Sequence[int], sampler: str, eta: float,
           generators, extra_args, callback, disable) -> torch.Tensor:
     rule = sampler_rule(sampler)
-    ts = [int(t) for t in timesteps]
-    prev = rule.prev_timesteps(schedule, ts)
+    schedule.check_sampler(sampler, eta)
+    td = schedule.time_dtype  # int64 training timesteps, or a flow model's float time inputs
+    ts = [float(t) if td.is_floating_point else int(t) for t in timesteps]
+    prev = schedule.prev_timesteps(sampler, ts)
     for i, t in enumerate(tqdm(ts, desc=sampler, disable=disable, leave=False)):
-        tt = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
+        tt = torch.full((x.shape[0],), t, dtype=td, device=x.device)
         out = denoiser(x, tt, **(extra_args or {})).to(x.dtype)
         noise = randn_per_sample(generators, x.shape[1:], x.device, x.dtype) if rule.draws_noise(t, eta) else None
-        res = rule.step(schedule, out, x, tt.cpu(), torch.full((x.shape[0],), prev[i], dtype=torch.int64), noise, eta)
+        res = rule.run(schedule, out, x, tt.cpu(), torch.full((x.shape[0],), prev[i], dtype=td), noise, eta)
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "model_output": out, "eps": res.eps, "denoised": res.denoised})
         x = res.prev_sample
@@ -77,7 +79,7 @@ def sample_ddim(denoiser: DenoiserFn, x: torch.Tensor, schedule: Schedule, times
                 extra_args: dict | None = None, callback: Callback | None = None,
                 disable: bool | None = None) -> torch.Tensor:
     """DDIM sampling (``ddim_step``; as in diffusers the previous timestep is t - T // num_steps). eta = 0 is
-    deterministic; eta > 0 needs generators."""
+    deterministic; eta > 0 needs generators. On a flow-matching schedule: its Euler step (``trt_dm.core.flow``)."""
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     if eta > 0 and (generators is None or len(generators) != x.shape[0]):
@@ -90,9 +92,11 @@ def sample(denoiser: DenoiserFn, schedule: Schedule, seeds: Sequence[int], shape
            callback: Callback | None = None, disable: bool | None = None, device="cpu",
            dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Draw one image per seed with the named sampler; returns x0 in the model's range (B, *shape)."""
-    sampler_rule(sampler)  # an unknown sampler is refused, naming the accepted ones
+    schedule.check_sampler(sampler, eta)  # an unknown sampler is refused, naming the accepted ones
     ts = schedule.timesteps(steps)
     x, gens = initial_noise(seeds, shape, device, dtype)
+    if sampler != "ddim":  # ddpm, or euler (a flow model's step, which draws no noise)
+        return _loop(denoiser, x, schedule, ts, sampler, eta, gens, extra_args, callback, disable)
     if sampler == "ddpm":
         return sample_ddpm(denoiser, x, schedule, ts, generators=gens, extra_args=extra_args,
                            callback=callback, disable=disable)
@@ -200,7 +204,7 @@ class SampleSettings:
 
 
 def schedule(loaded: LoadedModel) -> Schedule:
-    return Schedule.from_config(loaded.scheduler_config)
+    return loaded.schedule()
 
 
 def draw(loaded: LoadedModel, denoiser: DenoiserFn, settings: SampleSettings, *, progress: bool = True,
@@ -221,16 +225,20 @@ def conditioning(loaded: LoadedModel, settings: SampleSettings, n: int | None = 
     is accepted for a label out of range, labels for an unconditional model, none for a conditional one, a prompt
     for a model without a text encoder, embeddings of the wrong shape, guidance the model cannot do, or more
     sampling steps than the model's schedule has."""
-    schedule(loaded).check_steps(settings.steps, "--steps", loaded.name)
+    sched = schedule(loaded)
+    sched.check_steps(settings.steps, "--steps", loaded.name)
+    try:
+        sched.check_sampler(settings.sampler, settings.eta)
+    except ValueError as e:
+        raise InputError(f"--sampler {settings.sampler} on {loaded.name!r}: {e}", field="sampler", flag="--sampler",
+                         request_message=f'"sampler" {settings.sampler!r} on {loaded.name!r}: {e}') from None
     embeds = negative = None
     if settings.embeddings is not None:
-        dim = loaded.config.get("cross_attention_dim")
         if not loaded.text_conditioned:
             raise InputError(f"--embeddings was given, but {loaded.name!r} is not text-conditional",
                              field="embeddings", flag="--embeddings",
                              request_message=f'"embeddings" were given, but {loaded.name!r} is not text-conditional')
-        embeds, negative = load_embeddings(settings.embeddings, loaded.seq_len, dim,  # bare UNet: any length
-                                           loaded.added_cond[0] if loaded.added_cond else None)
+        embeds, negative = loaded.embeddings_file(settings.embeddings)
     cond = loaded.conditioning_for(settings.n if n is None else n, settings.labels, prompts=settings.prompts,
                                    embeddings=embeds)
     guidance = loaded.guidance(settings.guidance_scale, settings.guidance_rescale, negative_prompt=settings.negative_prompt,

@@ -19,10 +19,10 @@ CONFIGS = [
 def test_levels_and_steps_equal_diffusers(config, steps):
     ref = FlowMatchEulerDiscreteScheduler(**config)
     ours = FlowSchedule.from_config(dict(ref.config))
-    mu = ours.mu(1024) if config.get("use_dynamic_shifting") else None
+    mu = ours.mu_for(1024) if config.get("use_dynamic_shifting") else None
     ref.set_timesteps(steps, mu=mu)
     torch.testing.assert_close(ours.sigmas(steps, mu), ref.sigmas, atol=0, rtol=0)
-    torch.testing.assert_close(ours.timesteps(steps, mu), ref.timesteps, atol=0, rtol=0)
+    torch.testing.assert_close(ours.time_inputs(steps, mu), ref.timesteps, atol=0, rtol=0)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 8, 8, generator=g)
     mine = x.clone()

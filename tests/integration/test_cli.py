@@ -85,7 +85,7 @@ def test_cli_errors_are_clear(argv, msg, tiny_pipeline_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,code,msg", [
     (["sample", "--n", "0"], 2, "error: --n must be >= 1, got 0"),
-    (["sample", "--sampler", "euler"], 2, "invalid choice: 'euler'"),
+    (["sample", "--sampler", "heun"], 2, "invalid choice: 'heun'"),
     (["calibrate", "--timesteps", "gaussian", "--cache-dir", "{tmp}/cc"], 2, "unknown timestep sampler 'gaussian'"),
     (["check", "{tmp}/not.onnx"], 2, "is not a valid ONNX model"),
     (["sample", "--engine", "{tmp}/e.plan", "--n", "1"], 1, "error:"),  # no GPU here / no sidecar: the work fails

@@ -112,7 +112,7 @@ def test_cancelled_requests_leave_at_the_next_tick_and_bad_requests_are_refused(
     with pytest.raises(ValueError, match="do not match n=2"):
         Request(n=2, conditioning={"class_labels": torch.tensor([1])})
     with pytest.raises(ValueError, match="unknown sampler"):
-        Request(sampler="euler")
+        Request(sampler="heun")
     with pytest.raises(ValueError, match="max_rows"):
         StepScheduler(lambda x, t: x, api.schedule(model), model.sample_shape, max_rows=1)
 

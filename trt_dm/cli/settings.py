@@ -27,9 +27,10 @@ TEXT_GUIDANCE_DEFAULT = 7.5  # Stable Diffusion pipelines' default
 
 
 def is_text_model(spec) -> bool:
-    """A Stable Diffusion layout pipeline directory (a cheap look at the files, before loading anything)."""
+    """A Stable Diffusion / SDXL / SD3 layout pipeline directory (a cheap look at the files, before loading)."""
     root = Path(str(spec))
-    return root.is_dir() and (root / "unet").is_dir() and (root / "text_encoder").exists()
+    return (root.is_dir() and any((root / d).is_dir() for d in ("unet", "transformer"))
+            and (root / "text_encoder").exists())
 
 
 

@@ -10,16 +10,28 @@ schedule's largest and smallest training sigma, shifted towards the noisy end, b
 construction and the sampling levels again (this is what SD3 / Flux pipelines sample with; tested step by step
 against diffusers). Options that change the levels otherwise (Karras / exponential / beta sigmas, ``shift_terminal``,
 ``invert_sigmas``, stochastic sampling) are refused by name.
+
+``FlowSchedule`` has the interface of ``trt_dm.core.schedule.Schedule`` that the loops, calibration and the server
+read (``timesteps``, ``prev_timesteps``, ``check_steps``, ``fingerprint``, ``split_output``, ``add_noise``), so a
+flow-matching model goes through them unchanged; its timesteps are floats (the model's time input). The step
+between two listed levels is DDIM's deterministic step on the flow's path (x_t = (1 - sigma) x0 + sigma noise,
+so alpha = 1 - sigma and the noise scale = sigma): with x0 = x - sigma v and noise = x + (1 - sigma) v it is
+exactly the Euler step above. So ``--sampler ddim`` and ``--sampler euler`` (diffusers' name) are the same step on a
+flow model; DDPM's ancestral step and DDIM's eta > 0 are refused (the pipelines sample deterministically).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import dataclass
-from typing import Any, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
+FLOW_SAMPLERS = ("ddim", "euler")
 _UNSUPPORTED = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "shift_terminal", "invert_sigmas",
                 "stochastic_sampling")
 
@@ -35,6 +47,11 @@ class FlowSchedule:
     base_image_seq_len: int = 256
     max_image_seq_len: int = 4096
     time_shift_type: str = "exponential"
+    mu: float | None = None  # a dynamic-shifting schedule's shift, fixed per image size (``for_tokens``)
+    config: dict = field(default_factory=dict, compare=False, repr=False)
+    prediction_type = "flow"  # the model predicts the velocity noise - x0
+    samplers = FLOW_SAMPLERS
+    time_dtype = torch.float32
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> FlowSchedule:
@@ -52,17 +69,24 @@ class FlowSchedule:
                    use_dynamic_shifting=bool(config.get("use_dynamic_shifting", False)),
                    base_shift=float(config.get("base_shift") or 0.5), max_shift=float(config.get("max_shift") or 1.15),
                    base_image_seq_len=int(config.get("base_image_seq_len", 256)),
-                   max_image_seq_len=int(config.get("max_image_seq_len", 4096)), time_shift_type=kind)
+                   max_image_seq_len=int(config.get("max_image_seq_len", 4096)), time_shift_type=kind,
+                   config=dict(config))
 
-    def mu(self, image_seq_len: int) -> float:
+    def for_tokens(self, image_seq_len: int) -> FlowSchedule:
+        """This schedule for images of ``image_seq_len`` tokens: a dynamic-shifting one gets its mu (``mu``)."""
+        return replace(self, mu=self.mu_for(image_seq_len)) if self.use_dynamic_shifting else self
+
+    def mu_for(self, image_seq_len: int) -> float:
         """Flux's resolution-dependent shift: linear in the image's token count between (base, max) lengths."""
         m = (self.max_shift - self.base_shift) / (self.max_image_seq_len - self.base_image_seq_len)
         return image_seq_len * m + self.base_shift - m * self.base_image_seq_len
 
     def _shifted(self, sigmas: np.ndarray, mu: float | None) -> np.ndarray:
+        mu = self.mu if mu is None else mu
         if self.use_dynamic_shifting:
             if mu is None:
-                raise ValueError("this schedule shifts by resolution (use_dynamic_shifting): give mu (FlowSchedule.mu)")
+                raise ValueError("this schedule shifts by resolution (use_dynamic_shifting): give mu "
+                                 "(FlowSchedule.mu_for, or for_tokens)")
             if self.time_shift_type == "exponential":
                 return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
             return mu / (mu + (1 / sigmas - 1))
@@ -81,9 +105,70 @@ class FlowSchedule:
         levels = self._shifted(ts / T, mu)
         return torch.cat([torch.from_numpy(np.asarray(levels)).to(torch.float32), torch.zeros(1)])
 
-    def timesteps(self, num_steps: int, mu: float | None = None) -> torch.Tensor:
+    def time_inputs(self, num_steps: int, mu: float | None = None) -> torch.Tensor:
         """float32 (num_steps,): the model's time input at each step, sigma x num_train_timesteps."""
         return self.sigmas(num_steps, mu)[:-1] * self.num_train_timesteps
+
+    # ---- the interface of ``schedule.Schedule`` ---------------------------------------------------------------
+
+    def timesteps(self, num_steps: int) -> list[float]:
+        """The model's time inputs visited by an ``num_steps``-step sampler, noisiest first (float32 values)."""
+        self.check_steps(num_steps)
+        return [float(t) for t in self.time_inputs(num_steps)]
+
+    def check_steps(self, num_steps: int, what: str = "num_steps", model: str | None = None) -> None:
+        """``ValueError`` unless ``num_steps`` >= 1 (the levels are continuous: any count)."""
+        if num_steps < 1:
+            raise ValueError(f"{what} {num_steps} is not a step count; accepted: >= 1")
+
+    def prev_timesteps(self, sampler: str, timesteps: Sequence[float]) -> list[float]:
+        """The level each listed one steps to: the next listed one, then 0 (the data)."""
+        self.check_sampler(sampler)
+        return [float(t) for t in timesteps][1:] + [0.0]
+
+    def check_sampler(self, sampler: str, eta: float = 0.0) -> None:
+        """ValueError unless ``sampler`` steps a flow (ddim = euler here; see the module docstring), with eta = 0."""
+        if sampler not in FLOW_SAMPLERS:
+            raise ValueError(f"sampler {sampler!r} does not step a flow-matching model; accepted: "
+                             f"{', '.join(FLOW_SAMPLERS)} (the same Euler step)")
+        if eta:
+            raise ValueError(f"eta {eta:g}: a flow-matching model samples deterministically here; accepted: eta 0")
+
+    def fingerprint(self) -> str:
+        """sha256 of what makes two flow schedules sample differently (the levels' options)."""
+        keys = [self.num_train_timesteps, self.shift, self.use_dynamic_shifting, self.base_shift, self.max_shift,
+                self.base_image_seq_len, self.max_image_seq_len, self.time_shift_type, self.mu]
+        return hashlib.sha256(json.dumps(["flow", *keys]).encode()).hexdigest()
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """The level sigma of each time input (B,), float64."""
+        return torch.as_tensor(t).reshape(-1).cpu().to(torch.float64) / self.num_train_timesteps
+
+    def split_output(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor | float):
+        """Velocity at time inputs t -> (x0 prediction, noise prediction): x - sigma v, x + (1 - sigma) v."""
+        s = _rows(self.sigma(t), x)
+        return x - s * out, x + (1 - s) * out
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x at time inputs t (B,): (1 - sigma) x0 + sigma noise."""
+        s = _rows(self.sigma(t), x0)
+        return (1 - s) * x0 + s * noise
+
+    def probe_timesteps(self, batch: int) -> torch.Tensor:
+        """``batch`` time inputs spread from the noisiest level to the cleanest (float32)."""
+        return torch.linspace(self.num_train_timesteps * (1 - 1e-3), 1.0, batch, dtype=torch.float32)
+
+
+def _rows(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.to(x.device, x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def flow_step(schedule: FlowSchedule, model_output: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
+              prev_t: torch.Tensor):
+    """(x at prev_t, x0 prediction, noise prediction) for time inputs t -> prev_t per row (``flow_euler_step``)."""
+    x0, eps = schedule.split_output(model_output, x, t)
+    prev = flow_euler_step(model_output, x, schedule.sigma(t), schedule.sigma(prev_t))
+    return prev, x0, eps
 
 
 def flow_euler_step(model_output: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor,

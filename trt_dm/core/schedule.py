@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from trt_dm.core.errors import InputError
+from trt_dm.core.flow import FLOW_SCHEDULER, FlowSchedule, flow_step  # noqa: F401 (re-exported)
 
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = ("ddim", "ddpm", "euler")  # euler: the flow-matching step (``trt_dm.core.flow``), = ddim on a flow
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -47,15 +48,20 @@ class Schedule:
     set_alpha_to_one: bool = True  # DDIM: alpha-bar of the step after t=0 is 1 (not alpha-bar_0)
     variance_type: str = "fixed_small"  # DDPM posterior variance beta-tilde_t (Ho et al. eq. 7)
     config: dict = field(default_factory=dict, compare=False, repr=False)
+    samplers = ("ddim", "ddpm")
+    time_dtype = torch.int64
 
     @property
     def num_train_timesteps(self) -> int:
         return int(self.alphas_cumprod.shape[0])
 
     @classmethod
-    def from_config(cls, config: dict) -> "Schedule":
-        """Build from a diffusers scheduler config dict (DDPMScheduler/DDIMScheduler keys)."""
+    def from_config(cls, config: dict) -> "Schedule | FlowSchedule":
+        """Build from a diffusers scheduler config dict (DDPMScheduler/DDIMScheduler keys); a
+        ``FlowMatchEulerDiscreteScheduler`` config gives a ``FlowSchedule`` (same interface, float timesteps)."""
         cfg = dict(config)
+        if cfg.get("_class_name") == FLOW_SCHEDULER:
+            return FlowSchedule.from_config(cfg)
         T = int(cfg.get("num_train_timesteps", 1000))
         if cfg.get("trained_betas") is not None:
             betas = torch.tensor(cfg["trained_betas"], dtype=torch.float32)
@@ -117,6 +123,22 @@ class Schedule:
             ts = np.round(np.arange(T, 0, -T / num_steps)) - 1
         return [int(t) for t in ts]
 
+    def check_sampler(self, sampler: str, eta: float = 0.0) -> None:
+        """ValueError unless ``sampler`` steps this (DDPM-family) schedule: ddim or ddpm."""
+        sampler_rule(sampler)
+        if sampler not in self.samplers:
+            raise ValueError(f"sampler {sampler!r} is the flow-matching step; this model's schedule is DDPM-family: "
+                             f"accepted {', '.join(self.samplers)}")
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t at integer timesteps t (B,): sqrt(alpha-bar) x0 + sqrt(1 - alpha-bar) noise."""
+        a = _rows(self.alphas_cumprod[torch.as_tensor(t).cpu()], x0)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def probe_timesteps(self, batch: int) -> torch.Tensor:
+        """``batch`` timesteps spread from T - 1 to 0 (int64)."""
+        return torch.linspace(self.num_train_timesteps - 1, 0, batch).round().long()
+
     def fingerprint(self) -> str:
         """sha256 of everything that makes two schedules sample differently (alpha-bar bytes and the options
         the steps read); diffusers' bookkeeping keys (class name, version) do not enter it."""
@@ -127,6 +149,7 @@ class Schedule:
 
     def prev_timesteps(self, sampler: str, timesteps: Sequence[int]) -> list[int]:
         """The timestep each listed one steps to (-1: the end, x0), by the sampler's rule (``SamplerRule``)."""
+        self.check_sampler(sampler)
         return sampler_rule(sampler).prev_timesteps(self, [int(t) for t in timesteps])
 
     def alpha_bar(self, t: torch.Tensor, final: float = 1.0) -> torch.Tensor:
@@ -251,6 +274,12 @@ class SamplerRule:
     # (schedule, model_output, x, t, prev_t, noise, eta) -> StepOutput
     step: Callable[..., StepOutput]
 
+    def run(self, schedule, model_output, x, t, prev_t, noise, eta) -> StepOutput:
+        """The step on ``schedule``: on a ``FlowSchedule`` every accepted sampler is its Euler step (``flow_step``)."""
+        if isinstance(schedule, FlowSchedule):
+            return StepOutput(*flow_step(schedule, model_output, x, t, prev_t))
+        return self.step(schedule, model_output, x, t, prev_t, noise, eta)
+
 
 def _ddim_prev(schedule: Schedule, ts: list[int]) -> list[int]:
     # as diffusers' DDIMScheduler: t - T // num_steps, not always the next listed timestep
@@ -264,6 +293,9 @@ SAMPLER_RULES: dict[str, SamplerRule] = {
     # DDPM steps to the next listed timestep and adds noise at every t > 0
     "ddpm": SamplerRule("ddpm", lambda schedule, ts: ts[1:] + [-1], lambda t, eta: t > 0,
                         lambda sch, out, x, t, prev, noise, eta: ddpm_step(sch, out, x, t, prev, noise)),
+    # the flow-matching Euler step (FlowSchedule only; its prev_timesteps are the schedule's own)
+    "euler": SamplerRule("euler", lambda schedule, ts: ts[1:] + [0.0], lambda t, eta: False,
+                         lambda sch, out, x, t, prev, noise, eta: StepOutput(*flow_step(sch, out, x, t, prev))),
 }
 assert tuple(SAMPLER_RULES) == SAMPLERS
 

@@ -8,7 +8,8 @@ from it. Names follow the diffusers forward: ``sample``, ``timestep``, then the 
 
 Conventions (one for every runner and graph): float inputs are float32 at the interface (a runner computing
 in fp16 casts inside), the timestep is int64 (the samplers pass true training timesteps; the UNet's
-sinusoidal projection computes in fp32), class labels are int64 indices. Dynamic axes are named:
+sinusoidal projection computes in fp32) except for flow-matching models, whose time input is float32 (sigma x 1000,
+``trt_dm.core.flow``), class labels are int64 indices. Dynamic axes are named:
 "batch" (every input, dim 0), "sequence" (encoder_hidden_states, dim 1), "height"/"width" when the model
 has no fixed sample_size.
 """
@@ -130,9 +131,9 @@ class Signature:
         feed = {}
         for spec in self.inputs:
             shape = tuple(d if isinstance(d, int) else sizes[d] for d in spec.shape)
-            if spec.name == "timestep":
+            if spec.name == "timestep":  # int64, or a flow model's float32 time input
                 feed[spec.name] = (torch.full(shape, timestep, dtype=torch.int64) if timestep is not None
-                                   else torch.randint(0, num_train_timesteps, shape, generator=g))
+                                   else torch.randint(0, num_train_timesteps, shape, generator=g)).to(spec.dtype)
             elif not spec.dtype.is_floating_point:
                 feed[spec.name] = torch.randint(0, spec.num_values or 2, shape, generator=g).to(spec.dtype)
             else:
@@ -159,6 +160,12 @@ class Signature:
                                else tuple(size))
         specs = [TensorSpec("sample", torch.float32, ("batch", c["in_channels"], *hw)),
                  TensorSpec("timestep", torch.int64, ("batch",))]
+        if kind == "SD3Transformer2DModel":  # rectified flow: the time input is a float (sigma x 1000)
+            specs[1] = TensorSpec("timestep", torch.float32, ("batch",))
+            return cls((*specs, TensorSpec("encoder_hidden_states", torch.float32,
+                                           ("batch", "sequence", int(c.get("joint_attention_dim", 4096))), True),
+                        TensorSpec("text_embeds", torch.float32, ("batch", int(c.get("pooled_projection_dim", 2048))),
+                                   True)))
         if kind == "DiTTransformer2DModel":  # adaLN class labels; the table's last row is the null label
             n = int(c["num_embeds_ada_norm"]) + 1
             return cls((*specs, TensorSpec("class_labels", torch.int64, ("batch",), True, n)))

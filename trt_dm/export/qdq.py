@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from trt_dm.core.artifacts import ExportReport
-from trt_dm.core.schedule import Schedule
 from trt_dm.core.stages import require_memory, stage
 from trt_dm.export.compare import compare_layers
 from trt_dm.export.fp8 import export_fp8
@@ -92,15 +91,13 @@ def probe_inputs(loaded, batch: int = 4, seed: int = 0) -> dict[str, torch.Tenso
     """Seeded inputs for the layer-by-layer comparison: x_t at timesteps spread over the schedule, made by
     noising seeded smooth images (so low-t inputs look like images, not like noise); conditioning inputs
     drawn from the signature (valid labels, normal embeddings of 8 tokens)."""
-    sched = Schedule.from_config(loaded.scheduler_config)
+    sched = loaded.schedule()
     g = torch.Generator().manual_seed(seed)
     shape = (batch, *loaded.sample_shape)
     x0 = torch.nn.functional.avg_pool2d(torch.rand(shape, generator=g) * 2 - 1, 3, 1, 1).clamp(-1, 1)
     noise = torch.randn(shape, generator=g)
-    T = sched.num_train_timesteps
-    t = torch.linspace(T - 1, 0, batch).round().long()
-    ab = sched.alphas_cumprod[t].view(-1, 1, 1, 1).float()
-    feed = {"sample": ab.sqrt() * x0 + (1 - ab).sqrt() * noise, "timestep": t}
+    t = sched.probe_timesteps(batch)
+    feed = {"sample": sched.add_noise(x0, noise, t).float(), "timestep": t}
     extra = loaded.signature.example(batch, seed=seed + 1, seq_len=8)
     feed.update({k: v for k, v in extra.items() if k not in feed})
     return feed

@@ -8,11 +8,22 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
-from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers import DiTTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
-from trt_dm.models.denoisers import denoiser_class
-from trt_dm.models.loading import TINY_UNET2D_CONDITION_CONFIG, TINY_UNET2D_CONFIG, ModelLoadError, load_model
+from trt_dm.models.denoisers import FLOW_DEFAULT_SCHEDULER, denoiser_class
+from trt_dm.models.loading import ModelLoadError, load_model
+
+# Tiny models for tests and tools: ~45k / ~52k parameters, one attention level (+ mid block), 1 channel.
+TINY_UNET2D_CONFIG = MappingProxyType(dict(
+    sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=4, attention_head_dim=8))
+TINY_UNET2D_CONDITION_CONFIG = MappingProxyType(dict(
+    sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),  # + the cross-attention mid block
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    norm_num_groups=4, cross_attention_dim=16, attention_head_dim=2))  # diffusers: this is the HEAD COUNT
 
 
 def _tiny(cls: type, base: MappingProxyType, seed: int, overrides: dict[str, Any]) -> nn.Module:
@@ -62,6 +73,87 @@ def write_tiny_dit_pipeline(path: str | Path, seed: int = 0, *, latent: bool = F
                           up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
                           norm_num_groups=4, layers_per_block=1).save_pretrained(path / "vae", safe_serialization=True)
         index["vae"] = ["diffusers", "AutoencoderKL"]
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path
+
+
+# A tiny MMDiT (Stable Diffusion 3's layout): 8 px latents of 4 channels, patch 2 (16 tokens), 2 joint blocks of
+# width 16, text tokens of width 12, pooled text embedding of width 8
+TINY_SD3_CONFIG = MappingProxyType(dict(
+    sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+    num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=8,
+    pos_embed_max_size=8))
+
+
+def tiny_sd3(seed: int = 0, **overrides: Any) -> SD3Transformer2DModel:
+    """A tiny random SD3Transformer2DModel (``TINY_SD3_CONFIG``), deterministic for `seed`."""
+    return _tiny(SD3Transformer2DModel, TINY_SD3_CONFIG, seed, overrides)
+
+
+def write_tiny_sd3(path: str | Path, seed: int = 0, *, shift: float = 3.0, **overrides: Any) -> Path:
+    """A Stable Diffusion 3 layout directory without its text encoders and VAE (transformer/, scheduler/ with
+    ``FlowMatchEulerDiscreteScheduler``), deterministic for ``seed``; ``overrides`` go to the transformer's config."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    path = Path(path)
+    tiny_sd3(seed, **overrides).save_pretrained(path / "transformer", safe_serialization=True)
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift).save_pretrained(path / "scheduler")
+    return path
+
+
+def _write_t5_tokenizer(tok_dir: Path) -> int:
+    """A tiny T5 tokenizer (Unigram over a few words and the letters, "</s>" appended); its vocabulary size."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    words = ("a", "the", "cat", "dog", "at", "dusk", "lighthouse", "red", "apple", "of", "on", "in", "and")
+    pieces = ["<pad>", "</s>", "<unk>", *("\u2581" + w for w in words), "\u2581", *"abcdefghijklmnopqrstuvwxyz"]
+    tok = Tokenizer(models.Unigram([(w, -float(i)) for i, w in enumerate(pieces)], unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    transformers.T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                 extra_ids=0).save_pretrained(str(tok_dir))
+    return len(pieces)
+
+
+def write_tiny_sd3_pipeline(path: str | Path, seed: int = 0, *, t5: bool = True, seq: int = 8,
+                            clip: tuple[int, int] = (8, 12), projection: tuple[int, int] = (4, 6),
+                            joint: int = 24, clip_layers: tuple[int, int] = (2, 2), clip_heads: tuple[int, int] = (2, 2),
+                            vae_channels: tuple[int, ...] = (8, 16), latent_channels: int = 4,
+                            **transformer: Any) -> Path:
+    """A tiny random Stable Diffusion 3 pipeline (model_index.json, transformer/, scheduler/, text_encoder/ +
+    tokenizer/ (CLIP-L), text_encoder_2/ + tokenizer_2/ (CLIP-G), with ``t5`` text_encoder_3/ + tokenizer_3/, vae/
+    with a shift factor), all safetensors, deterministic for ``seed``: CLIP widths ``clip`` (``clip_layers``,
+    ``clip_heads``, MLPs 4x) and pooled widths ``projection`` padded into the transformer's ``joint`` text width (T5's);
+    ``transformer`` overrides its config."""
+    import transformers
+    from diffusers import AutoencoderKL
+    path = Path(path)
+    write_tiny_sd3(path, seed, **{"joint_attention_dim": joint, "pooled_projection_dim": sum(projection),
+                                  "in_channels": latent_channels, "out_channels": latent_channels, **transformer})
+    index = {"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"],
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder_3": [None, None], "tokenizer_3": [None, None]}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        for i, suffix in enumerate(("", "_2")):
+            vocab = _write_tokenizer(path / f"tokenizer{suffix}", seq)
+            _text_encoder(vocab, clip[i], seq, clip_layers[i], clip_heads[i], 4 * clip[i],
+                          projection=projection[i]).save_pretrained(
+                str(path / f"text_encoder{suffix}"), safe_serialization=True)
+            index[f"text_encoder{suffix}"] = ["transformers", "CLIPTextModelWithProjection"]
+            index[f"tokenizer{suffix}"] = ["transformers", "CLIPTokenizer"]
+        if t5:
+            n = _write_t5_tokenizer(path / "tokenizer_3")
+            cfg = transformers.T5Config(vocab_size=n, d_model=joint, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+            transformers.T5EncoderModel(cfg).eval().save_pretrained(str(path / "text_encoder_3"),
+                                                                    safe_serialization=True)
+            index.update(text_encoder_3=["transformers", "T5EncoderModel"],
+                         tokenizer_3=["transformers", "T5TokenizerFast"])
+        n = len(vae_channels)
+        AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                      up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(vae_channels),
+                      latent_channels=latent_channels, norm_num_groups=4, layers_per_block=1, scaling_factor=1.5305,
+                      shift_factor=0.0609).save_pretrained(str(path / "vae"), safe_serialization=True)
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
     return path
 
@@ -205,7 +297,8 @@ def write_sdxl_layout_pipeline(path: str | Path, seed: int = 0, *, text_layers: 
 # google/ddpm-cifar10-32 (35.7 M parameters); sd15-unet: Stable Diffusion 1.5's UNet (859.5 M); sdxl-unet: SDXL
 # base's UNet (2.567 B; stabilityai/stable-diffusion-xl-base-1.0's unet/config.json); dit-xl-2: DiT-XL/2 at 256 px
 # (facebook/DiT-XL-2-256's transformer/config.json: 749.8 M in diffusers' layout, where each of the 28 blocks holds
-# its own copy of the timestep / class embedding; the paper's 675 M counts them once), PixArt-Sigma's size (0.6 B).
+# its own copy of the timestep / class embedding; the paper's 675 M counts them once); sd3-medium: Stable Diffusion
+# 3 medium's MMDiT (stabilityai/stable-diffusion-3-medium-diffusers' transformer/config.json: 2.03 B).
 ARCHS: dict[str, tuple[str, dict]] = {
     "ddpm-cifar10": ("UNet2DModel", dict(
         sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
@@ -226,7 +319,24 @@ ARCHS: dict[str, tuple[str, dict]] = {
         sample_size=32, in_channels=4, out_channels=8, patch_size=2, num_layers=28, num_attention_heads=16,
         attention_head_dim=72, num_embeds_ada_norm=1000, norm_type="ada_norm_zero", norm_num_groups=32,
         activation_fn="gelu-approximate", attention_bias=True, norm_elementwise_affine=False)),
+    "sd3-medium": ("SD3Transformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=192)),
 }
+
+
+def write_sd3_layout_pipeline(path: str | Path, seed: int = 0, *, sample_size: int = 128,
+                              text_layers: tuple[int, int] = (12, 32)) -> Path:
+    """A random-weight pipeline at Stable Diffusion 3 medium's sizes, for scale runs (no downloads): the 2.03 B
+    MMDiT (``ARCHS['sd3-medium']``; ``sample_size`` latents, 128 = 1024 px), text encoders of CLIP ViT-L's and
+    OpenCLIP ViT-bigG's sizes (widths 768 and 1280, their pooled projections 768 + 1280 = 2048, 77 tokens) and no
+    T5 (4.7 B parameters: the pipeline then feeds zeros in its place, as diffusers' does without text_encoder_3),
+    SD3's VAE (16 latent channels, 8x)."""
+    cfg = {k: v for k, v in ARCHS["sd3-medium"][1].items() if k not in ("joint_attention_dim", "pooled_projection_dim")}
+    return write_tiny_sd3_pipeline(path, seed, t5=False, seq=77, clip=(768, 1280), projection=(768, 1280), joint=4096,
+                                   clip_layers=text_layers, clip_heads=(12, 20), vae_channels=(128, 256, 512, 512),
+                                   latent_channels=16, **{**cfg, "sample_size": sample_size})
 
 
 
@@ -257,4 +367,5 @@ def build_arch(name: str, seed: int = 0):
         return m.unet, m.scheduler_config
     cls, cfg = ARCHS[name]
     torch.manual_seed(seed)
-    return denoiser_class(cls, cfg)(**cfg).eval(), {"num_train_timesteps": 1000}
+    sched = dict(FLOW_DEFAULT_SCHEDULER) if cls == "SD3Transformer2DModel" else {"num_train_timesteps": 1000}
+    return denoiser_class(cls, cfg)(**cfg).eval(), sched

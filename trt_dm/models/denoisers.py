@@ -12,6 +12,11 @@ and returns the noise prediction alone:
   the class embedding table holding one more row, the null label ``num_embeds_ada_norm`` that classifier-free
   guidance uses. With a learned variance (``out_channels`` = 2 x ``in_channels``) the variance half is dropped: the
   DDPM / DDIM samplers here use fixed variances, as diffusers' ``DiTPipeline`` does when it splits the output.
+- ``SD3Transformer2DModel`` (Stable Diffusion 3 / 3.5's MMDiT): text tokens and image patches in joint attention,
+  a rectified-flow model (it predicts the velocity; its pipelines sample with ``FlowMatchEulerDiscreteScheduler``,
+  ``trt_dm.core.flow``). Inputs: ``encoder_hidden_states`` (B, S, joint_attention_dim: CLIP-L and CLIP-G hidden
+  states side by side, zero-padded to T5's width, then T5's tokens), ``text_embeds`` (B, pooled_projection_dim: the
+  two CLIP pooled embeddings, diffusers' ``pooled_projections``) and the timestep as a float (sigma x 1000).
 """
 from __future__ import annotations
 
@@ -19,9 +24,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers import DiTTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
+from trt_dm.core.errors import InputError
+from trt_dm.core.guidance import check_interval
 from trt_dm.core.signature import SDXL_TIME_IDS
 
 
@@ -47,6 +54,17 @@ class DiTDenoiser(_SavedAsDiffusers, DiTTransformer2DModel):
         return Transformer2DModelOutput(sample=eps) if return_dict else (eps,)
 
 
+class SD3Denoiser(_SavedAsDiffusers, SD3Transformer2DModel):
+    """An MMDiT as a denoiser: ``forward(sample, timestep, encoder_hidden_states, text_embeds)`` -> ``.sample`` =
+    the predicted velocity."""
+    trt_dm_kind = "SD3Transformer2DModel"
+
+    def forward(self, sample, timestep=None, encoder_hidden_states=None, text_embeds=None, return_dict: bool = True):
+        out = super().forward(sample, encoder_hidden_states=encoder_hidden_states, pooled_projections=text_embeds,
+                              timestep=timestep).sample
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+
 class SDXLUNetDenoiser(_SavedAsDiffusers, UNet2DConditionModel):
     """An SDXL-layout UNet as a denoiser: ``forward(sample, timestep, encoder_hidden_states, text_embeds, time_ids)``,
     the added conditioning as named inputs instead of the ``added_cond_kwargs`` dict."""
@@ -60,8 +78,11 @@ class SDXLUNetDenoiser(_SavedAsDiffusers, UNet2DConditionModel):
 
 
 SUPPORTED_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel,
-                     "DiTTransformer2DModel": DiTDenoiser}
-TRANSFORMERS = ("DiTTransformer2DModel",)
+                     "DiTTransformer2DModel": DiTDenoiser, "SD3Transformer2DModel": SD3Denoiser}
+TRANSFORMERS = ("DiTTransformer2DModel", "SD3Transformer2DModel")
+# The scheduler a denoiser directory without one samples with: DDPM's default for the DDPM-family models, and for
+# the MMDiT Stable Diffusion 3's own (rectified flow, shift 3).
+FLOW_DEFAULT_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
 # UNet config keys that need forward inputs this project does not describe (image embeddings, hint images).
 _UNSUPPORTED_KEYS = ("encoder_hid_dim_type",)
 ADDITION_EMBED_TYPES = (None, "text_time")
@@ -73,6 +94,14 @@ def added_cond_dims(config: dict[str, Any]) -> tuple[int, int] | None:
         return None
     total, each = config["projection_class_embeddings_input_dim"], config["addition_time_embed_dim"]
     return int(total) - SDXL_TIME_IDS * int(each), SDXL_TIME_IDS
+
+
+def pooled_dim(kind: str, config: dict[str, Any]) -> int | None:
+    """The width of the pooled text embedding input ``text_embeds`` (SDXL-layout UNets, SD3), else None."""
+    if kind == "SD3Transformer2DModel":
+        return int(config.get("pooled_projection_dim", 2048))
+    dims = added_cond_dims(config)
+    return dims[0] if dims else None
 
 
 def denoiser_class(kind: str, config: dict[str, Any]) -> type:
@@ -87,6 +116,11 @@ def check_config(config: dict[str, Any], path: Path, error: type[Exception]) -> 
     if kind not in SUPPORTED_CLASSES:
         raise error(f"{path}: _class_name is {kind!r}, not a supported denoiser; supported: "
                     f"{', '.join(SUPPORTED_CLASSES)}")
+    if kind == "SD3Transformer2DModel":
+        c, out = config.get("in_channels", 16), config.get("out_channels") or config.get("in_channels", 16)
+        if out != c:
+            raise error(f"{path}: out_channels={out} for in_channels={c}; supported: equal (the latent's velocity)")
+        return kind
     if kind == "DiTTransformer2DModel":
         if config.get("norm_type", "ada_norm_zero") != "ada_norm_zero" or not config.get("num_embeds_ada_norm"):
             raise error(f"{path}: a DiTTransformer2DModel with norm_type={config.get('norm_type')!r} and "
@@ -128,3 +162,31 @@ def default_classes(kind: str, config: dict[str, Any]) -> tuple[int | None, int 
         n = int(config["num_embeds_ada_norm"])
         return n, n
     return None, None
+
+
+def read_conditioning(loaded, path: Path, doc: dict[str, Any], error: type[Exception]) -> None:
+    """Null class label, class count, names and guidance interval from a model's trt_dm.json ``doc`` (read from
+    ``path``; the pipeline root's first, then the denoiser's), checked against the model's class embedding."""
+    if doc.get("guidance_interval") is not None:  # the timesteps where guidance helps this model (its card says why)
+        last = int(loaded.scheduler_config.get("num_train_timesteps", 1000)) - 1
+        try:
+            loaded.guidance_interval = check_interval(doc["guidance_interval"], last)
+        except InputError as e:
+            raise error(f"{path}: guidance_interval: {str(e).split(' must ', 1)[1]}") from e
+    spec = loaded.class_labels_spec
+    n = None if spec is None else spec.num_values
+    null, k, names = doc.get("null_class_label"), doc.get("num_classes"), doc.get("class_names")
+    if n is None:
+        if null is not None or k is not None:
+            raise error(f"{path}: names class labels, but the model has no class-label embedding")
+        return
+    if null is not None and not (isinstance(null, int) and 0 <= null < n):
+        raise error(f"{path}: null_class_label {null!r} must be an integer in 0..{n - 1} (the model has "
+                    f"{n} class embeddings)")
+    if k is not None and not (isinstance(k, int) and 1 <= k <= n and (null is None or null >= k)):
+        raise error(f"{path}: num_classes {k!r} must be an integer in 1..{n}, below the null label")
+    if names is not None and (not isinstance(names, list) or (k is not None and len(names) != k)):
+        raise error(f"{path}: class_names must be a list of num_classes names")
+    loaded.null_class_label = null if null is not None else loaded.null_class_label
+    loaded.num_classes = k if k is not None else loaded.num_classes
+    loaded.class_names = tuple(names) if names else None

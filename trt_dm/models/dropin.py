@@ -14,7 +14,9 @@ with learned variance the output carries a zero variance half after the noise, w
 
 The object carries what diffusers pipelines read from a UNet (``config``, ``dtype``, ``device``, ``in_channels``,
 ``add_embedding``'s input width for SDXL) and returns the usual output class; the timestep (a scalar or one per row)
-is broadcast to one per row, as the runners take it. An SDXL-layout UNet's ``added_cond_kwargs`` (``text_embeds``,
+is broadcast to one per row, as the runners take it. An SD3 transformer goes into diffusers'
+``StableDiffusion3Pipeline`` as ``pipe.transformer``: its ``hidden_states`` and ``pooled_projections`` feed the
+graph's ``sample`` and ``text_embeds``. An SDXL-layout UNet's ``added_cond_kwargs`` (``text_embeds``,
 ``time_ids``) feed the graph's inputs of those names. Forward arguments the deployed graph has no input for
 (``timestep_cond``, ``cross_attention_kwargs``, other added conditioning, adapters and ControlNet residuals) are
 refused with a clear error instead of being dropped silently.
@@ -40,6 +42,7 @@ class DropInUNet(nn.Module):
         self._denoiser = denoiser
         self.config = loaded.unet.config  # diffusers' FrozenDict: attribute and key access, as pipelines use it
         self._names = loaded.signature.names
+        self._time_dtype = loaded.signature["timestep"].dtype  # int64, or a flow model's float32 time input
         self._device = torch.device(getattr(denoiser, "device", "cpu"))
         # SDXL's pipeline checks its time ids against the added embedding's input width; other pipelines read None
         width = loaded.config.get("projection_class_embeddings_input_dim") if "time_ids" in self._names else None
@@ -61,21 +64,29 @@ class DropInUNet(nn.Module):
     def in_channels(self) -> int:
         return self.config.in_channels
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
+    def forward(self, sample: torch.Tensor | None = None, timestep: torch.Tensor | float | int | None = None,
                 encoder_hidden_states: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,
                 return_dict: bool = True, **kwargs: Any):
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
         added = dict(kwargs.pop("added_cond_kwargs", None) or {})
+        if sample is None:  # a transformer's pipeline names it hidden_states
+            sample = kwargs.pop("hidden_states", None)
+        if kwargs.get("pooled_projections") is not None:  # SD3: the pooled text embedding, our text_embeds input
+            added["text_embeds"] = kwargs.pop("pooled_projections")
+        if not kwargs.get("joint_attention_kwargs"):
+            kwargs.pop("joint_attention_kwargs", None)
+        if sample is None or timestep is None:
+            raise ValueError("DropInUNet: give sample (or hidden_states) and timestep")
         given = sorted(k for k in _REFUSED if kwargs.get(k) is not None)
         unknown = sorted(k for k in kwargs if k not in _REFUSED)
-        if added and "time_ids" not in self._names:
+        if set(added) - {"text_embeds"} and "time_ids" not in self._names:
             given.append("added_cond_kwargs")
         if given or unknown:
             raise ValueError(f"DropInUNet: {given + unknown} cannot be fed to the deployed UNet (its graph inputs are "
                              f"{self._names})")
         b = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device)
-        t = (t.reshape(1) if t.ndim == 0 else t).to(torch.int64).expand(b) if t.numel() in (1, b) else None
+        t = (t.reshape(1) if t.ndim == 0 else t).to(self._time_dtype).expand(b) if t.numel() in (1, b) else None
         if t is None:
             raise ValueError(f"DropInUNet: timestep has {torch.as_tensor(timestep).numel()} values for a batch of {b}")
         extra = {}

@@ -27,17 +27,27 @@ from torch import nn
 
 from trt_dm.core.errors import InputError
 from trt_dm.core.guidance import Guidance, check_interval, check_scale, class_labels_for
-from trt_dm.core.schedule import Schedule
+from trt_dm.core.schedule import FlowSchedule, Schedule
 from trt_dm.core.signature import Signature
-from trt_dm.models.denoisers import added_cond_dims, check_config, default_classes, denoiser_class
+from trt_dm.models.denoisers import (
+    FLOW_DEFAULT_SCHEDULER,
+    added_cond_dims,
+    check_config,
+    default_classes,
+    denoiser_class,
+    pooled_dim,
+    read_conditioning,
+)
 from trt_dm.models.text import (
     check_text,
     default_time_ids,
     is_text_pipeline,
+    load_embeddings,
     load_latent_decoder,
     load_text_pipeline,
     text_rows,
 )
+from trt_dm.models.text_sd3 import check_sd3_text, load_sd3_text_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +207,22 @@ class LoadedModel:
         return {"class_labels": class_labels_for(n, labels)}
 
     @property
+    def text_dim(self) -> int | None:
+        """The width of ``encoder_hidden_states`` (cross_attention_dim, an MMDiT's joint_attention_dim), or None."""
+        return int(self.signature["encoder_hidden_states"].shape[2]) if self.text_conditioned else None
+
+    @property
+    def pooled_dim(self) -> int | None:
+        """The width of the pooled text embedding ``text_embeds`` (SDXL-layout UNets, SD3), or None."""
+        return pooled_dim(self.kind, self.config)
+
+    def embeddings_file(self, path, flag: str = "--embeddings"):
+        """(rows, negative) of a precomputed embeddings file for this model (``text.load_embeddings``): any sequence
+        length for a bare denoiser, the pipeline's otherwise."""
+        return load_embeddings(path, self.seq_len, self.text_dim, self.pooled_dim, flag=flag,
+                               time_ids=self.added_cond is not None)
+
+    @property
     def added_cond(self) -> tuple[int, int] | None:
         """SDXL-layout UNets: (width of ``text_embeds``, number of ``time_ids``); None for other denoisers."""
         return added_cond_dims(self.config)
@@ -229,7 +255,7 @@ class LoadedModel:
             if negative_embeddings is None:
                 if self.text is None:
                     why = (f"{scale:g} on {self.name!r} (no text encoder) needs negative_prompt_embeds (1, S, D)"
-                           + (" and negative_pooled_prompt_embeds (1, P)" if self.added_cond else ""))
+                           + (" and negative_pooled_prompt_embeds (1, P)" if self.pooled_dim else ""))
                     raise InputError(f"--guidance-scale {why} in the --embeddings file", field="guidance_scale",
                                      flag="--guidance-scale",
                                      request_message=f'"guidance_scale" {why}, which a request cannot give; send '
@@ -270,10 +296,20 @@ class LoadedModel:
         if self.num_classes is None and label == spec.num_values - 1:
             self.num_classes = int(label)
 
+    def schedule(self):
+        """The noise schedule the samplers step (``Schedule``, or a flow model's ``FlowSchedule``, with a
+        dynamic-shifting one's shift for this model's token count)."""
+        sched = Schedule.from_config(self.scheduler_config)
+        if isinstance(sched, FlowSchedule):
+            _, h, w = self.sample_shape
+            p = int(self.config.get("patch_size") or 1)
+            sched = sched.for_tokens((h // p) * (w // p))
+        return sched
+
     def schedule_fingerprint(self) -> str:
         """sha256 of the noise schedule as the samplers use it (see ``Schedule.fingerprint``):
         two scheduler configs that sample alike share it, any change that moves a trajectory does not."""
-        return Schedule.from_config(self.scheduler_config).fingerprint()
+        return self.schedule().fingerprint()
 
     def data_key(self) -> str:
         """What every cache of data drawn from this model is keyed by: the UNet AND its noise schedule (the same
@@ -281,7 +317,7 @@ class LoadedModel:
         text-to-image pipeline its text encoder (the embeddings) and VAE (the decoded images)."""
         parts = [self.fingerprint(), self.schedule_fingerprint()]
         if self.text is not None:
-            parts += [self.text.fingerprints[k] for k in ("text_encoder", "text_encoder_2", "vae")
+            parts += [self.text.fingerprints[k] for k in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")
                       if k in self.text.fingerprints]
         if self.vae is not None:
             parts.append(self.vae.fingerprint)
@@ -436,19 +472,26 @@ def load_model(spec: str | os.PathLike, *, allow_pickle: bool = False,
 
     if scheduler_json is not None:
         scheduler_config, scheduler_source = _read_json(scheduler_json, "scheduler config"), "dir"
-    else:
-        scheduler_config, scheduler_source = dict(DEFAULT_SCHEDULER_CONFIG), "default"
+    else:  # DDPM's default; an MMDiT without its pipeline: SD3's rectified-flow scheduler
+        default = FLOW_DEFAULT_SCHEDULER if kind == "SD3Transformer2DModel" else DEFAULT_SCHEDULER_CONFIG
+        scheduler_config, scheduler_source = dict(default), "default"
     loaded = LoadedModel(unet=unet, kind=kind, source=root, name=name, config=config,
                          scheduler_config=scheduler_config, scheduler_source=scheduler_source,
                          weight_files=tuple(files), weight_names=tuple(unet.state_dict()))
     loaded.null_class_label, loaded.num_classes = default_classes(kind, config)
-    _read_conditioning(loaded, [root, unet_dir])
+    path = next((d / CONDITIONING_FILE for d in (root, unet_dir) if (d / CONDITIONING_FILE).is_file()), None)
+    if path is not None:
+        read_conditioning(loaded, path, _read_json(path, "conditioning description"), ModelLoadError)
     if unet_dir != root:
         if is_text_pipeline(root):
-            if kind != "UNet2DConditionModel":
+            if kind == "SD3Transformer2DModel":  # CLIP-L, CLIP-G, T5 (text_sd3.py)
+                loaded.text = load_sd3_text_pipeline(root, loaded.text_dim)
+                check_sd3_text(loaded, root, ModelLoadError)
+            elif kind != "UNet2DConditionModel":
                 raise ModelLoadError(f"{root}: a text encoder / tokenizer comes with a {kind}, which takes no text")
-            loaded.text = load_text_pipeline(root)
-            check_text(loaded, root, ModelLoadError)
+            else:
+                loaded.text = load_text_pipeline(root)
+                check_text(loaded, root, ModelLoadError)
         elif (root / "vae").is_dir():  # a latent pipeline without text (DiTPipeline): its VAE decodes
             loaded.vae = load_latent_decoder(root)
             if loaded.vae.vae.config.latent_channels != loaded.sample_shape[0]:
@@ -457,49 +500,3 @@ def load_model(spec: str | os.PathLike, *, allow_pickle: bool = False,
     logger.info("loaded %s %r from %s (%.3fM params, %s, schedule: %s)", kind, name, root,
                 sum(p.numel() for p in unet.parameters()) / 1e6, dtype, scheduler_source)
     return loaded
-
-
-def _read_conditioning(loaded: LoadedModel, dirs: list[Path]) -> None:
-    """Null class label, class count and names from trt_dm.json (pipeline root first, then unet/), checked
-    against the model's class embedding."""
-    path = next((d / CONDITIONING_FILE for d in dirs if (d / CONDITIONING_FILE).is_file()), None)
-    if path is None:
-        return
-    doc = _read_json(path, "conditioning description")
-    if doc.get("guidance_interval") is not None:  # the timesteps where guidance helps this model (its card says why)
-        last = int(loaded.scheduler_config.get("num_train_timesteps", 1000)) - 1
-        try:
-            loaded.guidance_interval = check_interval(doc["guidance_interval"], last)
-        except InputError as e:
-            raise ModelLoadError(f"{path}: guidance_interval: {str(e).split(' must ', 1)[1]}") from e
-    spec = loaded.class_labels_spec
-    n = None if spec is None else spec.num_values
-    null, k, names = doc.get("null_class_label"), doc.get("num_classes"), doc.get("class_names")
-    if n is None:
-        if null is not None or k is not None:
-            raise ModelLoadError(f"{path}: names class labels, but the model has no class-label embedding")
-        return
-    if null is not None and not (isinstance(null, int) and 0 <= null < n):
-        raise ModelLoadError(f"{path}: null_class_label {null!r} must be an integer in 0..{n - 1} (the model has "
-                             f"{n} class embeddings)")
-    if k is not None and not (isinstance(k, int) and 1 <= k <= n and (null is None or null >= k)):
-        raise ModelLoadError(f"{path}: num_classes {k!r} must be an integer in 1..{n}, below the null label")
-    if names is not None and (not isinstance(names, list) or (k is not None and len(names) != k)):
-        raise ModelLoadError(f"{path}: class_names must be a list of num_classes names")
-    loaded.null_class_label = null if null is not None else loaded.null_class_label
-    loaded.num_classes = k if k is not None else loaded.num_classes
-    loaded.class_names = tuple(names) if names else None
-
-
-# Tiny models for tests and tools: ~45k / ~52k parameters, one attention level (+ mid block), 1 channel.
-TINY_UNET2D_CONFIG = MappingProxyType(dict(
-    sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    norm_num_groups=4, attention_head_dim=8))
-TINY_UNET2D_CONDITION_CONFIG = MappingProxyType(dict(
-    sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),  # + the cross-attention mid block
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    norm_num_groups=4, cross_attention_dim=16, attention_head_dim=2))  # diffusers: this is the HEAD COUNT
-
-

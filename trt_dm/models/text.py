@@ -92,9 +92,11 @@ def _safetensors_in(d: Path, what: str) -> list[Path]:
 
 
 @torch.no_grad()
-def decode_latents(vae: torch.nn.Module, scaling_factor: float, latents: torch.Tensor, batch: int = 16) -> torch.Tensor:
-    """Latents (N, C, h, w) -> images (N, 3, H, W) in [-1, 1] (``vae.decode(latents / scaling_factor)``), in batches."""
-    outs = [vae.decode(latents[i:i + batch].float() / scaling_factor).sample.clamp(-1, 1)
+def decode_latents(vae: torch.nn.Module, scaling_factor: float, latents: torch.Tensor, batch: int = 16, *,
+                   shift_factor: float = 0.0) -> torch.Tensor:
+    """Latents (N, C, h, w) -> images (N, 3, H, W) in [-1, 1] (``vae.decode(latents / scaling_factor +
+    shift_factor)``; SD3's VAE shifts), in batches."""
+    outs = [vae.decode(latents[i:i + batch].float() / scaling_factor + shift_factor).sample.clamp(-1, 1)
             for i in range(0, len(latents), batch)]
     return torch.cat(outs) if outs else latents.new_empty(0, 3, *latents.shape[2:])
 
@@ -335,10 +337,12 @@ def _embeddings_error(path: Path, why: str, flag: str = "--embeddings") -> Input
 
 
 def load_embeddings(path: str | Path, seq: int | None, dim: int, pooled: int | None = None, *,
-                    flag: str = "--embeddings") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+                    flag: str = "--embeddings",
+                    time_ids: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """(rows, negative) from a safetensors file (module docstring): rows {UNet input: (N, ...)} and the negative's
     {input: (1, ...)} or None, checked against the pipeline's sequence length (None: any, the same for all), the UNet's
-    cross-attention width ``dim`` and, for an SDXL-layout UNet, its pooled width ``pooled``."""
+    cross-attention width ``dim`` and, for an SDXL-layout UNet or SD3, its pooled width ``pooled`` (SDXL also takes
+    time ids; SD3, ``time_ids=False``, does not)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     path = Path(path)
@@ -366,11 +370,18 @@ def load_embeddings(path: str | Path, seq: int | None, dim: int, pooled: int | N
             raise _embeddings_error(path, f"{extra} are SDXL inputs, but this UNet takes only prompt_embeds "
                                           f"(N, {seq}, {dim}) and negative_prompt_embeds (1, {seq}, {dim})", flag=flag)
     else:
+        if not time_ids:
+            sdxl = {k: v for k, v in sdxl.items() if "time_ids" not in k}
+            extra = sorted(k for k in d if "time_ids" in k)
+            if extra:
+                raise _embeddings_error(path, f"{extra} are SDXL's micro-conditioning; this model takes prompt_embeds "
+                                              f"(N, {seq}, {dim}) and pooled_prompt_embeds (N, {pooled}) only",
+                                        flag=flag)
         want.update(sdxl)
         for key, pair in (("pooled_prompt_embeds", "prompt_embeds"),
                           ("negative_pooled_prompt_embeds", "negative_prompt_embeds")):
             if (key in d) != (pair in d):
-                raise _embeddings_error(path, f"an SDXL-layout UNet needs {key} (the pooled text embedding, "
+                    raise _embeddings_error(path, f"this model needs {key} (the pooled text embedding, "
                                               f"({want[key][0]}, {pooled})) with {pair}, and only with it", flag=flag)
     n = int(d["prompt_embeds"].shape[0])
     for key, (lead, tail) in want.items():
@@ -405,7 +416,7 @@ def text_rows(loaded, n: int, prompts: Sequence[str] | None, embeddings) -> dict
             why = (f"{loaded.name!r} has no text encoder (not a Stable Diffusion or SDXL layout pipeline with "
                    "text_encoder/ and tokenizer/): prompts cannot be encoded")
             raise InputError(f"{why}; give --embeddings FILE.safetensors with prompt_embeds (N, S, D)"
-                             + (" and pooled_prompt_embeds (N, P)" if loaded.added_cond else ""),
+                             + (" and pooled_prompt_embeds (N, P)" if loaded.pooled_dim else ""),
                              field="prompt", flag="--prompt",
                              request_message=f"{why}, and a request cannot give precomputed embeddings")
         unique = list(dict.fromkeys(prompts))
@@ -415,16 +426,18 @@ def text_rows(loaded, n: int, prompts: Sequence[str] | None, embeddings) -> dict
         raise InputError(f"{loaded.name!r} is text-conditional: give --prompt TEXT, --prompts FILE or --embeddings "
                          "FILE.safetensors", field="prompt", flag="--prompt",
                          request_message=f'{loaded.name!r} is text-conditional: give "prompt" TEXT')
-    dim, emb = loaded.config.get("cross_attention_dim"), rows["encoder_hidden_states"]
+    dim, emb = loaded.text_dim, rows["encoder_hidden_states"]
     if emb.ndim != 3 or (isinstance(dim, int) and emb.shape[2] != dim):
         raise InputError(f"embeddings of shape {tuple(emb.shape)} do not fit {loaded.name!r}: it takes "
                          f"(N, S, {dim}) encoder_hidden_states", field="embeddings", flag="--embeddings")
-    if loaded.added_cond:
+    if loaded.pooled_dim:
         pooled = rows.get("text_embeds")
-        if pooled is None or tuple(pooled.shape[1:]) != (loaded.added_cond[0],):
-            raise InputError(f"{loaded.name!r} is an SDXL-layout UNet: it also takes pooled text embeddings (N, "
-                             f"{loaded.added_cond[0]}), got {None if pooled is None else tuple(pooled.shape)}",
+        if pooled is None or tuple(pooled.shape[1:]) != (loaded.pooled_dim,):
+            what = "an SDXL-layout UNet" if loaded.added_cond else f"a {loaded.kind}"
+            raise InputError(f"{loaded.name!r} is {what}: it also takes pooled text embeddings (N, "
+                             f"{loaded.pooled_dim}), got {None if pooled is None else tuple(pooled.shape)}",
                              field="embeddings", flag="--embeddings")
+    if loaded.added_cond:
         rows.setdefault("time_ids", loaded.time_ids(1))
     i = torch.arange(n)
     return {k: v[i % v.shape[0]].float() for k, v in rows.items()}

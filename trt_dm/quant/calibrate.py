@@ -28,10 +28,8 @@ import torch
 from trt_dm.core.errors import InputError
 from trt_dm.core.guidance import Guidance, cfg_denoiser
 from trt_dm.core.ranges import RangeSet, group_index
-from trt_dm.core.schedule import Schedule
 from trt_dm.core.stages import stage
 from trt_dm.models.loading import LoadedModel
-from trt_dm.models.text import load_embeddings
 from trt_dm.quant.calib import ranges as R
 from trt_dm.quant.calib.reconstruct import ReconConfig, _rows, learned_input_amax, reconstruct, save_weights
 from trt_dm.quant.calib.stats import DEFAULT_BINS, CalibCacheError, CalibStats
@@ -77,7 +75,7 @@ def collect_stats(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, *, ca
 
     Conditional models: the trajectories run with the spec's class labels and classifier-free guidance, and
     the statistics pass feeds the UNet exactly what a guided sampler does, both halves of every 2B call."""
-    schedule = Schedule.from_config(loaded.scheduler_config)
+    schedule = loaded.schedule()
     schedule.check_steps(spec.steps, "--calib-steps", loaded.name)
     qunet = quantize_model(sharing_copy(loaded.unet), qcfg)  # observed only: the FP weights are not copied
     layers = range_names(qunet, qcfg)
@@ -147,9 +145,7 @@ def calib_conditioning(loaded: LoadedModel, spec: CalibSpec) -> tuple[dict[str, 
         if not loaded.text_conditioned:
             raise InputError(f"--calib-embeddings was given, but {loaded.name!r} is not text-conditional",
                              field="calib_embeddings", flag="--calib-embeddings")
-        embeds, negative = load_embeddings(spec.embeddings, loaded.seq_len, loaded.config["cross_attention_dim"],
-                                           loaded.added_cond[0] if loaded.added_cond else None,
-                                           flag="--calib-embeddings")
+        embeds, negative = loaded.embeddings_file(spec.embeddings, flag="--calib-embeddings")
     cond = loaded.conditioning_for(spec.n, spec.label_list, prompts=spec.prompts, embeddings=embeds)
     guidance = loaded.guidance(spec.guidance_scale, spec.guidance_rescale, negative_prompt=spec.negative_prompt,
                                negative_embeddings=negative, interval=spec.guidance_interval)
@@ -161,7 +157,7 @@ def fp_calibration_set(loaded: LoadedModel, spec: CalibSpec, *, batch_size: int 
     """The FP model's calibration set for ``spec``: trajectories sampled with its class labels and classifier-free
     guidance (labels and guidance are checked first), and that guidance, for feeding the UNet what it sees."""
     cond, guidance = calib_conditioning(loaded, spec)
-    calib = collect(cfg_denoiser(unet_denoiser(loaded.unet), guidance), Schedule.from_config(loaded.scheduler_config),
+    calib = collect(cfg_denoiser(unet_denoiser(loaded.unet), guidance), loaded.schedule(),
                     loaded.sample_shape, spec, batch_size=batch_size, conditioning=cond, progress=progress)
     return calib, guidance
 

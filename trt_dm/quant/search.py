@@ -40,7 +40,6 @@ from tqdm.auto import tqdm
 from trt_dm.core.guidance import cfg_denoiser
 from trt_dm.core.io import atomic_write
 from trt_dm.core.ranges import RangeSet
-from trt_dm.core.schedule import Schedule
 from trt_dm.models.loading import LoadedModel
 from trt_dm.quant.calib.trajectories import CalibSpec
 from trt_dm.quant.calibrate import calib_conditioning, calibrate, fp_calibration_set
@@ -325,7 +324,7 @@ class SampledError:
         self.cond, self.guidance = calib_conditioning(loaded, held)
         self.seeds = [held.seed * 1_000_003 + j for j in range(n)]
         self.spec, self.shape, self.batch_size = held, loaded.sample_shape, batch_size
-        self.schedule = Schedule.from_config(loaded.scheduler_config)
+        self.schedule = loaded.schedule()
         self.ref = self._sample(unet_denoiser(loaded.unet))
 
     def _sample(self, den) -> torch.Tensor:

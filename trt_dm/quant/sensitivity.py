@@ -10,7 +10,6 @@ from tqdm.auto import tqdm
 
 from trt_dm.core.guidance import Guidance, cfg_denoiser
 from trt_dm.core.ranges import RangeSet, group_index
-from trt_dm.core.schedule import Schedule
 from trt_dm.models.loading import LoadedModel
 from trt_dm.quant.calib.trajectories import CalibSpec
 from trt_dm.quant.calibrate import calibrate, fp_calibration_set
@@ -111,7 +110,7 @@ class LeaveOut:
             self.fp_weights = {id(m.weight_quantizer): (m, fp_layers[name].weight.detach())
                                for name, m in qunet.named_modules() if hasattr(m, "weight_quantizer")}
         self.ref = self.predict(loaded.unet)
-        self.end = calib.t < Schedule.from_config(loaded.scheduler_config).num_train_timesteps // 10
+        self.end = calib.t < loaded.schedule().num_train_timesteps // 10
 
     def predict(self, unet: torch.nn.Module, k: int | None = None) -> torch.Tensor:
         """``unet``'s (guided) prediction on every calibration row, or on the rows of timestep group ``k``."""

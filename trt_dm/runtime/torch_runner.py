@@ -38,7 +38,8 @@ class TorchRunner(Runner):
         kwargs = {}
         for k, v in feed.items():
             v = v.to(self.device)
-            kwargs[k] = v.to(self.dtype) if v.is_floating_point() else v
+            # a flow model's float time input stays fp32, as diffusers' pipelines pass it
+            kwargs[k] = v.to(self.dtype) if v.is_floating_point() and k != "timestep" else v
         x = kwargs.pop("sample")
         t = kwargs.pop("timestep")
         return {OUTPUT_NAME: self._call(x, t, **kwargs)}
@@ -55,7 +56,8 @@ class CudaGraphTorchRunner(TorchRunner):
     def infer_impl(self, feed):
         key = tuple((k, tuple(v.shape)) for k, v in sorted(feed.items()))
         if key not in self._graphs:
-            static = {k: (v.to("cuda", torch.float16) if v.is_floating_point() else v.to("cuda")).clone()
+            static = {k: (v.to("cuda", torch.float16) if v.is_floating_point() and k != "timestep"
+                          else v.to("cuda")).clone()
                       for k, v in feed.items()}
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())

@@ -23,7 +23,6 @@ import torch
 from trt_dm.core.errors import InputError
 from trt_dm.core.guidance import Guidance
 from trt_dm.core.images import make_grid
-from trt_dm.core.schedule import Schedule
 from trt_dm.serve.scheduler import Handle, Request, StepScheduler
 
 log = logging.getLogger(__name__)
@@ -134,7 +133,7 @@ class Service:
         self.loaded, self.denoiser, self.describe = loaded, denoiser, describe or {}
         self.max_queue = max_queue
         self.metrics = Metrics(registry)
-        self.scheduler = StepScheduler(self._timed, Schedule.from_config(loaded.scheduler_config), loaded.sample_shape,
+        self.scheduler = StepScheduler(self._timed, loaded.schedule(), loaded.sample_shape,
                                        max_rows=max_rows, device=getattr(denoiser, "device", "cpu"), policy=policy)
         self.lock = threading.Condition()
         self.running = False
@@ -227,6 +226,10 @@ class Service:
         cond = self.loaded.conditioning_for(g.n, labels, prompts=prompts)
         guidance = self.loaded.guidance(g.guidance_scale, g.guidance_rescale, negative_prompt=g.negative_prompt,
                                         interval=g.guidance_interval)
+        try:
+            self.scheduler.schedule.check_sampler(g.sampler, g.eta)
+        except ValueError as e:
+            raise InputError(f"sampler {e}", field="sampler", request_message=f'"sampler": {e}') from None
         return Request(n=g.n, sampler=g.sampler, steps=g.steps, eta=g.eta, seed=g.seed, conditioning=cond,
                        guidance=guidance if guidance.active else Guidance())
 

@@ -102,11 +102,13 @@ def request_model(service: Service, *, max_n: int, max_steps: int):
     if loaded.text_conditioned:
         one_of = {"required": ["prompt"]}
 
+    samplers = Literal[tuple(loaded.schedule().samplers)]  # ddim, ddpm; a flow-matching model: ddim, euler
+
     class Base(BaseModel):
         model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=one_of)
         n: Int(1, most) = 1
         steps: Int(1, min(max_steps, T)) = 50
-        sampler: Literal["ddim", "ddpm"] = "ddim"
+        sampler: samplers = "ddim"
         eta: float = Field(0.0, ge=0.0, le=1.0)
         seed: Int(0, SEED_MAX) = 0
         output: Literal["png", "json"] = "png"

@@ -183,7 +183,7 @@ class StepScheduler:
             if im.handle.first_call is None:
                 im.handle.first_call = now
         x = torch.stack([im.x for im in batch]).to(self.device)
-        t = torch.tensor([im.ts[im.i] for im in batch], dtype=torch.int64)
+        t = torch.tensor([im.ts[im.i] for im in batch], dtype=self.schedule.time_dtype)
         guided = [k for k, im in enumerate(batch)  # guided at this step (a guidance interval leaves some out)
                   if im.rows == 2 and bool(im.handle.request.guidance.applies(t[k:k + 1]))]
         names = sorted({n for im in batch for n in im.cond})
@@ -220,7 +220,7 @@ class StepScheduler:
         for (sampler, eta), ks in groups.items():
             idx = torch.tensor(ks)
             tt = t[idx]
-            prev = torch.tensor([batch[k].prev[batch[k].i] for k in ks], dtype=torch.int64)
+            prev = torch.tensor([batch[k].prev[batch[k].i] for k in ks], dtype=self.schedule.time_dtype)
             rule = sampler_rule(sampler)
             noisy = {k for k in ks if rule.draws_noise(batch[k].ts[batch[k].i], eta)}
             noise = None
@@ -230,7 +230,7 @@ class StepScheduler:
                     if k in noisy:
                         noise[j] = randn_per_sample([batch[k].gen], self.shape)[0]
             xs, outs = x[idx.to(x.device)], out[idx.to(out.device)]
-            res = rule.step(self.schedule, outs, xs, tt, prev, noise, eta)
+            res = rule.run(self.schedule, outs, xs, tt, prev, noise, eta)
             for j, k in enumerate(ks):
                 im = batch[k]
                 im.x = res.prev_sample[j].float().cpu()

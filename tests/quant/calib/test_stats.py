@@ -124,8 +124,16 @@ def test_per_sample_amax_and_observe_batch_split():
         assert h.samples == len(rows) and h.amax_sum == math.fsum(rows.tolist())
     with pytest.raises(ValueError, match="batch size 5"):
         stats.observe_batch("q", torch.arange(5), x)
-    with pytest.raises(ValueError, match="integer"):
-        stats.observe("q", 1.5, x)
+    with pytest.raises(ValueError, match="integer >= 0 .* or a flow model's time input >= 0"):
+        stats.observe("q", -1.5, x)
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        stats.observe_batch("q", torch.tensor([1.0, float("nan"), 2, 3, 4, 5]), x)
+    flow = CalibStats(64)  # a flow model's float time inputs: keyed by their floor, as the groups select them
+    flow.observe_batch("q", t.float() + torch.tensor([0.25, 0.5, 0.75, 0.1, 0.9, 0.4]), x)
+    flow.add_samples(t.float() + 0.5)
+    assert flow.timesteps == [0, 3, 9] and flow.counts == stats.counts
+    for tv in (0, 3, 9):
+        np.testing.assert_array_equal(flow.hists[("q", tv)].counts, stats.hists[("q", tv)].counts)
 
 
 def _example_stats(seed: int = 0) -> CalibStats:

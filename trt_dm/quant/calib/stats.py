@@ -193,12 +193,17 @@ def merge(hists: Sequence[RunningHistogram], weights: Sequence[float] | None = N
 
 
 def _as_timestep(t: Any) -> int:
+    """The statistics' key of a timestep: the true training timestep, or a flow model's float time input floored
+    (as the timestep groups and the one-graph selection floor it: ``trt_dm.core.ranges.nearest_group``)."""
     if isinstance(t, torch.Tensor):
-        if t.numel() != 1 or t.is_floating_point():
-            raise ValueError(f"timestep must be one integer, got tensor {t!r}")
+        if t.numel() != 1:
+            raise ValueError(f"timestep must be one number, got tensor {t!r}")
         t = t.item()
-    if isinstance(t, (bool, float)) or not isinstance(t, (int, np.integer)) or t < 0:
-        raise ValueError(f"timestep must be an integer >= 0 (the true training timestep), got {t!r}")
+    if isinstance(t, (float, np.floating)) and t >= 0 and math.isfinite(t):
+        return int(math.floor(t))
+    if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0:
+        raise ValueError(f"timestep must be an integer >= 0 (the true training timestep) or a flow model's time "
+                         f"input >= 0, got {t!r}")
     return int(t)
 
 
@@ -248,11 +253,16 @@ class CalibStats:
         h.update(tensor, where=f"quantizer {name!r} at t={t}")
 
     def observe_batch(self, name: str, t_per_sample: torch.Tensor, tensor: torch.Tensor) -> None:
-        """Add a batch whose samples have their own timesteps: ``t_per_sample`` (B,) ints, ``tensor`` (B, ...)."""
+        """Add a batch whose samples have their own timesteps: ``t_per_sample`` (B,) ints (a flow model's float time
+        inputs are floored, ``_as_timestep``), ``tensor`` (B, ...)."""
         ts = torch.as_tensor(t_per_sample).detach().cpu()
         tensor = torch.as_tensor(tensor)
-        if ts.dim() != 1 or ts.is_floating_point():
-            raise ValueError(f"t_per_sample must be a 1-D integer tensor, got dtype {ts.dtype} shape {tuple(ts.shape)}")
+        if ts.dim() != 1:
+            raise ValueError(f"t_per_sample must be a 1-D tensor, got dtype {ts.dtype} shape {tuple(ts.shape)}")
+        if ts.is_floating_point():
+            if not bool(torch.isfinite(ts).all()) or bool((ts < 0).any()):
+                raise ValueError(f"t_per_sample: time inputs must be finite and >= 0, got {ts.tolist()}")
+            ts = torch.floor(ts).to(torch.int64)
         if tensor.dim() == 0 or tensor.shape[0] != ts.shape[0]:
             raise ValueError(f"quantizer {name!r}: tensor shape {tuple(tensor.shape)} does not start with the "
                              f"batch size {ts.shape[0]} of t_per_sample")

@@ -45,8 +45,11 @@ class TimestepSpec:
 
 def draw_timesteps(spec: TimestepSpec, sampler_timesteps: Sequence[int], n: int, num_train_timesteps: int,
                    seed: int = 0) -> np.ndarray:
-    """``n`` timesteps (int64, true training timesteps, each one of ``sampler_timesteps``)."""
-    ts = np.asarray(sampler_timesteps, dtype=np.int64)
+    """``n`` timesteps (true training timesteps, each one of ``sampler_timesteps``): int64, or float64 for a flow
+    model's float time inputs (sigma x T: NDTC's normal is drawn on that same axis, sigma = t / T)."""
+    floats = any(isinstance(t, float) for t in sampler_timesteps)
+    dtype = np.float64 if floats else np.int64
+    ts = np.asarray(sampler_timesteps, dtype=dtype)
     if n < 1:
         raise ValueError(f"calibration size must be >= 1, got {n}")
     if ts.size == 0:
@@ -60,9 +63,9 @@ def draw_timesteps(spec: TimestepSpec, sampler_timesteps: Sequence[int], n: int,
         sorted_ts = ts[order]
         pos = np.clip(np.searchsorted(sorted_ts, raw), 1, len(sorted_ts) - 1) if len(ts) > 1 else np.zeros(n, int)
         if len(ts) == 1:
-            return np.full(n, ts[0], dtype=np.int64)
+            return np.full(n, ts[0], dtype=dtype)
         lo, hi = sorted_ts[pos - 1], sorted_ts[pos]
-        return np.where(raw - lo <= hi - raw, lo, hi).astype(np.int64)
+        return np.where(raw - lo <= hi - raw, lo, hi).astype(dtype)
     if spec.kind == "uniform":
         # n draws spread evenly over the steps: step index floor(i * S / n)
         idx = (np.arange(n) * len(ts)) // n
@@ -70,7 +73,7 @@ def draw_timesteps(spec: TimestepSpec, sampler_timesteps: Sequence[int], n: int,
     if spec.kind == "single":
         if not -len(ts) <= spec.step < len(ts):
             raise ValueError(f"single step index {spec.step} out of range for {len(ts)} sampler steps")
-        return np.full(n, ts[spec.step], dtype=np.int64)
+        return np.full(n, ts[spec.step], dtype=dtype)
     # all: every step equally often (n rounded up to a multiple of the number of steps)
     reps = -(-n // len(ts))
     return np.tile(ts, reps)

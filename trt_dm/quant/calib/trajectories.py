@@ -102,7 +102,7 @@ class CalibSpec:
 @dataclass
 class CalibSet:
     x: torch.Tensor  # (n, C, H, W) float32: the kept x_t
-    t: torch.Tensor  # (n,) int64: their true timesteps
+    t: torch.Tensor  # (n,) int64: their true timesteps (float32 time inputs for a flow-matching model)
     spec: CalibSpec
     unet_calls: int = 0  # UNet batch calls spent collecting it
     cond: dict = field(default_factory=dict)  # {input: (n, ...)}: each x_t's conditioning (class labels)
@@ -125,6 +125,7 @@ def collect(denoiser: DenoiserFn, schedule: Schedule, shape: Sequence[int], spec
     """Run the FP sampler and keep x_t at the drawn timesteps; the result is sorted by t (descending).
     ``conditioning``: {input: (n, ...)}, the conditioning of calibration sample j in row j (the denoiser given
     applies any guidance)."""
+    schedule.check_sampler(spec.sampler, spec.eta)  # euler: a flow model's step, which sample_ddim takes there
     sampler_ts = schedule.timesteps(spec.steps)
     draws = draw_timesteps(spec.timesteps, sampler_ts, spec.n, schedule.num_train_timesteps, seed=spec.seed)
     n = len(draws)
@@ -164,4 +165,4 @@ def collect(denoiser: DenoiserFn, schedule: Schedule, shape: Sequence[int], spec
         bar.update(len(b_seeds))
     bar.close()
     log.info("calibration set: %d x_t at %d distinct timesteps, %d UNet calls", n, len(set(draws.tolist())), calls)
-    return CalibSet(x=xs, t=torch.as_tensor(keep_t, dtype=torch.int64), spec=spec, unet_calls=calls, cond=cond)
+    return CalibSet(x=xs, t=torch.as_tensor(keep_t, dtype=schedule.time_dtype), spec=spec, unet_calls=calls, cond=cond)

@@ -1,0 +1,187 @@
+"""Stable Diffusion 3's text side (``StableDiffusion3Pipeline`` directories): CLIP-L, CLIP-G and T5 around the MMDiT.
+
+A pipeline directory with ``transformer/`` (``SD3Transformer2DModel``), ``scheduler/``
+(``FlowMatchEulerDiscreteScheduler``), ``text_encoder/`` + ``tokenizer/`` (CLIP-L) and ``text_encoder_2/`` +
+``tokenizer_2/`` (CLIP-G, both ``CLIPTextModelWithProjection``), optionally ``text_encoder_3/`` + ``tokenizer_3/``
+(``T5EncoderModel``) and ``vae/``. Prompts are encoded as diffusers' ``StableDiffusion3Pipeline.encode_prompt`` does
+(no clip-skip, no LoRA): both CLIPs' penultimate hidden states side by side, zero-padded to the transformer's
+``joint_attention_dim``, then T5's last hidden state over ``max_sequence_length`` tokens (256, diffusers' default;
+zeros of that length without T5) along the sequence: ``encoder_hidden_states`` (N, 77 + 256, joint_attention_dim);
+both CLIPs' pooled projections side by side: ``text_embeds`` (N, pooled_projection_dim). The negative prompt is
+encoded the same way (the empty one too). The VAE decodes ``latents / scaling_factor + shift_factor``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from trt_dm.models.text import (
+    TextPipeline,
+    TextPipelineError,
+    _load_encoder,
+    _safetensors_in,
+    _sha256_files,
+    decode_latents,
+    load_latent_decoder,
+)
+
+T5_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length
+
+
+@dataclass
+class SD3TextPipeline(TextPipeline):
+    """The two CLIPs (``tokenizer`` / ``text_encoder``, ``tokenizer_2`` / ``text_encoder_2``), T5 (or None) and VAE
+    of a Stable Diffusion 3 pipeline, for a transformer of ``joint_dim`` text width."""
+    tokenizer_3: object = None
+    text_encoder_3: torch.nn.Module | None = None
+    joint_dim: int = 4096
+    t5_length: int = T5_SEQUENCE_LENGTH
+    shift_factor: float = 0.0
+
+    @property
+    def sdxl(self) -> bool:
+        return False
+
+    @property
+    def sd3(self) -> bool:
+        return True
+
+    @property
+    def max_length(self) -> int:
+        """The sequence of ``encoder_hidden_states``: CLIP's tokens, then T5's."""
+        return int(self.tokenizer.model_max_length) + self.t5_length
+
+    @property
+    def hidden_size(self) -> int:
+        return self.joint_dim
+
+    @property
+    def clip_size(self) -> int:
+        return int(self.text_encoder.config.hidden_size) + int(self.text_encoder_2.config.hidden_size)
+
+    @property
+    def pooled_size(self) -> int:
+        return int(self.text_encoder.config.projection_dim) + int(self.text_encoder_2.config.projection_dim)
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The transformer's text inputs for ``prompts`` (module docstring), float32."""
+        if self.released:
+            raise RuntimeError(f"{self.root}: the text encoders were released after calibration; load the model again")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        hidden, pooled = [], []
+        for i in range(0, len(prompts), 64):
+            chunk = list(prompts[i:i + 64])
+            states, pools = [], []
+            for tok, te in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+                ids = tok(chunk, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+                          return_tensors="pt").input_ids
+                out = te(ids, output_hidden_states=True)
+                states.append(out.hidden_states[-2].float())
+                pools.append(out[0].float())
+            clip = torch.nn.functional.pad(torch.cat(states, dim=-1), (0, self.joint_dim - self.clip_size))
+            if self.text_encoder_3 is None:
+                t5 = torch.zeros(len(chunk), self.t5_length, self.joint_dim)
+            else:
+                ids = self.tokenizer_3(chunk, padding="max_length", max_length=self.t5_length, truncation=True,
+                                       add_special_tokens=True, return_tensors="pt").input_ids
+                t5 = self.text_encoder_3(ids)[0].float()
+            hidden.append(torch.cat([clip, t5], dim=-2))
+            pooled.append(torch.cat(pools, dim=-1))
+        return {"encoder_hidden_states": torch.cat(hidden), "text_embeds": torch.cat(pooled)}
+
+    def encode_negative(self, prompt: str = "") -> dict[str, torch.Tensor]:
+        """``encode([prompt])``: SD3's pipeline encodes the empty negative prompt too."""
+        return self.encode([prompt])
+
+    def decode(self, latents: torch.Tensor, batch: int = 16) -> torch.Tensor:
+        return decode_latents(self.vae, self.scaling_factor, latents, batch, shift_factor=self.shift_factor)
+
+    def release(self) -> None:
+        super().release()
+        self.text_encoder_3 = None
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.update(text_encoder_2=str(self.root / "text_encoder_2"),
+                 text_encoder_2_sha256=self.fingerprints.get("text_encoder_2"),
+                 text_encoder_3=str(self.root / "text_encoder_3") if "text_encoder_3" in self.fingerprints else None,
+                 text_encoder_3_sha256=self.fingerprints.get("text_encoder_3"), t5_sequence_length=self.t5_length,
+                 vae_shift_factor=self.shift_factor)
+        return d
+
+
+def _load_t5(root: Path):
+    """(tokenizer, T5 encoder, weight files) of ``text_encoder_3/`` and ``tokenizer_3/``."""
+    import transformers
+    te_dir, tok_dir = root / "text_encoder_3", root / "tokenizer_3"
+    files = _safetensors_in(te_dir, "T5 text encoder (text_encoder_3/)")
+    arch = (json.loads((te_dir / "config.json").read_text(encoding="utf-8")).get("architectures") or [None])[0]
+    if arch != "T5EncoderModel":
+        raise TextPipelineError(f"{te_dir}: text encoder {arch!r} is not supported here; supported: T5EncoderModel")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    except Exception as e:
+        raise TextPipelineError(f"{tok_dir}: cannot load the T5 tokenizer ({type(e).__name__}: {e}); expected "
+                                "tokenizer.json or spiece.model (save_pretrained layout)") from None
+    try:
+        with torch.random.fork_rng(devices=[]):
+            encoder = transformers.T5EncoderModel.from_pretrained(str(te_dir), local_files_only=True,
+                                                                  use_safetensors=True, dtype=torch.float32)
+    except Exception as e:
+        raise TextPipelineError(f"{te_dir}: cannot load the T5 encoder ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    return tokenizer, encoder.eval().requires_grad_(False), files
+
+
+def load_sd3_text_pipeline(root: Path, joint_dim: int) -> SD3TextPipeline:
+    """The text encoders and VAE of the Stable Diffusion 3 pipeline at ``root`` (local files, safetensors only), for a
+    transformer of text width ``joint_dim``."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise TextPipelineError(f"text-to-image pipelines need transformers (pip install 'trt_dm[text]'): "
+                                f"{e}") from None
+    transformers.utils.logging.disable_progress_bar()
+    for sub in ("text_encoder", "text_encoder_2"):
+        if not (root / sub).is_dir():
+            raise TextPipelineError(f"{root}: a Stable Diffusion 3 pipeline needs {sub}/ (CLIP-L in text_encoder/, "
+                                    "CLIP-G in text_encoder_2/); it has none")
+    proj = ("CLIPTextModelWithProjection",)
+    tokenizer, text_encoder, f1 = _load_encoder(transformers, root, "", proj)
+    tokenizer_2, text_encoder_2, f2 = _load_encoder(transformers, root, "_2", proj)
+    fingerprints = {"text_encoder": _sha256_files(f1), "text_encoder_2": _sha256_files(f2)}
+    tokenizer_3 = text_encoder_3 = None
+    if (root / "text_encoder_3").is_dir():
+        tokenizer_3, text_encoder_3, f3 = _load_t5(root)
+        fingerprints["text_encoder_3"] = _sha256_files(f3)
+    vae = load_latent_decoder(root)
+    fingerprints["vae"] = vae.fingerprint
+    shift = float(getattr(vae.vae.config, "shift_factor", None) or 0.0)
+    return SD3TextPipeline(root=root, tokenizer=tokenizer, text_encoder=text_encoder, vae=vae.vae,
+                           scaling_factor=vae.scaling_factor, fingerprints=fingerprints, tokenizer_2=tokenizer_2,
+                           text_encoder_2=text_encoder_2, tokenizer_3=tokenizer_3, text_encoder_3=text_encoder_3,
+                           joint_dim=joint_dim, shift_factor=shift)
+
+
+def check_sd3_text(loaded, root: Path, error: type[Exception]) -> None:
+    """The encoders' widths against the transformer's: CLIP-L + CLIP-G within joint_attention_dim, T5's width equal to
+    it, the pooled projections adding up to pooled_projection_dim."""
+    text, joint, pooled = loaded.text, loaded.text_dim, loaded.pooled_dim
+    if text.clip_size > joint:
+        raise error(f"{root}: the CLIP encoders' widths add up to {text.clip_size}, more than the transformer's "
+                    f"joint_attention_dim {joint}")
+    if text.text_encoder_3 is not None and int(text.text_encoder_3.config.d_model) != joint:
+        raise error(f"{root}: the T5 encoder's width {text.text_encoder_3.config.d_model} is not the transformer's "
+                    f"joint_attention_dim {joint}")
+    if text.pooled_size != pooled:
+        raise error(f"{root}: the CLIP encoders' projection_dims add up to {text.pooled_size}, not the transformer's "
+                    f"pooled_projection_dim {pooled}")
+    if text.tokenizer_2.model_max_length != text.tokenizer.model_max_length:
+        raise error(f"{root}: tokenizer/ pads to {text.tokenizer.model_max_length} tokens and tokenizer_2/ to "
+                    f"{text.tokenizer_2.model_max_length}; SD3's CLIP encoders must give one sequence length")
