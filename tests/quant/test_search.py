@@ -90,7 +90,9 @@ def test_a_mix_under_the_budget_is_loosened_to_spend_it(tiny_pipeline_dir, tmp_p
     for share in (1 / 2, 1 / 3, 1 / 5, 1 / 10):
         budget = all_int8 * share
         mix = search_formats(loaded, SPEC, QuantConfig(), RECIPE, FormatSearch(budget=budget, n=8), **kw)
-        first, eight_bit = mix.steps[0], 1 - mix.macs_share()["fp16"]
+        # in the steps' units: the share of the searched layers' MACs (macs_share also counts the excluded layers)
+        first = mix.steps[0]
+        eight_bit = sum(r["macs"] for r in mix.layers if r["format"] != "fp16") / sum(r["macs"] for r in mix.layers)
         assert mix.rel_mse <= budget
         if first["rel_mse"] <= budget and first["fp16_layers"]:
             assert mix.steps[1]["working_budget"] > first["working_budget"]

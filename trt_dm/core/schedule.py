@@ -87,7 +87,7 @@ class Schedule:
         spacing = cfg.get("timestep_spacing", "leading")
         if spacing not in SPACINGS:
             raise ValueError(f"unsupported timestep_spacing {spacing!r}; accepted: {SPACINGS}")
-        variance = cfg.get("variance_type", "fixed_small")
+        variance = cfg.get("variance_type") or "fixed_small"  # None (DPM-Solver's configs): diffusers' DDPM = small
         if variance not in ("fixed_small", "fixed_large"):
             raise ValueError(f"unsupported variance_type {variance!r}; accepted: ('fixed_small', 'fixed_large')")
         return cls(alphas_cumprod=torch.cumprod(1.0 - betas, dim=0), prediction_type=pred,

@@ -134,6 +134,8 @@ class Signature:
             if spec.name == "timestep":  # int64, or a flow model's float32 time input
                 feed[spec.name] = (torch.full(shape, timestep, dtype=torch.int64) if timestep is not None
                                    else torch.randint(0, num_train_timesteps, shape, generator=g)).to(spec.dtype)
+            elif spec.name == "encoder_attention_mask":  # every token kept
+                feed[spec.name] = torch.ones(shape, dtype=spec.dtype)
             elif not spec.dtype.is_floating_point:
                 feed[spec.name] = torch.randint(0, spec.num_values or 2, shape, generator=g).to(spec.dtype)
             else:
@@ -166,6 +168,10 @@ class Signature:
                                            ("batch", "sequence", int(c.get("joint_attention_dim", 4096))), True),
                         TensorSpec("text_embeds", torch.float32, ("batch", int(c.get("pooled_projection_dim", 2048))),
                                    True)))
+        if kind == "PixArtTransformer2DModel":  # T5 tokens and their padding mask (1 = token, 0 = padding)
+            return cls((*specs, TensorSpec("encoder_hidden_states", torch.float32,
+                                           ("batch", "sequence", int(c["caption_channels"])), True),
+                        TensorSpec("encoder_attention_mask", torch.float32, ("batch", "sequence"), True)))
         if kind == "DiTTransformer2DModel":  # adaLN class labels; the table's last row is the null label
             n = int(c["num_embeds_ada_norm"]) + 1
             return cls((*specs, TensorSpec("class_labels", torch.int64, ("batch",), True, n)))

@@ -158,6 +158,38 @@ def write_tiny_sd3_pipeline(path: str | Path, seed: int = 0, *, t5: bool = True,
     return path
 
 
+def write_tiny_pixart_pipeline(path: str | Path, seed: int = 0, *, kind: str = "PixArtSigmaPipeline", width: int = 16,
+                               learned_sigma: bool = True, **transformer: Any) -> Path:
+    """A tiny random PixArt pipeline (model_index.json naming ``kind``, transformer/ (PixArtTransformer2DModel, 8 px
+    latents of 4 channels, patch 2, 2 blocks, ``learned_sigma``: 8 output channels), scheduler/ (DPM-Solver's config,
+    as PixArt ships), text_encoder/ (a 1-layer T5 encoder of ``width``) + tokenizer/ (T5), vae/), safetensors,
+    deterministic for ``seed``; ``transformer`` overrides the transformer's config."""
+    import transformers
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
+    path = Path(path)
+    cfg = {**dict(sample_size=8, patch_size=2, in_channels=4, out_channels=8 if learned_sigma else 4, num_layers=2,
+                  num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16, caption_channels=width,
+                  use_additional_conditions=False, norm_type="ada_norm_single", num_embeds_ada_norm=1000),
+           **transformer}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        PixArtTransformer2DModel(**cfg).eval().save_pretrained(path / "transformer", safe_serialization=True)
+        n = _write_t5_tokenizer(path / "tokenizer")
+        t5 = transformers.T5Config(vocab_size=n, d_model=width, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                   pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+        transformers.T5EncoderModel(t5).eval().save_pretrained(str(path / "text_encoder"), safe_serialization=True)
+        AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                      up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                      norm_num_groups=4, layers_per_block=1).save_pretrained(str(path / "vae"), safe_serialization=True)
+    DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                                num_train_timesteps=1000).save_pretrained(path / "scheduler")
+    index = {"_class_name": kind, "transformer": ["diffusers", "PixArtTransformer2DModel"],
+             "scheduler": ["diffusers", "DPMSolverMultistepScheduler"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"]}
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path
+
+
 def _byte_chars() -> list[str]:
     """GPT-2 / CLIP byte-to-unicode table: the 256 symbols byte-level BPE vocabularies are made of."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))

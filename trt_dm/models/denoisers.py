@@ -12,6 +12,10 @@ and returns the noise prediction alone:
   the class embedding table holding one more row, the null label ``num_embeds_ada_norm`` that classifier-free
   guidance uses. With a learned variance (``out_channels`` = 2 x ``in_channels``) the variance half is dropped: the
   DDPM / DDIM samplers here use fixed variances, as diffusers' ``DiTPipeline`` does when it splits the output.
+- ``PixArtTransformer2DModel`` (PixArt-alpha / -Sigma): a DiT with adaLN-single, cross-attention to T5's tokens
+  and their padding mask: inputs ``encoder_hidden_states`` (B, S, caption_channels) and ``encoder_attention_mask``
+  (B, S; 1 = a token, 0 = padding), the timestep an integer as for DDPM; a learned variance half is dropped as for DiT.
+  PixArt-alpha's 1024-px resolution / aspect-ratio conditioning (``use_additional_conditions``) is refused.
 - ``SD3Transformer2DModel`` (Stable Diffusion 3 / 3.5's MMDiT): text tokens and image patches in joint attention,
   a rectified-flow model (it predicts the velocity; its pipelines sample with ``FlowMatchEulerDiscreteScheduler``,
   ``trt_dm.core.flow``). Inputs: ``encoder_hidden_states`` (B, S, joint_attention_dim: CLIP-L and CLIP-G hidden
@@ -24,7 +28,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from diffusers import DiTTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers import (
+    DiTTransformer2DModel,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from trt_dm.core.errors import InputError
@@ -54,6 +64,30 @@ class DiTDenoiser(_SavedAsDiffusers, DiTTransformer2DModel):
         return Transformer2DModelOutput(sample=eps) if return_dict else (eps,)
 
 
+def _unit_dim(module, args, out):
+    return out.unsqueeze(1)
+
+
+class PixArtDenoiser(_SavedAsDiffusers, PixArtTransformer2DModel):
+    """A PixArt transformer as a denoiser: ``forward(sample, timestep, encoder_hidden_states, encoder_attention_mask)``
+    -> ``.sample`` = the predicted noise (the variance half dropped)."""
+    trt_dm_kind = "PixArtTransformer2DModel"
+
+    def forward(self, sample, timestep=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                return_dict: bool = True):
+        # diffusers squeezes proj_out's (B, tokens, C) output at dim 1, a no-op with more than one token, which the
+        # ONNX exporter turns into an If whose squeeze branch ONNX Runtime rejects: a unit dimension added by a hook
+        # is what that squeeze removes (module names and weights stay diffusers'; quantized copies get it too)
+        if not getattr(self.proj_out, "_trt_dm_unit_dim", False):
+            self.proj_out.register_forward_hook(_unit_dim)
+            self.proj_out._trt_dm_unit_dim = True
+        out = super().forward(sample, encoder_hidden_states=encoder_hidden_states, timestep=timestep,
+                              added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                              encoder_attention_mask=encoder_attention_mask).sample
+        eps = out[:, : self.config.in_channels]
+        return Transformer2DModelOutput(sample=eps) if return_dict else (eps,)
+
+
 class SD3Denoiser(_SavedAsDiffusers, SD3Transformer2DModel):
     """An MMDiT as a denoiser: ``forward(sample, timestep, encoder_hidden_states, text_embeds)`` -> ``.sample`` =
     the predicted velocity."""
@@ -78,8 +112,9 @@ class SDXLUNetDenoiser(_SavedAsDiffusers, UNet2DConditionModel):
 
 
 SUPPORTED_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel,
-                     "DiTTransformer2DModel": DiTDenoiser, "SD3Transformer2DModel": SD3Denoiser}
-TRANSFORMERS = ("DiTTransformer2DModel", "SD3Transformer2DModel")
+                     "DiTTransformer2DModel": DiTDenoiser, "PixArtTransformer2DModel": PixArtDenoiser,
+                     "SD3Transformer2DModel": SD3Denoiser}
+TRANSFORMERS = ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel")
 # The scheduler a denoiser directory without one samples with: DDPM's default for the DDPM-family models, and for
 # the MMDiT Stable Diffusion 3's own (rectified flow, shift 3).
 FLOW_DEFAULT_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
@@ -120,6 +155,23 @@ def check_config(config: dict[str, Any], path: Path, error: type[Exception]) -> 
         c, out = config.get("in_channels", 16), config.get("out_channels") or config.get("in_channels", 16)
         if out != c:
             raise error(f"{path}: out_channels={out} for in_channels={c}; supported: equal (the latent's velocity)")
+        return kind
+    if kind == "PixArtTransformer2DModel":
+        extra = config.get("use_additional_conditions")
+        if extra is None:  # diffusers' default: on at sample_size 128 (PixArt-alpha 1024 px)
+            extra = config.get("sample_size", 128) == 128
+        norm, captions = config.get("norm_type", "ada_norm_single"), config.get("caption_channels")
+        if norm != "ada_norm_single" or extra or not captions:
+            raise error(f"{path}: a PixArtTransformer2DModel with norm_type={norm!r}, use_additional_conditions="
+                        f"{extra!r}, caption_channels={captions!r}; supported: norm_type 'ada_norm_single', no "
+                        "resolution / aspect-ratio conditioning (PixArt-Sigma, PixArt-alpha below 1024 px; set "
+                        "use_additional_conditions false), T5 captions")
+    if kind in ("DiTTransformer2DModel", "PixArtTransformer2DModel"):
+        out, c = config.get("out_channels") or config.get("in_channels", 4), config.get("in_channels", 4)
+        if out not in (c, 2 * c):
+            raise error(f"{path}: out_channels={out} for in_channels={c}; supported: in_channels (the noise) or twice "
+                        "that (noise and learned variance)")
+    if kind == "PixArtTransformer2DModel":
         return kind
     if kind == "DiTTransformer2DModel":
         if config.get("norm_type", "ada_norm_zero") != "ada_norm_zero" or not config.get("num_embeds_ada_norm"):

@@ -16,7 +16,9 @@ The object carries what diffusers pipelines read from a UNet (``config``, ``dtyp
 ``add_embedding``'s input width for SDXL) and returns the usual output class; the timestep (a scalar or one per row)
 is broadcast to one per row, as the runners take it. An SD3 transformer goes into diffusers'
 ``StableDiffusion3Pipeline`` as ``pipe.transformer``: its ``hidden_states`` and ``pooled_projections`` feed the
-graph's ``sample`` and ``text_embeds``. An SDXL-layout UNet's ``added_cond_kwargs`` (``text_embeds``,
+graph's ``sample`` and ``text_embeds``; a PixArt transformer into ``PixArtSigmaPipeline`` (its
+``encoder_attention_mask`` feeds the graph's input of that name; added conditioning given as None, as PixArt-Sigma's
+resolution and aspect ratio, is ignored). An SDXL-layout UNet's ``added_cond_kwargs`` (``text_embeds``,
 ``time_ids``) feed the graph's inputs of those names. Forward arguments the deployed graph has no input for
 (``timestep_cond``, ``cross_attention_kwargs``, other added conditioning, adapters and ControlNet residuals) are
 refused with a clear error instead of being dropped silently.
@@ -49,7 +51,7 @@ class DropInUNet(nn.Module):
         self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(in_features=width)) if width else None
         # a DiT with learned variance (out_channels 2 x in_channels): its output, as DiTPipeline reads it, holds the
         # noise then the variance half; the graph gives the noise only (trt_dm.models.denoisers.DiTDenoiser)
-        self._variance = loaded.kind == "DiTTransformer2DModel" and \
+        self._variance = loaded.kind in ("DiTTransformer2DModel", "PixArtTransformer2DModel") and \
             loaded.config.get("out_channels") == 2 * loaded.config.get("in_channels")
 
     @property
@@ -68,7 +70,9 @@ class DropInUNet(nn.Module):
                 encoder_hidden_states: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,
                 return_dict: bool = True, **kwargs: Any):
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-        added = dict(kwargs.pop("added_cond_kwargs", None) or {})
+        added = {k: v for k, v in (kwargs.pop("added_cond_kwargs", None) or {}).items() if v is not None}
+        if "encoder_attention_mask" in self._names and kwargs.get("encoder_attention_mask") is not None:
+            added["encoder_attention_mask"] = kwargs.pop("encoder_attention_mask")  # PixArt: T5's padding mask
         if sample is None:  # a transformer's pipeline names it hidden_states
             sample = kwargs.pop("hidden_states", None)
         if kwargs.get("pooled_projections") is not None:  # SD3: the pooled text embedding, our text_embeds input
@@ -79,7 +83,7 @@ class DropInUNet(nn.Module):
             raise ValueError("DropInUNet: give sample (or hidden_states) and timestep")
         given = sorted(k for k in _REFUSED if kwargs.get(k) is not None)
         unknown = sorted(k for k in kwargs if k not in _REFUSED)
-        if set(added) - {"text_embeds"} and "time_ids" not in self._names:
+        if set(added) - {"text_embeds", "encoder_attention_mask"} and "time_ids" not in self._names:
             given.append("added_cond_kwargs")
         if given or unknown:
             raise ValueError(f"DropInUNet: {given + unknown} cannot be fed to the deployed UNet (its graph inputs are "

@@ -45,9 +45,15 @@ from trt_dm.models.text import (
     load_embeddings,
     load_latent_decoder,
     load_text_pipeline,
+    model_index_class,
     text_rows,
 )
-from trt_dm.models.text_sd3 import check_sd3_text, load_sd3_text_pipeline
+from trt_dm.models.text_t5 import (
+    check_pixart_text,
+    check_sd3_text,
+    load_pixart_text_pipeline,
+    load_sd3_text_pipeline,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +226,8 @@ class LoadedModel:
         """(rows, negative) of a precomputed embeddings file for this model (``text.load_embeddings``): any sequence
         length for a bare denoiser, the pipeline's otherwise."""
         return load_embeddings(path, self.seq_len, self.text_dim, self.pooled_dim, flag=flag,
-                               time_ids=self.added_cond is not None)
+                               time_ids=self.added_cond is not None,
+                               mask="encoder_attention_mask" in self.signature.names)
 
     @property
     def added_cond(self) -> tuple[int, int] | None:
@@ -484,9 +491,12 @@ def load_model(spec: str | os.PathLike, *, allow_pickle: bool = False,
         read_conditioning(loaded, path, _read_json(path, "conditioning description"), ModelLoadError)
     if unet_dir != root:
         if is_text_pipeline(root):
-            if kind == "SD3Transformer2DModel":  # CLIP-L, CLIP-G, T5 (text_sd3.py)
+            if kind == "SD3Transformer2DModel":  # CLIP-L, CLIP-G, T5 (text_t5.py)
                 loaded.text = load_sd3_text_pipeline(root, loaded.text_dim)
                 check_sd3_text(loaded, root, ModelLoadError)
+            elif kind == "PixArtTransformer2DModel":  # T5 and its padding mask (text_t5.py)
+                loaded.text = load_pixart_text_pipeline(root, model_index_class(root))
+                check_pixart_text(loaded, root, ModelLoadError)
             elif kind != "UNet2DConditionModel":
                 raise ModelLoadError(f"{root}: a text encoder / tokenizer comes with a {kind}, which takes no text")
             else:

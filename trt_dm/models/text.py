@@ -251,6 +251,11 @@ def _model_index(root: Path) -> dict:
     return doc if isinstance(doc, dict) else {}
 
 
+def model_index_class(root: Path) -> str | None:
+    """The pipeline class ``model_index.json`` names, or None."""
+    return _model_index(root).get("_class_name")
+
+
 def _index_names_text(root: Path) -> bool:
     return _model_index(root).get("text_encoder") not in (None, [None, None])
 
@@ -337,12 +342,13 @@ def _embeddings_error(path: Path, why: str, flag: str = "--embeddings") -> Input
 
 
 def load_embeddings(path: str | Path, seq: int | None, dim: int, pooled: int | None = None, *,
-                    flag: str = "--embeddings",
-                    time_ids: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+                    flag: str = "--embeddings", time_ids: bool = True,
+                    mask: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """(rows, negative) from a safetensors file (module docstring): rows {UNet input: (N, ...)} and the negative's
     {input: (1, ...)} or None, checked against the pipeline's sequence length (None: any, the same for all), the UNet's
     cross-attention width ``dim`` and, for an SDXL-layout UNet or SD3, its pooled width ``pooled`` (SDXL also takes
-    time ids; SD3, ``time_ids=False``, does not)."""
+    time ids; SD3, ``time_ids=False``, does not); with ``mask`` (PixArt) also ``prompt_attention_mask`` (N, S) and with
+    a negative ``negative_prompt_attention_mask`` (1, S): 1 = a token, 0 = padding."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     path = Path(path)
@@ -383,6 +389,14 @@ def load_embeddings(path: str | Path, seq: int | None, dim: int, pooled: int | N
             if (key in d) != (pair in d):
                     raise _embeddings_error(path, f"this model needs {key} (the pooled text embedding, "
                                               f"({want[key][0]}, {pooled})) with {pair}, and only with it", flag=flag)
+    if mask:
+        want.update(prompt_attention_mask=("N", (seq,)), negative_prompt_attention_mask=("1", (seq,)))
+        for key, pair in (("prompt_attention_mask", "prompt_embeds"),
+                          ("negative_prompt_attention_mask", "negative_prompt_embeds")):
+            if (key in d) != (pair in d):
+                raise _embeddings_error(path, f"this model needs {key} (the tokens' padding mask, ({want[key][0]}, "
+                                              f"{seq}): 1 = a token, 0 = padding) with {pair}, and only with it",
+                                        flag=flag)
     n = int(d["prompt_embeds"].shape[0])
     for key, (lead, tail) in want.items():
         t = d.get(key)
@@ -393,7 +407,7 @@ def load_embeddings(path: str | Path, seq: int | None, dim: int, pooled: int | N
                                           f"({lead}, {', '.join(map(str, tail))}) with N = {n} prompts ({where})",
                                     flag=flag)
     names = {"prompt_embeds": "encoder_hidden_states", "pooled_prompt_embeds": "text_embeds",
-             "add_time_ids": "time_ids"}
+             "add_time_ids": "time_ids", "prompt_attention_mask": "encoder_attention_mask"}
     rows = {v: d[k].float() for k, v in names.items() if k in d}
     negative = {v: d[f"negative_{k}"].float() for k, v in names.items() if f"negative_{k}" in d}
     return rows, negative or None

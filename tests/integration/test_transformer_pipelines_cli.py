@@ -55,3 +55,25 @@ def test_sd3_transformer_through_info_and_engine(tmp_path, capsys):
     with api.open_denoiser(loaded, ranges=calib.ranges, qcfg=quant.resolved(loaded).qcfg) as fq:
         ref = fq(feed["sample"], feed["timestep"], **{k: v for k, v in feed.items() if k not in ("sample", "timestep")})
     assert (one - ref).abs().max() < 0.03
+
+
+def test_pixart_pipeline_through_sample_and_engine(tmp_path, capsys):
+    """A PixArt-Sigma pipeline (T5 with its padding mask, learned variance): `sample --prompt` draws a grid, `engine`
+    builds one plan whose profiles carry the mask on the sequence axis, GEMMs on int8."""
+    from trt_dm.models.builders import write_tiny_pixart_pipeline
+    from trt_dm.targets.trt_builder import load_sidecar
+    root = write_tiny_pixart_pipeline(tmp_path / "pixart", seed=2, width=12, num_layers=2, num_attention_heads=2,
+                                      attention_head_dim=10, cross_attention_dim=20)
+    grid = tmp_path / "g.png"
+    assert main(["sample", "--model", str(root), "--prompt", "a red apple", "--n", "2", "--steps", "3", "--out",
+                 str(grid), "--no-progress"]) == 0
+    assert "guidance 7.5" in capsys.readouterr().out and grid.is_file()
+    eng = tmp_path / "eng"
+    assert main(["engine", "--model", str(root), "--recipe", "ptq4dm", "--calib-n", "6", "--calib-steps", "4",
+                 "--batch", "4", "--cache-dir", str(tmp_path / "cc"), "--no-progress", "--out-dir", str(eng),
+                 "--no-baseline", "--rtx-targets", "SM89", "--opt-level", "0", "--min-batch", "1", "--max-batch", "2",
+                 "--opt-batch", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "'Int8': " in out.split("gemm", 1)[1]
+    side = load_sidecar(eng / "pixart-ptq4dm.plan")
+    assert side.inputs["encoder_attention_mask"]["opt"] == [2, 300] and side.inputs["timestep"]["dtype"] == "INT64"

@@ -1,4 +1,13 @@
-"""Stable Diffusion 3's text side (``StableDiffusion3Pipeline`` directories): CLIP-L, CLIP-G and T5 around the MMDiT.
+"""The text side of transformer pipelines with T5: Stable Diffusion 3 (CLIP-L, CLIP-G and T5) and PixArt (T5).
+
+PixArt (``PixArtSigmaPipeline`` / ``PixArtAlphaPipeline`` directories: ``transformer/``
+(``PixArtTransformer2DModel``), ``scheduler/``, ``text_encoder/`` (``T5EncoderModel``) + ``tokenizer/`` (T5),
+``vae/``): prompts lower-cased and stripped (diffusers' ``clean_caption=False``; its caption cleaning needs bs4 and
+ftfy and is not done here), tokenized to ``max_sequence_length`` (300 for Sigma, 120 for alpha: the pipelines'
+defaults) and encoded with their padding mask, as ``PixArtSigmaPipeline.encode_prompt``: ``encoder_hidden_states``
+(N, L, d_model) and ``encoder_attention_mask`` (N, L); the negative prompt (empty by default) the same way.
+
+Stable Diffusion 3 (``StableDiffusion3Pipeline`` directories):
 
 A pipeline directory with ``transformer/`` (``SD3Transformer2DModel``), ``scheduler/``
 (``FlowMatchEulerDiscreteScheduler``), ``text_encoder/`` + ``tokenizer/`` (CLIP-L) and ``text_encoder_2/`` +
@@ -30,6 +39,62 @@ from trt_dm.models.text import (
 )
 
 T5_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length
+PIXART_SEQUENCE_LENGTH = {"PixArtSigmaPipeline": 300, "PixArtAlphaPipeline": 120}  # the pipelines' defaults
+
+
+@dataclass
+class PixArtTextPipeline(TextPipeline):
+    """T5 (``tokenizer`` / ``text_encoder``) and the VAE of a PixArt pipeline; ``length`` tokens per prompt."""
+    length: int = 300
+
+    @property
+    def max_length(self) -> int:
+        return self.length
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.text_encoder.config.d_model)
+
+    @property
+    def pooled_size(self) -> None:
+        return None
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``encoder_hidden_states`` (N, length, d_model) and ``encoder_attention_mask`` (N, length) float32."""
+        if self.released:
+            raise RuntimeError(f"{self.root}: the text encoder was released after calibration; load the model again")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        hidden, masks = [], []
+        for i in range(0, len(prompts), 64):
+            tok = self.tokenizer([p.lower().strip() for p in prompts[i:i + 64]], padding="max_length",
+                                 max_length=self.length, truncation=True, add_special_tokens=True, return_tensors="pt")
+            hidden.append(self.text_encoder(tok.input_ids, attention_mask=tok.attention_mask)[0].float())
+            masks.append(tok.attention_mask.float())
+        return {"encoder_hidden_states": torch.cat(hidden), "encoder_attention_mask": torch.cat(masks)}
+
+    def encode_negative(self, prompt: str = "") -> dict[str, torch.Tensor]:
+        return self.encode([prompt])
+
+    def describe(self) -> dict:
+        return {**super().describe(), "max_sequence_length": self.length}
+
+
+def load_pixart_text_pipeline(root: Path, kind: str | None) -> PixArtTextPipeline:
+    """T5 and the VAE of the PixArt pipeline at ``root`` (local files, safetensors only); ``kind``: model_index.json's
+    ``_class_name`` (its sequence length: ``PIXART_SEQUENCE_LENGTH``, 300 when unnamed)."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise TextPipelineError(f"text-to-image pipelines need transformers (pip install 'trt_dm[text]'): "
+                                f"{e}") from None
+    tokenizer, encoder, files = _load_t5(root, "")
+    vae = load_latent_decoder(root)
+    return PixArtTextPipeline(root=root, tokenizer=tokenizer, text_encoder=encoder, vae=vae.vae,
+                              scaling_factor=vae.scaling_factor,
+                              fingerprints={"text_encoder": _sha256_files(files), "vae": vae.fingerprint},
+                              length=PIXART_SEQUENCE_LENGTH.get(kind, 300))
 
 
 @dataclass
@@ -116,11 +181,11 @@ class SD3TextPipeline(TextPipeline):
         return d
 
 
-def _load_t5(root: Path):
-    """(tokenizer, T5 encoder, weight files) of ``text_encoder_3/`` and ``tokenizer_3/``."""
+def _load_t5(root: Path, suffix: str = "_3"):
+    """(tokenizer, T5 encoder, weight files) of ``text_encoder<suffix>/`` and ``tokenizer<suffix>/``."""
     import transformers
-    te_dir, tok_dir = root / "text_encoder_3", root / "tokenizer_3"
-    files = _safetensors_in(te_dir, "T5 text encoder (text_encoder_3/)")
+    te_dir, tok_dir = root / f"text_encoder{suffix}", root / f"tokenizer{suffix}"
+    files = _safetensors_in(te_dir, f"T5 text encoder (text_encoder{suffix}/)")
     arch = (json.loads((te_dir / "config.json").read_text(encoding="utf-8")).get("architectures") or [None])[0]
     if arch != "T5EncoderModel":
         raise TextPipelineError(f"{te_dir}: text encoder {arch!r} is not supported here; supported: T5EncoderModel")
@@ -167,6 +232,13 @@ def load_sd3_text_pipeline(root: Path, joint_dim: int) -> SD3TextPipeline:
                            scaling_factor=vae.scaling_factor, fingerprints=fingerprints, tokenizer_2=tokenizer_2,
                            text_encoder_2=text_encoder_2, tokenizer_3=tokenizer_3, text_encoder_3=text_encoder_3,
                            joint_dim=joint_dim, shift_factor=shift)
+
+
+def check_pixart_text(loaded, root: Path, error: type[Exception]) -> None:
+    """T5's width against the transformer's caption_channels."""
+    if loaded.text.hidden_size != loaded.text_dim:
+        raise error(f"{root}: the T5 encoder's width {loaded.text.hidden_size} is not the transformer's "
+                    f"caption_channels {loaded.text_dim}")
 
 
 def check_sd3_text(loaded, root: Path, error: type[Exception]) -> None:
