@@ -17,7 +17,7 @@ from support import EXPORT
 
 from trt_dm import api
 from trt_dm.cli.main import main
-from trt_dm.models import builders
+from trt_dm.models import builders, weights
 from trt_dm.models import loading as models
 from trt_dm.quant.calib.timesteps import parse
 from trt_dm.quant.calib.trajectories import CalibSpec
@@ -112,7 +112,7 @@ def default_model_dir() -> Path:
     env = os.environ.get(models.DEFAULT_MODEL_ENV)
     path = Path(env) if env else models.DEFAULT_MODEL_DIR
     # The training script writes unet/ then scheduler/: wait for both (a run may be exporting right now).
-    if not ((path / "unet" / models.SAFE_WEIGHTS).is_file() and (path / "scheduler").is_dir()):
+    if not ((path / "unet" / weights.SAFE_WEIGHTS).is_file() and (path / "scheduler").is_dir()):
         pytest.skip(f"default model not found at {path}; produce it with `python tools/train_default.py`")
     return path
 

@@ -1,7 +1,7 @@
 """`trt-dm engine` at a given model scale on this machine, with wall time and peak memory per stage.
 
-    python tools/scale_run.py [--arch default|ddpm-cifar10|sd15|sdxl|dit-xl-2|sd3-medium] [--dir /tmp/<arch>-scale]
-                              [--threads 2]
+    python tools/scale_run.py [--arch default|ddpm-cifar10|sd15|sdxl|dit-xl-2|sd3-medium|pixart-sigma]
+                              [--dir /tmp/<arch>-scale] [--threads 2]
                               [--sample-size S] [-- extra trt-dm engine arguments]
 
 The same small calibration set for every scale (4 samples' trajectories, DDIM 10, the paper's one-range recipe;
@@ -11,7 +11,8 @@ trt_dm.models.builders.write_arch_pipeline), a pipeline at SD 1.5's sizes (write
 UNet, a CLIP-L-sized text encoder, SD's VAE channels) or at SDXL base's (write_sdxl_layout_pipeline: the 2.567 B
 UNet, CLIP-L- and bigG-sized encoders; latents of --sample-size, 128 = 1024 px) or DiT-XL/2 (749.8 M, class-
 conditional: calibrated on every class in turn) or SD3 medium's (write_sd3_layout_pipeline: the 2.03 B MMDiT,
-CLIP-L- and bigG-sized encoders, no T5), in a process of its own. The
+CLIP-L- and bigG-sized encoders, no T5) or PixArt-Sigma's (write_pixart_layout_pipeline: the 0.61 B transformer, a
+2-layer T5 of T5-XXL's width), in a process of its own. The
 stage table (wall time and peak resident memory per stage), the UNet's parameter count, the machine and the log go
 to reports/scale/<arch>/; tools/cost_growth.py tabulates and plots them (docs/performance.md). Stages that do not
 fit this machine's memory are refused before they start, naming the flag that skips them (see
@@ -34,7 +35,8 @@ WRITERS = {"ddpm-cifar10": "write_arch_pipeline({path!r}, 'ddpm-cifar10')",
            "sd15": "write_sd15_layout_pipeline({path!r})",
            "sdxl": "write_sdxl_layout_pipeline({path!r}, sample_size={size})",
            "dit-xl-2": "write_arch_pipeline({path!r}, 'dit-xl-2')",
-           "sd3-medium": "write_sd3_layout_pipeline({path!r}, sample_size={size})"}
+           "sd3-medium": "write_sd3_layout_pipeline({path!r}, sample_size={size})",
+           "pixart-sigma": "write_pixart_layout_pipeline({path!r}, sample_size={size})"}
 
 
 def unet_params(model: Path) -> int:
@@ -54,7 +56,8 @@ def main() -> int:
     p.add_argument("--arch", choices=("default", *WRITERS), default="sd15")
     p.add_argument("--dir", type=Path, default=None, help="default /tmp/<arch>-scale")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--sample-size", type=int, default=None, help="sdxl, sd3-medium: latent size (default 128: 1024 px)")
+    p.add_argument("--sample-size", type=int, default=None,
+                   help="sdxl, sd3-medium, pixart-sigma: latent size (default 128: 1024 px)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="more `trt-dm engine` arguments (after --)")
     args = p.parse_args()
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
@@ -67,7 +70,7 @@ def main() -> int:
         call = WRITERS[args.arch].format(path=str(model), size=args.sample_size or 128)
         subprocess.check_call([sys.executable, "-c", f"from trt_dm.models.builders import *; {call}"])
         print(f"wrote {model} in {time.perf_counter() - t0:.0f} s")
-    text = args.arch in ("sd15", "sdxl", "sd3-medium")
+    text = args.arch in ("sd15", "sdxl", "sd3-medium", "pixart-sigma")
     cmd = [str(ROOT / ".venv" / "bin" / "trt-dm"), "engine", "--model", str(model), "--out-dir",
            str(args.dir / "engines"), "--cache-dir", str(args.dir / "cache"), "--calib-n", "4", "--calib-steps", "10",
            "--batch", "4", "--threads", str(args.threads), "--min-batch", "1", "--opt-batch", "1", "--max-batch", "4",

@@ -240,7 +240,7 @@ def conditioning(loaded: LoadedModel, settings: SampleSettings, n: int | None = 
                              request_message=f'"embeddings" were given, but {loaded.name!r} is not text-conditional')
         embeds, negative = loaded.embeddings_file(settings.embeddings)
     cond = loaded.conditioning_for(settings.n if n is None else n, settings.labels, prompts=settings.prompts,
-                                   embeddings=embeds)
+                                   embeddings=embeds, guidance_scale=settings.guidance_scale)
     guidance = loaded.guidance(settings.guidance_scale, settings.guidance_rescale, negative_prompt=settings.negative_prompt,
                                negative_embeddings=negative, interval=settings.guidance_interval)
     return cond, guidance

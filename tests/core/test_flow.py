@@ -1,4 +1,6 @@
 """The flow-matching levels and Euler step against diffusers' FlowMatchEulerDiscreteScheduler, step by step."""
+import dataclasses
+
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -49,3 +51,16 @@ def test_unsupported_options_and_missing_mu_are_refused():
         FlowSchedule(use_dynamic_shifting=True).sigmas(4)
     with pytest.raises(ValueError, match="one per row"):
         flow_euler_step(torch.zeros(2, 1), torch.zeros(2, 1), torch.zeros(3), torch.zeros(3))
+
+
+@pytest.mark.parametrize("steps", [1, 4, 28])
+def test_flux_pipeline_levels_equal_diffusers(steps):
+    """FluxPipeline passes sigmas = linspace(1, 1/n, n) and mu from the token count: levels_from="linspace"."""
+    import numpy as np
+    config = CONFIGS[2]
+    ref = FlowMatchEulerDiscreteScheduler(**config)
+    ours = dataclasses.replace(FlowSchedule.from_config(dict(ref.config)), levels_from="linspace").for_tokens(1024)
+    ref.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=ours.mu)
+    torch.testing.assert_close(ours.sigmas(steps), ref.sigmas, atol=0, rtol=0)
+    torch.testing.assert_close(ours.time_inputs(steps), ref.timesteps, atol=0, rtol=0)
+    assert ours.fingerprint() != dataclasses.replace(ours, levels_from="scheduler").fingerprint()

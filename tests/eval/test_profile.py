@@ -11,9 +11,9 @@ def test_benchmark_architectures_have_the_stated_sizes():
     from trt_dm.models.denoisers import denoiser_class
     unet, _ = build_arch("ddpm-cifar10")
     assert round(sum(p.numel() for p in unet.parameters()) / 1e6, 1) == 35.7
-    assert set(ARCHS) == {"ddpm-cifar10", "sd15-unet", "sdxl-unet", "dit-xl-2", "sd3-medium"}
+    assert set(ARCHS) == {"ddpm-cifar10", "sd15-unet", "sdxl-unet", "dit-xl-2", "pixart-sigma", "sd3-medium"}
     for name, millions in (("sd15-unet", 859.5), ("sdxl-unet", 2567.5), ("dit-xl-2", 749.8),
-                            ("sd3-medium", 2028.3)):
+                            ("pixart-sigma", 610.9), ("sd3-medium", 2028.3)):
         kind, cfg = ARCHS[name]
         with torch.device("meta"):  # sizes only: no 10 GB of weights
             big = denoiser_class(kind, cfg)(**cfg)

@@ -52,7 +52,8 @@ def _openvino_rows() -> set[str]:
 
 def test_unknown_arch_is_a_clear_error(capsys):
     assert main(["profile", "--arch", "resnet50", "--out-dir", "/nonexistent"]) == 2
-    assert "neither one of ddpm-cifar10, sd15-unet, sdxl-unet, dit-xl-2, sd3-medium nor a loadable model" in capsys.readouterr().err
+    assert ("neither one of ddpm-cifar10, sd15-unet, sdxl-unet, dit-xl-2, pixart-sigma, sd3-medium nor a loadable "
+            "model") in capsys.readouterr().err
 
 
 def test_profile_a_class_conditional_model_with_guidance(tiny_cls_pipeline_dir, tmp_path):

@@ -77,3 +77,26 @@ def test_pixart_pipeline_through_sample_and_engine(tmp_path, capsys):
     assert "'Int8': " in out.split("gemm", 1)[1]
     side = load_sidecar(eng / "pixart-ptq4dm.plan")
     assert side.inputs["encoder_attention_mask"]["opt"] == [2, 300] and side.inputs["timestep"]["dtype"] == "INT64"
+
+
+def test_flux_pipeline_through_sample_and_engine(tmp_path, capsys):
+    """A Flux.1-dev-style pipeline (packed latents, embedded guidance 3.5 by default): `sample --prompt` draws a grid,
+    `engine` builds one plan (FP32 graph around the Q/DQ, to keep the test short) whose GEMMs run on int8 and whose
+    profiles carry the float time and guidance inputs."""
+    from trt_dm.models.builders import write_tiny_flux_pipeline
+    from trt_dm.targets.trt_builder import load_sidecar
+    root = write_tiny_flux_pipeline(tmp_path / "flux", seed=3, clip=12, joint=16, num_attention_heads=2)
+    grid = tmp_path / "g.png"
+    assert main(["sample", "--model", str(root), "--prompt", "a red apple", "--n", "2", "--steps", "3", "--out",
+                 str(grid), "--no-progress"]) == 0
+    assert "guidance 3.5" in capsys.readouterr().out and grid.is_file()
+    eng = tmp_path / "eng"
+    assert main(["engine", "--model", str(root), "--recipe", "ptq4dm", "--calib-n", "6", "--calib-steps", "4",
+                 "--batch", "4", "--cache-dir", str(tmp_path / "cc"), "--no-progress", "--out-dir", str(eng),
+                 "--precision", "fp32", "--no-baseline", "--rtx-targets", "SM89", "--opt-level", "0", "--min-batch",
+                 "1", "--max-batch", "2", "--opt-batch", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "'Int8': " in out.split("gemm", 1)[1]
+    side = load_sidecar(next(eng.glob("flux-ptq4dm*.plan")))
+    assert side.inputs["timestep"]["dtype"] == "FLOAT" and side.inputs["guidance"]["max"] == [2]
+    assert side.inputs["encoder_hidden_states"]["opt"] == [1, 512, 16]

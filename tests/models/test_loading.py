@@ -10,7 +10,7 @@ from conftest import TINY_SCHEDULER_CONFIG, TINY_SEED
 from safetensors.torch import load_file, save_file
 
 from trt_dm.core.signature import Signature, TensorSpec
-from trt_dm.models import builders
+from trt_dm.models import builders, weights
 from trt_dm.models import loading as models
 from trt_dm.models.loading import ModelLoadError, load_model
 
@@ -21,7 +21,7 @@ def _copy(src, tmp_path, name="model"):
 
 def _edit_weights(unet_dir, edit):
     """Rewrite unet_dir's safetensors file with edit(state) applied."""
-    path = unet_dir / models.SAFE_WEIGHTS
+    path = unet_dir / weights.SAFE_WEIGHTS
     state = load_file(str(path))
     edit(state)
     save_file(state, str(path), metadata={"format": "pt"})
@@ -105,7 +105,7 @@ def test_class_conditional_model_has_class_labels_input(tmp_path):
 
 def test_sharded_safetensors_and_dtype(tiny_unet_dir, tmp_path):
     builders.tiny_unet2d(TINY_SEED).save_pretrained(tmp_path / "m", max_shard_size="40KB")
-    assert (tmp_path / "m" / f"{models.SAFE_WEIGHTS}.index.json").is_file()
+    assert (tmp_path / "m" / f"{weights.SAFE_WEIGHTS}.index.json").is_file()
     lm = load_model(tmp_path / "m")
     assert len(lm.weight_files) > 1
     assert lm.fingerprint() == load_model(tiny_unet_dir).fingerprint()
@@ -203,15 +203,15 @@ def test_error_invalid_json(tiny_unet_dir, tmp_path):
 
 def test_error_missing_weights(tiny_unet_dir, tmp_path):
     d = _copy(tiny_unet_dir, tmp_path)
-    (d / models.SAFE_WEIGHTS).unlink()
+    (d / weights.SAFE_WEIGHTS).unlink()
     with pytest.raises(ModelLoadError, match=r"no weights found .*expected diffusion_pytorch_model.safetensors"):
         load_model(d)
 
 
 def test_error_truncated_safetensors(tiny_unet_dir, tmp_path):
     d = _copy(tiny_unet_dir, tmp_path)
-    blob = (d / models.SAFE_WEIGHTS).read_bytes()
-    (d / models.SAFE_WEIGHTS).write_bytes(blob[: len(blob) // 2])
+    blob = (d / weights.SAFE_WEIGHTS).read_bytes()
+    (d / weights.SAFE_WEIGHTS).write_bytes(blob[: len(blob) // 2])
     with pytest.raises(ModelLoadError, match=r"cannot read the weights .*truncated, corrupt"):
         load_model(d)
 
@@ -232,7 +232,7 @@ def test_error_wrong_shape(tiny_unet_dir, tmp_path):
 
 def test_pickle_refused_unless_opted_in(tiny_unet_dir, tmp_path):
     builders.tiny_unet2d(TINY_SEED).save_pretrained(tmp_path / "m", safe_serialization=False)
-    assert (tmp_path / "m" / models.PICKLE_WEIGHTS).is_file()
+    assert (tmp_path / "m" / weights.PICKLE_WEIGHTS).is_file()
     with pytest.raises(ModelLoadError, match=r"only as a pickle.*allow_pickle=True.*--allow-pickle.*safetensors"):
         load_model(tmp_path / "m")
     lm = load_model(tmp_path / "m", allow_pickle=True)
@@ -245,8 +245,8 @@ class _NotATensor:  # a pickled object that weights_only loading must refuse
 
 def test_pickle_with_code_refused_even_when_opted_in(tiny_unet_dir, tmp_path):
     d = _copy(tiny_unet_dir, tmp_path)
-    (d / models.SAFE_WEIGHTS).unlink()
-    torch.save({"conv_in.weight": _NotATensor()}, d / models.PICKLE_WEIGHTS)
+    (d / weights.SAFE_WEIGHTS).unlink()
+    torch.save({"conv_in.weight": _NotATensor()}, d / weights.PICKLE_WEIGHTS)
     with pytest.raises(ModelLoadError, match=r"cannot read the weights .*UnpicklingError"):
         load_model(d, allow_pickle=True)
 
@@ -279,7 +279,7 @@ def test_legacy_attention_key_names_are_renamed(tiny_unet_dir, tmp_path):
                 if new in k:
                     state[k.replace(new, old)] = state.pop(k)
     _edit_weights(d, rename)
-    assert any(".proj_attn." in k for k in load_file(str(d / models.SAFE_WEIGHTS)))
+    assert any(".proj_attn." in k for k in load_file(str(d / weights.SAFE_WEIGHTS)))
     assert load_model(d).fingerprint() == load_model(tiny_unet_dir).fingerprint()
 
 

@@ -2,6 +2,7 @@
 usage errors (exit code 2) for what cannot be turned into them."""
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -34,10 +35,28 @@ def is_text_model(spec) -> bool:
 
 
 
+def _flux_default(spec) -> float | None:
+    """FluxPipeline's default for a Flux.1 transformer (alone or in its pipeline): 3.5 as the embedded guidance of a
+    guidance-distilled one (Flux.1-dev), 1 (no guidance) for another (Flux.1-schnell); None for other models."""
+    root = Path(str(spec))
+    for config in (root / "transformer" / "config.json", root / "config.json"):
+        try:
+            doc = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and doc.get("_class_name") == "FluxTransformer2DModel":
+            return 3.5 if doc.get("guidance_embeds") else 1.0
+    return None
+
+
 def guidance_scale_of(args) -> float:
-    """--guidance-scale, or its default: 7.5 for text (prompts, embeddings or a text-to-image pipeline), else 1."""
+    """--guidance-scale, or its default: Flux's pipeline's (``_flux_default``), 7.5 for text (prompts, embeddings or a
+    text-to-image pipeline), else 1."""
     if getattr(args, "guidance_scale", None) is not None:
         return args.guidance_scale
+    flux = _flux_default(getattr(args, "model", ""))
+    if flux is not None:
+        return flux
     texty = any(getattr(args, k, None)
                 for k in ("prompt", "prompts", "embeddings", "calib_prompts", "calib_embeddings"))
     return TEXT_GUIDANCE_DEFAULT if texty or is_text_model(getattr(args, "model", "")) else 1.0

@@ -48,6 +48,9 @@ class FlowSchedule:
     max_image_seq_len: int = 4096
     time_shift_type: str = "exponential"
     mu: float | None = None  # a dynamic-shifting schedule's shift, fixed per image size (``for_tokens``)
+    # where the unshifted levels come from: "scheduler" (evenly spaced training sigmas: SD3's pipelines) or
+    # "linspace" (1 .. 1/n, what FluxPipeline passes as ``sigmas``)
+    levels_from: str = "scheduler"
     config: dict = field(default_factory=dict, compare=False, repr=False)
     prediction_type = "flow"  # the model predicts the velocity noise - x0
     samplers = FLOW_SAMPLERS
@@ -97,12 +100,15 @@ class FlowSchedule:
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         T = self.num_train_timesteps
-        train = torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy()) / T
-        if not self.use_dynamic_shifting:
-            train = self.shift * train / (1 + (self.shift - 1) * train)
-        lo, hi = train[-1].item(), train[0].item()
-        ts = np.linspace(hi * T, lo * T, num_steps)
-        levels = self._shifted(ts / T, mu)
+        if self.levels_from == "linspace":  # FluxPipeline: sigmas = linspace(1, 1/n, n), as float32
+            levels = self._shifted(np.linspace(1.0, 1 / num_steps, num_steps).astype(np.float32), mu)
+        else:
+            train = torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy()) / T
+            if not self.use_dynamic_shifting:
+                train = self.shift * train / (1 + (self.shift - 1) * train)
+            lo, hi = train[-1].item(), train[0].item()
+            ts = np.linspace(hi * T, lo * T, num_steps)
+            levels = self._shifted(ts / T, mu)
         return torch.cat([torch.from_numpy(np.asarray(levels)).to(torch.float32), torch.zeros(1)])
 
     def time_inputs(self, num_steps: int, mu: float | None = None) -> torch.Tensor:
@@ -138,6 +144,8 @@ class FlowSchedule:
         """sha256 of what makes two flow schedules sample differently (the levels' options)."""
         keys = [self.num_train_timesteps, self.shift, self.use_dynamic_shifting, self.base_shift, self.max_shift,
                 self.base_image_seq_len, self.max_image_seq_len, self.time_shift_type, self.mu]
+        if self.levels_from != "scheduler":  # (fingerprints of SD3-style schedules stay as they were)
+            keys.append(self.levels_from)
         return hashlib.sha256(json.dumps(["flow", *keys]).encode()).hexdigest()
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:

@@ -160,8 +160,19 @@ class Signature:
         size = c.get("sample_size")
         hw: tuple[Dim, ...] = (("height", "width") if size is None else (size, size) if isinstance(size, int)
                                else tuple(size))
-        specs = [TensorSpec("sample", torch.float32, ("batch", c["in_channels"], *hw)),
+        flux = kind == "FluxTransformer2DModel"  # its in_channels count the 2x2-packed latent
+        channels = c["in_channels"] // 4 if flux else c["in_channels"]
+        specs = [TensorSpec("sample", torch.float32, ("batch", channels, *hw)),
                  TensorSpec("timestep", torch.int64, ("batch",))]
+        if flux:  # rectified flow: float time input; T5 tokens, CLIP-L's pooled output; Flux.1-dev: embedded guidance
+            specs[1] = TensorSpec("timestep", torch.float32, ("batch",))
+            specs += [TensorSpec("encoder_hidden_states", torch.float32,
+                                 ("batch", "sequence", int(c.get("joint_attention_dim", 4096))), True),
+                      TensorSpec("text_embeds", torch.float32, ("batch", int(c.get("pooled_projection_dim", 768))),
+                                 True)]
+            if c.get("guidance_embeds"):
+                specs.append(TensorSpec("guidance", torch.float32, ("batch",), True))
+            return cls(tuple(specs))
         if kind == "SD3Transformer2DModel":  # rectified flow: the time input is a float (sigma x 1000)
             specs[1] = TensorSpec("timestep", torch.float32, ("batch",))
             return cls((*specs, TensorSpec("encoder_hidden_states", torch.float32,

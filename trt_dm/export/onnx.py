@@ -133,6 +133,23 @@ class _Wrapper(nn.Module):
         return self.unet(**dict(zip(self.names, inputs))).sample
 
 
+def _rms_norm(g, x, normalized_shape, weight, eps):
+    """ONNX for ``aten::rms_norm`` (torch.nn.RMSNorm: Flux's and SD3.5's query / key norms), which the TorchScript
+    exporter has no symbolic for below opset 23: x / sqrt(mean(x^2 over the normalized dims) + eps) [* weight], in
+    float32 (as torch computes it for float32 inputs; eps None = float32's machine epsilon, torch's default)."""
+    from torch.onnx import symbolic_helper as sh
+    dims = sh._get_const(normalized_shape, "is", "normalized_shape")
+    eps = sh._maybe_get_const(eps, "f")
+    eps = float(torch.finfo(torch.float32).eps) if eps is None or sh._is_value(eps) else float(eps)
+    axes = list(range(-len(dims), 0))
+    mean = g.op("ReduceMean", g.op("Mul", x, x), axes_i=axes, keepdims_i=1)
+    out = g.op("Div", x, g.op("Sqrt", g.op("Add", mean, g.op("Constant", value_t=torch.tensor(eps)))))
+    return out if sh._is_none(weight) else g.op("Mul", out, weight)
+
+
+torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm, 17)
+
+
 def export_onnx(unet: nn.Module, path: str | os.PathLike, *, batch: int = 2, seq_len: int = 8,
                 opset: int = OPSET) -> Path:
     """Export ``unet`` (FP or fake-quant, fp32) to ``path`` atomically, with every input of its signature

@@ -11,7 +11,7 @@ import torch
 from diffusers import DiTTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
-from trt_dm.models.denoisers import FLOW_DEFAULT_SCHEDULER, denoiser_class
+from trt_dm.models.denoisers import FLOW_DEFAULT_SCHEDULER, FLUX_DEFAULT_SCHEDULER, denoiser_class
 from trt_dm.models.loading import ModelLoadError, load_model
 
 # Tiny models for tests and tools: ~45k / ~52k parameters, one attention level (+ mid block), 1 channel.
@@ -158,8 +158,48 @@ def write_tiny_sd3_pipeline(path: str | Path, seed: int = 0, *, t5: bool = True,
     return path
 
 
+def write_tiny_flux_pipeline(path: str | Path, seed: int = 0, *, guidance_embeds: bool = True, seq: int = 8,
+                             clip: int = 8, joint: int = 24, sample_size: int = 8, **transformer: Any) -> Path:
+    """A tiny random Flux.1 pipeline (model_index.json, transformer/ (FluxTransformer2DModel on 2x2-packed 4-channel
+    latents, one double- and one single-stream block, ``guidance_embeds``: Flux.1-dev's embedded guidance),
+    scheduler/ (dynamic shifting), text_encoder/ (CLIPTextModel of width ``clip``) + tokenizer/, text_encoder_2/ (a
+    T5 of width ``joint``) + tokenizer_2/, vae/ (shifted), trt_dm.json with the ``sample_size`` it samples at),
+    safetensors, deterministic for ``seed``; ``transformer`` overrides the transformer's config."""
+    import transformers
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    path = Path(path)
+    cfg = {**dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                  num_attention_heads=2, joint_attention_dim=joint, pooled_projection_dim=clip,
+                  guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4)), **transformer}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        FluxTransformer2DModel(**cfg).eval().save_pretrained(path / "transformer", safe_serialization=True)
+        vocab = _write_tokenizer(path / "tokenizer", seq)
+        _text_encoder(vocab, clip, seq, 2, 2, 4 * clip).save_pretrained(str(path / "text_encoder"),
+                                                                         safe_serialization=True)
+        n = _write_t5_tokenizer(path / "tokenizer_2")
+        t5 = transformers.T5Config(vocab_size=n, d_model=joint, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                   pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+        transformers.T5EncoderModel(t5).eval().save_pretrained(str(path / "text_encoder_2"), safe_serialization=True)
+        AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                      up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                      norm_num_groups=4, layers_per_block=1, scaling_factor=0.3611, shift_factor=0.1159
+                      ).save_pretrained(str(path / "vae"), safe_serialization=True)
+    FlowMatchEulerDiscreteScheduler(**{k: v for k, v in FLUX_DEFAULT_SCHEDULER.items() if k != "_class_name"}
+                                    ).save_pretrained(path / "scheduler")
+    index = {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"],
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "text_encoder_2": ["transformers", "T5EncoderModel"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
+             "image_encoder": [None, None], "feature_extractor": [None, None]}
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    (path / "trt_dm.json").write_text(json.dumps({"sample_size": sample_size}))
+    return path
+
+
 def write_tiny_pixart_pipeline(path: str | Path, seed: int = 0, *, kind: str = "PixArtSigmaPipeline", width: int = 16,
-                               learned_sigma: bool = True, **transformer: Any) -> Path:
+                               learned_sigma: bool = True, t5_heads: int = 2, t5_ff: int = 32, t5_layers: int = 1,
+                               vae_channels: tuple[int, ...] = (8, 16), **transformer: Any) -> Path:
     """A tiny random PixArt pipeline (model_index.json naming ``kind``, transformer/ (PixArtTransformer2DModel, 8 px
     latents of 4 channels, patch 2, 2 blocks, ``learned_sigma``: 8 output channels), scheduler/ (DPM-Solver's config,
     as PixArt ships), text_encoder/ (a 1-layer T5 encoder of ``width``) + tokenizer/ (T5), vae/), safetensors,
@@ -175,12 +215,15 @@ def write_tiny_pixart_pipeline(path: str | Path, seed: int = 0, *, kind: str = "
         torch.manual_seed(seed)
         PixArtTransformer2DModel(**cfg).eval().save_pretrained(path / "transformer", safe_serialization=True)
         n = _write_t5_tokenizer(path / "tokenizer")
-        t5 = transformers.T5Config(vocab_size=n, d_model=width, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-                                   pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+        t5 = transformers.T5Config(vocab_size=n, d_model=width, d_kv=width // t5_heads, d_ff=t5_ff,
+                                   num_layers=t5_layers, num_heads=t5_heads, pad_token_id=0, eos_token_id=1,
+                                   decoder_start_token_id=0)
         transformers.T5EncoderModel(t5).eval().save_pretrained(str(path / "text_encoder"), safe_serialization=True)
-        AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                      up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                      norm_num_groups=4, layers_per_block=1).save_pretrained(str(path / "vae"), safe_serialization=True)
+        k = len(vae_channels)
+        AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * k,
+                      up_block_types=("UpDecoderBlock2D",) * k, block_out_channels=tuple(vae_channels),
+                      latent_channels=4, norm_num_groups=4, layers_per_block=1).save_pretrained(
+            str(path / "vae"), safe_serialization=True)
     DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                                 num_train_timesteps=1000).save_pretrained(path / "scheduler")
     index = {"_class_name": kind, "transformer": ["diffusers", "PixArtTransformer2DModel"],
@@ -329,8 +372,9 @@ def write_sdxl_layout_pipeline(path: str | Path, seed: int = 0, *, text_layers: 
 # google/ddpm-cifar10-32 (35.7 M parameters); sd15-unet: Stable Diffusion 1.5's UNet (859.5 M); sdxl-unet: SDXL
 # base's UNet (2.567 B; stabilityai/stable-diffusion-xl-base-1.0's unet/config.json); dit-xl-2: DiT-XL/2 at 256 px
 # (facebook/DiT-XL-2-256's transformer/config.json: 749.8 M in diffusers' layout, where each of the 28 blocks holds
-# its own copy of the timestep / class embedding; the paper's 675 M counts them once); sd3-medium: Stable Diffusion
-# 3 medium's MMDiT (stabilityai/stable-diffusion-3-medium-diffusers' transformer/config.json: 2.03 B).
+# its own copy of the timestep / class embedding; the paper's 675 M counts them once); pixart-sigma: PixArt-Sigma-XL-2
+# at 1024 px (PixArt-alpha/PixArt-Sigma-XL-2-1024-MS's transformer/config.json: 0.61 B); sd3-medium: Stable
+# Diffusion 3 medium's MMDiT (stabilityai/stable-diffusion-3-medium-diffusers' transformer/config.json: 2.03 B).
 ARCHS: dict[str, tuple[str, dict]] = {
     "ddpm-cifar10": ("UNet2DModel", dict(
         sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
@@ -351,11 +395,27 @@ ARCHS: dict[str, tuple[str, dict]] = {
         sample_size=32, in_channels=4, out_channels=8, patch_size=2, num_layers=28, num_attention_heads=16,
         attention_head_dim=72, num_embeds_ada_norm=1000, norm_type="ada_norm_zero", norm_num_groups=32,
         activation_fn="gelu-approximate", attention_bias=True, norm_elementwise_affine=False)),
+    "pixart-sigma": ("PixArtTransformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=4, out_channels=8, num_layers=28, num_attention_heads=16,
+        attention_head_dim=72, cross_attention_dim=1152, caption_channels=4096, norm_type="ada_norm_single",
+        num_embeds_ada_norm=1000, activation_fn="gelu-approximate", attention_bias=True, norm_elementwise_affine=False,
+        norm_eps=1e-6, interpolation_scale=2, use_additional_conditions=False)),
     "sd3-medium": ("SD3Transformer2DModel", dict(
         sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
         num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
         pos_embed_max_size=192)),
 }
+
+
+def write_pixart_layout_pipeline(path: str | Path, seed: int = 0, *, sample_size: int = 128, t5_layers: int = 2
+                                 ) -> Path:
+    """A random-weight PixArt-Sigma pipeline at its 1024-px sizes, for scale runs: the 0.61 B transformer
+    (``ARCHS['pixart-sigma']``; ``sample_size`` latents), a T5 encoder of T5-XXL's width (4096, 64 heads of 64, MLP
+    10240) with ``t5_layers`` of its 24 layers (the whole encoder is 4.7 B parameters; the transformer's cost does not
+    depend on it), SD's VAE channels, 300 tokens."""
+    cfg = {k: v for k, v in ARCHS["pixart-sigma"][1].items() if k != "caption_channels"}
+    return write_tiny_pixart_pipeline(path, seed, width=4096, t5_heads=64, t5_ff=10240, t5_layers=t5_layers,
+                                      vae_channels=(128, 256, 512, 512), **{**cfg, "sample_size": sample_size})
 
 
 def write_sd3_layout_pipeline(path: str | Path, seed: int = 0, *, sample_size: int = 128,

@@ -16,6 +16,13 @@ and returns the noise prediction alone:
   and their padding mask: inputs ``encoder_hidden_states`` (B, S, caption_channels) and ``encoder_attention_mask``
   (B, S; 1 = a token, 0 = padding), the timestep an integer as for DDPM; a learned variance half is dropped as for DiT.
   PixArt-alpha's 1024-px resolution / aspect-ratio conditioning (``use_additional_conditions``) is refused.
+- ``FluxTransformer2DModel`` (Flux.1: MMDiT and single-stream blocks, rectified flow): the denoiser takes the latent
+  unpacked, ``sample`` (B, in_channels / 4, H, W), and packs it into 2x2 patches itself (FluxPipeline's
+  ``_pack_latents``), with the image and text position ids computed from H, W and the text length (as the pipeline
+  makes them); ``timestep`` is sigma x 1000 like SD3's (the model gets sigma, as the pipeline passes ``t / 1000``),
+  ``encoder_hidden_states`` T5's tokens, ``text_embeds`` CLIP-L's pooled output, and with ``guidance_embeds``
+  (Flux.1-dev) ``guidance`` (B,), the embedded guidance scale. The config has no sample size: 128 (1024 px,
+  FluxPipeline's default) unless trt_dm.json names one.
 - ``SD3Transformer2DModel`` (Stable Diffusion 3 / 3.5's MMDiT): text tokens and image patches in joint attention,
   a rectified-flow model (it predicts the velocity; its pipelines sample with ``FlowMatchEulerDiscreteScheduler``,
   ``trt_dm.core.flow``). Inputs: ``encoder_hidden_states`` (B, S, joint_attention_dim: CLIP-L and CLIP-G hidden
@@ -24,12 +31,16 @@ and returns the noise prediction alone:
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers import (
     DiTTransformer2DModel,
+    FluxTransformer2DModel,
     PixArtTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
@@ -38,6 +49,7 @@ from diffusers import (
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from trt_dm.core.errors import InputError
+from trt_dm.core.flow import FlowSchedule
 from trt_dm.core.guidance import check_interval
 from trt_dm.core.signature import SDXL_TIME_IDS
 
@@ -88,6 +100,51 @@ class PixArtDenoiser(_SavedAsDiffusers, PixArtTransformer2DModel):
         return Transformer2DModelOutput(sample=eps) if return_dict else (eps,)
 
 
+def _rotary(x: torch.Tensor, freqs_cis, sequence_dim: int = 1, **_) -> torch.Tensor:
+    """diffusers' ``apply_rotary_emb`` as Flux calls it (real cos / sin, pairs interleaved in the last dimension),
+    with ``unflatten`` where diffusers reshapes to ``x.shape[:-1]``: the same arithmetic, but the ONNX exporter keeps
+    the batch dynamic instead of freezing the traced one."""
+    cos, sin = freqs_cis
+    if sequence_dim == 1:
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    else:
+        cos, sin = cos[None, None], sin[None, None]
+    x_real, x_imag = x.unflatten(-1, (-1, 2)).unbind(-1)
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    return (x.float() * cos.to(x.device) + x_rotated.float() * sin.to(x.device)).to(x.dtype)
+
+
+@contextlib.contextmanager
+def _traceable_rotary():
+    import diffusers.models.transformers.transformer_flux as flux
+    original, flux.apply_rotary_emb = flux.apply_rotary_emb, _rotary
+    try:
+        yield
+    finally:
+        flux.apply_rotary_emb = original
+
+
+class FluxDenoiser(_SavedAsDiffusers, FluxTransformer2DModel):
+    """A Flux transformer as a denoiser: ``forward(sample, timestep, encoder_hidden_states, text_embeds[, guidance])``
+    on the unpacked latent -> ``.sample`` = the predicted velocity, unpacked."""
+    trt_dm_kind = "FluxTransformer2DModel"
+
+    def forward(self, sample, timestep=None, encoder_hidden_states=None, text_embeds=None, guidance=None,
+                return_dict: bool = True):
+        b, c, h, w = sample.shape
+        packed = sample.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+        img_ids = torch.zeros(h // 2, w // 2, 3, dtype=sample.dtype, device=sample.device)
+        img_ids[..., 1] = torch.arange(h // 2, device=sample.device)[:, None].to(sample.dtype)
+        img_ids[..., 2] = torch.arange(w // 2, device=sample.device)[None, :].to(sample.dtype)
+        txt_ids = torch.zeros_like(encoder_hidden_states[0, :, :3], dtype=sample.dtype)  # (S, 3): S stays dynamic
+        with _traceable_rotary():
+            out = super().forward(packed, encoder_hidden_states=encoder_hidden_states, pooled_projections=text_embeds,
+                                  timestep=timestep / 1000, img_ids=img_ids.reshape(-1, 3), txt_ids=txt_ids,
+                                  guidance=guidance).sample
+        out = out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+
 class SD3Denoiser(_SavedAsDiffusers, SD3Transformer2DModel):
     """An MMDiT as a denoiser: ``forward(sample, timestep, encoder_hidden_states, text_embeds)`` -> ``.sample`` =
     the predicted velocity."""
@@ -113,8 +170,44 @@ class SDXLUNetDenoiser(_SavedAsDiffusers, UNet2DConditionModel):
 
 SUPPORTED_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel,
                      "DiTTransformer2DModel": DiTDenoiser, "PixArtTransformer2DModel": PixArtDenoiser,
-                     "SD3Transformer2DModel": SD3Denoiser}
-TRANSFORMERS = ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel")
+                     "SD3Transformer2DModel": SD3Denoiser, "FluxTransformer2DModel": FluxDenoiser}
+TRANSFORMERS = ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
+FLOW_MODELS = ("SD3Transformer2DModel", "FluxTransformer2DModel")  # rectified flow: float time inputs
+# Flux.1's scheduler (dynamic shifting by the token count), for a transformer saved without its pipeline
+FLUX_DEFAULT_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+                          "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+                          "max_image_seq_len": 4096}
+FLUX_SAMPLE_SIZE = 128  # FluxPipeline's default latent size (1024 px)
+
+
+def default_scheduler(kind: str) -> dict | None:
+    """The scheduler config a flow transformer saved without its pipeline samples with (SD3's, Flux's); None: DDPM's."""
+    return {"SD3Transformer2DModel": FLOW_DEFAULT_SCHEDULER, "FluxTransformer2DModel": FLUX_DEFAULT_SCHEDULER}.get(kind)
+
+
+def schedule_for(kind: str, config: dict[str, Any], sched, sample_shape: tuple[int, int, int]):
+    """The schedule as this model's pipeline samples it: a flow schedule gets its resolution shift for the model's
+    token count (Flux: 2x2 packing), and Flux's levels are FluxPipeline's (sigmas linspace(1, 1/n, n))."""
+    if not isinstance(sched, FlowSchedule):
+        return sched
+    _, h, w = sample_shape
+    p = 2 if kind == "FluxTransformer2DModel" else int(config.get("patch_size") or 1)
+    sched = sched.for_tokens((h // p) * (w // p))
+    return dataclasses.replace(sched, levels_from="linspace") if kind == "FluxTransformer2DModel" else sched
+
+
+def flux_sample_size(dirs: list[Path], error: type[Exception]) -> int:
+    """The latent size a Flux transformer samples at: trt_dm.json's ``sample_size`` (the first of ``dirs`` holding
+    one), else ``FLUX_SAMPLE_SIZE``; an even integer (2x2 packing)."""
+    for d in dirs:
+        f = d / "trt_dm.json"
+        if f.is_file():
+            size = json.loads(f.read_text(encoding="utf-8")).get("sample_size", FLUX_SAMPLE_SIZE)
+            if not isinstance(size, int) or size < 2 or size % 2:
+                raise error(f"{f}: sample_size {size!r}: accepted an even integer >= 2 (the latent's height and width, "
+                            "packed 2x2 by Flux)")
+            return size
+    return FLUX_SAMPLE_SIZE
 # The scheduler a denoiser directory without one samples with: DDPM's default for the DDPM-family models, and for
 # the MMDiT Stable Diffusion 3's own (rectified flow, shift 3).
 FLOW_DEFAULT_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
@@ -132,9 +225,11 @@ def added_cond_dims(config: dict[str, Any]) -> tuple[int, int] | None:
 
 
 def pooled_dim(kind: str, config: dict[str, Any]) -> int | None:
-    """The width of the pooled text embedding input ``text_embeds`` (SDXL-layout UNets, SD3), else None."""
+    """The width of the pooled text embedding input ``text_embeds`` (SDXL-layout UNets, SD3, Flux), else None."""
     if kind == "SD3Transformer2DModel":
         return int(config.get("pooled_projection_dim", 2048))
+    if kind == "FluxTransformer2DModel":
+        return int(config.get("pooled_projection_dim", 768))
     dims = added_cond_dims(config)
     return dims[0] if dims else None
 
@@ -151,6 +246,13 @@ def check_config(config: dict[str, Any], path: Path, error: type[Exception]) -> 
     if kind not in SUPPORTED_CLASSES:
         raise error(f"{path}: _class_name is {kind!r}, not a supported denoiser; supported: "
                     f"{', '.join(SUPPORTED_CLASSES)}")
+    if kind == "FluxTransformer2DModel":
+        c, out = config.get("in_channels", 64), config.get("out_channels") or config.get("in_channels", 64)
+        if out != c or c % 4 or config.get("patch_size", 1) != 1:
+            raise error(f"{path}: in_channels={c}, out_channels={out}, patch_size={config.get('patch_size', 1)}; "
+                        "supported: Flux.1's layout (patch_size 1 on 2x2-packed latents: in_channels = out_channels = "
+                        "4 x the latent's channels)")
+        return kind
     if kind == "SD3Transformer2DModel":
         c, out = config.get("in_channels", 16), config.get("out_channels") or config.get("in_channels", 16)
         if out != c:

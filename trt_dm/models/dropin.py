@@ -41,6 +41,10 @@ class DropInUNet(nn.Module):
 
     def __init__(self, loaded, denoiser) -> None:
         super().__init__()
+        if loaded.kind == "FluxTransformer2DModel":
+            raise ValueError("DropInUNet: FluxPipeline feeds the transformer packed latents, position ids and time / "
+                             "1000, which the deployed graph (unpacked latents, sigma x 1000) does not take; sample "
+                             "with trt-dm sample or trt_dm.api.draw instead")
         self._denoiser = denoiser
         self.config = loaded.unet.config  # diffusers' FrozenDict: attribute and key access, as pipelines use it
         self._names = loaded.signature.names

@@ -1,11 +1,12 @@
-"""Load diffusers denoisers (UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel: ``denoisers.py``) and the
-embedded default models.
+"""Load diffusers denoisers (UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel, PixArtTransformer2DModel,
+SD3Transformer2DModel, FluxTransformer2DModel: ``denoisers.py``) and the embedded default models.
 
 `load_model(spec)` accepts "default", a UNet directory in diffusers `save_pretrained` layout, or a
-pipeline directory (unet/ [+ scheduler/]). It reads and validates config.json itself, builds the model
+pipeline directory (unet/ or transformer/ [+ scheduler/] [+ text encoders, vae/]). It reads and validates
+config.json itself, builds the model
 from the config and loads the weights with safetensors; pickled `.bin` weights only on opt-in, and then
 with `torch.load(weights_only=True)`. Every failure is a `ModelLoadError` naming the path and what is
-accepted. `tiny_unet2d` / `tiny_unet2d_condition` build tiny random models for tests and tools.
+accepted. ``builders.py`` writes tiny random models for tests and tools.
 
 A loaded model carries its input ``signature`` (``trt_dm.core.signature``: the one description of the UNet's
 inputs every stage reads) and two fingerprints: of the UNet (config + weights) and of its noise schedule.
@@ -22,21 +23,22 @@ from types import MappingProxyType
 from typing import Any, Sequence
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from trt_dm.core.errors import InputError
 from trt_dm.core.guidance import Guidance, check_interval, check_scale, class_labels_for
-from trt_dm.core.schedule import FlowSchedule, Schedule
+from trt_dm.core.schedule import Schedule
 from trt_dm.core.signature import Signature
 from trt_dm.models.denoisers import (
-    FLOW_DEFAULT_SCHEDULER,
     added_cond_dims,
     check_config,
     default_classes,
+    default_scheduler,
     denoiser_class,
+    flux_sample_size,
     pooled_dim,
     read_conditioning,
+    schedule_for,
 )
 from trt_dm.models.text import (
     check_text,
@@ -49,10 +51,20 @@ from trt_dm.models.text import (
     text_rows,
 )
 from trt_dm.models.text_t5 import (
+    check_flux_text,
     check_pixart_text,
     check_sd3_text,
+    load_flux_text_pipeline,
     load_pixart_text_pipeline,
     load_sd3_text_pipeline,
+)
+from trt_dm.models.weights import (
+    SAFE_WEIGHTS,
+    ModelLoadError,
+    check_state,
+    find_weights,
+    read_json,
+    read_weights,
 )
 
 logger = logging.getLogger(__name__)
@@ -82,21 +94,15 @@ DEFAULT_SCHEDULER_CONFIG = MappingProxyType(dict(
     num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
     prediction_type="epsilon", clip_sample=True))
 
-SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
-PICKLE_WEIGHTS = "diffusion_pytorch_model.bin"
-_ACCEPTED = (f'"default", a diffusers UNet or DiT directory (config.json + {SAFE_WEIGHTS}, or shards listed in '
-             f"{SAFE_WEIGHTS}.index.json), or a pipeline directory with unet/ or transformer/ (and optionally "
-             "scheduler/)")
-
-
-class ModelLoadError(ValueError):
-    """A model that cannot be loaded; the message names the path and what is accepted."""
+_ACCEPTED = (f'"default", a diffusers UNet, DiT, PixArt, SD3 or Flux transformer directory (config.json + '
+             f"{SAFE_WEIGHTS}, or shards listed in {SAFE_WEIGHTS}.index.json), or a pipeline directory with unet/ or "
+             "transformer/ (and optionally scheduler/)")
 
 
 @dataclass
 class LoadedModel:
     unet: nn.Module
-    kind: str                    # "UNet2DModel" | "UNet2DConditionModel" | "DiTTransformer2DModel" (denoisers.py)
+    kind: str                    # a diffusers class name of denoisers.SUPPORTED_CLASSES
     source: Path                 # resolved directory given (pipeline root or UNet dir)
     name: str                    # "default" or the directory's name
     config: dict[str, Any]       # config.json as read
@@ -121,7 +127,7 @@ class LoadedModel:
         c = self.unet.config
         s = c.sample_size
         h, w = (s, s) if isinstance(s, int) else tuple(s)
-        return (c.in_channels, h, w)
+        return (c.in_channels // 4 if self.kind == "FluxTransformer2DModel" else c.in_channels, h, w)
 
     @property
     def signature(self) -> Signature:
@@ -162,12 +168,20 @@ class LoadedModel:
         return self.text.max_length if self.text is not None else None
 
     def conditioning_for(self, n: int, labels: Sequence[int] | str | None = None, *,
-                         prompts: Sequence[str] | None = None, embeddings=None) -> dict[str, torch.Tensor]:
+                         prompts: Sequence[str] | None = None, embeddings=None,
+                         guidance_scale: float = 1.0) -> dict[str, torch.Tensor]:
         """The conditioning of ``n`` images: ``labels`` cycled over them (image i gets labels[i % len]), "all"
         for every class in turn; for text-conditional UNets ``prompts`` (encoded by the pipeline's text encoders)
         or precomputed ``embeddings`` ((N, S, D) or {input: (N, ...)}), cycled likewise (``text.text_rows``; SDXL
         adds its pooled embeddings and time ids); nothing for an unconditional model. Raises
-        ValueError naming what is accepted."""
+        ValueError naming what is accepted. A model with embedded guidance (Flux.1-dev) gets ``guidance_scale`` as its
+        ``guidance`` input, one value per image."""
+        rows = self._conditioning_rows(n, labels, prompts, embeddings)
+        if "guidance" in self.signature.names:
+            rows["guidance"] = torch.full((n,), float(guidance_scale))
+        return rows
+
+    def _conditioning_rows(self, n: int, labels, prompts, embeddings) -> dict[str, torch.Tensor]:
         if self.text_conditioned:
             if labels is not None:
                 raise InputError(f"{self.name!r} is text-conditional: give --prompt / --prompts / --embeddings, "
@@ -255,7 +269,7 @@ class LoadedModel:
         embedding of the negative prompt (the empty prompt by default) or precomputed negative embeddings.
         ``interval``: the timesteps where it applies (``resolve_interval``: None is the model's default)."""
         check_scale(scale)
-        if scale == 1.0:
+        if scale == 1.0 or "guidance" in self.signature.names:  # embedded guidance: an input, one call (no CFG)
             return Guidance(1.0, rescale)
         interval = self.resolve_interval(scale, interval)
         if self.text_conditioned:
@@ -306,12 +320,7 @@ class LoadedModel:
     def schedule(self):
         """The noise schedule the samplers step (``Schedule``, or a flow model's ``FlowSchedule``, with a
         dynamic-shifting one's shift for this model's token count)."""
-        sched = Schedule.from_config(self.scheduler_config)
-        if isinstance(sched, FlowSchedule):
-            _, h, w = self.sample_shape
-            p = int(self.config.get("patch_size") or 1)
-            sched = sched.for_tokens((h // p) * (w // p))
-        return sched
+        return schedule_for(self.kind, self.config, Schedule.from_config(self.scheduler_config), self.sample_shape)
 
     def schedule_fingerprint(self) -> str:
         """sha256 of the noise schedule as the samplers use it (see ``Schedule.fingerprint``):
@@ -342,17 +351,6 @@ def _canonical_config(config: dict[str, Any]) -> str:
     return json.dumps(kept, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path}: the {what} is not valid JSON ({e}); expected the JSON object "
-                             "that diffusers' save_pretrained writes") from e
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path}: the {what} must be a JSON object, found {type(data).__name__}")
-    return data
-
-
 def _resolve(spec: str | os.PathLike) -> tuple[Path, str]:
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"model spec must be a str or os.PathLike, got {type(spec).__name__}: {spec!r}")
@@ -374,65 +372,6 @@ def _resolve(spec: str | os.PathLike) -> tuple[Path, str]:
     if not path.is_dir():
         raise ModelLoadError(f"model path {str(path)!r} is a file, not a directory; accepted: {_ACCEPTED}")
     return path.resolve(), path.resolve().name
-
-
-def _shards(index: Path) -> list[Path]:
-    weight_map = _read_json(index, "weights index").get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise ModelLoadError(f"{index}: no 'weight_map' object mapping tensor names to shard files")
-    files = [index.parent / f for f in sorted(set(weight_map.values()))]
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
-        raise ModelLoadError(f"{index}: shard files listed in the index are missing: {missing[:5]}")
-    return files
-
-
-def _find_weights(unet_dir: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
-    """Weight files, safetensors first; returns (files, are_pickles)."""
-    if (unet_dir / SAFE_WEIGHTS).is_file():
-        return [unet_dir / SAFE_WEIGHTS], False
-    if (unet_dir / f"{SAFE_WEIGHTS}.index.json").is_file():
-        return _shards(unet_dir / f"{SAFE_WEIGHTS}.index.json"), False
-    for pkl in (unet_dir / PICKLE_WEIGHTS, unet_dir / f"{PICKLE_WEIGHTS}.index.json"):
-        if pkl.is_file():
-            if not allow_pickle:
-                raise ModelLoadError(
-                    f"{pkl}: weights exist only as a pickle, which is refused by default (pickles can run "
-                    "code). Opt in with load_model(..., allow_pickle=True) / CLI flag --allow-pickle (loads "
-                    "with torch.load(weights_only=True)), or better, convert once to safetensors: "
-                    "model.save_pretrained(dir, safe_serialization=True)")
-            return ([pkl] if pkl.name == PICKLE_WEIGHTS else _shards(pkl)), True
-    found = sorted(p.name for p in unet_dir.iterdir())[:8]
-    raise ModelLoadError(f"{unet_dir}: no weights found (files: {found}); expected {SAFE_WEIGHTS}, or shards "
-                         f"with {SAFE_WEIGHTS}.index.json, or (with allow_pickle=True) {PICKLE_WEIGHTS}")
-
-
-def _read_weights(files: list[Path], pickles: bool) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            part = torch.load(f, map_location="cpu", weights_only=True) if pickles else load_file(str(f))
-        except Exception as e:  # safetensors/pickle raise many types for truncated or corrupt files
-            raise ModelLoadError(f"{f}: cannot read the weights ({type(e).__name__}: {e}); the file is "
-                                 "truncated, corrupt or not a plain tensor dict. Re-save the model with "
-                                 "save_pretrained(dir, safe_serialization=True)") from e
-        if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
-            raise ModelLoadError(f"{f}: expected a dict of tensor name -> tensor, found {type(part).__name__}")
-        state.update(part)
-    return state
-
-
-def _check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str) -> None:
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-             for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
-    problems = [f"{len(v)} {what} (e.g. {', '.join(v[:4])})" for what, v in
-                (("missing", missing), ("unexpected", unexpected), ("with wrong shape (file vs config)", wrong))
-                if v]
-    if problems:
-        raise ModelLoadError(f"{where}: the weights do not match the model built from config.json: "
-                             + "; ".join(problems) + ". Accepted: the weights save_pretrained wrote for this config")
 
 
 def load_model(spec: str | os.PathLike, *, allow_pickle: bool = False,
@@ -457,56 +396,70 @@ def load_model(spec: str | os.PathLike, *, allow_pickle: bool = False,
     config_path = unet_dir / "config.json"
     if not config_path.is_file():
         raise ModelLoadError(f"{unet_dir}: pipeline {unet_dir.name}/ folder has no config.json; accepted: {_ACCEPTED}")
-    config = _read_json(config_path, "model config")
+    config = read_json(config_path, "model config")
     kind = check_config(config, config_path, ModelLoadError)
+    if kind == "FluxTransformer2DModel" and config.get("sample_size") is None:  # Flux's config has none
+        config["sample_size"] = flux_sample_size([root, unet_dir], ModelLoadError)
 
-    files, pickles = _find_weights(unet_dir, allow_pickle)
-    state = _read_weights(files, pickles)
+    files, pickles = find_weights(unet_dir, allow_pickle)
+    state = read_weights(files, pickles)
     with torch.random.fork_rng(devices=[]):  # random init must not move the caller's RNG
         try:
-            unet = denoiser_class(kind, config).from_config(config)
+            unet = denoiser_class(kind, config).from_config(
+                {k: v for k, v in config.items() if kind != "FluxTransformer2DModel" or k != "sample_size"})
         except Exception as e:
             raise ModelLoadError(f"{config_path}: cannot build {kind} from this config "
                                  f"({type(e).__name__}: {e})") from e
+    if kind == "FluxTransformer2DModel":  # not a constructor argument: the size it samples at, kept in its config
+        unet.register_to_config(sample_size=config["sample_size"])
     fix_keys = getattr(unet, "_fix_state_dict_keys_on_load", None)  # diffusers' private rename of
     if fix_keys is not None:                                          # old attention keys (query, proj_attn)
         fix_keys(state)
-    _check_state(state, unet.state_dict(), ", ".join(str(f) for f in files))
+    check_state(state, unet.state_dict(), ", ".join(str(f) for f in files))
     unet.load_state_dict(state, strict=True)
     # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast ("should be kept in float32: []")
     # even when no module must stay fp32, as for both UNet classes.
     nn.Module.to(unet, dtype).eval()
 
     if scheduler_json is not None:
-        scheduler_config, scheduler_source = _read_json(scheduler_json, "scheduler config"), "dir"
-    else:  # DDPM's default; an MMDiT without its pipeline: SD3's rectified-flow scheduler
-        default = FLOW_DEFAULT_SCHEDULER if kind == "SD3Transformer2DModel" else DEFAULT_SCHEDULER_CONFIG
-        scheduler_config, scheduler_source = dict(default), "default"
+        scheduler_config, scheduler_source = read_json(scheduler_json, "scheduler config"), "dir"
+    else:  # DDPM's default; a flow transformer without its pipeline: its family's (``denoisers.default_scheduler``)
+        scheduler_config, scheduler_source = dict(default_scheduler(kind) or DEFAULT_SCHEDULER_CONFIG), "default"
     loaded = LoadedModel(unet=unet, kind=kind, source=root, name=name, config=config,
                          scheduler_config=scheduler_config, scheduler_source=scheduler_source,
                          weight_files=tuple(files), weight_names=tuple(unet.state_dict()))
     loaded.null_class_label, loaded.num_classes = default_classes(kind, config)
     path = next((d / CONDITIONING_FILE for d in (root, unet_dir) if (d / CONDITIONING_FILE).is_file()), None)
     if path is not None:
-        read_conditioning(loaded, path, _read_json(path, "conditioning description"), ModelLoadError)
+        read_conditioning(loaded, path, read_json(path, "conditioning description"), ModelLoadError)
     if unet_dir != root:
-        if is_text_pipeline(root):
-            if kind == "SD3Transformer2DModel":  # CLIP-L, CLIP-G, T5 (text_t5.py)
-                loaded.text = load_sd3_text_pipeline(root, loaded.text_dim)
-                check_sd3_text(loaded, root, ModelLoadError)
-            elif kind == "PixArtTransformer2DModel":  # T5 and its padding mask (text_t5.py)
-                loaded.text = load_pixart_text_pipeline(root, model_index_class(root))
-                check_pixart_text(loaded, root, ModelLoadError)
-            elif kind != "UNet2DConditionModel":
-                raise ModelLoadError(f"{root}: a text encoder / tokenizer comes with a {kind}, which takes no text")
-            else:
-                loaded.text = load_text_pipeline(root)
-                check_text(loaded, root, ModelLoadError)
-        elif (root / "vae").is_dir():  # a latent pipeline without text (DiTPipeline): its VAE decodes
-            loaded.vae = load_latent_decoder(root)
-            if loaded.vae.vae.config.latent_channels != loaded.sample_shape[0]:
-                raise ModelLoadError(f"{root}: the VAE's {loaded.vae.vae.config.latent_channels} latent channels are "
-                                     f"not the denoiser's {loaded.sample_shape[0]} input channels")
+        _attach_pipeline(loaded, root)
     logger.info("loaded %s %r from %s (%.3fM params, %s, schedule: %s)", kind, name, root,
                 sum(p.numel() for p in unet.parameters()) / 1e6, dtype, scheduler_source)
     return loaded
+
+
+def _attach_pipeline(loaded: LoadedModel, root: Path) -> None:
+    """The parts of the pipeline at ``root`` around its denoiser: text encoders + VAE (text_t5.py, text.py) or,
+    without text, a latent pipeline's VAE."""
+    if is_text_pipeline(root):
+        if loaded.kind == "SD3Transformer2DModel":  # CLIP-L, CLIP-G, T5 (text_t5.py)
+            loaded.text = load_sd3_text_pipeline(root, loaded.text_dim)
+            check_sd3_text(loaded, root, ModelLoadError)
+        elif loaded.kind == "FluxTransformer2DModel":  # CLIP-L pooled, T5 tokens (text_t5.py)
+            loaded.text = load_flux_text_pipeline(root)
+            check_flux_text(loaded, root, ModelLoadError)
+        elif loaded.kind == "PixArtTransformer2DModel":  # T5 and its padding mask (text_t5.py)
+            loaded.text = load_pixart_text_pipeline(root, model_index_class(root))
+            check_pixart_text(loaded, root, ModelLoadError)
+        elif loaded.kind != "UNet2DConditionModel":
+            raise ModelLoadError(f"{root}: a text encoder / tokenizer comes with a {loaded.kind}, which takes no "
+                                 "text")
+        else:
+            loaded.text = load_text_pipeline(root)
+            check_text(loaded, root, ModelLoadError)
+    elif (root / "vae").is_dir():  # a latent pipeline without text (DiTPipeline): its VAE decodes
+        loaded.vae = load_latent_decoder(root)
+        if loaded.vae.vae.config.latent_channels != loaded.sample_shape[0]:
+            raise ModelLoadError(f"{root}: the VAE's {loaded.vae.vae.config.latent_channels} latent channels are "
+                                 f"not the denoiser's {loaded.sample_shape[0]} input channels")

@@ -1,4 +1,11 @@
-"""The text side of transformer pipelines with T5: Stable Diffusion 3 (CLIP-L, CLIP-G and T5) and PixArt (T5).
+"""The text side of transformer pipelines with T5: Stable Diffusion 3 (CLIP-L, CLIP-G and T5), Flux.1 (CLIP-L and T5)
+and PixArt (T5).
+
+Flux.1 (``FluxPipeline`` directories: ``transformer/`` (``FluxTransformer2DModel``), ``scheduler/``,
+``text_encoder/`` + ``tokenizer/`` (``CLIPTextModel``), ``text_encoder_2/`` + ``tokenizer_2/`` (T5), ``vae/``): as
+``FluxPipeline.encode_prompt``, T5's last hidden state over 512 tokens (its ``max_sequence_length`` default) is
+``encoder_hidden_states`` and CLIP-L's pooled output ``text_embeds``; the VAE shifts like SD3's. A negative prompt
+(for true classifier-free guidance, ``--guidance-scale`` on a model without embedded guidance) is encoded the same way.
 
 PixArt (``PixArtSigmaPipeline`` / ``PixArtAlphaPipeline`` directories: ``transformer/``
 (``PixArtTransformer2DModel``), ``scheduler/``, ``text_encoder/`` (``T5EncoderModel``) + ``tokenizer/`` (T5),
@@ -181,6 +188,80 @@ class SD3TextPipeline(TextPipeline):
         return d
 
 
+FLUX_SEQUENCE_LENGTH = 512  # FluxPipeline's default max_sequence_length
+
+
+@dataclass
+class FluxTextPipeline(TextPipeline):
+    """CLIP-L (``tokenizer`` / ``text_encoder``: its pooled output), T5 (``tokenizer_2`` / ``text_encoder_2``: the
+    tokens) and the VAE of a Flux.1 pipeline."""
+    length: int = FLUX_SEQUENCE_LENGTH
+    shift_factor: float = 0.0
+
+    @property
+    def sdxl(self) -> bool:
+        return False
+
+    @property
+    def max_length(self) -> int:
+        return self.length
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.text_encoder_2.config.d_model)
+
+    @property
+    def pooled_size(self) -> int:
+        return int(self.text_encoder.config.hidden_size)
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``encoder_hidden_states`` (N, 512, d_model) from T5, ``text_embeds`` (N, 768) CLIP-L's pooled output."""
+        if self.released:
+            raise RuntimeError(f"{self.root}: the text encoders were released after calibration; load the model again")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        hidden, pooled = [], []
+        for i in range(0, len(prompts), 64):
+            chunk = list(prompts[i:i + 64])
+            ids = self.tokenizer(chunk, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids
+            pooled.append(self.text_encoder(ids, output_hidden_states=False).pooler_output.float())
+            ids = self.tokenizer_2(chunk, padding="max_length", max_length=self.length, truncation=True,
+                                   return_tensors="pt").input_ids
+            hidden.append(self.text_encoder_2(ids, output_hidden_states=False)[0].float())
+        return {"encoder_hidden_states": torch.cat(hidden), "text_embeds": torch.cat(pooled)}
+
+    def encode_negative(self, prompt: str = "") -> dict[str, torch.Tensor]:
+        return self.encode([prompt])
+
+    def decode(self, latents: torch.Tensor, batch: int = 16) -> torch.Tensor:
+        return decode_latents(self.vae, self.scaling_factor, latents, batch, shift_factor=self.shift_factor)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "text_encoder_2": str(self.root / "text_encoder_2"),
+                "text_encoder_2_sha256": self.fingerprints.get("text_encoder_2"), "max_sequence_length": self.length,
+                "vae_shift_factor": self.shift_factor}
+
+
+def load_flux_text_pipeline(root: Path) -> FluxTextPipeline:
+    """CLIP-L, T5 and the VAE of the Flux.1 pipeline at ``root`` (local files, safetensors only)."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise TextPipelineError(f"text-to-image pipelines need transformers (pip install 'trt_dm[text]'): "
+                                f"{e}") from None
+    transformers.utils.logging.disable_progress_bar()
+    tokenizer, clip, f1 = _load_encoder(transformers, root, "", ("CLIPTextModel",))
+    tokenizer_2, t5, f2 = _load_t5(root, "_2")
+    vae = load_latent_decoder(root)
+    return FluxTextPipeline(root=root, tokenizer=tokenizer, text_encoder=clip, vae=vae.vae,
+                            scaling_factor=vae.scaling_factor, tokenizer_2=tokenizer_2, text_encoder_2=t5,
+                            fingerprints={"text_encoder": _sha256_files(f1), "text_encoder_2": _sha256_files(f2),
+                                          "vae": vae.fingerprint},
+                            shift_factor=float(getattr(vae.vae.config, "shift_factor", None) or 0.0))
+
+
 def _load_t5(root: Path, suffix: str = "_3"):
     """(tokenizer, T5 encoder, weight files) of ``text_encoder<suffix>/`` and ``tokenizer<suffix>/``."""
     import transformers
@@ -232,6 +313,15 @@ def load_sd3_text_pipeline(root: Path, joint_dim: int) -> SD3TextPipeline:
                            scaling_factor=vae.scaling_factor, fingerprints=fingerprints, tokenizer_2=tokenizer_2,
                            text_encoder_2=text_encoder_2, tokenizer_3=tokenizer_3, text_encoder_3=text_encoder_3,
                            joint_dim=joint_dim, shift_factor=shift)
+
+
+def check_flux_text(loaded, root: Path, error: type[Exception]) -> None:
+    """T5's width against joint_attention_dim, CLIP-L's against pooled_projection_dim."""
+    text = loaded.text
+    if text.hidden_size != loaded.text_dim or text.pooled_size != loaded.pooled_dim:
+        raise error(f"{root}: the T5 encoder's width {text.hidden_size} and CLIP-L's {text.pooled_size} are not the "
+                    f"transformer's joint_attention_dim {loaded.text_dim} and pooled_projection_dim "
+                    f"{loaded.pooled_dim}")
 
 
 def check_pixart_text(loaded, root: Path, error: type[Exception]) -> None:

@@ -146,7 +146,8 @@ def calib_conditioning(loaded: LoadedModel, spec: CalibSpec) -> tuple[dict[str, 
             raise InputError(f"--calib-embeddings was given, but {loaded.name!r} is not text-conditional",
                              field="calib_embeddings", flag="--calib-embeddings")
         embeds, negative = loaded.embeddings_file(spec.embeddings, flag="--calib-embeddings")
-    cond = loaded.conditioning_for(spec.n, spec.label_list, prompts=spec.prompts, embeddings=embeds)
+    cond = loaded.conditioning_for(spec.n, spec.label_list, prompts=spec.prompts, embeddings=embeds,
+                                   guidance_scale=spec.guidance_scale)
     guidance = loaded.guidance(spec.guidance_scale, spec.guidance_rescale, negative_prompt=spec.negative_prompt,
                                negative_embeddings=negative, interval=spec.guidance_interval)
     return cond, guidance

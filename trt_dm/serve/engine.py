@@ -223,7 +223,7 @@ class Service:
             raise InputError("give class_labels or classes, not both", field="classes")
         labels = tuple(g.class_labels) if g.class_labels is not None else g.classes
         prompts = [g.prompt] if isinstance(g.prompt, str) else g.prompt
-        cond = self.loaded.conditioning_for(g.n, labels, prompts=prompts)
+        cond = self.loaded.conditioning_for(g.n, labels, prompts=prompts, guidance_scale=g.guidance_scale)
         guidance = self.loaded.guidance(g.guidance_scale, g.guidance_rescale, negative_prompt=g.negative_prompt,
                                         interval=g.guidance_interval)
         try:
