@@ -1,7 +1,8 @@
 """How `trt-dm engine`'s time and memory grow with the UNet's size: the scale runs' stage tables as one table and a
 plot (docs/performance.md, docs/cost_growth.png).
 
-    python tools/scale_run.py --arch default ; ... --arch ddpm-cifar10 ; --arch dit-xl-2 ; --arch sd15 ; --arch sdxl
+    python tools/scale_run.py --arch default ; ... --arch ddpm-cifar10 ; --arch dit-xl-2 ; --arch sd15 ; --arch sdxl ;
+        --arch sd3-medium ; --arch pixart-sigma
     python tools/cost_growth.py [--write]      # print the table; --write: into docs/performance.md + the plot
 
 Reads reports/scale/<arch>/result.json (written by tools/scale_run.py: the same small calibration set at every
@@ -14,7 +15,7 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ARCHS = ("default", "ddpm-cifar10", "dit-xl-2", "sd15", "sdxl")
+ARCHS = ("default", "ddpm-cifar10", "pixart-sigma", "dit-xl-2", "sd15", "sd3-medium", "sdxl")
 GROUPS = ("calibration", "export", "baseline", "build")
 DOC, PLOT = ROOT / "docs" / "performance.md", ROOT / "docs" / "cost_growth.png"
 BEGIN, END = "<!-- cost-growth:begin -->", "<!-- cost-growth:end -->"

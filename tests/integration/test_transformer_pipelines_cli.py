@@ -57,6 +57,15 @@ def test_sd3_transformer_through_info_and_engine(tmp_path, capsys):
     assert (one - ref).abs().max() < 0.03
 
 
+def _small_engine(root, tmp_path, capsys, *extra: str) -> str:
+    """`trt-dm engine` with the one-range recipe on a few calibration samples, one plan for 1..2 rows; its stdout."""
+    assert main(["engine", "--model", str(root), "--recipe", "ptq4dm", "--calib-n", "6", "--calib-steps", "4",
+                 "--batch", "4", "--cache-dir", str(tmp_path / "cc"), "--no-progress", "--out-dir",
+                 str(tmp_path / "eng"), "--no-baseline", "--rtx-targets", "SM89", "--opt-level", "0", "--min-batch",
+                 "1", "--max-batch", "2", "--opt-batch", "1", *extra]) == 0
+    return capsys.readouterr().out
+
+
 def test_pixart_pipeline_through_sample_and_engine(tmp_path, capsys):
     """A PixArt-Sigma pipeline (T5 with its padding mask, learned variance): `sample --prompt` draws a grid, `engine`
     builds one plan whose profiles carry the mask on the sequence axis, GEMMs on int8."""
@@ -69,11 +78,7 @@ def test_pixart_pipeline_through_sample_and_engine(tmp_path, capsys):
                  str(grid), "--no-progress"]) == 0
     assert "guidance 7.5" in capsys.readouterr().out and grid.is_file()
     eng = tmp_path / "eng"
-    assert main(["engine", "--model", str(root), "--recipe", "ptq4dm", "--calib-n", "6", "--calib-steps", "4",
-                 "--batch", "4", "--cache-dir", str(tmp_path / "cc"), "--no-progress", "--out-dir", str(eng),
-                 "--no-baseline", "--rtx-targets", "SM89", "--opt-level", "0", "--min-batch", "1", "--max-batch", "2",
-                 "--opt-batch", "1"]) == 0
-    out = capsys.readouterr().out
+    out = _small_engine(root, tmp_path, capsys)
     assert "'Int8': " in out.split("gemm", 1)[1]
     side = load_sidecar(eng / "pixart-ptq4dm.plan")
     assert side.inputs["encoder_attention_mask"]["opt"] == [2, 300] and side.inputs["timestep"]["dtype"] == "INT64"
@@ -91,11 +96,7 @@ def test_flux_pipeline_through_sample_and_engine(tmp_path, capsys):
                  str(grid), "--no-progress"]) == 0
     assert "guidance 3.5" in capsys.readouterr().out and grid.is_file()
     eng = tmp_path / "eng"
-    assert main(["engine", "--model", str(root), "--recipe", "ptq4dm", "--calib-n", "6", "--calib-steps", "4",
-                 "--batch", "4", "--cache-dir", str(tmp_path / "cc"), "--no-progress", "--out-dir", str(eng),
-                 "--precision", "fp32", "--no-baseline", "--rtx-targets", "SM89", "--opt-level", "0", "--min-batch",
-                 "1", "--max-batch", "2", "--opt-batch", "1"]) == 0
-    out = capsys.readouterr().out
+    out = _small_engine(root, tmp_path, capsys, "--precision", "fp32")
     assert "'Int8': " in out.split("gemm", 1)[1]
     side = load_sidecar(next(eng.glob("flux-ptq4dm*.plan")))
     assert side.inputs["timestep"]["dtype"] == "FLOAT" and side.inputs["guidance"]["max"] == [2]

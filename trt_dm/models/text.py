@@ -146,6 +146,13 @@ class TextPipeline:
             return [self.tokenizer, self.tokenizer_2], [self.text_encoder, self.text_encoder_2]
         return [self.tokenizer], [self.text_encoder]
 
+    def _chunks(self, prompts: Sequence[str] | str, size: int = 64) -> list[list[str]]:
+        """``prompts`` in batches of ``size`` for the encoders; RuntimeError once they were released."""
+        if self.released:
+            raise RuntimeError(f"{self.root}: the text encoders were released after calibration; load the model again")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return [prompts[i:i + size] for i in range(0, len(prompts), size)]
+
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """The UNet's text inputs for ``prompts``, padded to the tokenizer's max length and truncated, float32:
@@ -153,15 +160,11 @@ class TextPipeline:
         (StableDiffusionPipeline.encode_prompt without clip-skip or LoRA); for SDXL both encoders' penultimate hidden
         states side by side and ``text_embeds`` (N, pooled), the second encoder's pooled projection
         (StableDiffusionXLPipeline.encode_prompt)."""
-        if self.released:
-            raise RuntimeError(f"{self.root}: the text encoders were released after calibration; load the model again")
-        if isinstance(prompts, str):
-            prompts = [prompts]
         hidden, pooled = [], []
-        for i in range(0, len(prompts), 64):
+        for chunk in self._chunks(prompts):
             parts = []
             for tok, te in zip(*self._encoders()):
-                ids = tok(list(prompts[i:i + 64]), padding="max_length", max_length=tok.model_max_length,
+                ids = tok(chunk, padding="max_length", max_length=tok.model_max_length,
                           truncation=True, return_tensors="pt").input_ids
                 out = te(ids, output_hidden_states=self.sdxl)
                 parts.append((out.hidden_states[-2] if self.sdxl else out[0]).float())

@@ -50,13 +50,33 @@ PIXART_SEQUENCE_LENGTH = {"PixArtSigmaPipeline": 300, "PixArtAlphaPipeline": 120
 
 
 @dataclass
-class PixArtTextPipeline(TextPipeline):
-    """T5 (``tokenizer`` / ``text_encoder``) and the VAE of a PixArt pipeline; ``length`` tokens per prompt."""
+class _T5Pipeline(TextPipeline):
+    """What the T5 pipelines share: T5's ``length`` tokens per prompt, the negative prompt encoded like any other, a
+    VAE that may shift (``shift_factor``)."""
     length: int = 300
+    shift_factor: float = 0.0
+
+    @property
+    def sdxl(self) -> bool:
+        return False
 
     @property
     def max_length(self) -> int:
         return self.length
+
+    def encode_negative(self, prompt: str = "") -> dict[str, torch.Tensor]:
+        return self.encode([prompt])
+
+    def decode(self, latents: torch.Tensor, batch: int = 16) -> torch.Tensor:
+        return decode_latents(self.vae, self.scaling_factor, latents, batch, shift_factor=self.shift_factor)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "max_sequence_length": self.length, "vae_shift_factor": self.shift_factor}
+
+
+@dataclass
+class PixArtTextPipeline(_T5Pipeline):
+    """T5 (``tokenizer`` / ``text_encoder``) and the VAE of a PixArt pipeline; ``length`` tokens per prompt."""
 
     @property
     def hidden_size(self) -> int:
@@ -69,23 +89,13 @@ class PixArtTextPipeline(TextPipeline):
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """``encoder_hidden_states`` (N, length, d_model) and ``encoder_attention_mask`` (N, length) float32."""
-        if self.released:
-            raise RuntimeError(f"{self.root}: the text encoder was released after calibration; load the model again")
-        if isinstance(prompts, str):
-            prompts = [prompts]
         hidden, masks = [], []
-        for i in range(0, len(prompts), 64):
-            tok = self.tokenizer([p.lower().strip() for p in prompts[i:i + 64]], padding="max_length",
-                                 max_length=self.length, truncation=True, add_special_tokens=True, return_tensors="pt")
+        for chunk in self._chunks(prompts):
+            tok = self.tokenizer([p.lower().strip() for p in chunk], padding="max_length", max_length=self.length,
+                                 truncation=True, add_special_tokens=True, return_tensors="pt")
             hidden.append(self.text_encoder(tok.input_ids, attention_mask=tok.attention_mask)[0].float())
             masks.append(tok.attention_mask.float())
         return {"encoder_hidden_states": torch.cat(hidden), "encoder_attention_mask": torch.cat(masks)}
-
-    def encode_negative(self, prompt: str = "") -> dict[str, torch.Tensor]:
-        return self.encode([prompt])
-
-    def describe(self) -> dict:
-        return {**super().describe(), "max_sequence_length": self.length}
 
 
 def load_pixart_text_pipeline(root: Path, kind: str | None) -> PixArtTextPipeline:
@@ -105,18 +115,13 @@ def load_pixart_text_pipeline(root: Path, kind: str | None) -> PixArtTextPipelin
 
 
 @dataclass
-class SD3TextPipeline(TextPipeline):
+class SD3TextPipeline(_T5Pipeline):
     """The two CLIPs (``tokenizer`` / ``text_encoder``, ``tokenizer_2`` / ``text_encoder_2``), T5 (or None) and VAE
     of a Stable Diffusion 3 pipeline, for a transformer of ``joint_dim`` text width."""
     tokenizer_3: object = None
     text_encoder_3: torch.nn.Module | None = None
     joint_dim: int = 4096
-    t5_length: int = T5_SEQUENCE_LENGTH
-    shift_factor: float = 0.0
-
-    @property
-    def sdxl(self) -> bool:
-        return False
+    length: int = T5_SEQUENCE_LENGTH  # T5's tokens
 
     @property
     def sd3(self) -> bool:
@@ -125,7 +130,7 @@ class SD3TextPipeline(TextPipeline):
     @property
     def max_length(self) -> int:
         """The sequence of ``encoder_hidden_states``: CLIP's tokens, then T5's."""
-        return int(self.tokenizer.model_max_length) + self.t5_length
+        return int(self.tokenizer.model_max_length) + self.length
 
     @property
     def hidden_size(self) -> int:
@@ -142,13 +147,8 @@ class SD3TextPipeline(TextPipeline):
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """The transformer's text inputs for ``prompts`` (module docstring), float32."""
-        if self.released:
-            raise RuntimeError(f"{self.root}: the text encoders were released after calibration; load the model again")
-        if isinstance(prompts, str):
-            prompts = [prompts]
         hidden, pooled = [], []
-        for i in range(0, len(prompts), 64):
-            chunk = list(prompts[i:i + 64])
+        for chunk in self._chunks(prompts):
             states, pools = [], []
             for tok, te in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
                 ids = tok(chunk, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
@@ -158,21 +158,14 @@ class SD3TextPipeline(TextPipeline):
                 pools.append(out[0].float())
             clip = torch.nn.functional.pad(torch.cat(states, dim=-1), (0, self.joint_dim - self.clip_size))
             if self.text_encoder_3 is None:
-                t5 = torch.zeros(len(chunk), self.t5_length, self.joint_dim)
+                t5 = torch.zeros(len(chunk), self.length, self.joint_dim)
             else:
-                ids = self.tokenizer_3(chunk, padding="max_length", max_length=self.t5_length, truncation=True,
+                ids = self.tokenizer_3(chunk, padding="max_length", max_length=self.length, truncation=True,
                                        add_special_tokens=True, return_tensors="pt").input_ids
                 t5 = self.text_encoder_3(ids)[0].float()
             hidden.append(torch.cat([clip, t5], dim=-2))
             pooled.append(torch.cat(pools, dim=-1))
         return {"encoder_hidden_states": torch.cat(hidden), "text_embeds": torch.cat(pooled)}
-
-    def encode_negative(self, prompt: str = "") -> dict[str, torch.Tensor]:
-        """``encode([prompt])``: SD3's pipeline encodes the empty negative prompt too."""
-        return self.encode([prompt])
-
-    def decode(self, latents: torch.Tensor, batch: int = 16) -> torch.Tensor:
-        return decode_latents(self.vae, self.scaling_factor, latents, batch, shift_factor=self.shift_factor)
 
     def release(self) -> None:
         super().release()
@@ -183,8 +176,7 @@ class SD3TextPipeline(TextPipeline):
         d.update(text_encoder_2=str(self.root / "text_encoder_2"),
                  text_encoder_2_sha256=self.fingerprints.get("text_encoder_2"),
                  text_encoder_3=str(self.root / "text_encoder_3") if "text_encoder_3" in self.fingerprints else None,
-                 text_encoder_3_sha256=self.fingerprints.get("text_encoder_3"), t5_sequence_length=self.t5_length,
-                 vae_shift_factor=self.shift_factor)
+                 text_encoder_3_sha256=self.fingerprints.get("text_encoder_3"))
         return d
 
 
@@ -192,19 +184,10 @@ FLUX_SEQUENCE_LENGTH = 512  # FluxPipeline's default max_sequence_length
 
 
 @dataclass
-class FluxTextPipeline(TextPipeline):
+class FluxTextPipeline(_T5Pipeline):
     """CLIP-L (``tokenizer`` / ``text_encoder``: its pooled output), T5 (``tokenizer_2`` / ``text_encoder_2``: the
     tokens) and the VAE of a Flux.1 pipeline."""
     length: int = FLUX_SEQUENCE_LENGTH
-    shift_factor: float = 0.0
-
-    @property
-    def sdxl(self) -> bool:
-        return False
-
-    @property
-    def max_length(self) -> int:
-        return self.length
 
     @property
     def hidden_size(self) -> int:
@@ -217,13 +200,8 @@ class FluxTextPipeline(TextPipeline):
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """``encoder_hidden_states`` (N, 512, d_model) from T5, ``text_embeds`` (N, 768) CLIP-L's pooled output."""
-        if self.released:
-            raise RuntimeError(f"{self.root}: the text encoders were released after calibration; load the model again")
-        if isinstance(prompts, str):
-            prompts = [prompts]
         hidden, pooled = [], []
-        for i in range(0, len(prompts), 64):
-            chunk = list(prompts[i:i + 64])
+        for chunk in self._chunks(prompts):
             ids = self.tokenizer(chunk, padding="max_length", max_length=self.tokenizer.model_max_length,
                                  truncation=True, return_tensors="pt").input_ids
             pooled.append(self.text_encoder(ids, output_hidden_states=False).pooler_output.float())
@@ -232,16 +210,9 @@ class FluxTextPipeline(TextPipeline):
             hidden.append(self.text_encoder_2(ids, output_hidden_states=False)[0].float())
         return {"encoder_hidden_states": torch.cat(hidden), "text_embeds": torch.cat(pooled)}
 
-    def encode_negative(self, prompt: str = "") -> dict[str, torch.Tensor]:
-        return self.encode([prompt])
-
-    def decode(self, latents: torch.Tensor, batch: int = 16) -> torch.Tensor:
-        return decode_latents(self.vae, self.scaling_factor, latents, batch, shift_factor=self.shift_factor)
-
     def describe(self) -> dict:
         return {**super().describe(), "text_encoder_2": str(self.root / "text_encoder_2"),
-                "text_encoder_2_sha256": self.fingerprints.get("text_encoder_2"), "max_sequence_length": self.length,
-                "vae_shift_factor": self.shift_factor}
+                "text_encoder_2_sha256": self.fingerprints.get("text_encoder_2")}
 
 
 def load_flux_text_pipeline(root: Path) -> FluxTextPipeline:
