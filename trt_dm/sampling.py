@@ -95,13 +95,11 @@ def sample(denoiser: DenoiserFn, schedule: Schedule, seeds: Sequence[int], shape
     schedule.check_sampler(sampler, eta)  # an unknown sampler is refused, naming the accepted ones
     ts = schedule.timesteps(steps)
     x, gens = initial_noise(seeds, shape, device, dtype)
-    if sampler != "ddim":  # ddpm, or euler (a flow model's step, which draws no noise)
-        return _loop(denoiser, x, schedule, ts, sampler, eta, gens, extra_args, callback, disable)
     if sampler == "ddpm":
         return sample_ddpm(denoiser, x, schedule, ts, generators=gens, extra_args=extra_args,
                            callback=callback, disable=disable)
-    return sample_ddim(denoiser, x, schedule, ts, eta=eta, generators=gens, extra_args=extra_args,
-                       callback=callback, disable=disable)
+    return sample_ddim(denoiser, x, schedule, ts, eta=eta, generators=gens, extra_args=extra_args,  # euler: the same
+                       callback=callback, disable=disable)                                          # step on a flow
 
 
 def sample_many(denoiser: DenoiserFn, schedule: Schedule, seeds: Sequence[int], shape: Sequence[int], *,
