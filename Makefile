@@ -17,6 +17,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.trt_dm-installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 PYTEST_ARGS ?=
+# test processes (pytest-xdist; whole files per process); 0: one process
+TEST_WORKERS ?= 2
 N ?= 2000
 STEPS ?= 100
 SAMPLER ?= ddim
@@ -43,7 +45,7 @@ data:
 	else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist'" >&2; exit 1; fi
 
 test: venv data
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 sample: venv
 	$(BIN)/trt-dm sample --model default --sampler ddim --steps 50 --n 64 --seed 0 --out out/sample_grid.png

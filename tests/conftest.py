@@ -34,6 +34,25 @@ TINY_SCHEDULER_CONFIG = dict(num_train_timesteps=100, beta_start=1e-3, beta_end=
 torch.set_num_threads(int(os.environ.get("TRT_DM_TEST_THREADS", "1")))
 
 
+def _freeze_imports() -> None:
+    """Import the libraries nearly every test loads, then move what exists now (modules, classes, functions: ~0.7 M
+    objects) out of the garbage collector's reach (``gc.freeze``). ``trt_dm.core.stages.release_memory`` collects
+    between stages, and each full collection walked all of them: 0.3 s a time, 10 of a 47 s engine test (measured)."""
+    import gc
+
+    import modelopt.torch.quantization  # noqa: F401
+    import onnx  # noqa: F401
+    import onnxruntime  # noqa: F401
+    import transformers  # noqa: F401
+
+    import trt_dm.export.qdq  # noqa: F401
+    gc.collect()
+    gc.freeze()
+
+
+_freeze_imports()
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip tests marked `gpu` when CUDA is not available."""
     if torch.cuda.is_available():

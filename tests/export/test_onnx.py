@@ -1,5 +1,7 @@
 """Q/DQ export of a calibrated tiny UNet: conformance checks (incl. planted violations) and ONNX Runtime
 agreement with torch fake-quant."""
+import contextlib
+
 import numpy as np
 import onnx
 import pytest
@@ -199,3 +201,23 @@ def test_per_tensor_external_files_are_gathered_into_one_data_file(qdq, tmp_path
     with OrtRunner(out) as a, OrtRunner(qdq[1]) as b:
         assert torch.equal(a.infer(feed)[OUTPUT_NAME], b.infer(feed)[OUTPUT_NAME])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.onnx", "one.onnx.data", "torch"]
+
+
+def test_fp16_conversion_with_the_one_pass_cleanup_is_modelopts_own(tmp_path, monkeypatch):
+    """``to_fp16`` replaces ModelOpt autocast's quadratic removal of consumer-less nodes by a one-pass version of
+    the same rule: the FP16 graph of a quantized UNet is the one ModelOpt's own code gives, node for node."""
+    from modelopt.onnx.autocast.precisionconverter import PrecisionConverter
+
+    import trt_dm.export.onnx as E
+    q = quantize_model(tiny_unet2d(seed=0), QuantConfig())
+    apply_ranges(q, {n: 2.0 for n in activation_quantizers(q)})
+    src = export_onnx(q, tmp_path / "q.fp32.onnx")
+    original = PrecisionConverter.__dict__["_cleanup_no_consumer_nodes"]
+    fast = onnx.load(str(E.to_fp16(src, tmp_path / "fast.onnx")))
+    assert PrecisionConverter.__dict__["_cleanup_no_consumer_nodes"] is original  # restored after the conversion
+    monkeypatch.setattr(E, "_one_pass_cleanup", contextlib.nullcontext)
+    own = onnx.load(str(E.to_fp16(src, tmp_path / "own.onnx")))
+    assert [n.SerializeToString() for n in fast.graph.node] == [n.SerializeToString() for n in own.graph.node]
+    assert len(fast.graph.node) > 100
+    assert ({t.name: t.SerializeToString() for t in fast.graph.initializer}
+            == {t.name: t.SerializeToString() for t in own.graph.initializer})

