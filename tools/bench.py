@@ -64,8 +64,11 @@ def main() -> int:
     cols = [("ort-int8", "ORT int8, ORT layout (recipe's layers)"), ("ort-int8-all-ops", "ORT int8, all ops"),
             ("ort-int8-trt-layout", "ORT int8, TensorRT layout"), ("ov-int8", "OpenVINO int8 (TensorRT layout, 2 streams)"),
             ("ov-int8-1stream", "OpenVINO int8, one stream"),
-            ("ov-int8-onegraph", "OpenVINO int8, one graph of 4 range sets (the default recipe's form)"),
-            ("ov-bf16", "OpenVINO bf16"), ("ov-fp32", "OpenVINO fp32"), ("torch-fp32", "torch fp32")]
+            ("ov-int8-onegraph", "OpenVINO int8, one graph of 4 range sets (TensorRT's form of the default recipe)"),
+            ("ov-int8-groups", "OpenVINO int8, 4 graphs switched by timestep (the openvino target's default)"),
+            ("ov-int8-bf16", "OpenVINO int8, bf16 non-quantized math"),
+            ("ov-int8-groups-bf16", "OpenVINO int8, 4 graphs, bf16 math"), ("ov-bf16", "OpenVINO bf16"),
+            ("ov-fp32", "OpenVINO fp32"), ("torch-fp32", "torch fp32")]
     have = [(k, label) for k, label in cols if any(k in res["runners"] for res in doc["results"])]
     lines += ["## Int8 on CPU (ONNX Runtime, OpenVINO): speed-up over ONNX Runtime fp32 (same run)", "",
               "Each cell: ratio of median latencies (ratio of the fastest calls). Other load on a shared machine "

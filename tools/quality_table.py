@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "reports" / "quality"
 N = 2000
 
+# the default recipe's graphs from `trt-dm export --model default --target openvino` (one per timestep group)
+_G4_GRAPHS = [f"engines/default-ptq4dm-g4.g{k}.fp32.onnx" for k in range(4)]
 # (row id, label, extra `trt-dm eval` arguments). DDIM 100 steps unless the arguments say otherwise.
 ROWS: list[tuple[str, str, list[str]]] = [
     ("fp", "FP32", []),
@@ -240,6 +242,10 @@ SCREEN: list[tuple[str, str, list[str]]] = [
      ["--onnx", "engines/default-ptq4dm-g4.onegraph.fp32.onnx"]),
     ("ov-int8-w8-vnni", "OpenVINO int8 on the 8-bit ptq4dm graph, on a CPU with AVX-512 VNNI (no saturation)",
      ["--openvino", "engines/default-ptq4dm.fp32.onnx"]),
+    ("ov-int8-g4-groups", "ptq4dm-g4 as 4 graphs switched by timestep (the openvino target's default), OpenVINO "
+     "int8, FP32 math, on a CPU with AMX", ["--openvino", *_G4_GRAPHS]),
+    ("ov-int8-g4-groups-bf16", "the same 4 graphs with bf16 non-quantized math (--ov-precision bf16), on a CPU with "
+     "AMX", ["--openvino", *_G4_GRAPHS, "--ov-precision", "bf16"]),
     ("cond-g4-w3", "default-cond, guidance 3: ptq4dm-g4 (does the default recipe hold under guidance?)",
      [*_COND, "--recipe", "ptq4dm-g4", "--guidance-scale", "3"]),
     ("cond-ptq4dm-w3", "default-cond, guidance 3: ptq4dm (the same images as cond-g4-w3)",

@@ -97,3 +97,20 @@ def test_profile_has_openvino_rows(tiny_cls_pipeline_dir, tmp_path):
     assert doc["machine"]["openvino"] == ov.get_version().split("-")[0]
     assert all(row["sampling"]["images_per_s"] > 0 for row in res["runners"].values())
     assert "| ov-int8 | 2 |" in (out / "profile.md").read_text()
+
+
+def test_profile_times_the_timestep_group_deployments_on_a_mixed_batch(tiny_pipeline_dir, tmp_path):
+    """The two deployments of a groups=K recipe side by side with the plain int8 graph: its one graph
+    (``ov-int8-onegraph``) and its K graphs switched by each row's timestep (``ov-int8-groups``), on rows whose
+    timesteps are spread over the schedule (the K-graph runner splits the call by group)."""
+    from trt_dm.cli.main import main
+    out = tmp_path / "prof"
+    runners = ["ov-int8", "ov-int8-onegraph", "ov-int8-groups"]
+    assert main(["profile", "--arch", str(tiny_pipeline_dir), "--batches", "4", "--threads", "1", "--steps", "2",
+                 "--warmup", "1", "--iters", "2", "--timesteps", "spread", "--runners", *runners,
+                 "--out-dir", str(out)]) == 0
+    (res,) = json.loads((out / "profile.json").read_text())["results"]
+    assert set(res["runners"]) == set(runners) and res["timesteps"] == "spread"
+    assert all(row["latency"][0]["median_ms"] > 0 and row["sampling"]["images_per_s"] > 0
+               for row in res["runners"].values())
+    assert "timesteps spread over the schedule" in (out / "profile.md").read_text()

@@ -47,7 +47,8 @@ def _openvino_rows() -> set[str]:
     except ImportError:
         return set()
     bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    return {"ov-fp32", "ov-int8", "ov-int8-onegraph"} | ({"ov-bf16"} if bf16 else set())
+    return ({"ov-fp32", "ov-int8", "ov-int8-onegraph", "ov-int8-groups"}
+            | ({"ov-bf16", "ov-int8-bf16", "ov-int8-groups-bf16"} if bf16 else set()))
 
 
 def test_unknown_arch_is_a_clear_error(capsys):

@@ -3,7 +3,7 @@ import torch
 
 from trt_dm.core.signature import OUTPUT_NAME
 from trt_dm.models.builders import tiny_unet2d, tiny_unet2d_condition
-from trt_dm.runtime.base import as_denoiser
+from trt_dm.runtime.base import SwitchedRunner, as_denoiser
 from trt_dm.runtime.torch_runner import TorchRunner
 
 
@@ -18,6 +18,27 @@ def test_torch_runner_equals_direct_call():
         out = r.infer({"sample": x, "timestep": t})[OUTPUT_NAME]
         assert torch.equal(out, ref)
         assert torch.equal(as_denoiser(r)(x, t), ref)
+
+
+def test_switched_runner_sends_each_row_to_its_groups_runner():
+    """K runners of a groups=K deployment as one: a batch of one group is one call of that group's runner; a mixed
+    batch gets, row by row, what each row's group's runner gives (here two different UNets, so a row sent to the
+    wrong one would show)."""
+    a, b = tiny_unet2d(seed=1).eval(), tiny_unet2d(seed=2).eval()
+    x = torch.randn(4, a.config.in_channels, a.config.sample_size, a.config.sample_size)
+    t = torch.tensor([990, 10, 700, 400])  # groups (999..500), (499..0): 0, 1, 0, 1
+    with torch.no_grad():
+        ra, rb = a(x, t).sample, b(x, t).sample
+    with pytest.raises(ValueError, match="2 runners for 1 timestep groups"):
+        SwitchedRunner([TorchRunner(a), TorchRunner(b)], [(999, 0)])
+    with SwitchedRunner([TorchRunner(a), TorchRunner(b)], [(999, 500), (499, 0)], name="two") as r:
+        assert r.name == "two" and r.signature.names == ["sample", "timestep"]
+        out = r.infer({"sample": x, "timestep": t})[OUTPUT_NAME]
+        torch.testing.assert_close(out[[0, 2]], ra[[0, 2]])
+        torch.testing.assert_close(out[[1, 3]], rb[[1, 3]])
+        low = torch.full((4,), 20)
+        assert torch.equal(r.infer({"sample": x, "timestep": low})[OUTPUT_NAME], b(x, low).sample.detach())
+    assert not r.is_active and not r.runners[0].is_active
 
 
 def test_conditional_runner_metadata_and_infer():

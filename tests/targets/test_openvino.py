@@ -10,6 +10,7 @@ s_x * max|w|. A whole UNet is compared with ONNX Runtime running the same graph 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,10 +144,10 @@ def test_runner_feeds_a_one_graph_unet_by_its_input_names(tiny_pipeline_dir, tmp
     right after the input, and OpenVINO merges that Cast's tensor name into the input port, whose first name is
     then '/Cast_output_0': the runner still takes the graph's own input names, and its output follows the float
     Q/DQ reference (tolerances as above) for rows in different timestep groups."""
-    from trt_dm.eval.profile import _onegraph_layout, feed_for
+    from trt_dm.eval.profile import _group_layouts, feed_for
     from trt_dm.quant.config import QuantConfig
     unet = load_model(tiny_pipeline_dir).unet
-    graph = _onegraph_layout(unet, QuantConfig(), [feed_for(unet, 2, seed=i) for i in range(2)], tmp_path / "og.onnx")
+    graph, _, _ = _group_layouts(unet, QuantConfig(), [feed_for(unet, 2, seed=i) for i in range(2)], tmp_path)
     feed = {**feed_for(unet, 4, seed=5), "timestep": torch.tensor([990, 600, 300, 10])}
     with OpenVinoRunner(graph, threads=1, cache_dir=False) as r:
         assert r.signature.names == ["sample", "timestep"]
@@ -337,6 +338,31 @@ def test_target_refuses_fp16_and_needs_openvino(tiny_pipeline_dir, tmp_path, cap
     monkeypatch.setitem(__import__("sys").modules, "openvino", None)  # as if not installed
     assert main(base) == 1
     assert "pip install 'trt_dm[openvino]'" in capsys.readouterr().err
+
+
+def test_target_exports_a_groups_recipe_as_one_graph_per_group(tiny_pipeline_dir, tmp_path, capsys):
+    """The default recipe (4 timestep range sets) on the openvino target: 4 plain graphs, each with its group's
+    ranges, its t range and OpenVINO's report, sampled as one deployment (each step runs its group's graph); equal,
+    group by group, to the fake-quant model with that group's ranges as the graphs' float Q/DQ semantics give it;
+    --one-graph still gives the one graph."""
+    from trt_dm.cli.main import main
+    calib = ["--calib-n", "8", "--calib-steps", "4", "--timesteps", "uniform", "--batch", "4", "--no-progress",
+             "--cache-dir", str(tmp_path / "cc"), "--no-layer-comparison"]
+    out = tmp_path / "k"
+    assert main(["export", "--target", "openvino", "--model", str(tiny_pipeline_dir), "--recipe", "ptq4dm-g4",
+                 "--out-dir", str(out), *calib]) == 0
+    graphs = [out / f"{tiny_pipeline_dir.name}-ptq4dm-g4.g{k}.fp32.onnx" for k in range(4)]
+    assert all(g.is_file() and Path(f"{g}.openvino.json").is_file() for g in graphs)
+    assert not list(out.glob("*onegraph*"))
+    t_ranges = [tuple(json.loads(Path(f"{g}.json").read_text())["t_range"]) for g in graphs]
+    assert t_ranges[-1][1] == 0 and all(a[1] > b[0] for a, b in zip(t_ranges, t_ranges[1:]))  # disjoint, noisiest first
+    assert main(["sample", "--model", str(tiny_pipeline_dir), "--openvino", *map(str, graphs), "--steps", "4",
+                 "--n", "2", "--threads", "1", "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").is_file()
+    one = tmp_path / "one"
+    assert main(["export", "--target", "openvino", "--model", str(tiny_pipeline_dir), "--recipe", "ptq4dm-g4",
+                 "--one-graph", "--out-dir", str(one), *calib]) == 0
+    assert [p.name for p in one.glob("*.fp32.onnx")] == [f"{tiny_pipeline_dir.name}-ptq4dm-g4.onegraph.fp32.onnx"]
 
 
 # ---- CLI: sample / eval with --openvino ----------------------------------------------------------------------

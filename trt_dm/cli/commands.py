@@ -196,7 +196,7 @@ def cmd_profile(args) -> int:
         print(f"profiling {arch} ({args.threads} threads)")
         results.append(profile(arch, args.batches, threads=args.threads, steps=args.steps, warmup=args.warmup,
                                iters=args.iters, runners=args.runners, engines=args.engine,
-                               guidance_scale=args.guidance_scale))
+                               guidance_scale=args.guidance_scale, spread=args.timesteps == "spread"))
     paths = write_report(results, Path(args.out_dir))
     print(paths["md"].read_text())
     print("->", ", ".join(str(p) for p in paths.values()))

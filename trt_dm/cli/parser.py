@@ -193,7 +193,8 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--one-graph", action="store_true",
                    help="tensorrt / openvino targets, groups=K recipes: ONE graph / engine whose layers pick their "
                         "input range per row by the timestep's group (exact to the K-range model up to rounding "
-                        "flips); the default for groups=K recipes, this flag only insists on it")
+                        "flips); the tensorrt target's default for groups=K recipes (the openvino target's default "
+                        "is K graphs: on a CPU the per-row scaling costs 20-30 %%, K graphs cost nothing per call)")
     p.add_argument("--group-engines", action="store_true",
                    help="tensorrt / openvino targets, groups=K recipes: K graphs / engines, one per timestep group "
                         "(switched by timestep at run time) instead of one")
@@ -326,6 +327,9 @@ def _profile_command(sub) -> None:
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="class-conditional architectures: the sampling run uses classifier-free guidance (2 rows per "
                         "image per call); latency rows time UNet calls of the given batch")
+    p.add_argument("--timesteps", choices=("same", "spread"), default="same",
+                   help="the latency calls' rows: all at t=500 (a sampling loop's call; default), or spread over the "
+                        "schedule (a service's mixed batch: a groups=K deployment of K graphs splits such a call)")
     p.add_argument("--out-dir", default="reports/profile")
 
 

@@ -48,7 +48,7 @@ from trt_dm.quant.config import QuantConfig
 from trt_dm.quant.modules import activation_quantizers, apply_ranges, observing, quantize_model, quantized_layers
 from trt_dm.quant.onegraph import one_graph
 from trt_dm.quant.sensitivity import layer_macs
-from trt_dm.runtime.base import Runner, as_denoiser
+from trt_dm.runtime.base import Runner, SwitchedRunner, as_denoiser
 from trt_dm.runtime.openvino import OpenVinoRunner
 from trt_dm.runtime.ort import OrtRunner
 from trt_dm.runtime.tensorrt import TrtRunner
@@ -88,17 +88,22 @@ _ISA_FLAGS = {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "
               "amx_int8", "amx_tile"}
 
 
-def feed_for(unet, batch: int, seed: int = 0, seq_len: int = 77) -> dict[str, torch.Tensor]:
-    """A seeded feed of ``batch`` rows from the UNet's signature, every row at t = 500."""
-    return Signature.from_unet(unet).example(batch, seed=seed, seq_len=seq_len, timestep=500)
+def feed_for(unet, batch: int, seed: int = 0, seq_len: int = 77, spread: int | None = None) -> dict[str, torch.Tensor]:
+    """A seeded feed of ``batch`` rows from the UNet's signature, every row at t = 500, or with ``spread`` = T the
+    rows' timesteps evenly over [0, T - 1] (a service's mixed batch: rows of every timestep group in one call)."""
+    feed = Signature.from_unet(unet).example(batch, seed=seed, seq_len=seq_len, timestep=500)
+    if spread:
+        t = feed["timestep"]
+        feed["timestep"] = torch.linspace(spread - 1, 0, t.numel()).round().reshape(t.shape).to(t.dtype)
+    return feed
 
 
-def cpu_runners(unet, tmp: Path, threads: int, calib_batches: int = 2,
-                notes: list[str] | None = None) -> dict[str, Callable[[], Runner]]:
+def cpu_runners(unet, tmp: Path, threads: int, calib_batches: int = 2, notes: list[str] | None = None,
+                steps: int = 1000) -> dict[str, Callable[[], Runner]]:
     """Factories of the CPU runners for ``unet``: torch fp32, ORT fp32, ORT int8 (ORT layout), ORT int8
     (TensorRT layout), and with OpenVINO installed OpenVINO fp32, bf16 (CPUs with native bf16) and int8 (the
     TensorRT-layout graph). The int8 graphs are made here, with ranges from random inputs. Why a runner is
-    missing is appended to ``notes``."""
+    missing is appended to ``notes``; ``steps``: the schedule's timesteps, which the group graphs divide."""
     import copy
 
     fp32 = export_onnx(unet, tmp / "fp32.onnx")
@@ -107,7 +112,7 @@ def cpu_runners(unet, tmp: Path, threads: int, calib_batches: int = 2,
     q = quantize_model(copy.deepcopy(unet), qcfg)
     apply_ranges(q, _observed_amax(q, feeds))
     trt_layout = export_onnx(q, tmp / "int8-trt-layout.onnx")
-    onegraph = _onegraph_layout(unet, qcfg, feeds, tmp / "int8-trt-onegraph.onnx")
+    onegraph, group_graphs, t_ranges = _group_layouts(unet, qcfg, feeds, tmp, steps=steps)
     ort_layout = export_ort_int8(unet, tmp / "int8-ort.onnx", feeds, layers=set(quantized_layers(q)))
     ort_all = export_ort_int8(unet, tmp / "int8-ort-all.onnx", feeds, layers=set(quantized_layers(q)), ops="all")
     out: dict[str, Callable[[], Runner]] = {
@@ -117,14 +122,18 @@ def cpu_runners(unet, tmp: Path, threads: int, calib_batches: int = 2,
         "ort-int8-all-ops": lambda: OrtRunner(ort_all, threads=threads, name="ort-int8-all-ops"),
         "ort-int8-trt-layout": lambda: OrtRunner(trt_layout, threads=threads, name="ort-int8-trt-layout"),
     }
-    out.update(openvino_runners(fp32, trt_layout, threads, notes if notes is not None else [], onegraph=onegraph))
+    out.update(openvino_runners(fp32, trt_layout, threads, notes if notes is not None else [], onegraph=onegraph,
+                                groups=(group_graphs, t_ranges)))
     return out
 
 
-def _onegraph_layout(unet, qcfg, feeds: list[dict], path: Path, groups: int = 4, steps: int = 1000) -> Path:
-    """The TensorRT-layout graph in its one-graph form (what the default recipe deploys: ``groups`` timestep
-    range sets, a per-row input scale looked up by timestep; ``trt_dm.onegraph``), ranges from the random
-    ``feeds`` run at each group's middle timestep. Its cost against the plain graph is the price of the lookup."""
+def _group_layouts(unet, qcfg, feeds: list[dict], tmp: Path, groups: int = 4, steps: int = 1000
+                   ) -> tuple[Path, list[Path], list[tuple[int, int]]]:
+    """The two deployments of a ``groups``-range-set recipe in the TensorRT layout, ranges from the random ``feeds``
+    run at each group's middle timestep: its one-graph form (one graph, a per-row input scale looked up by timestep;
+    ``trt_dm.onegraph``: what the default recipe deploys to TensorRT) and its ``groups`` plain graphs, one per group
+    (``--group-engines``: switched by timestep at run time). Returns (one graph, the group graphs, their t ranges);
+    each group graph costs what the plain graph costs, so the one graph's cost against it is the lookup's price."""
     import copy
 
     q = quantize_model(copy.deepcopy(unet), qcfg)
@@ -133,7 +142,12 @@ def _onegraph_layout(unet, qcfg, feeds: list[dict], path: Path, groups: int = 4,
         t_max, t_min = steps - 1 - k * steps // groups, steps - (k + 1) * steps // groups
         at_t = [{**f, "timestep": torch.full_like(f["timestep"], (t_max + t_min) // 2)} for f in feeds]
         sets.append(RangeGroup(_observed_amax(q, at_t), t_max=t_max, t_min=t_min))
-    return export_onnx(one_graph(q, RangeSet(tuple(sets))), path)
+    paths = []
+    for k, g in enumerate(sets):
+        apply_ranges(q, g.amax)
+        paths.append(export_onnx(q, tmp / f"int8-trt-g{k}.onnx"))
+    one = export_onnx(one_graph(q, RangeSet(tuple(sets))), tmp / "int8-trt-onegraph.onnx")
+    return one, paths, [(g.t_max, g.t_min) for g in sets]
 
 
 def _observed_amax(q, feeds: list[dict]) -> dict[str, float]:
@@ -146,32 +160,46 @@ def _observed_amax(q, feeds: list[dict]) -> dict[str, float]:
     return {n: amax.get(n, 1.0) or 1.0 for n in activation_quantizers(q)}
 
 
-def openvino_runners(fp32: Path, int8: Path, threads: int, notes: list[str], onegraph: Path | None = None
-                     ) -> dict[str, Callable[[], Runner]]:
+def openvino_runners(fp32: Path, int8: Path, threads: int, notes: list[str], onegraph: Path | None = None,
+                     groups: tuple[list[Path], list[tuple[int, int]]] | None = None) -> dict[str, Callable[[], Runner]]:
     """OpenVINO fp32 and bf16 on the unquantized graph ``fp32``, int8 on the TensorRT-layout graph ``int8`` (FP32
-    math) and on its one-graph form ``onegraph`` when given, each with the runner's default streams and compiled
-    into a cache beside its graph; with >= 2 threads also int8 in one stream (``ov-int8-1stream``); none without
-    OpenVINO, no bf16 without native bf16."""
+    math, and on CPUs with native bf16 also bf16 math: ``ov-int8-bf16``), on its one-graph form ``onegraph`` and on
+    its K group graphs ``groups`` (paths, t ranges; ``ov-int8-groups``: switched by each row's timestep) when given,
+    each with the runner's default streams and compiled into a cache beside its graph; with >= 2 threads also int8
+    in one stream (``ov-int8-1stream``); none without OpenVINO, no bf16 math without native bf16."""
     try:
         import openvino as ov
     except ImportError:
         notes.append("OpenVINO rows: openvino is not installed (pip install 'trt_dm[openvino]')")
         return {}
-    out: dict[str, Callable[[], Runner]] = {
-        "ov-fp32": lambda: OpenVinoRunner(fp32, threads=threads, precision="fp32", name="ov-fp32")}
-    caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    if "BF16" in caps:
-        out["ov-bf16"] = lambda: OpenVinoRunner(fp32, threads=threads, precision="bf16", name="ov-bf16")
+
+    def ov_runner(graph: Path, name: str, precision: str = "fp32", **kw) -> Callable[[], Runner]:
+        return lambda: OpenVinoRunner(graph, threads=threads, precision=precision, name=name, **kw)
+
+    bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    out = {"ov-fp32": ov_runner(fp32, "ov-fp32")}
+    if bf16:
+        out["ov-bf16"] = ov_runner(fp32, "ov-bf16", "bf16")
     else:  # OpenVINO does not emulate bf16: asked for it, it compiles f32, and the row would be ov-fp32 again
-        notes.append(f"ov-bf16: this CPU has no native bf16 (OpenVINO's capabilities: {', '.join(caps)}); OpenVINO "
-                     "runs f32 when asked for bf16, so the row is left out")
-    out["ov-int8"] = lambda: OpenVinoRunner(int8, threads=threads, precision="fp32", name="ov-int8")
+        caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        notes.append(f"ov-bf16, ov-int8-bf16: this CPU has no native bf16 (OpenVINO's capabilities: "
+                     f"{', '.join(caps)}); OpenVINO runs f32 when asked for bf16, so the rows are left out")
+    out["ov-int8"] = ov_runner(int8, "ov-int8")
+    if bf16:
+        out["ov-int8-bf16"] = ov_runner(int8, "ov-int8-bf16", "bf16")
     if threads >= 2:  # the rows above split a call over 2 streams; this one runs it as one request on all threads
-        out["ov-int8-1stream"] = lambda: OpenVinoRunner(int8, threads=threads, precision="fp32", streams=1,
-                                                        name="ov-int8-1stream")
+        out["ov-int8-1stream"] = ov_runner(int8, "ov-int8-1stream", streams=1)
     if onegraph is not None:
-        out["ov-int8-onegraph"] = lambda: OpenVinoRunner(onegraph, threads=threads, precision="fp32",
-                                                         name="ov-int8-onegraph")
+        out["ov-int8-onegraph"] = ov_runner(onegraph, "ov-int8-onegraph")
+    if groups is not None:
+        paths, t_ranges = groups
+        out["ov-int8-groups"] = lambda: SwitchedRunner(
+            [OpenVinoRunner(p, threads=threads, name=f"ov-int8-g{k}") for k, p in enumerate(paths)], t_ranges,
+            name="ov-int8-groups")
+        if bf16:
+            out["ov-int8-groups-bf16"] = lambda: SwitchedRunner(
+                [OpenVinoRunner(p, threads=threads, precision="bf16", name=f"ov-int8-bf16-g{k}")
+                 for k, p in enumerate(paths)], t_ranges, name="ov-int8-groups-bf16")
     return out
 
 
@@ -254,19 +282,21 @@ def _sampling_run(runner: Runner, unet, schedule_config: dict, batch: int, steps
 
 def profile(arch: str, batches: list[int], *, threads: int, steps: int, warmup: int, iters: int,
             runners: list[str] | None = None, engines: list[str] | None = None, guidance_scale: float = 1.0,
-            progress=print) -> dict:
-    """Profile one architecture: {arch, params, runners: {name: {latency: [...], sampling, peak_rss_mb}}}."""
+            spread: bool = False, progress=print) -> dict:
+    """Profile one architecture: {arch, params, runners: {name: {latency: [...], sampling, peak_rss_mb}}}; with
+    ``spread`` the latency feeds' rows have timesteps spread over the schedule (``feed_for``)."""
     torch.set_num_threads(threads)
     unet, sched_cfg = build_arch(arch)
+    train_steps = int(sched_cfg.get("num_train_timesteps", 1000))
     one = feed_for(unet, 1)
     macs = sum(layer_macs(unet, one.pop("sample"), one.pop("timestep"), one).values())
     # the convolutions' and linear layers' multiply-accumulates of one image: with each runner's latency, the MAC
     # rate it reaches (how far from the hardware's int8 / bf16 peak a runner is)
     res = {"arch": arch, "params": sum(p.numel() for p in unet.parameters()), "threads": threads, "runners": {},
-           "notes": [], "macs_per_image": macs}
+           "notes": [], "macs_per_image": macs, "timesteps": "spread" if spread else "same"}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        factories = cpu_runners(unet, Path(tmp), threads, notes=res["notes"])
+        factories = cpu_runners(unet, Path(tmp), threads, notes=res["notes"], steps=train_steps)
         res["export_seconds"] = round(time.perf_counter() - t0, 1)
         if torch.cuda.is_available():
             factories.update(gpu_runners(unet, engines or []))
@@ -275,7 +305,8 @@ def profile(arch: str, batches: list[int], *, threads: int, steps: int, warmup: 
             active = {name: stack.enter_context(make()) for name, make in chosen.items()}
             rows: dict[str, dict] = {name: {"latency": []} for name in active}
             for b in batches:
-                times = _time_interleaved(active, feed_for(unet, b), warmup, iters)
+                times = _time_interleaved(active, feed_for(unet, b, spread=train_steps if spread else None), warmup,
+                                          iters)
                 for name, raw in times.items():
                     ts = sorted(raw)
                     p90 = ts[min(len(ts) - 1, int(round(0.9 * (len(ts) - 1))))]
@@ -321,7 +352,9 @@ def markdown(results: list[dict], mach: dict) -> str:
     for res in results:
         macs = res.get("macs_per_image")
         lines += [f"### {res['arch']} ({res['params'] / 1e6:.1f} M parameters, {res['threads']} threads"
-                  + (f", {macs / 1e9:.3f} GMAC per image in convolutions and linear layers" if macs else "") + ")", "",
+                  + (f", {macs / 1e9:.3f} GMAC per image in convolutions and linear layers" if macs else "")
+                  + (", rows' timesteps spread over the schedule" if res.get("timesteps") == "spread" else "")
+                  + ")", "",
                   "| runner | batch | median ms | p90 ms | images/s (UNet call) | GMAC/s | speed-up vs ort-fp32 |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         rat = ratios(res)

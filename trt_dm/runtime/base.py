@@ -90,3 +90,39 @@ def switched_denoiser(denoisers: list, t_ranges: list[tuple[int, int]]):
         return split_by_group(x, t, extra, group_index(t, t_ranges), lambda k, *a, **kw: denoisers[k](*a, **kw))
 
     return denoiser
+
+
+class SwitchedRunner(Runner):
+    """K runners of a ``groups=K`` deployment (one graph / engine per timestep group) as one runner: each row goes
+    to its group's runner, as ``switched_denoiser`` (a batch of one group is one call, unsplit). Entering it
+    activates all K; its signature is the first runner's."""
+
+    def __init__(self, runners: list[Runner], t_ranges: list[tuple[int, int]], name: str | None = None) -> None:
+        super().__init__()
+        if len(runners) != len(t_ranges) or not runners:
+            raise ValueError(f"{len(runners)} runners for {len(t_ranges)} timestep groups")
+        self.runners, self.t_ranges = list(runners), [tuple(r) for r in t_ranges]
+        self.name = name or f"{runners[0].name}-x{len(runners)}"
+        self.device = runners[0].device
+
+    def activate(self) -> None:
+        for r in self.runners:
+            r.__enter__()
+
+    def deactivate(self) -> None:
+        for r in self.runners:
+            r.__exit__(None, None, None)
+
+    @property
+    def signature(self) -> Signature:
+        return self.runners[0].signature
+
+    def infer_impl(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x, t = feed["sample"], feed["timestep"]
+        t_rows = t.reshape(1).expand(x.shape[0]) if t.dim() == 0 or t.numel() == 1 else t
+        extra = {k: v for k, v in feed.items() if k not in ("sample", "timestep")}
+
+        def call(k, x_k, t_k, **kw):
+            return self.runners[k].infer({"sample": x_k, "timestep": t_k, **kw})[OUTPUT_NAME]
+
+        return {OUTPUT_NAME: split_by_group(x, t_rows, extra, group_index(t_rows, self.t_ranges), call)}
