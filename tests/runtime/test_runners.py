@@ -39,6 +39,11 @@ def test_switched_runner_sends_each_row_to_its_groups_runner():
         low = torch.full((4,), 20)
         assert torch.equal(r.infer({"sample": x, "timestep": low})[OUTPUT_NAME], b(x, low).sample.detach())
     assert not r.is_active and not r.runners[0].is_active
+    from trt_dm.runtime.ort import OrtRunner
+    broken = SwitchedRunner([TorchRunner(a), OrtRunner("/nonexistent.onnx")], [(999, 500), (499, 0)])
+    with pytest.raises(FileNotFoundError, match="nonexistent.onnx"):
+        broken.__enter__()
+    assert not broken.runners[0].is_active  # the runner that started is freed again
 
 
 def test_conditional_runner_metadata_and_infer():

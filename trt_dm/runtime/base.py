@@ -106,8 +106,15 @@ class SwitchedRunner(Runner):
         self.device = runners[0].device
 
     def activate(self) -> None:
-        for r in self.runners:
-            r.__enter__()
+        entered = []
+        try:
+            for r in self.runners:
+                r.__enter__()
+                entered.append(r)
+        except BaseException:  # one that cannot start: the ones started are freed again
+            for r in entered:
+                r.__exit__(None, None, None)
+            raise
 
     def deactivate(self) -> None:
         for r in self.runners:
