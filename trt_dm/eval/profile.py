@@ -176,12 +176,17 @@ def openvino_runners(fp32: Path, int8: Path, threads: int, notes: list[str], one
     def ov_runner(graph: Path, name: str, precision: str = "fp32", **kw) -> Callable[[], Runner]:
         return lambda: OpenVinoRunner(graph, threads=threads, precision=precision, name=name, **kw)
 
-    bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    def ov_groups(name: str, precision: str = "fp32") -> Callable[[], Runner]:
+        paths, t_ranges = groups
+        return lambda: SwitchedRunner([OpenVinoRunner(p, threads=threads, precision=precision, name=f"{name}-g{k}")
+                                       for k, p in enumerate(paths)], t_ranges, name=name)
+
+    caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    bf16 = "BF16" in caps
     out = {"ov-fp32": ov_runner(fp32, "ov-fp32")}
     if bf16:
         out["ov-bf16"] = ov_runner(fp32, "ov-bf16", "bf16")
     else:  # OpenVINO does not emulate bf16: asked for it, it compiles f32, and the row would be ov-fp32 again
-        caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         notes.append(f"ov-bf16, ov-int8-bf16: this CPU has no native bf16 (OpenVINO's capabilities: "
                      f"{', '.join(caps)}); OpenVINO runs f32 when asked for bf16, so the rows are left out")
     out["ov-int8"] = ov_runner(int8, "ov-int8")
@@ -192,14 +197,9 @@ def openvino_runners(fp32: Path, int8: Path, threads: int, notes: list[str], one
     if onegraph is not None:
         out["ov-int8-onegraph"] = ov_runner(onegraph, "ov-int8-onegraph")
     if groups is not None:
-        paths, t_ranges = groups
-        out["ov-int8-groups"] = lambda: SwitchedRunner(
-            [OpenVinoRunner(p, threads=threads, name=f"ov-int8-g{k}") for k, p in enumerate(paths)], t_ranges,
-            name="ov-int8-groups")
+        out["ov-int8-groups"] = ov_groups("ov-int8-groups")
         if bf16:
-            out["ov-int8-groups-bf16"] = lambda: SwitchedRunner(
-                [OpenVinoRunner(p, threads=threads, precision="bf16", name=f"ov-int8-bf16-g{k}")
-                 for k, p in enumerate(paths)], t_ranges, name="ov-int8-groups-bf16")
+            out["ov-int8-groups-bf16"] = ov_groups("ov-int8-groups-bf16", "bf16")
     return out
 
 

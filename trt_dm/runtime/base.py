@@ -94,7 +94,7 @@ def switched_denoiser(denoisers: list, t_ranges: list[tuple[int, int]]):
 
 class SwitchedRunner(Runner):
     """K runners of a ``groups=K`` deployment (one graph / engine per timestep group) as one runner: each row goes
-    to its group's runner, as ``switched_denoiser`` (a batch of one group is one call, unsplit). Entering it
+    to its group's runner through ``switched_denoiser`` (a batch of one group is one call, unsplit). Entering it
     activates all K; its signature is the first runner's."""
 
     def __init__(self, runners: list[Runner], t_ranges: list[tuple[int, int]], name: str | None = None) -> None:
@@ -104,6 +104,7 @@ class SwitchedRunner(Runner):
         self.runners, self.t_ranges = list(runners), [tuple(r) for r in t_ranges]
         self.name = name or f"{runners[0].name}-x{len(runners)}"
         self.device = runners[0].device
+        self._switched = switched_denoiser([as_denoiser(r) for r in self.runners], self.t_ranges)
 
     def activate(self) -> None:
         entered = []
@@ -125,11 +126,5 @@ class SwitchedRunner(Runner):
         return self.runners[0].signature
 
     def infer_impl(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        x, t = feed["sample"], feed["timestep"]
-        t_rows = t.reshape(1).expand(x.shape[0]) if t.dim() == 0 or t.numel() == 1 else t
         extra = {k: v for k, v in feed.items() if k not in ("sample", "timestep")}
-
-        def call(k, x_k, t_k, **kw):
-            return self.runners[k].infer({"sample": x_k, "timestep": t_k, **kw})[OUTPUT_NAME]
-
-        return {OUTPUT_NAME: split_by_group(x, t_rows, extra, group_index(t_rows, self.t_ranges), call)}
+        return {OUTPUT_NAME: self._switched(feed["sample"], feed["timestep"], **extra)}
