@@ -21,8 +21,11 @@ The yardstick is the runner itself: before the servers start, the same graph is 
 serve` opens it (same runner, threads, spinning) and timed alone at every batch size up to --max-rows; its best
 image-steps/s is the *saturated* throughput. Reported per load and policy: image-steps/s served (images x steps
 over the run's wall time) and **efficiency** = served / saturated, p50 / p99 request latency, p50 / p99
-**admission latency** (arrival to the request's first UNet call: each answer's X-TRT-DM-Queue-Time header), and
-the mean rows per UNet call (from the server's Prometheus metrics). Writes a Markdown section into BENCHMARKS.md
+**admission latency** (arrival to the request's first UNet call: each answer's X-TRT-DM-Queue-Time header; its p99
+also in UNet calls of that run), the mean rows per UNet call and the share of the wall time the server spent in UNet
+calls (*busy*; both from the server's Prometheus metrics: an efficiency below busy means the calls themselves ran
+slower than alone, at their batch size or from contention), and for a mixed workload the latency p99 of the
+shortest requests (what step-level batching should keep low). Writes a Markdown section into BENCHMARKS.md
 between the markers of its --section (`uniform`: every request alike; `mixed`: step counts and image counts vary,
 as they do between real users) and the raw numbers to docs/bench/serve-<section>.json.
 """
@@ -59,7 +62,8 @@ def _metric(text: str, name: str) -> float:
     return 0.0
 
 
-def start(policy: str, args) -> tuple[subprocess.Popen, str]:
+def start(policy: str, args) -> tuple[subprocess.Popen, str, dict]:
+    """One `trt-dm serve --batching policy` on a free loopback port, once ready: (process, url, its /v1/models)."""
     port = _port()
     graph = ["--openvino", str(args.openvino)] if args.openvino else ["--onnx", str(args.onnx)]
     cmd = [sys.executable, "-m", "trt_dm.cli", "serve", "--model", args.model, *graph,
@@ -75,7 +79,7 @@ def start(policy: str, args) -> tuple[subprocess.Popen, str]:
             raise RuntimeError(f"trt-dm serve --batching {policy} exited: {proc.stderr.read()[-2000:]}")
         try:
             if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                return proc, url
+                return proc, url, httpx.get(f"{url}/v1/models", timeout=10).json()
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
@@ -140,6 +144,7 @@ class _Record:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.latency: list[float] = []
+        self.by_steps: dict[int, list[float]] = {}  # latency per request step count (the mixed workload's classes)
         self.admission: list[float] = []
         self.images = self.image_steps = 0
         self.errors: list[str] = []
@@ -156,6 +161,7 @@ class _Record:
         with self.lock:
             if ok:
                 self.latency.append(time.perf_counter() - t0)
+                self.by_steps.setdefault(steps, []).append(self.latency[-1])
                 self.admission.append(float(resp.headers["x-trt-dm-queue-time"]))
                 self.images += n
                 self.image_steps += n * steps
@@ -166,12 +172,16 @@ class _Record:
         after = httpx.get(f"{url}/metrics", timeout=10).text
         rows = _metric(after, "trt_dm_unet_batch_rows_sum") - _metric(before, "trt_dm_unet_batch_rows_sum")
         calls = _metric(after, "trt_dm_unet_batch_rows_count") - _metric(before, "trt_dm_unet_batch_rows_count")
+        busy = _metric(after, "trt_dm_unet_call_seconds_sum") - _metric(before, "trt_dm_unet_call_seconds_sum")
         lat, adm = _quantiles(self.latency), _quantiles(self.admission)
         return {"requests": len(self.latency), "errors": len(self.errors), "wall_s": wall,
                 "images_per_s": self.images / wall, "image_steps_per_s": self.image_steps / wall,
                 "p50_s": lat(0.5), "p99_s": lat(0.99), "admission_p50_s": adm(0.5), "admission_p99_s": adm(0.99),
                 "mean_rows": rows / calls if calls else 0.0, "unet_calls": calls,
-                "seconds_per_call": wall / calls if calls else float("nan")}
+                "seconds_per_call": wall / calls if calls else float("nan"),
+                "busy_share": busy / wall, "rows_per_busy_s": rows / busy if busy else 0.0,
+                "unet_call_s": busy / calls if calls else float("nan"),
+                "p99_by_steps_s": {k: _quantiles(v)(0.99) for k, v in sorted(self.by_steps.items())}}
 
 
 def _quantiles(values: list[float]):
@@ -210,11 +220,13 @@ def _alts(values: list[int]) -> str:
     return " / ".join(map(str, values))
 
 
-def markdown(results: dict, args, sat: dict) -> str:
+def markdown(results: dict, args, sat: dict, served: dict) -> str:
     runner = (f"OpenVINO int8 (`{Path(args.openvino).name}`, default streams)" if args.openvino
               else f"ONNX Runtime (`{Path(args.onnx).name}`, threads {'spinning' if args.ort_spin else 'sleeping'} "
                    "between calls)")
     curve = ", ".join(f"{b}: {v:.0f}" for b, v in sat["curve"].items())
+    mixed = len(args.steps) > 1
+    short = min(args.steps)
     lines = [f"Model `{args.model}`, runner {runner}, {args.threads} threads; requests of {_alts(args.n)} image(s), "
              f"DDIM {_alts(args.steps)} steps{' (cycled per request)' if max(len(args.n), len(args.steps)) > 1 else ''}"
              f"; server max {args.max_rows} rows per UNet call. Closed loop: each client sends {args.requests} "
@@ -223,18 +235,23 @@ def markdown(results: dict, args, sat: dict) -> str:
              "in a rotating order, in one run.",
              "", f"Saturated runner (the same graph alone in one process, image-steps/s by batch size): {curve}; best "
              f"**{sat['image_steps_per_s']:.0f} image-steps/s** at batch {sat['best_batch']}. Efficiency = served "
-             "image-steps/s / that. Admission latency: arrival to the request's first UNet call.", "",
-             "| load | batching | image-steps/s | efficiency | p50 / p99 latency (s) | p50 / p99 admission (s) | "
-             "mean rows per call | errors |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "image-steps/s / that. Busy: the share of the run's wall time the server spent in UNet calls. "
+             "Admission latency: arrival to the request's first UNet call, p99 also in mean UNet calls of that run."
+             + (f" Short p99: the latency p99 of the {short}-step requests." if mixed else ""), "",
+             "| load | batching | image-steps/s | efficiency | busy | p50 / p99 latency (s) | "
+             + ("short p99 (s) | " if mixed else "") + "p50 / p99 admission (s) | p99 admission (calls) | "
+             "rows per call | errors |",
+             "|---|---|---:|---:|---:|---:|" + ("---:|" if mixed else "") + "---:|---:|---:|---:|"]
     for load_name, per in results.items():
         for policy in POLICIES:
             r = per[policy]
             eff = r["image_steps_per_s"] / sat["image_steps_per_s"]
+            short_p99 = r["p99_by_steps_s"].get(short, float("nan"))
             lines.append(f"| {load_name} | {policy} | {r['image_steps_per_s']:.0f} | {eff:.2f} | "
-                         f"{r['p50_s']:.2f} / {r['p99_s']:.2f} | "
-                         f"{r['admission_p50_s']:.3f} / {r['admission_p99_s']:.3f} | {r['mean_rows']:.1f} | "
-                         f"{r['errors']} |")
+                         f"{r['busy_share']:.2f} | {r['p50_s']:.2f} / {r['p99_s']:.2f} | "
+                         + (f"{short_p99:.2f} | " if mixed else "")
+                         + f"{r['admission_p50_s']:.3f} / {r['admission_p99_s']:.3f} | "
+                         f"{r['admission_p99_s'] / r['unet_call_s']:.1f} | {r['mean_rows']:.1f} | {r['errors']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -244,8 +261,8 @@ def main() -> int:
     ap.add_argument("--onnx", type=Path, default=ROOT / "engines" / "default-ptq4dm.ort-int8.onnx")
     ap.add_argument("--openvino", type=Path, default=None,
                     help="serve this Q/DQ graph in OpenVINO instead (e.g. engines/default-ptq4dm.fp32.onnx)")
-    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--requests", type=int, default=8, help="requests per client")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32])
+    ap.add_argument("--requests", type=int, default=16, help="requests per client")
     ap.add_argument("--n", type=int, nargs="+", default=[1], help="images per request (several: cycled)")
     ap.add_argument("--steps", type=int, nargs="+", default=[20], help="DDIM steps per request (several: cycled)")
     ap.add_argument("--section", default="uniform", help="which BENCHMARKS.md section (and json) to write")
@@ -275,6 +292,7 @@ def main() -> int:
     print(f"saturated runner: {sat['image_steps_per_s']:.0f} image-steps/s at batch {sat['best_batch']} "
           f"({sat['curve']})", flush=True)
     servers = {p: start(p, args) for p in POLICIES}
+    served = {p: info for p, (_, _, info) in servers.items()}
     results: dict = {}
     per_request = sum(args.n[i % len(args.n)] * args.steps[(i // len(args.n)) % len(args.steps)]
                       for i in range(len(args.n) * len(args.steps))) / (len(args.n) * len(args.steps))
@@ -283,7 +301,7 @@ def main() -> int:
             [(f"open {f:g}x ({rate:.1f} req/s)", lambda url, rate=rate: open_loop(url, rate, args))
              for f, rate in rates.items()]
     try:
-        for proc, url in servers.values():  # untimed: first calls of a fresh session are slower
+        for proc, url, _ in servers.values():  # untimed: first calls of a fresh session are slower
             load(url, 2, argparse.Namespace(**{**vars(args), "requests": 2}))
         for i, (name, run) in enumerate(loads):
             order = POLICIES[i % 3:] + POLICIES[:i % 3]
@@ -291,23 +309,24 @@ def main() -> int:
             for policy in order:
                 results[name][policy] = r = run(servers[policy][1])
                 print(f"{name:>12s} {policy:8s}: {r['image_steps_per_s']:6.0f} image-steps/s "
-                      f"(efficiency {r['image_steps_per_s'] / sat['image_steps_per_s']:.2f}), p50 {r['p50_s']:.2f} s, "
+                      f"(efficiency {r['image_steps_per_s'] / sat['image_steps_per_s']:.2f}, busy "
+                      f"{r['busy_share']:.2f}), p50 {r['p50_s']:.2f} s, "
                       f"p99 {r['p99_s']:.2f} s, admission p99 {r['admission_p99_s']:.3f} s, "
                       f"{r['mean_rows']:.1f} rows per call, {r['errors']} errors", flush=True)
     finally:
-        for proc, _ in servers.values():
+        for proc, _, _ in servers.values():
             proc.send_signal(signal.SIGTERM)
-        for proc, _ in servers.values():
+        for proc, _, _ in servers.values():
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    md = markdown(results, args, sat)
+    md = markdown(results, args, sat, served)
     print(md)
     out = ROOT / "docs" / "bench" / f"serve-{args.section}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "machine": _machine(),
-                               "saturated": sat, "results": results}, indent=1) + "\n")
+                               "saturated": sat, "served": served, "results": results}, indent=1) + "\n")
     text = args.out.read_text() if args.out.exists() else ""
     a, b = f"<!-- serve-bench:{args.section}:begin -->\n", f"<!-- serve-bench:{args.section}:end -->"
     section = f"### Workload: {args.section}\n\n{a}{md}{b}\n"

@@ -79,6 +79,10 @@ def test_generate_png_and_json_equal_sampled_images(model):
     summed = next(float(line.split()[1]) for line in metrics.splitlines()
                   if line.startswith("trt_dm_queue_time_seconds_sum "))
     assert abs(summed - sum(waits)) < 1e-3 * len(waits)  # the warm-up is not counted: it has no answer
+    value = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line[:1] != "#"}
+    # every UNet call's duration is recorded: what the runner was busy for, next to the call count
+    assert value["trt_dm_unet_call_seconds_count"] == value["trt_dm_unet_calls_total"] > 0
+    assert 0 < value["trt_dm_unet_call_seconds_sum"] < 60
 
 
 @pytest.mark.parametrize("body,field,words", [

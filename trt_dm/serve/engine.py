@@ -110,6 +110,8 @@ class Metrics:
         self.calls = Counter("trt_dm_unet_calls", "UNet calls", registry=r)
         self.rows = Histogram("trt_dm_unet_batch_rows", "Rows per UNet call", registry=r,
                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.call_time = Histogram("trt_dm_unet_call_seconds", "Duration of each UNet call (the runner busy)",
+                                   registry=r, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
         self.images = Counter("trt_dm_images_generated", "Images generated", registry=r)
 
     def ended(self, handle: Handle, now: float) -> None:
@@ -152,7 +154,9 @@ class Service:
         self.metrics.requests.labels(status).inc()
 
     def _timed(self, x, t, **cond):
+        t0 = time.perf_counter()
         out = self.denoiser(x, t, **cond)
+        self.metrics.call_time.observe(time.perf_counter() - t0)
         self.metrics.calls.inc()
         self.metrics.rows.observe(len(t))
         return out
