@@ -308,6 +308,10 @@ SCREEN: list[tuple[str, str, list[str]]] = [
      [*_DIT, "--recipe", "ptq4dm"]),
     ("dit-g4-ff1-w1", "default-dit, guidance 1: W8A8 ptq4dm-g4, block 1's MLP (the most sensitive layers) in FP",
      [*_DIT, "--recipe", "ptq4dm-g4", "--keep-fp", "transformer_blocks.1.ff.*"]),
+    ("dit-g4-sq8-w1", "default-dit, guidance 1: W8A8 ptq4dm-g4 with channel balancing (--smooth 0.8, every linear "
+     "layer: the least prediction error in tools/smooth_study.py)", [*_DIT, "--recipe", "ptq4dm-g4", "--smooth", "0.8"]),
+    ("dit-g4-sq5-w1", "default-dit, guidance 1: W8A8 ptq4dm-g4 with channel balancing (--smooth 0.5, SmoothQuant's "
+     "default)", [*_DIT, "--recipe", "ptq4dm-g4", "--smooth", "0.5"]),
     ("ndtc-0.4-0.4", "ndtc mu=0.4 sigma=0.4 (PTQ4DM's published script)",
      ["--recipe", "ptq4dm", "--timesteps", "ndtc:0.4,0.4"]),
     ("ex-d0r0c1", "also keep down_blocks.0.resnets.0.conv1 in FP (most sensitive quantized layer)",

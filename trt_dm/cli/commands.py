@@ -133,7 +133,9 @@ def cmd_calibrate(args) -> int:
         print(f"statistics: collected in {res.seconds_collect:.1f} s ({res.seconds_trajectories:.1f} s FP "
               f"trajectories, {res.unet_calls} UNet batch calls) -> {res.stats_dir}")
     print(f"ranges: computed in {res.seconds_ranges:.2f} s -> {res.ranges_path}")
-    if res.weights_path is not None:
+    if res.weights_path is not None and quant.qcfg.smooth:
+        print(f"channel balancing factors (alpha {quant.qcfg.smooth}) -> {res.weights_path}")
+    elif res.weights_path is not None:
         print(f"weights with learned rounding ({quant.qcfg.rounding}) -> {res.weights_path}")
     return 0
 

@@ -130,7 +130,10 @@ def quant_settings(args):
     qcfg = QuantConfig(weight_bits=args.weight_bits, weight_calib=args.weight_calib, shortcut_split=args.shortcut_split,
                        rounding=args.rounding, recon_iters=args.recon_iters, recon_act_iters=args.recon_act_iters,
                        recon_temb=args.recon_temb, w8_layers=tuple(args.w8_layers or ()),
-                       quantize_attention=args.quantize_attention, format=args.format, **keep)
+                       quantize_attention=args.quantize_attention, format=args.format,
+                       smooth=getattr(args, "smooth", 0.0),
+                       smooth_layers=tuple(getattr(args, "smooth_layers", None) or ()),
+                       **keep)
     search = format_search(args)
     if search is not None:
         try:

@@ -40,8 +40,9 @@ def graph_stem(model_name: str, recipe: str, qcfg=None) -> str:
     '-mix<hash>' for a format mix (its FP8 layers), '-w4' for W4A8 ('-w<bits>'),
     '-wmse' for MSE-searched weight ranges, '-ada' for learned rounding ('-act' with learned input ranges, '-temb' with
     the time-embedding projections reconstructed on their own), '-w8<hash>' when some layers keep 8-bit weights,
-    '-fp<hash>' when other layers than the default stay in FP ('-fp<hash>-t<T>': at the steps t >= T only), so that
-    no two configurations overwrite each other's files."""
+    '-fp<hash>' when other layers than the default stay in FP ('-fp<hash>-t<T>': at the steps t >= T only),
+    '-sq<alpha>' with channel balancing ('-sq<alpha><hash>' for some layers only), so that no two configurations
+    overwrite each other's files."""
     bits, fmt = getattr(qcfg, "weight_bits", 8), getattr(qcfg, "format", "int8")
     parts = [f"-{fmt}" if fmt != "int8" else "", f"-w{bits}" if bits != 8 else "",
              "-wmse" if getattr(qcfg, "weight_calib", "max") == "mse" else ""]
@@ -58,4 +59,8 @@ def graph_stem(model_name: str, recipe: str, qcfg=None) -> str:
     if exclude != DEFAULT_EXCLUDE or noisy:  # '-fp<hash>': which layers stay in FP ('-t<T>': at t >= T only)
         parts.append("-fp" + hashlib.sha256("\0".join(exclude + ("|",) + noisy).encode()).hexdigest()[:6]
                      + (f"-t{qcfg.fp_from_t}" if noisy else ""))
+    smooth = getattr(qcfg, "smooth", 0.0)
+    if smooth:  # '-sq<alpha>[<hash>]': channel balancing, and which layers when not all
+        layers = tuple(getattr(qcfg, "smooth_layers", ()))
+        parts.append(f"-sq{smooth:g}" + (hashlib.sha256("\0".join(layers).encode()).hexdigest()[:6] if layers else ""))
     return f"{model_name}-{recipe_slug(recipe)}" + "".join(parts)

@@ -59,11 +59,22 @@ class CalibrationResult:
     seconds_ranges: float = 0.0
     seconds_trajectories: float = 0.0
     unet_calls: int = 0
-    weights_path: Path | None = None  # learned weight rounding (qcfg.rounding "adaround"), safetensors
+    # safetensors: learned weight rounding's weights (qcfg.rounding "adaround") or channel balancing's factors
+    # (qcfg.smooth, ``trt_dm.quant.calib.smooth``), what the fake-quant models take as ``weights``
+    weights_path: Path | None = None
 
 
-def stats_key(spec: CalibSpec, layers: list[str], bins: int = DEFAULT_BINS) -> str:
-    blob = json.dumps({"calib": spec.to_dict(), "layers": sorted(layers), "bins": bins}, sort_keys=True)
+SMOOTH_FILE = "smooth.safetensors"  # channel balancing's factors, beside the statistics of the balanced inputs
+
+
+def _smoothing(qcfg: QuantConfig) -> dict:
+    return {"smooth": qcfg.smooth, "smooth_layers": list(qcfg.smooth_layers)} if qcfg.smooth else {}
+
+
+def stats_key(spec: CalibSpec, layers: list[str], bins: int = DEFAULT_BINS, smoothing: dict | None = None) -> str:
+    """The statistics' cache key: calibration set, layers, binning and (when on) channel balancing."""
+    blob = json.dumps({"calib": spec.to_dict(), "layers": sorted(layers), "bins": bins, **(smoothing or {})},
+                      sort_keys=True)
     return f"{spec.timesteps.kind}-n{spec.n}-{spec.sampler}{spec.steps}-s{spec.seed}-" + \
         hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -79,29 +90,36 @@ def collect_stats(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, *, ca
     schedule.check_steps(spec.steps, "--calib-steps", loaded.name)
     qunet = quantize_model(sharing_copy(loaded.unet), qcfg)  # observed only: the FP weights are not copied
     layers = range_names(qunet, qcfg)
-    directory = Path(cache_root) / loaded.data_key()[:16] / stats_key(spec, layers, bins)
+    directory = Path(cache_root) / loaded.data_key()[:16] / stats_key(spec, layers, bins, _smoothing(qcfg))
     if (directory / "stats.json").exists():
         stats = CalibStats.load(directory)  # raises CalibCacheError when damaged
         if sorted(stats.names) != layers:
             raise CalibCacheError(f"{directory}: statistics cover other layers than the model's quantized "
                                     "layers; delete the folder to recollect")
+        if qcfg.smooth and not (directory / SMOOTH_FILE).exists():
+            raise CalibCacheError(f"{directory}: statistics of balanced inputs without their {SMOOTH_FILE}; "
+                                  "delete the folder to recollect")
         log.info("reusing calibration statistics %s", directory)
         return stats, directory, True, {}
     meta = {"calib": json.dumps(spec.to_dict(), sort_keys=True), "model": loaded.fingerprint(),
-            "schedule": loaded.schedule_fingerprint(), "quant": json.dumps(qcfg.activation_dict())}
-    stats = _subset_of_cached(directory, layers, bins, meta)
+            "schedule": loaded.schedule_fingerprint(), "quant": json.dumps(qcfg.activation_dict()),
+            **({"smooth": json.dumps(_smoothing(qcfg), sort_keys=True)} if qcfg.smooth else {})}
+    stats = None if qcfg.smooth else _subset_of_cached(directory, layers, bins, meta)
     if stats is not None:
         return stats, directory, True, {}
     t0 = time.perf_counter()
     with stage("calibration: FP trajectories"):
         calib, guidance = fp_calibration_set(loaded, spec, batch_size=batch_size, progress=progress)
+    divide = None
+    if qcfg.smooth:  # the factors first (they decide what the statistics see), then the balanced inputs' statistics
+        divide = _smoothing_factors(qunet, qcfg, list(calib.unet_batches(batch_size, guidance)), directory, meta)
     t1 = time.perf_counter()
     stats = CalibStats(bins, sampler_timesteps=schedule.timesteps(spec.steps), meta=meta)
     current_t: list[torch.Tensor] = []
     from tqdm.auto import tqdm
     splits = concat_splits(qunet) if qcfg.shortcut_split else None
     with stage("calibration: statistics pass"), torch.no_grad(), \
-            observing(qunet, lambda name, x: stats.observe_batch(name, current_t[0], x), splits):
+            observing(qunet, lambda name, x: stats.observe_batch(name, current_t[0], x), splits, divide):
         for x, t, c in tqdm(list(calib.unet_batches(batch_size, guidance)), desc="statistics", unit="batch",
                             disable=not progress):  # with guidance: both halves of every call, as the sampler's
             current_t[:] = [t]
@@ -113,6 +131,19 @@ def collect_stats(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, *, ca
     return stats, directory, False, timings
 
 
+def _smoothing_factors(qunet, qcfg: QuantConfig, batches: list, directory: Path, meta: dict) -> dict:
+    """Channel balancing's factors for ``qcfg`` from the FP model's inputs on the calibration batches, saved as
+    ``directory/SMOOTH_FILE`` (before the statistics, whose manifest marks the entry complete)."""
+    from trt_dm.quant.calib import smooth
+    with stage(f"calibration: channel balancing (alpha {qcfg.smooth})"):
+        layers = smooth.smoothed_layers(qunet, qcfg.smooth_layers)
+        scales = smooth.factors(layers, smooth.channel_absmax(qunet, layers, batches), qcfg.smooth)
+        directory.mkdir(parents=True, exist_ok=True)
+        smooth.save(directory / SMOOTH_FILE, scales, {"smooth": meta["smooth"], "model": meta["model"]})
+    log.info("channel balancing: %d linear layers, alpha %s", len(scales), qcfg.smooth)
+    return scales
+
+
 def _subset_of_cached(directory: Path, layers: list[str], bins: int, meta: dict) -> CalibStats | None:
     """The statistics of ``layers`` taken from a cached collection of the same calibration set over more layers
     (another config that quantizes more of them, e.g. a format mix's FP16 layers not excluded), saved as
@@ -121,7 +152,8 @@ def _subset_of_cached(directory: Path, layers: list[str], bins: int, meta: dict)
     for manifest in sorted(directory.parent.glob("*/stats.json")):
         try:
             m = json.loads(manifest.read_text())
-            same = m["bins"] == bins and all(m["meta"].get(k) == meta[k] for k in ("calib", "model", "schedule"))
+            same = m["bins"] == bins and all(m["meta"].get(k) == meta[k] for k in ("calib", "model", "schedule")) \
+                and m["meta"].get("smooth") == meta.get("smooth")  # balanced inputs are other statistics
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if not same or not set(layers) <= set(m["names"]) or manifest.parent == directory:
@@ -183,7 +215,7 @@ def calibrate(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, recipe: s
     # every caller of this stats dir gets the same activation ranges, whatever its weight settings: the file records
     # only what decides them (a W4A8 run rewriting it must not make it read as a W4A8 calibration)
     R.save_ranges(path, ranges.to_dict(), provenance)
-    weights_path = None
+    weights_path = directory / SMOOTH_FILE if qcfg.smooth else None
     if qcfg.rounding != "nearest":
         weights_path = reconstructed_weights(loaded, spec, qcfg, ranges, rec.name, directory, batch_size=batch_size,
                                              progress=progress)

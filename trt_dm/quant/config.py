@@ -97,6 +97,13 @@ class QuantConfig:
     # A mix of formats in one graph (``trt_dm.quant.search``, ``--formats``): fnmatch patterns on module names of the
     # layers quantized to FP8 (E4M3) in an int8 model; the others stay int8, the excluded ones FP
     fp8_layers: tuple[str, ...] = ()
+    # Channel balancing (SmoothQuant, Xiao et al., ICML 2023; PTQ4DiT's balancing): for the quantized Linear layers
+    # (those ``smooth_layers`` fnmatch patterns name; none given: all), each input channel j is divided by
+    # s_j = max|X_j|^smooth / max|W_:,j|^(1 - smooth) and the weight column multiplied by it, so outlier channels move
+    # from the per-tensor activation range into the per-channel weight ranges. 0: off. The 1/s is the input
+    # quantizer's pre_quant_scale: a Mul before the layer's Q/DQ in the graph (``trt_dm.quant.calib.smooth``).
+    smooth: float = 0.0
+    smooth_layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -142,6 +149,14 @@ class QuantConfig:
             raise ValueError(f"weight_calib must be one of {', '.join(WEIGHT_CALIBS)}, got {self.weight_calib!r}")
         if self.act_bits != 8:
             raise ValueError(f"act_bits must be 8 (int8 activations), got {self.act_bits}")
+        if not 0.0 <= self.smooth <= 1.0:
+            raise ValueError(f"smooth (--smooth) is SmoothQuant's migration strength in [0, 1] (0: off), got "
+                             f"{self.smooth}")
+        if self.smooth_layers and not self.smooth:
+            raise ValueError("smooth_layers (--smooth-layers) names the layers to balance: it needs --smooth ALPHA")
+        if self.smooth and (self.rounding != "nearest" or self.weight_calib != "max" or self.weight_bits != 8):
+            raise ValueError("--smooth balances channels for 8-bit weights with abs-max ranges and nearest rounding; "
+                             "it does not combine with --rounding adaround, --weight-calib mse or --weight-bits 4 / 7")
 
     @property
     def uses_fp8(self) -> bool:
@@ -167,7 +182,8 @@ class QuantConfig:
         """The part of the config that decides which layer inputs get activation ranges (and so the statistics and
         the recipe's ranges); weight bits, weight calibration and rounding do not change them."""
         return {"act_bits": self.act_bits, "exclude": list(self.exclude), "shortcut_split": self.shortcut_split,
-                "quantize_attention": self.quantize_attention}  # the format only changes ranges (``ranges_name``)
+                "quantize_attention": self.quantize_attention,  # the format only changes ranges (``ranges_name``)
+                **({"smooth": self.smooth, "smooth_layers": list(self.smooth_layers)} if self.smooth else {})}
 
     def ranges_name(self, recipe: str) -> str:
         """The ranges file of ``recipe`` beside the statistics (int8: ``<recipe>.json``, else ``<recipe>.<fmt>.json``)."""
@@ -185,7 +201,8 @@ class QuantConfig:
                 **({"recon_act_iters": self.recon_act_iters} if self.recon_act_iters else {}),
                 **({"recon_temb": self.recon_temb} if self.recon_temb != "block" else {}),
                 **({"w8_layers": list(self.w8_layers)} if self.w8_layers else {}),
-                **({"noisy_fp": list(self.noisy_fp), "fp_from_t": self.fp_from_t} if self.noisy_fp else {})}
+                **({"noisy_fp": list(self.noisy_fp), "fp_from_t": self.fp_from_t} if self.noisy_fp else {}),
+                **({"smooth": self.smooth, "smooth_layers": list(self.smooth_layers)} if self.smooth else {})}
 
     def segments(self, num_train_timesteps: int) -> list[tuple[tuple[int, int] | None, QuantConfig]]:
         """[(t_range, config)] of the deployment: one ``(None, self)``, or with ``fp_from_t`` the noisy steps

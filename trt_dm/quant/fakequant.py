@@ -44,14 +44,19 @@ def fake_quant_unet(loaded: LoadedModel, qcfg: QuantConfig, ranges: RangeSet, *,
 
 def _copy(unet: torch.nn.Module, qcfg: QuantConfig, fold_weights: bool, share: bool) -> torch.nn.Module:
     """The FP UNet's copy to quantize: sharing its weights when asked and nothing will rewrite them (no folding, no
-    learned rounding, no W<8 weights, which export stores on the int8 grid in place)."""
-    safe = share and not fold_weights and qcfg.rounding == "nearest" and qcfg.weight_bits >= 8
+    learned rounding, no W<8 weights, which export stores on the int8 grid in place, no channel balancing)."""
+    safe = share and not fold_weights and qcfg.rounding == "nearest" and qcfg.weight_bits >= 8 and not qcfg.smooth
     return sharing_copy(unet) if safe else copy.deepcopy(unet)
 
 
 
 def _finish(qunet: torch.nn.Module, qcfg: QuantConfig, ranges: RangeSet, fold_weights: bool,
             weights: Path | None) -> torch.nn.Module:
+    if qcfg.smooth:  # weights: the balancing factors (calibrate's weights_path), applied before the input ranges
+        if weights is None:
+            raise ValueError("--smooth needs the channel balancing factors (calibrate's weights_path)")
+        from trt_dm.quant.calib import smooth
+        smooth.apply(qunet, smooth.load(weights))
     apply_ranges(qunet, ranges.amax(0))
     if qcfg.rounding != "nearest":
         if weights is None:

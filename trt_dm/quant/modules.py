@@ -188,27 +188,35 @@ def all_quantizers(unet: nn.Module) -> dict[str, nn.Module]:
 
 @contextlib.contextmanager
 def observing(unet: nn.Module, observe: Callable[[str, torch.Tensor], None],
-              splits: Mapping[str, int] | None = None) -> Iterator[None]:
+              splits: Mapping[str, int] | None = None, divide: Mapping[str, torch.Tensor] | None = None
+              ) -> Iterator[None]:
     """Run the UNet in full precision while ``observe(name, input)`` sees every quantized layer's
-    input (a layer in ``splits`` as two calls, "<name>#h" and "<name>#skip", one per channel half).
+    input as its quantizer would (times the quantizer's ``pre_quant_scale`` of channel balancing, and divided by
+    ``divide[name]`` per channel: the balanced input of a model not balanced yet), a layer in ``splits`` as two
+    calls, "<name>#h" and "<name>#skip", one per channel half.
     Quantizers are disabled inside the block and restored after it, even on error."""
-    splits = splits or {}
+    splits, divide = splits or {}, divide or {}
     quantizers = all_quantizers(unet)
     enabled = {n for n, q in quantizers.items() if q.is_enabled}
     acts = activation_quantizers(unet)
 
-    def hook_for(name: str):
+    def hook_for(name: str, q):
         def hook(_module, args):
+            x = args[0]
+            if getattr(q, "pre_quant_scale", None) is not None:
+                x = x * q.pre_quant_scale
+            if name in divide:
+                x = x / divide[name].to(x.dtype)
             if name in splits:
                 k = splits[name]
-                observe(name + SPLIT_SUFFIXES[0], args[0][:, :k])
-                observe(name + SPLIT_SUFFIXES[1], args[0][:, k:])
+                observe(name + SPLIT_SUFFIXES[0], x[:, :k])
+                observe(name + SPLIT_SUFFIXES[1], x[:, k:])
             else:
-                observe(name, args[0])
+                observe(name, x)
             return None  # a pre-hook's return value would replace the input
         return hook
 
-    handles = [q.register_forward_pre_hook(hook_for(name)) for name, q in acts.items()]
+    handles = [q.register_forward_pre_hook(hook_for(name, q)) for name, q in acts.items()]
     for q in quantizers.values():
         q.disable()
     try:

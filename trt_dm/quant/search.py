@@ -186,7 +186,7 @@ def search_formats(loaded: LoadedModel, spec: CalibSpec, base: QuantConfig, reci
     leave, rows, all_8bit = {}, {}, {}
     for f, res in per_format.items():
         qcfg = dataclasses.replace(base, format=f)
-        qunet = fake_quant_unet(loaded, qcfg, res.ranges)
+        qunet = fake_quant_unet(loaded, qcfg, res.ranges, weights=res.weights_path)
         leave[f] = LeaveOut(loaded, qunet, res.ranges, calib, guidance, qcfg, batch_size)
         layers = quantized_layers(qunet)
         quantizers = {n: [m.input_quantizer, m.weight_quantizer] for n, m in layers.items()}
@@ -241,7 +241,7 @@ def _measure(loaded, spec, base, recipe, rows, calib, guidance, kw, models: dict
     if qcfg.fp8_layers not in models:
         quantized = dataclasses.replace(qcfg, exclude=base.exclude)  # every layer quantized; FP16 ones switched off
         res = calibrate(loaded, spec, quantized, recipe, **kw)
-        qunet = fake_quant_unet(loaded, quantized, res.ranges)
+        qunet = fake_quant_unet(loaded, quantized, res.ranges, weights=res.weights_path)
         models[qcfg.fp8_layers] = (LeaveOut(loaded, qunet, res.ranges, calib, guidance, quantized, kw["batch_size"]),
                                    quantized_layers(qunet))
     leave, layers = models[qcfg.fp8_layers]

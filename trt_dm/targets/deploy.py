@@ -119,6 +119,10 @@ def _calibrate(loaded: LoadedModel, quant: QuantSettings, progress: Callable[[st
            f"statistics pass {calib.seconds_collect - calib.seconds_trajectories:.1f} s")
     progress(f"calibration: recipe {quant.recipe}, {len(calib.ranges)} activation ranges -> {calib.ranges_path} "
              f"(statistics {how})")
+    if quant.qcfg.smooth:
+        from trt_dm.quant.calib import smooth
+        progress(f"channel balancing (alpha {quant.qcfg.smooth}): {len(smooth.load(calib.weights_path))} linear "
+                 f"layers -> {calib.weights_path}")
     return calib
 
 
