@@ -87,6 +87,8 @@ def test_ort_cpu_refuses_w4_and_groups(tiny_pipeline_dir, tmp_path, capsys):
     for extra in (["--weight-calib", "mse"], ["--rounding", "adaround"]):
         assert main(base + extra) == 2
         assert "ONNX Runtime's own abs-max ranges" in capsys.readouterr().err
+    assert main(base + ["--smooth", "0.5"]) == 2  # its quantizer runs the FP model: balancing would be dropped
+    assert "--smooth needs --target tensorrt or openvino" in capsys.readouterr().err
     assert not (tmp_path / "cc").exists() and not list(tmp_path.glob("*.onnx"))  # refused before any work
 
 

@@ -39,6 +39,10 @@ class OrtCpuTarget(Target):
             raise ValueError("the ort-cpu target quantizes weights with ONNX Runtime's own abs-max ranges, rounded to "
                              "nearest: --weight-calib mse and --rounding adaround need --target tensorrt or openvino "
                              "(the Q/DQ graph carries the weights as calibrated)")
+        if qcfg.smooth:
+            raise ValueError("the ort-cpu target quantizes the FP model with ONNX Runtime's quantizer, which has no "
+                             "form for channel balancing: --smooth needs --target tensorrt or openvino (the Q/DQ graph "
+                             "carries the balanced weights and the Mul before each balanced layer)")
         if qcfg.fp_from_t is not None:
             raise ValueError("the ort-cpu target writes one graph; --keep-fp-from-t deploys one per timestep segment "
                              "(targets tensorrt and openvino)")
