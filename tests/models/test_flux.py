@@ -48,6 +48,34 @@ def test_prompts_and_images_are_flux_pipelines(tmp_path, embedded):
         torch.testing.assert_close((guided / 2 + 0.5).clamp(0, 1), ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("embedded", [True, False])
+def test_a_deployed_flux_drops_into_diffusers_flux_pipeline(tmp_path, embedded):
+    """`pipe.transformer = DropInUNet(loaded, denoiser)`: FluxPipeline's packed latents, position ids and time / 1000
+    go to the graph's unpacked sample and sigma x 1000, its velocity back packed; the images are the pipeline's own
+    (here over the FP denoiser; an engine or graph goes in the same way). Other position ids are refused."""
+    from diffusers import FluxPipeline
+
+    from trt_dm.models.dropin import DropInUNet
+    root = write_tiny_flux_pipeline(tmp_path / "f", seed=5, guidance_embeds=embedded, clip=10, joint=20,
+                                    num_layers=1, num_single_layers=1, num_attention_heads=2)
+    loaded = api.load(root)
+    pipe = FluxPipeline.from_pretrained(root)
+    kw = dict(prompt=["a red apple", "a boot"], num_inference_steps=3, height=16, width=16, output_type="pt",
+              guidance_scale=3.5 if embedded else 1.0)
+    ref = pipe(generator=make_generators([1, 2]), **kw).images
+    with api.open_denoiser(loaded) as den:
+        pipe.transformer = DropInUNet(loaded, den)
+        got = pipe(generator=make_generators([1, 2]), **kw).images
+        packed = torch.zeros(1, 16, 16)
+        ids = torch.zeros(16, 3)
+        ids[:, 1], ids[:, 2] = torch.arange(16) // 4, torch.arange(16) % 4
+        with pytest.raises(ValueError, match="FluxPipeline's own position ids"):
+            pipe.transformer(hidden_states=packed, timestep=torch.tensor([0.5]), img_ids=ids + 1,
+                             txt_ids=torch.zeros(4, 3), encoder_hidden_states=torch.zeros(1, 4, 20),
+                             pooled_projections=torch.zeros(1, 10), return_dict=False)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
 def test_graph_keeps_batch_and_text_length_dynamic(tmp_path):
     """diffusers applies the rotary embedding with a reshape to x.shape[:-1], which the ONNX exporter freezes; the
     denoiser's own rotary (unflatten) keeps the graph's batch and sequence dynamic."""
@@ -71,9 +99,6 @@ def test_defaults_and_refusals(tmp_path, capsys):
     root = write_tiny_flux_pipeline(tmp_path / "f", seed=2)
     args = type("A", (), {"guidance_scale": None, "model": str(root)})()
     assert guidance_scale_of(args) == 3.5  # FluxPipeline's default for embedded guidance
-    from trt_dm.models.dropin import DropInUNet
-    with pytest.raises(ValueError, match="FluxPipeline feeds the transformer packed latents"):
-        DropInUNet(api.load(root), lambda *a, **k: None)
     bare = tmp_path / "bare"  # the transformer alone: 1024 px (128 latent) and Flux's dynamic-shift scheduler
     shutil.copytree(root / "transformer", bare)
     alone = api.load(bare)

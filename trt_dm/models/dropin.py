@@ -18,13 +18,15 @@ is broadcast to one per row, as the runners take it. An SD3 transformer goes int
 ``StableDiffusion3Pipeline`` as ``pipe.transformer``: its ``hidden_states`` and ``pooled_projections`` feed the
 graph's ``sample`` and ``text_embeds``; a PixArt transformer into ``PixArtSigmaPipeline`` (its
 ``encoder_attention_mask`` feeds the graph's input of that name; added conditioning given as None, as PixArt-Sigma's
-resolution and aspect ratio, is ignored). An SDXL-layout UNet's ``added_cond_kwargs`` (``text_embeds``,
+resolution and aspect ratio, is ignored); a Flux transformer into ``FluxPipeline`` (its packed latents, position
+ids and time / 1000 become the graph's unpacked sample and sigma x 1000, the velocity is packed again). An SDXL-layout UNet's ``added_cond_kwargs`` (``text_embeds``,
 ``time_ids``) feed the graph's inputs of those names. Forward arguments the deployed graph has no input for
 (``timestep_cond``, ``cross_attention_kwargs``, other added conditioning, adapters and ControlNet residuals) are
 refused with a clear error instead of being dropped silently.
 """
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 from typing import Any
 
@@ -41,10 +43,7 @@ class DropInUNet(nn.Module):
 
     def __init__(self, loaded, denoiser) -> None:
         super().__init__()
-        if loaded.kind == "FluxTransformer2DModel":
-            raise ValueError("DropInUNet: FluxPipeline feeds the transformer packed latents, position ids and time / "
-                             "1000, which the deployed graph (unpacked latents, sigma x 1000) does not take; sample "
-                             "with trt-dm sample or trt_dm.api.draw instead")
+        self._flux = loaded.kind == "FluxTransformer2DModel"  # packed latents in and out (see _flux_inputs)
         self._denoiser = denoiser
         self.config = loaded.unet.config  # diffusers' FrozenDict: attribute and key access, as pipelines use it
         self._names = loaded.signature.names
@@ -57,6 +56,11 @@ class DropInUNet(nn.Module):
         # noise then the variance half; the graph gives the noise only (trt_dm.models.denoisers.DiTDenoiser)
         self._variance = loaded.kind in ("DiTTransformer2DModel", "PixArtTransformer2DModel") and \
             loaded.config.get("out_channels") == 2 * loaded.config.get("in_channels")
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str):
+        """diffusers' cache-hook scope (FluxPipeline enters one per CFG branch): a deployed graph caches nothing."""
+        yield
 
     @property
     def device(self) -> torch.device:
@@ -86,6 +90,13 @@ class DropInUNet(nn.Module):
             kwargs.pop("joint_attention_kwargs", None)
         if sample is None or timestep is None:
             raise ValueError("DropInUNet: give sample (or hidden_states) and timestep")
+        grid = None
+        if self._flux:
+            sample, timestep, grid = _flux_inputs(sample, timestep, kwargs.pop("img_ids", None),
+                                                  kwargs.pop("txt_ids", None))
+            guidance = kwargs.pop("guidance", None)  # None for a model without embedded guidance
+            if guidance is not None:
+                named["guidance"] = guidance
         given = sorted(k for k in _REFUSED if kwargs.get(k) is not None)
         unknown = sorted(k for k in kwargs if k not in _REFUSED)
         if added and "time_ids" not in self._names:
@@ -115,4 +126,30 @@ class DropInUNet(nn.Module):
         out = self._denoiser(sample.float(), t.contiguous(), **extra).to(sample.dtype)
         if self._variance:  # a learned-variance DiT: the deployed graph predicts the noise only, and diffusers'
             out = torch.cat([out, torch.zeros_like(out)], dim=1)  # DiTPipeline splits the variance half off unused
+        if grid is not None:  # Flux: the velocity packed as the pipeline's latents are
+            c, (h2, w2) = out.shape[1], grid
+            out = out.reshape(b, c, h2, 2, w2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h2 * w2, c * 4)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+
+def _flux_inputs(packed: torch.Tensor, timestep, img_ids, txt_ids):
+    """FluxPipeline's transformer inputs -> the deployed graph's: the packed latents (B, H/2 * W/2, 4C) unpacked to
+    (B, C, H, W) on the grid its ``img_ids`` give (the pipeline's own: rows and columns from 0, nothing else), the
+    time sigma (the pipeline passes timestep / 1000) as sigma x 1000; ``txt_ids`` must be zeros, as the pipeline's
+    are (the graph makes them). Returns (sample, timestep, (H/2, W/2)). Other position ids are refused."""
+    if img_ids is None or packed.ndim != 3:
+        raise ValueError("DropInUNet: a Flux transformer takes packed hidden_states (B, tokens, channels) and img_ids, "
+                         "as FluxPipeline passes them")
+    ids = img_ids[0] if img_ids.ndim == 3 else img_ids  # (L, 3); diffusers still accepts a batched (B, L, 3)
+    h2, w2 = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+    expect = torch.zeros(h2, w2, 3, dtype=ids.dtype, device=ids.device)
+    expect[..., 1] = torch.arange(h2, device=ids.device)[:, None].to(ids.dtype)
+    expect[..., 2] = torch.arange(w2, device=ids.device)[None, :].to(ids.dtype)
+    if ids.shape != (packed.shape[1], 3) or not torch.equal(ids, expect.reshape(-1, 3)) or \
+            (txt_ids is not None and bool(torch.as_tensor(txt_ids).any())):
+        raise ValueError("DropInUNet: the deployed Flux graph makes FluxPipeline's own position ids (image rows and "
+                         "columns from 0, text ids zero); these img_ids / txt_ids differ (another pipeline's "
+                         "conditioning tokens or offsets), which it cannot take")
+    b, _, c4 = packed.shape
+    sample = packed.reshape(b, h2, w2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, 2 * h2, 2 * w2)
+    return sample, torch.as_tensor(timestep) * 1000, (h2, w2)
