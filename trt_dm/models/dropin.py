@@ -19,8 +19,8 @@ is broadcast to one per row, as the runners take it. An SD3 transformer goes int
 graph's ``sample`` and ``text_embeds``; a PixArt transformer into ``PixArtSigmaPipeline`` (its
 ``encoder_attention_mask`` feeds the graph's input of that name; added conditioning given as None, as PixArt-Sigma's
 resolution and aspect ratio, is ignored); a Flux transformer into ``FluxPipeline`` (its packed latents, position
-ids and time / 1000 become the graph's unpacked sample and sigma x 1000, the velocity is packed again). An SDXL-layout UNet's ``added_cond_kwargs`` (``text_embeds``,
-``time_ids``) feed the graph's inputs of those names. Forward arguments the deployed graph has no input for
+ids and time / 1000 become the graph's unpacked sample and sigma x 1000, the velocity is packed again). An
+SDXL-layout UNet's ``added_cond_kwargs`` (``text_embeds``, ``time_ids``) feed the graph's inputs of those names. Forward arguments the deployed graph has no input for
 (``timestep_cond``, ``cross_attention_kwargs``, other added conditioning, adapters and ControlNet residuals) are
 refused with a clear error instead of being dropped silently.
 """
