@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import json
 import sys
 import time
@@ -21,10 +22,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-# block types of a DiT / PixArt transformer block (diffusers' module names) and its final modulation layer
+# block types of a DiT / PixArt transformer block (diffusers' module names) and its final modulation layer, and of
+# a UNet; those a model has none of are left out
 TYPES = {"adaLN modulation": ("*.norm1.linear", "proj_out_1"), "attention q/k/v": ("*.attn1.to_q", "*.attn1.to_k",
          "*.attn1.to_v"), "attention out": ("*.attn1.to_out.0",), "MLP in": ("*.ff.net.0.proj",),
-         "MLP out": ("*.ff.net.2",)}
+         "MLP out": ("*.ff.net.2",), "resnet conv1": ("*.resnets.*.conv1",), "resnet conv2": ("*.resnets.*.conv2",),
+         "resnet shortcut": ("*.conv_shortcut",), "up / down samplers": ("*samplers.*",),
+         "attention linears": ("*.attentions.*",)}
 
 
 def main() -> int:
@@ -34,6 +38,7 @@ def main() -> int:
     ap.add_argument("--alphas", nargs="+", type=float, default=[0.5, 0.8])
     ap.add_argument("--guidance-scale", type=float, default=1.0)
     ap.add_argument("--n", type=int, default=64, help="held-out trajectories")
+    ap.add_argument("--no-types", action="store_true", help="only no balancing and every layer balanced")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -47,11 +52,17 @@ def main() -> int:
     from trt_dm.quant.modules import quantize_model, sharing_copy
     from trt_dm.quant.sensitivity import LeaveOut
     loaded = api.load(args.model)
-    spec = CalibSpec(parse("ndtc"), labels="all", guidance_scale=args.guidance_scale)
+    labels = "all" if loaded.class_labels_spec is not None else None
+    spec = CalibSpec(parse("ndtc"), labels=labels, guidance_scale=args.guidance_scale)
     held = dataclasses.replace(spec, n=args.n, seed=spec.seed + 1)
     calib, guidance = fp_calibration_set(loaded, held, progress=False)
+    q = quantize_model(sharing_copy(loaded.unet), QuantConfig())
+    layers = smooth.smoothed_layers(q)
+    types = {k: pats for k, pats in TYPES.items()
+             if all(any(fnmatch.fnmatchcase(n, p) for n in layers) for p in pats)}
+    configs_types = {} if args.no_types else types
     configs = [("none", 0.0, ())] + [(f"all, alpha {a}", a, ()) for a in args.alphas] + \
-              [(f"{kind} only, alpha {args.alphas[0]}", args.alphas[0], pats) for kind, pats in TYPES.items()]
+              [(f"{kind} only, alpha {args.alphas[0]}", args.alphas[0], pats) for kind, pats in configs_types.items()]
     rows = []
     for recipe in args.recipes:
         for label, alpha, pats in configs:
@@ -65,14 +76,13 @@ def main() -> int:
             print(f"{recipe:10s} {label:38s} rel MSE {err['rel_mse']:.3e}  t < T/10 {err['rel_mse_data_end']:.3e} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
     # how uneven each block type's input channels are, on the held-out rows (FP model)
-    q = quantize_model(sharing_copy(loaded.unet), QuantConfig())
-    layers = smooth.smoothed_layers(q)
     amax = smooth.channel_absmax(q, layers, calib.unet_batches(64, guidance))
     spread = {}
-    for kind, pats in TYPES.items():
+    for kind, pats in types.items():
         names = smooth.smoothed_layers(q, pats)
         spread[kind] = sorted(float(amax[n].max() / amax[n].median()) for n in names)
-    out = ROOT / "reports" / "sensitivity" / f"smooth-{args.model}"
+    scale = "" if args.guidance_scale == 1 else f"-w{args.guidance_scale:g}"
+    out = ROOT / "reports" / "sensitivity" / f"smooth-{args.model}{scale}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"model": args.model, "guidance_scale": args.guidance_scale,
                                                     "n": len(calib.t), "rows": rows, "channel_spread": spread},

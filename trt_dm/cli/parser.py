@@ -131,12 +131,12 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
                    help="with --weight-bits 4 or 7: these layers' weights stay 8-bit (fnmatch on module names, e.g. "
                         "'down_blocks.0.*' 'up_blocks.2.*' for the first resolution of a three-level UNet)")
     p.add_argument("--smooth", type=float, default=0.0, metavar="ALPHA",
-                   help="channel balancing (SmoothQuant) of the quantized linear layers with migration strength ALPHA "
-                        "in (0, 1] (0.5 is SmoothQuant's default; 0: off): outlier input channels move into the "
-                        "per-channel weight ranges; a Mul before each balanced layer's Q/DQ in the graph")
+                   help="channel balancing (SmoothQuant) of the quantized linear and convolution layers with migration "
+                        "strength ALPHA in (0, 1] (0.5 is SmoothQuant's default; 0: off): outlier input channels "
+                        "move into the per-channel weight ranges; a Mul before each balanced layer's Q/DQ in the graph")
     p.add_argument("--smooth-layers", nargs="+", default=None, metavar="PATTERN",
-                   help="with --smooth: balance only these linear layers (fnmatch on module names, e.g. '*.attn1.to_*' "
-                        "'*.ff.net.*'); default all quantized linear layers")
+                   help="with --smooth: balance only these layers (fnmatch on module names, e.g. '*.attn1.to_*' "
+                        "'*.ff.net.*'); default all quantized linear and convolution layers")
     p.add_argument("--rounding", default="nearest", choices=("nearest", "adaround"),
                    help="weight rounding: to nearest, or learned by block reconstruction against the FP model on "
                         "the calibration set (AdaRound; cached beside the statistics; under a groups=K recipe each "

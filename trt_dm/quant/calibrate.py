@@ -140,8 +140,8 @@ def _smoothing_factors(qunet, qcfg: QuantConfig, batches: list, directory: Path,
         scales = smooth.factors(layers, smooth.channel_absmax(qunet, layers, batches), qcfg.smooth)
         directory.mkdir(parents=True, exist_ok=True)
         smooth.save(directory / SMOOTH_FILE, scales, {"smooth": meta["smooth"], "model": meta["model"]})
-    log.info("channel balancing: %d linear layers, alpha %s", len(scales), qcfg.smooth)
-    return scales
+    log.info("channel balancing: %d layers, alpha %s", len(scales), qcfg.smooth)
+    return {n: smooth.input_view(layers[n], s) for n, s in scales.items()}  # what the statistics pass divides by
 
 
 def _subset_of_cached(directory: Path, layers: list[str], bins: int, meta: dict) -> CalibStats | None:

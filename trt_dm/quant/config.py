@@ -97,8 +97,8 @@ class QuantConfig:
     # A mix of formats in one graph (``trt_dm.quant.search``, ``--formats``): fnmatch patterns on module names of the
     # layers quantized to FP8 (E4M3) in an int8 model; the others stay int8, the excluded ones FP
     fp8_layers: tuple[str, ...] = ()
-    # Channel balancing (SmoothQuant, Xiao et al., ICML 2023; PTQ4DiT's balancing): for the quantized Linear layers
-    # (those ``smooth_layers`` fnmatch patterns name; none given: all), each input channel j is divided by
+    # Channel balancing (SmoothQuant, Xiao et al., ICML 2023; PTQ4DiT's balancing): for the quantized Linear and
+    # Conv2d layers (those ``smooth_layers`` fnmatch patterns name; none given: all), each input channel j is divided by
     # s_j = max|X_j|^smooth / max|W_:,j|^(1 - smooth) and the weight column multiplied by it, so outlier channels move
     # from the per-tensor activation range into the per-channel weight ranges. 0: off. The 1/s is the input
     # quantizer's pre_quant_scale: a Mul before the layer's Q/DQ in the graph (``trt_dm.quant.calib.smooth``).

@@ -121,7 +121,7 @@ def _calibrate(loaded: LoadedModel, quant: QuantSettings, progress: Callable[[st
              f"(statistics {how})")
     if quant.qcfg.smooth:
         from trt_dm.quant.calib import smooth
-        progress(f"channel balancing (alpha {quant.qcfg.smooth}): {len(smooth.load(calib.weights_path))} linear "
+        progress(f"channel balancing (alpha {quant.qcfg.smooth}): {len(smooth.load(calib.weights_path))} "
                  f"layers -> {calib.weights_path}")
     return calib
 
