@@ -157,6 +157,8 @@ DIT_ROWS: list[tuple[str, str, list[str]]] = [
     ("dit-g4-w1", "default-dit W8A8 ptq4dm-g4 (the default recipe), guidance 1", [*_DIT, "--recipe", "ptq4dm-g4"]),
     ("dit-g4-ff1-w1", "default-dit W8A8 ptq4dm-g4, block 1's MLP in FP (its most sensitive layers), guidance 1",
      [*_DIT, "--recipe", "ptq4dm-g4", "--keep-fp", "transformer_blocks.1.ff.*"]),
+    ("dit-g4-sq5-w1", "default-dit W8A8 ptq4dm-g4 with channel balancing (--smooth 0.5), guidance 1",
+     [*_DIT, "--recipe", "ptq4dm-g4", "--smooth", "0.5"]),
     ("dit-fp-w3", "default-dit FP32, guidance 3 (t <= 300)", [*_DIT, "--guidance-scale", "3"]),
     ("dit-g4-w3", "default-dit W8A8 ptq4dm-g4, guidance 3 (t <= 300)",
      [*_DIT, "--recipe", "ptq4dm-g4", "--guidance-scale", "3"]),
@@ -312,6 +314,8 @@ SCREEN: list[tuple[str, str, list[str]]] = [
      "layer: the least prediction error in tools/smooth_study.py)", [*_DIT, "--recipe", "ptq4dm-g4", "--smooth", "0.8"]),
     ("dit-g4-sq5-w1", "default-dit, guidance 1: W8A8 ptq4dm-g4 with channel balancing (--smooth 0.5, SmoothQuant's "
      "default)", [*_DIT, "--recipe", "ptq4dm-g4", "--smooth", "0.5"]),
+    ("dit-g4-sq5-ff1-w1", "default-dit, guidance 1: W8A8 ptq4dm-g4, --smooth 0.5 and block 1's MLP in FP",
+     [*_DIT, "--recipe", "ptq4dm-g4", "--smooth", "0.5", "--keep-fp", "transformer_blocks.1.ff.*"]),
     ("ndtc-0.4-0.4", "ndtc mu=0.4 sigma=0.4 (PTQ4DM's published script)",
      ["--recipe", "ptq4dm", "--timesteps", "ndtc:0.4,0.4"]),
     ("ex-d0r0c1", "also keep down_blocks.0.resnets.0.conv1 in FP (most sensitive quantized layer)",
