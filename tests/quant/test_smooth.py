@@ -193,3 +193,22 @@ def test_a_balanced_unet_exports_checked_with_its_convolutions_balanced(tiny_pip
     assert float(flipped) < 1e-4 and int(max_diff) <= 1  # rounding-boundary flips only, as between any two frameworks
     (graph,) = (tmp_path / "e").glob("*-sq0.5.onegraph*.onnx")
     assert check_qdq(graph).violations == []
+
+
+def test_balancing_with_layers_in_fp_at_the_noisy_steps(tiny_pipeline_dir, tmp_path):
+    """--smooth with --keep-fp-from-t: the noisy segment's FP layers stay unbalanced (and exact), the other segment
+    balances them; both segments are built from one calibration."""
+    from trt_dm import api
+    from trt_dm.quant.calib.timesteps import parse
+    from trt_dm.quant.calib.trajectories import CalibSpec
+    from trt_dm.quant.calibrate import calibrate
+    from trt_dm.quant.fakequant import segment_unets
+    loaded = api.load(str(tiny_pipeline_dir))
+    qcfg = QuantConfig(smooth=0.5, noisy_fp=("down_blocks.0.*",), fp_from_t=50)  # the tiny schedule: T = 100
+    res = calibrate(loaded, CalibSpec(parse("uniform"), n=4, steps=4), qcfg, "max", cache_root=tmp_path,
+                    batch_size=4, progress=False)
+    noisy, rest = segment_unets(loaded, qcfg, res.ranges, weights=res.weights_path)
+    name = "down_blocks.0.resnets.0.conv1"
+    assert noisy.unet.get_submodule(name).input_quantizer.pre_quant_scale is None
+    assert rest.unet.get_submodule(name).input_quantizer.pre_quant_scale is not None
+    assert torch.equal(noisy.unet.get_submodule(name).weight, loaded.unet.get_submodule(name).weight)
