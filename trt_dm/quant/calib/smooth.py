@@ -40,11 +40,9 @@ def input_view(layer: nn.Module, v: torch.Tensor) -> torch.Tensor:
 
 def smoothed_layers(qunet: nn.Module, patterns: Iterable[str] = ()) -> dict[str, nn.Module]:
     """The quantized Linear and Conv2d (groups 1) layers to balance: all, or those an fnmatch pattern names (a
-    pattern naming none of them is an error, naming the layers it could). Layers whose input has two ranges (a
-    split concatenation) are left alone."""
+    pattern naming none of them is an error, naming the layers it could)."""
     from trt_dm.quant.modules import quantized_layers
-    layers = {n: m for n, m in quantized_layers(qunet).items()
-              if _balanceable(m) and (getattr(m.input_quantizer, "axis", None) is None)}
+    layers = {n: m for n, m in quantized_layers(qunet).items() if _balanceable(m)}
     patterns = tuple(patterns)
     if not patterns:
         return layers
