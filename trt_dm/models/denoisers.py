@@ -124,6 +124,26 @@ def _traceable_rotary():
         flux.apply_rotary_emb = original
 
 
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> FluxPipeline's packed latents (B, H/2 * W/2, 4C): 2x2 patches, row-major."""
+    b, c, h, w = x.shape
+    return x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+
+
+def unpack_latents(packed: torch.Tensor, h2: int, w2: int) -> torch.Tensor:
+    """``pack_latents`` undone for a grid of h2 x w2 patches: (B, h2 * w2, 4C) -> (B, C, 2 h2, 2 w2)."""
+    b, _, c4 = packed.shape
+    return packed.reshape(b, h2, w2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, 2 * h2, 2 * w2)
+
+
+def image_ids(h2: int, w2: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """FluxPipeline's image position ids of an h2 x w2 patch grid: (h2 * w2, 3), rows (0, row, column)."""
+    ids = torch.zeros(h2, w2, 3, dtype=dtype, device=device)
+    ids[..., 1] = torch.arange(h2, device=device)[:, None].to(dtype)
+    ids[..., 2] = torch.arange(w2, device=device)[None, :].to(dtype)
+    return ids.reshape(-1, 3)
+
+
 class FluxDenoiser(_SavedAsDiffusers, FluxTransformer2DModel):
     """A Flux transformer as a denoiser: ``forward(sample, timestep, encoder_hidden_states, text_embeds[, guidance])``
     on the unpacked latent -> ``.sample`` = the predicted velocity, unpacked."""
@@ -131,17 +151,15 @@ class FluxDenoiser(_SavedAsDiffusers, FluxTransformer2DModel):
 
     def forward(self, sample, timestep=None, encoder_hidden_states=None, text_embeds=None, guidance=None,
                 return_dict: bool = True):
-        b, c, h, w = sample.shape
-        packed = sample.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
-        img_ids = torch.zeros(h // 2, w // 2, 3, dtype=sample.dtype, device=sample.device)
-        img_ids[..., 1] = torch.arange(h // 2, device=sample.device)[:, None].to(sample.dtype)
-        img_ids[..., 2] = torch.arange(w // 2, device=sample.device)[None, :].to(sample.dtype)
+        h, w = sample.shape[2:]
+        packed = pack_latents(sample)
         txt_ids = torch.zeros_like(encoder_hidden_states[0, :, :3], dtype=sample.dtype)  # (S, 3): S stays dynamic
         with _traceable_rotary():
             out = super().forward(packed, encoder_hidden_states=encoder_hidden_states, pooled_projections=text_embeds,
-                                  timestep=timestep / 1000, img_ids=img_ids.reshape(-1, 3), txt_ids=txt_ids,
+                                  timestep=timestep / 1000,
+                                  img_ids=image_ids(h // 2, w // 2, sample.dtype, sample.device), txt_ids=txt_ids,
                                   guidance=guidance).sample
-        out = out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        out = unpack_latents(out, h // 2, w // 2)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 

@@ -20,9 +20,9 @@ graph's ``sample`` and ``text_embeds``; a PixArt transformer into ``PixArtSigmaP
 ``encoder_attention_mask`` feeds the graph's input of that name; added conditioning given as None, as PixArt-Sigma's
 resolution and aspect ratio, is ignored); a Flux transformer into ``FluxPipeline`` (its packed latents, position
 ids and time / 1000 become the graph's unpacked sample and sigma x 1000, the velocity is packed again). An
-SDXL-layout UNet's ``added_cond_kwargs`` (``text_embeds``, ``time_ids``) feed the graph's inputs of those names. Forward arguments the deployed graph has no input for
-(``timestep_cond``, ``cross_attention_kwargs``, other added conditioning, adapters and ControlNet residuals) are
-refused with a clear error instead of being dropped silently.
+SDXL-layout UNet's ``added_cond_kwargs`` (``text_embeds``, ``time_ids``) feed the graph's inputs of those names.
+Forward arguments the deployed graph has no input for (``timestep_cond``, ``cross_attention_kwargs``, other added
+conditioning, adapters and ControlNet residuals) are refused with a clear error instead of being dropped silently.
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from trt_dm.models.denoisers import image_ids, pack_latents, unpack_latents
 
 _REFUSED = ("timestep_cond", "attention_mask", "cross_attention_kwargs",
             "down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals",
@@ -127,8 +129,7 @@ class DropInUNet(nn.Module):
         if self._variance:  # a learned-variance DiT: the deployed graph predicts the noise only, and diffusers'
             out = torch.cat([out, torch.zeros_like(out)], dim=1)  # DiTPipeline splits the variance half off unused
         if grid is not None:  # Flux: the velocity packed as the pipeline's latents are
-            c, (h2, w2) = out.shape[1], grid
-            out = out.reshape(b, c, h2, 2, w2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h2 * w2, c * 4)
+            out = pack_latents(out)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
 
@@ -142,14 +143,9 @@ def _flux_inputs(packed: torch.Tensor, timestep, img_ids, txt_ids):
                          "as FluxPipeline passes them")
     ids = img_ids[0] if img_ids.ndim == 3 else img_ids  # (L, 3); diffusers still accepts a batched (B, L, 3)
     h2, w2 = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
-    expect = torch.zeros(h2, w2, 3, dtype=ids.dtype, device=ids.device)
-    expect[..., 1] = torch.arange(h2, device=ids.device)[:, None].to(ids.dtype)
-    expect[..., 2] = torch.arange(w2, device=ids.device)[None, :].to(ids.dtype)
-    if ids.shape != (packed.shape[1], 3) or not torch.equal(ids, expect.reshape(-1, 3)) or \
+    if ids.shape != (packed.shape[1], 3) or not torch.equal(ids, image_ids(h2, w2, ids.dtype, ids.device)) or \
             (txt_ids is not None and bool(torch.as_tensor(txt_ids).any())):
         raise ValueError("DropInUNet: the deployed Flux graph makes FluxPipeline's own position ids (image rows and "
                          "columns from 0, text ids zero); these img_ids / txt_ids differ (another pipeline's "
                          "conditioning tokens or offsets), which it cannot take")
-    b, _, c4 = packed.shape
-    sample = packed.reshape(b, h2, w2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, 2 * h2, 2 * w2)
-    return sample, torch.as_tensor(timestep) * 1000, (h2, w2)
+    return unpack_latents(packed, h2, w2), torch.as_tensor(timestep) * 1000, (h2, w2)

@@ -110,9 +110,10 @@ def collect_stats(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, *, ca
     t0 = time.perf_counter()
     with stage("calibration: FP trajectories"):
         calib, guidance = fp_calibration_set(loaded, spec, batch_size=batch_size, progress=progress)
+    batches = list(calib.unet_batches(batch_size, guidance))  # with guidance: both halves of every call, as sampled
     divide = None
     if qcfg.smooth:  # the factors first (they decide what the statistics see), then the balanced inputs' statistics
-        divide = _smoothing_factors(qunet, qcfg, list(calib.unet_batches(batch_size, guidance)), directory, meta)
+        divide = _smoothing_factors(qunet, qcfg, batches, directory, meta)
     t1 = time.perf_counter()
     stats = CalibStats(bins, sampler_timesteps=schedule.timesteps(spec.steps), meta=meta)
     current_t: list[torch.Tensor] = []
@@ -120,8 +121,7 @@ def collect_stats(loaded: LoadedModel, spec: CalibSpec, qcfg: QuantConfig, *, ca
     splits = concat_splits(qunet) if qcfg.shortcut_split else None
     with stage("calibration: statistics pass"), torch.no_grad(), \
             observing(qunet, lambda name, x: stats.observe_batch(name, current_t[0], x), splits, divide):
-        for x, t, c in tqdm(list(calib.unet_batches(batch_size, guidance)), desc="statistics", unit="batch",
-                            disable=not progress):  # with guidance: both halves of every call, as the sampler's
+        for x, t, c in tqdm(batches, desc="statistics", unit="batch", disable=not progress):
             current_t[:] = [t]
             stats.add_samples(t)
             qunet(x, t, **c)

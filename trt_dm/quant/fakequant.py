@@ -59,8 +59,8 @@ def _finish(qunet: torch.nn.Module, qcfg: QuantConfig, ranges: RangeSet, fold_we
 
         from trt_dm.quant.calib import smooth
         # a segment's layers kept in FP (--keep-fp-from-t: the noisy steps) stay unbalanced, as they stay unquantized
-        kept = [n for n in smooth.load(weights) if any(fnmatch.fnmatchcase(n, p) for p in qcfg.exclude)]
-        smooth.apply(qunet, {n: s for n, s in smooth.load(weights).items() if n not in kept})
+        smooth.apply(qunet, {n: s for n, s in smooth.load(weights).items()
+                             if not any(fnmatch.fnmatchcase(n, p) for p in qcfg.exclude)})
     apply_ranges(qunet, ranges.amax(0))
     if qcfg.rounding != "nearest":
         if weights is None:
