@@ -290,6 +290,8 @@ def main() -> int:
     ap.add_argument("--time-limit", type=float, default=600.0, help="seconds one load run may take at most")
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = ap.parse_args()
+    # a SIGTERM (kill, a CI timeout) ends the run through the `finally` below, which stops the servers it started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.openvino and not args.openvino.exists():
         print(f"building {args.openvino} (trt-dm export --target openvino --recipe ptq4dm)")
         subprocess.check_call([sys.executable, "-m", "trt_dm.cli", "export", "--target", "openvino", "--recipe",
