@@ -208,7 +208,7 @@ def test_fp16_conversion_with_the_one_pass_cleanup_is_modelopts_own(tmp_path, mo
     the same rule: the FP16 graph of a quantized UNet is the one ModelOpt's own code gives, node for node."""
     from modelopt.onnx.autocast.precisionconverter import PrecisionConverter
 
-    import trt_dm.export.onnx as E
+    import trt_dm.export.fp16 as E
     q = quantize_model(tiny_unet2d(seed=0), QuantConfig())
     apply_ranges(q, {n: 2.0 for n in activation_quantizers(q)})
     src = export_onnx(q, tmp_path / "q.fp32.onnx")
@@ -221,3 +221,40 @@ def test_fp16_conversion_with_the_one_pass_cleanup_is_modelopts_own(tmp_path, mo
     assert len(fast.graph.node) > 100
     assert ({t.name: t.SerializeToString() for t in fast.graph.initializer}
             == {t.name: t.SerializeToString() for t in own.graph.initializer})
+
+
+def test_streamed_reference_gives_modelopts_statistics(tmp_path):
+    """The FP16 conversion's range check streams (a weight-free copy of the graph, a few tensors per run): every
+    tensor's abs max, min and max are those of ModelOpt's own reference run on the same inputs."""
+    from modelopt.onnx.autocast.referencerunner import ReferenceRunner
+
+    from trt_dm.export.fp16 import reference_stats
+    q = quantize_model(tiny_unet2d(seed=0), QuantConfig())
+    apply_ranges(q, {n: 2.0 for n in activation_quantizers(q)})
+    model = onnx.load(str(export_onnx(q, tmp_path / "q.fp32.onnx")))
+    feed = {"sample": torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)),
+            "timestep": torch.tensor([3, 500])}
+    ours = reference_stats(model, feed, chunk_bytes=64 * 1024)  # many runs of a few tensors each
+    theirs = ReferenceRunner(model).run({k: v.numpy() for k, v in feed.items()})
+    assert len(theirs) > 100
+    for name, a in theirs.items():
+        a = np.asarray(a, dtype=np.float64)
+        s = ours[name]
+        assert s.shape == a.shape, name
+        np.testing.assert_allclose([s.absmax, s.min_val, s.max_val], [np.abs(a).max(), a.min(), a.max()],
+                                   rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_fp16_range_check_runs_on_the_given_inputs(tmp_path):
+    """The FP16 conversion's range check sees the feed it is given: inputs 1000x larger push values past FP16's
+    safe range (512) and more nodes stay FP32 (more Casts between the precisions)."""
+    from trt_dm.export.fp16 import to_fp16
+    q = quantize_model(tiny_unet2d(seed=0), QuantConfig())
+    apply_ranges(q, {n: 2.0 for n in activation_quantizers(q)})
+    src = export_onnx(q, tmp_path / "q.fp32.onnx")
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    casts = {}
+    for scale in (1, 1000):
+        out = to_fp16(src, tmp_path / f"x{scale}.onnx", {"sample": x * scale, "timestep": torch.tensor([3, 500])})
+        casts[scale] = sum(n.op_type == "Cast" for n in onnx.load(str(out)).graph.node)
+    assert casts[1000] > casts[1], casts

@@ -5,7 +5,8 @@ import torch
 
 from trt_dm.core.flavour import EngineError, trt_module
 from trt_dm.core.signature import OUTPUT_NAME
-from trt_dm.export.onnx import export_onnx, to_fp16
+from trt_dm.export.fp16 import to_fp16
+from trt_dm.export.onnx import export_onnx
 from trt_dm.models.builders import tiny_unet2d
 from trt_dm.quant.config import QuantConfig
 from trt_dm.quant.modules import activation_quantizers, apply_ranges, quantize_model

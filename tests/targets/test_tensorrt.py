@@ -7,7 +7,8 @@ import pytest
 
 from trt_dm.core.artifacts import check_sidecar, sidecar_path
 from trt_dm.core.flavour import EngineError
-from trt_dm.export.onnx import check_qdq, export_onnx, to_fp16
+from trt_dm.export.fp16 import to_fp16
+from trt_dm.export.onnx import check_qdq, export_onnx
 from trt_dm.models.builders import tiny_unet2d, tiny_unet2d_condition
 from trt_dm.quant.config import QuantConfig
 from trt_dm.quant.modules import activation_quantizers, apply_ranges, quantize_model

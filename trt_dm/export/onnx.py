@@ -15,7 +15,6 @@ the OpenVINO report use them on their own.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -29,7 +28,6 @@ import torch
 from torch import nn
 
 from trt_dm.core.signature import OUTPUT_NAME, Signature
-from trt_dm.core.stages import import_detached
 
 log = logging.getLogger(__name__)
 OPSET = 17
@@ -362,72 +360,3 @@ def _fp8_outputs(model) -> set[str]:
     fp8 = {t.name for t in model.graph.initializer if t.data_type == TensorProto.FLOAT8E4M3FN}
     return {n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2
             and n.input[2] in fp8}
-
-
-def to_fp16(src: str | os.PathLike, dst: str | os.PathLike,
-            keep_fp32: tuple[str, ...] = (r"/unet/time_proj/.*", r"/unet/add_time_proj/.*")) -> Path:
-    """The FP16 version of an exported ONNX (quantized or not) for strongly-typed TensorRT: non-quantized math
-    in FP16, Q/DQ scales in FP16 (opset 19), inputs and outputs kept FP32. Uses ModelOpt's ONNX autocast,
-    which also keeps in FP32 any node whose values exceed FP16's safe range on a reference run. The
-    sinusoidal timestep projection stays FP32 (sin/cos of t * frequency with t up to 1000 needs it), as does SDXL's
-    projection of its time ids (image sizes up to 1024 and more)."""
-    import_detached("modelopt.onnx.autocast")
-    from modelopt.onnx.autocast import convert_to_mixed_precision
-    # modelopt sets INFO on each of its ONNX loggers; its warnings (opset raised to 19, shared constants
-    # duplicated) are expected here: shown in verbose runs (root logger at INFO) only
-    quiet = logging.WARNING if logging.getLogger().level <= logging.INFO else logging.ERROR
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith(("modelopt.onnx", "onnxscript")):
-            logging.getLogger(name).setLevel(quiet)
-    dst = Path(dst)
-    with _basic_ort_sessions(_fp8_outputs(_graph(src)[0])), _one_pass_cleanup():
-        model = convert_to_mixed_precision(str(src), low_precision_type="fp16", keep_io_types=True,
-                                           nodes_to_exclude=list(keep_fp32))
-    return save_onnx(model, dst)
-
-
-@contextlib.contextmanager
-def _one_pass_cleanup():
-    """While active: ModelOpt autocast's removal of nodes whose outputs nothing consumes, in one pass over the graph.
-    ModelOpt 0.47 scans every node once per node output (quadratic in the graph's size; measured on DDPM-CIFAR10's
-    2535-node int8 graph: the conversion takes 33 s with this, 61 s without); the rule is the same (a node goes when
-    none of its outputs is a graph output or the input of a node, judged on the graph before any removal), so the
-    converted graph is too."""
-    from modelopt.onnx.autocast.precisionconverter import PrecisionConverter
-    original = PrecisionConverter.__dict__.get("_cleanup_no_consumer_nodes")
-    if original is None:  # another ModelOpt: its own code runs
-        yield
-        return
-
-    def cleanup(self) -> None:
-        graph = self.model.graph
-        used = {o.name for o in graph.output} | {name for n in graph.node for name in n.input}
-        for node in [n for n in graph.node if not any(o in used for o in n.output)]:
-            graph.node.remove(node)
-
-    PrecisionConverter._cleanup_no_consumer_nodes = cleanup
-    try:
-        yield
-    finally:
-        PrecisionConverter._cleanup_no_consumer_nodes = original
-
-
-@contextlib.contextmanager
-def _basic_ort_sessions(active: bool):
-    """While ``active``: Polygraphy's ONNX Runtime sessions (ModelOpt autocast's reference run) at basic graph
-    optimization, as FP8 graphs need in ONNX Runtime (``_ort_codes``); ModelOpt passes no level of its own."""
-    if not active:
-        yield
-        return
-    import functools
-
-    import onnxruntime as ort
-    import polygraphy.backend.onnxrt as backend
-    from onnx_graphsurgeon.logger import G_LOGGER
-    original, severity = backend.SessionFromOnnx, G_LOGGER.severity
-    backend.SessionFromOnnx = functools.partial(original, graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
-    G_LOGGER.severity = G_LOGGER.ERROR  # ONNX GraphSurgeon warns of FP8 tensors it cannot show as NumPy arrays
-    try:
-        yield
-    finally:
-        backend.SessionFromOnnx, G_LOGGER.severity = original, severity

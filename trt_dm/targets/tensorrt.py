@@ -15,14 +15,16 @@ from typing import Callable
 from trt_dm.core.flavour import Flavour
 from trt_dm.core.signature import Signature
 from trt_dm.core.stages import stage
+from trt_dm.export.fp16 import to_fp16
 from trt_dm.export.job import Exported, ExportJob
-from trt_dm.export.onnx import export_onnx, to_fp16
+from trt_dm.export.onnx import export_onnx
 from trt_dm.export.qdq import (
     BUILD_MEMORY_PER_GRAPH_BYTE,
     ExportCheckError,
     check_graph,
     check_settings,
     export_qdq,
+    probe_inputs,
     report_for,
     require_graph_memory,
 )
@@ -50,7 +52,8 @@ class TensorRTTarget(Target):
         with stage("baseline: ONNX (fp32) + FP16 conversion + checks"):
             fp32 = export_onnx(loaded.unet, out_dir / f"{loaded.name}-fp.fp32.onnx")
             problems = check_graph(fp32, set())
-            target = to_fp16(fp32, out_dir / f"{loaded.name}-fp16.onnx") if precision == "fp16" else fp32
+            target = (to_fp16(fp32, out_dir / f"{loaded.name}-fp16.onnx", probe_inputs(loaded)) if precision == "fp16"
+                      else fp32)
             problems += check_graph(target, set())
         if problems:
             raise ExportCheckError(f"{target}: unexpected Q/DQ in the unquantized export: {problems[:5]}")
