@@ -9,7 +9,7 @@ on a weight-free copy of the graph (its weights written to a temporary file a te
 Runtime, not read into memory), one session per chunk of about ``CHUNK_BYTES`` of tensors (its graph outputs), each
 tensor reduced to its statistics at once, so the range check costs the mapped weights and one chunk of activations.
 Measured on SD 1.5's UNet (3.44 GB Q/DQ graph, 2026-12-08): the whole conversion peaked at 17.2 GB resident (4.9x the
-graph; 3.4 GB of it the mapped weights), where ModelOpt's own run was killed at 22.2 GB; 35 sessions, about 27 minutes
+graph, the mapped weights' pages counted), where ModelOpt's own run was killed at 22.2 GB; 35 sessions, about 27 minutes
 on one contended core. Its inputs are the export's own probe inputs (x_t over the schedule, valid
 conditioning), not random numbers: the range check sees the values the model sees.
 """

@@ -51,7 +51,7 @@ _SKIP_COMPARISON = "pass --no-layer-comparison to skip it (the Q/DQ conformance 
 _SKIPPED = {"skipped": "--no-layer-comparison"}
 # The FP16 conversion (trt_dm.export.fp16: ModelOpt's autocast with the streamed reference run) on sd15-unet (3.44 GB
 # Q/DQ graph, 2026-12-08): peak 17.2 GB resident from 0.4 GB, 4.9x the graph (ModelOpt holds two copies of the graph;
-# the reference run's mapped weights are 3.4 GB of the peak). ModelOpt's own reference run, which kept every tensor,
+# the reference run's mapped weights' pages count in the peak). ModelOpt's own reference run, which kept every tensor,
 # was killed by the kernel above 4.3x on sd15-unet, 5.5x on dit-xl-2 and 6.3x on pixart-sigma.
 FP16_MEMORY_PER_GRAPH_BYTE = 5.0
 # The TensorRT(-RTX) build holds the parsed graph and its weights. Measured on sdxl-unet (9.58 GiB FP32 graphs, the
