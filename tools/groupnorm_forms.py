@@ -19,6 +19,7 @@ FP32 math and, on CPUs with native bf16, bf16 math. Prints a table of medians (m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import sys
@@ -160,21 +161,20 @@ def check(reference: Path, graph: Path, batch: int = 2) -> float:
 
 def time_graphs(graphs: dict[str, Path], batch: int, precision: str, iters: int, shape) -> dict[str, float]:
     """Median ms of one call per graph, interleaved rounds, the project's OpenVINO runner (2 threads)."""
-    runners = {k: OpenVinoRunner(p, threads=2, precision=precision, cache_dir=False).__enter__()
-               for k, p in graphs.items()}
     x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
     feed = {"sample": x, "timestep": torch.full((batch,), 500, dtype=torch.long)}
     times: dict[str, list[float]] = {k: [] for k in graphs}
-    for r in runners.values():
-        for _ in range(3):
-            r.infer(feed)
-    for _ in range(iters):
-        for k, r in runners.items():
-            t0 = time.perf_counter()
-            r.infer(feed)
-            times[k].append(time.perf_counter() - t0)
-    for r in runners.values():
-        r.__exit__(None, None, None)
+    with contextlib.ExitStack() as stack:
+        runners = {k: stack.enter_context(OpenVinoRunner(p, threads=2, precision=precision, cache_dir=False))
+                   for k, p in graphs.items()}
+        for r in runners.values():
+            for _ in range(3):
+                r.infer(feed)
+        for _ in range(iters):
+            for k, r in runners.items():
+                t0 = time.perf_counter()
+                r.infer(feed)
+                times[k].append(time.perf_counter() - t0)
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 

@@ -71,14 +71,10 @@ def main() -> int:
             qcfg = QuantConfig(smooth=alpha, smooth_layers=pats)
             res = calibrate(loaded, spec, qcfg, recipe, progress=False)
             qunet = fake_quant_unet(loaded, qcfg, res.ranges, weights=res.weights_path)
-            leave = LeaveOut(loaded, qunet, res.ranges, calib, guidance, qcfg, 64)
-            d = (leave.quantized_prediction([]) - leave.ref).double().square()
-            ref2 = leave.ref.double().square()
             noisy = calib.t >= int(0.7 * loaded.schedule().num_train_timesteps)  # where sampled images are decided
+            err = LeaveOut(loaded, qunet, res.ranges, calib, guidance, qcfg, 64).errors([], rows={"noisy": noisy})
             rows.append({"recipe": recipe, "balanced": label, "alpha": alpha, "layers": list(pats),
-                         "rel_mse": float(d.mean() / ref2.mean()),
-                         "rel_mse_data_end": float(d[leave.end].mean() / ref2[leave.end].mean()),
-                         "rel_mse_noisy": float(d[noisy].mean() / ref2[noisy].mean())})
+                         **{k: err[k] for k in ("rel_mse", "rel_mse_data_end", "rel_mse_noisy")}})
             r = rows[-1]
             print(f"{recipe:10s} {label:38s} rel MSE {r['rel_mse']:.3e}  t < T/10 {r['rel_mse_data_end']:.3e}  "
                   f"t >= 0.7 T {r['rel_mse_noisy']:.3e} ({time.perf_counter() - t0:.0f} s)", flush=True)

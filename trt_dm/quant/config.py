@@ -174,6 +174,10 @@ class QuantConfig:
         layer = layer.split("#")[0]
         return "fp8" if any(fnmatch.fnmatchcase(layer, p) for p in self.fp8_layers) else self.format
 
+    def excludes(self, layer: str) -> bool:
+        """Whether an ``exclude`` pattern names module ``layer`` (kept in high precision)."""
+        return any(fnmatch.fnmatchcase(layer, p) for p in self.exclude)
+
     def weight_bits_of(self, layer: str) -> int:
         """The weight width of quantized layer ``layer`` (module name): 8 where a ``w8_layers`` pattern names it."""
         return 8 if any(fnmatch.fnmatchcase(layer, p) for p in self.w8_layers) else self.weight_bits

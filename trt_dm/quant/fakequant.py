@@ -55,12 +55,9 @@ def _finish(qunet: torch.nn.Module, qcfg: QuantConfig, ranges: RangeSet, fold_we
     if qcfg.smooth:  # weights: the balancing factors (calibrate's weights_path), applied before the input ranges
         if weights is None:
             raise ValueError("--smooth needs the channel balancing factors (calibrate's weights_path)")
-        import fnmatch
-
         from trt_dm.quant.calib import smooth
         # a segment's layers kept in FP (--keep-fp-from-t: the noisy steps) stay unbalanced, as they stay unquantized
-        smooth.apply(qunet, {n: s for n, s in smooth.load(weights).items()
-                             if not any(fnmatch.fnmatchcase(n, p) for p in qcfg.exclude)})
+        smooth.apply(qunet, {n: s for n, s in smooth.load(weights).items() if not qcfg.excludes(n)})
     apply_ranges(qunet, ranges.amax(0))
     if qcfg.rounding != "nearest":
         if weights is None:

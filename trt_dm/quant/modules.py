@@ -131,7 +131,7 @@ def quantize_model(unet: nn.Module, qcfg: QuantConfig = QuantConfig()) -> nn.Mod
                 mod.weight_quantizer.disable()
     excluded, matched = [], []  # layers kept in high precision; attention modules with matmul quantizers off
     for name, mod in quantized.named_modules():
-        if any(fnmatch.fnmatchcase(name, p) for p in qcfg.exclude):
+        if qcfg.excludes(name):
             if hasattr(mod, "input_quantizer"):
                 mod.input_quantizer.disable()
                 mod.weight_quantizer.disable()

@@ -143,14 +143,16 @@ class LeaveOut:
                 layer.weight.data = w
         return out
 
-    def errors(self, disabled: list, full: float | None = None) -> dict:
-        """Relative MSE vs FP with ``disabled`` quantizers off, at the data end, and the share of ``full`` removed."""
-        ref, end = self.ref, self.end
+    def errors(self, disabled: list, full: float | None = None, rows: dict[str, torch.Tensor] | None = None) -> dict:
+        """Relative MSE vs FP with ``disabled`` quantizers off, at the data end, and the share of ``full`` removed;
+        ``rows``: more row masks (name -> bool per row), each giving ``rel_mse_<name>`` (None where it selects none)."""
+        ref = self.ref
         d = (self.quantized_prediction(disabled) - ref).double().square()
         rel = float(d.mean() / ref.double().square().mean())
-        rel_end = float(d[end].mean() / ref[end].double().square().mean()) if end.any() else None
         removed = None if full is None else (1 - rel / full if full > 0 else 0.0)
-        return {"rel_mse": rel, "rel_mse_data_end": rel_end, "removed": removed}
+        at = {f"rel_mse_{name}": float(d[mask].mean() / ref[mask].double().square().mean()) if mask.any() else None
+              for name, mask in {"data_end": self.end, **(rows or {})}.items()}
+        return {"rel_mse": rel, "rel_mse_data_end": at.pop("rel_mse_data_end"), "removed": removed, **at}
 
 
 def _quantizers_by_block(qunet: torch.nn.Module) -> tuple[dict[str, list], set[int]]:
